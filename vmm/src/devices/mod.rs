@@ -1,0 +1,10 @@
+//! Emulated platform devices and the buses that route port and MMIO exits to them.
+//!
+//! A device implements [`BusDevice`]; the vCPU loop looks the address up on the
+//! port-I/O or MMIO [`Bus`] and calls it. A write may ask the VM to stop
+//! ([`VmEvent`]), which is how power-off, reset and the debug-exit port work
+//! without the device knowing about threads.
+
+pub mod bus;
+
+pub use bus::{Bus, BusDevice, BusError, VmEvent};
