@@ -1,1 +1,15 @@
+//! Pre-copy live migration of a VM between launcher processes.
+//!
+//! - [`protocol`]: the wire protocol (messages, versions, state machines);
+//! - [`frame`]: framing, bounds and checksums, zero-copy memory frames;
+//! - [`transport`]: `unix:`/`tcp:` URIs, streams, bandwidth limit, fd passing;
+//! - [`dirty`]: dirty page bitmaps;
+//! - [`policy`]: the switch-over decision and auto-converge.
+//!
+//! The wire format is described for readers in `docs/wire-protocol.md`.
 
+pub mod dirty;
+pub mod frame;
+pub mod policy;
+pub mod protocol;
+pub mod transport;

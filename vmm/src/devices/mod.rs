@@ -5,6 +5,13 @@
 //! ([`VmEvent`]), which is how power-off, reset and the debug-exit port work
 //! without the device knowing about threads.
 
+pub mod acpi_pm;
 pub mod bus;
+pub mod debug_exit;
+pub mod i8042;
+pub mod pci;
+pub mod platform;
+pub mod serial;
 
 pub use bus::{Bus, BusDevice, BusError, VmEvent};
+pub use platform::{Platform, PlatformError, PlatformState};

@@ -1,0 +1,17 @@
+//! noded, the node daemon, and the pieces nodectl shares with it.
+//!
+//! Layout: [`spec`] (VM specs), [`settings`] (coordinator settings), [`launchers`]
+//! (installed launcher binaries), [`coordinator`] (pure decisions), [`store`] (SQLite),
+//! [`supervisor`] (launcher processes), [`daemon`] (the reconciliation loop),
+//! [`api`] (the HTTP API), [`views`] (the JSON shapes the API returns), [`metrics`].
+
+pub mod api;
+pub mod coordinator;
+pub mod daemon;
+pub mod launchers;
+pub mod metrics;
+pub mod settings;
+pub mod spec;
+pub mod store;
+pub mod supervisor;
+pub mod views;

@@ -1,0 +1,500 @@
+//! VM specs: parsing and validation of the user's YAML/JSON, with KubeVirt field names.
+//!
+//! Parsing is done field by field from a JSON value (YAML is converted first) rather than
+//! with one `#[derive(Deserialize)]`, so that every error names the field and says why
+//! ("memory: \"64Q\" is not a quantity ..."), which is what a user fixing a spec needs.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// A spec that cannot be accepted, with the offending field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    /// The document is not YAML/JSON, or not an object.
+    #[error("invalid spec: {0}")]
+    Syntax(String),
+    /// A field has a bad value.
+    #[error("invalid spec: {field}: {reason}")]
+    Field {
+        /// Dotted path of the field, e.g. `disks[0].shared`.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+fn field_err(field: impl Into<String>, reason: impl Into<String>) -> SpecError {
+    SpecError::Field {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// KubeVirt's `runStrategy`: what happens when a VM's launcher ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum RunStrategy {
+    /// Restart whenever the VM ends.
+    #[default]
+    Always,
+    /// Restart only after a failure (and, here, after an eviction for an update).
+    RerunOnFailure,
+    /// Only explicit start/stop.
+    Manual,
+    /// Keep stopped.
+    Halted,
+    /// Run once, never restart.
+    Once,
+}
+
+impl RunStrategy {
+    const NAMES: &'static [&'static str] =
+        &["Always", "RerunOnFailure", "Manual", "Halted", "Once"];
+}
+
+/// KubeVirt's `evictionStrategy`: what an eviction means for this VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum EvictionStrategy {
+    /// Eviction just stops the VM.
+    #[default]
+    None,
+    /// Eviction is refused unless the VM can migrate; then it migrates.
+    LiveMigrate,
+    /// Migrate if possible, else stop.
+    LiveMigrateIfPossible,
+}
+
+impl EvictionStrategy {
+    const NAMES: &'static [&'static str] = &["None", "LiveMigrate", "LiveMigrateIfPossible"];
+}
+
+/// A disk (kept for the disk work; not attached by launchers yet).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Disk {
+    /// Disk name, unique in the VM.
+    pub name: String,
+    /// Backing file on the host.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Whether the storage is shared between hosts (matters only for cross-host moves).
+    #[serde(default)]
+    pub shared: bool,
+    /// Read-only attachment.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// A host device. Today only a marker: any host device makes the VM not live-migratable,
+/// as in KubeVirt, which is how tests get non-migratable VMs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HostDevice {
+    /// Name in the VM.
+    pub name: String,
+    /// Host resource name.
+    #[serde(default)]
+    pub device_name: Option<String>,
+}
+
+/// A validated VM spec, as stored and as shown by `nodectl vm get`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmSpec {
+    /// DNS-1123 label, unique on the node.
+    pub name: String,
+    /// Guest kernel (PVH ELF or bzImage) path.
+    pub kernel: String,
+    /// Guest command line.
+    #[serde(default)]
+    pub cmdline: String,
+    /// Memory as written by the user ("64Mi").
+    pub memory: String,
+    /// Memory in bytes.
+    pub memory_bytes: u64,
+    /// vCPU count.
+    pub vcpus: u32,
+    /// Machine type; resolved to a versioned name at creation, never changed by updates.
+    pub machine_type: String,
+    /// See [`RunStrategy`].
+    pub run_strategy: RunStrategy,
+    /// See [`EvictionStrategy`].
+    pub eviction_strategy: EvictionStrategy,
+    /// Seconds between a graceful shutdown request and SIGKILL (KubeVirt's name).
+    pub termination_grace_period_seconds: u64,
+    /// Disks (kept, unused).
+    #[serde(default)]
+    pub disks: Vec<Disk>,
+    /// Host devices (marker only).
+    #[serde(default)]
+    pub host_devices: Vec<HostDevice>,
+}
+
+/// Whether a VM can be live-migrated, and why (KubeVirt's `LiveMigratable` condition).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Migratability {
+    /// Live migration possible.
+    pub migratable: bool,
+    /// Reason code (when not migratable) or note.
+    pub reason: Option<String>,
+}
+
+impl VmSpec {
+    /// Derives migratability from the spec: host devices block live migration; local
+    /// (non-shared) disks do not, because on this node the new launcher reaches them.
+    pub fn migratability(&self) -> Migratability {
+        if !self.host_devices.is_empty() {
+            return Migratability {
+                migratable: false,
+                reason: Some("HostDevicesNotLiveMigratable".into()),
+            };
+        }
+        if let Some(d) = self.disks.iter().find(|d| !d.shared) {
+            return Migratability {
+                migratable: true,
+                reason: Some(format!(
+                    "disk {} is not shared, but reachable by the new launcher on this node (local handover)",
+                    d.name
+                )),
+            };
+        }
+        Migratability {
+            migratable: true,
+            reason: None,
+        }
+    }
+}
+
+/// Parses a quantity such as `64Mi`, `1G`, `512M`, `1048576` into bytes.
+pub fn parse_quantity(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    if num.is_empty() || num.len() > 20 {
+        return None;
+    }
+    let n: u64 = num.parse().ok()?;
+    let mult: u64 = match unit {
+        "" => 1,
+        "k" | "K" => 1000,
+        "M" => 1000 * 1000,
+        "G" => 1000 * 1000 * 1000,
+        "T" => 1000u64.pow(4),
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+/// Parses a spec document (YAML or JSON text).
+pub fn parse_spec_text(text: &str) -> Result<VmSpec, SpecError> {
+    let value: Value = serde_yaml::from_str(text).map_err(|e| SpecError::Syntax(e.to_string()))?;
+    parse_spec(&value)
+}
+
+const KNOWN_FIELDS: &[&str] = &[
+    "name",
+    "kernel",
+    "cmdline",
+    "memory",
+    "vcpus",
+    "machineType",
+    "runStrategy",
+    "evictionStrategy",
+    "terminationGracePeriodSeconds",
+    "disks",
+    "hostDevices",
+];
+
+fn get_str(map: &Map<String, Value>, key: &str) -> Result<Option<String>, SpecError> {
+    match map.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(field_err(key, format!("must be a string, got {other}"))),
+    }
+}
+
+fn get_enum<T: for<'de> Deserialize<'de>>(
+    map: &Map<String, Value>,
+    key: &str,
+    names: &[&str],
+) -> Result<Option<T>, SpecError> {
+    match get_str(map, key)? {
+        None => Ok(None),
+        Some(s) => serde_json::from_value(Value::String(s.clone()))
+            .map(Some)
+            .map_err(|_| field_err(key, format!("{s:?} is not one of {}", names.join(", ")))),
+    }
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// Validates a spec given as a JSON value. `machineType` is returned as written (default
+/// `q35`); resolving it to a versioned name needs the target launcher and is done by
+/// [`resolve_machine_type`].
+pub fn parse_spec(value: &Value) -> Result<VmSpec, SpecError> {
+    let map = value
+        .as_object()
+        .ok_or_else(|| SpecError::Syntax("the spec must be a mapping of fields".into()))?;
+    if let Some(unknown) = map.keys().find(|k| !KNOWN_FIELDS.contains(&k.as_str())) {
+        return Err(field_err(
+            unknown.as_str(),
+            format!("unknown field (known: {})", KNOWN_FIELDS.join(", ")),
+        ));
+    }
+    let name = get_str(map, "name")?.ok_or_else(|| field_err("name", "required"))?;
+    if !is_dns_label(&name) {
+        return Err(field_err(
+            "name",
+            format!("{name:?} must be 1-63 lower-case letters, digits or '-', not starting or ending with '-'"),
+        ));
+    }
+    let kernel = get_str(map, "kernel")?.ok_or_else(|| field_err("kernel", "required"))?;
+    if kernel.is_empty() {
+        return Err(field_err("kernel", "must not be empty"));
+    }
+    if !std::path::Path::new(&kernel).is_absolute() {
+        return Err(field_err(
+            "kernel",
+            format!("{kernel:?} must be an absolute path"),
+        ));
+    }
+    let cmdline = get_str(map, "cmdline")?.unwrap_or_default();
+    let memory = match map.get("memory") {
+        None | Some(Value::Null) => return Err(field_err("memory", "required (e.g. 64Mi)")),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) => n.to_string(),
+        Some(other) => {
+            return Err(field_err(
+                "memory",
+                format!("must be a quantity, got {other}"),
+            ))
+        }
+    };
+    let memory_bytes = parse_quantity(&memory).ok_or_else(|| {
+        field_err(
+            "memory",
+            format!("{memory:?} is not a quantity (use e.g. 64Mi, 1Gi, 512M)"),
+        )
+    })?;
+    if memory_bytes < (1 << 20) {
+        return Err(field_err("memory", format!("{memory:?} is less than 1Mi")));
+    }
+    // Decimal units ("1G") are rarely page multiples: round up to whole 4 KiB pages.
+    let memory_bytes = memory_bytes.div_ceil(4096) * 4096;
+    let vcpus = match map.get("vcpus") {
+        None | Some(Value::Null) => 1,
+        Some(v) => v
+            .as_u64()
+            .filter(|n| (1..=255).contains(n))
+            .map(|n| n as u32)
+            .ok_or_else(|| field_err("vcpus", format!("{v} must be an integer from 1 to 255")))?,
+    };
+    let machine_type = get_str(map, "machineType")?.unwrap_or_else(|| "q35".into());
+    if machine_type.is_empty() {
+        return Err(field_err("machineType", "must not be empty"));
+    }
+    let run_strategy =
+        get_enum(map, "runStrategy", RunStrategy::NAMES)?.unwrap_or(RunStrategy::Always);
+    let eviction_strategy = get_enum(map, "evictionStrategy", EvictionStrategy::NAMES)?
+        .unwrap_or(EvictionStrategy::None);
+    let termination_grace_period_seconds = match map.get("terminationGracePeriodSeconds") {
+        None | Some(Value::Null) => 30,
+        Some(v) => v.as_u64().filter(|n| *n <= 3600).ok_or_else(|| {
+            field_err(
+                "terminationGracePeriodSeconds",
+                format!("{v} must be an integer from 0 to 3600"),
+            )
+        })?,
+    };
+    let disks: Vec<Disk> = list_field(map, "disks")?;
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, d) in disks.iter().enumerate() {
+        if !seen.insert(d.name.clone()) {
+            return Err(field_err(
+                format!("disks[{i}].name"),
+                format!("duplicate disk {:?}", d.name),
+            ));
+        }
+    }
+    let host_devices: Vec<HostDevice> = list_field(map, "hostDevices")?;
+    Ok(VmSpec {
+        name,
+        kernel,
+        cmdline,
+        memory,
+        memory_bytes,
+        vcpus,
+        machine_type,
+        run_strategy,
+        eviction_strategy,
+        termination_grace_period_seconds,
+        disks,
+        host_devices,
+    })
+}
+
+fn list_field<T: for<'de> Deserialize<'de>>(
+    map: &Map<String, Value>,
+    key: &str,
+) -> Result<Vec<T>, SpecError> {
+    match map.get(key) {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| {
+                serde_json::from_value(item.clone())
+                    .map_err(|e| field_err(format!("{key}[{i}]"), e.to_string()))
+            })
+            .collect(),
+        Some(other) => Err(field_err(key, format!("must be a list, got {other}"))),
+    }
+}
+
+/// Resolves a machine type against the list a launcher offers (first entry preferred):
+/// an exact name is kept; an unversioned alias (`q35`) becomes the first listed name
+/// that starts with `q35-`.
+pub fn resolve_machine_type(requested: &str, offered: &[String]) -> Result<String, SpecError> {
+    if offered.iter().any(|m| m == requested) {
+        return Ok(requested.to_string());
+    }
+    let prefix = format!("{requested}-");
+    offered
+        .iter()
+        .find(|m| m.starts_with(&prefix))
+        .cloned()
+        .ok_or_else(|| {
+            field_err(
+                "machineType",
+                format!(
+                    "{requested:?} is not offered by the target launcher (it offers: {})",
+                    offered.join(", ")
+                ),
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "name: demo\nkernel: /guests/pattern.elf\ncmdline: every=10\nmemory: 64Mi\nvcpus: 2\nrunStrategy: RerunOnFailure\nevictionStrategy: LiveMigrateIfPossible\n";
+
+    #[test]
+    fn parses_yaml_and_defaults() {
+        let s = parse_spec_text(GOOD).unwrap();
+        assert_eq!(s.memory_bytes, 64 << 20);
+        assert_eq!(s.vcpus, 2);
+        assert_eq!(s.machine_type, "q35");
+        assert_eq!(s.run_strategy, RunStrategy::RerunOnFailure);
+        assert_eq!(s.eviction_strategy, EvictionStrategy::LiveMigrateIfPossible);
+        assert_eq!(s.termination_grace_period_seconds, 30);
+        assert!(s.migratability().migratable);
+        let j = parse_spec_text(r#"{"name":"a","kernel":"/k","memory":"1G"}"#).unwrap();
+        assert_eq!(j.run_strategy, RunStrategy::Always);
+        assert_eq!(j.eviction_strategy, EvictionStrategy::None);
+        assert_eq!(j.vcpus, 1);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            ("kernel: /k\nmemory: 64Mi", "name: required"),
+            ("name: Bad_Name\nkernel: /k\nmemory: 64Mi", "name:"),
+            ("name: a\nkernel: k\nmemory: 64Mi", "kernel:"),
+            (
+                "name: a\nkernel: /k\nmemory: 64Q",
+                "memory: \"64Q\" is not a quantity",
+            ),
+            ("name: a\nkernel: /k", "memory: required"),
+            ("name: a\nkernel: /k\nmemory: 64Mi\nvcpus: 0", "vcpus:"),
+            (
+                "name: a\nkernel: /k\nmemory: 64Mi\nrunStrategy: Sometimes",
+                "runStrategy: \"Sometimes\" is not one of",
+            ),
+            (
+                "name: a\nkernel: /k\nmemory: 64Mi\nevictionStrategy: External",
+                "evictionStrategy:",
+            ),
+            (
+                "name: a\nkernel: /k\nmemory: 64Mi\nfoo: 1",
+                "foo: unknown field",
+            ),
+            (
+                "name: a\nkernel: /k\nmemory: 64Mi\ndisks: [{name: d, shard: true}]",
+                "disks[0]",
+            ),
+            (
+                "name: a\nkernel: /k\nmemory: 64Mi\ndisks: [{name: d}, {name: d}]",
+                "disks[1].name",
+            ),
+            (
+                "name: a\nkernel: /k\nmemory: 64Mi\nhostDevices: 3",
+                "hostDevices: must be a list",
+            ),
+            ("- 1", "must be a mapping"),
+            ("name: [", "invalid spec"),
+        ];
+        for (text, want) in cases {
+            let e = parse_spec_text(text).unwrap_err().to_string();
+            assert!(e.contains(want), "{text:?}: {e:?} lacks {want:?}");
+        }
+    }
+
+    #[test]
+    fn quantities() {
+        assert_eq!(parse_quantity("64Mi"), Some(64 << 20));
+        assert_eq!(parse_quantity("1G"), Some(1_000_000_000));
+        assert_eq!(parse_quantity("1Gi"), Some(1 << 30));
+        assert_eq!(parse_quantity("4096"), Some(4096));
+        assert_eq!(parse_quantity("Mi"), None);
+        assert_eq!(parse_quantity("1.5Gi"), None);
+        assert_eq!(parse_quantity("99999999999999999999Ti"), None);
+    }
+
+    #[test]
+    fn migratability_from_host_devices_and_disks() {
+        let mut s = parse_spec_text(GOOD).unwrap();
+        s.disks.push(Disk {
+            name: "root".into(),
+            path: None,
+            shared: false,
+            read_only: false,
+        });
+        let m = s.migratability();
+        assert!(m.migratable);
+        assert!(m.reason.unwrap().contains("local handover"));
+        s.host_devices.push(HostDevice {
+            name: "gpu".into(),
+            device_name: None,
+        });
+        assert_eq!(
+            s.migratability(),
+            Migratability {
+                migratable: false,
+                reason: Some("HostDevicesNotLiveMigratable".into())
+            }
+        );
+    }
+
+    #[test]
+    fn machine_type_resolution() {
+        let offered = vec!["q35-1.1".to_string(), "q35-1.0".to_string()];
+        assert_eq!(resolve_machine_type("q35", &offered).unwrap(), "q35-1.1");
+        assert_eq!(
+            resolve_machine_type("q35-1.0", &offered).unwrap(),
+            "q35-1.0"
+        );
+        assert!(resolve_machine_type("pc", &offered).is_err());
+    }
+}

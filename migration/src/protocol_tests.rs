@@ -1,0 +1,226 @@
+use super::*;
+
+fn layout() -> MemoryLayout {
+    MemoryLayout::new(vec![
+        MemoryRegion {
+            gpa: 0,
+            size: 0xc000_0000,
+        },
+        MemoryRegion {
+            gpa: 0x1_0000_0000,
+            size: 0x4000_0000,
+        },
+    ])
+    .unwrap()
+}
+
+fn hello() -> Hello {
+    Hello {
+        versions: VersionRange::ours(),
+        machine_type: "q35".into(),
+        memory: layout(),
+        vcpus: 2,
+        mode: MigrationMode::Copy,
+        launcher_version: "0.1.0".into(),
+    }
+}
+
+fn caps() -> ReceiverCapabilities {
+    ReceiverCapabilities {
+        accepted_versions: VersionRange::ours(),
+        machine_types: vec!["q35".into()],
+        max_memory_bytes: 8 << 30,
+        max_vcpus: 8,
+        local_mode: true,
+    }
+}
+
+#[test]
+fn preamble_roundtrip_and_garbage() {
+    assert_eq!(decode_preamble(&encode_preamble(7)), Ok(7));
+    let mut g = *b"GET / HTTP/1";
+    assert!(matches!(
+        decode_preamble(&g),
+        Err(ProtocolError::BadMagic { .. })
+    ));
+    g = encode_preamble(1);
+    g[3] ^= 1;
+    assert!(decode_preamble(&g).is_err());
+}
+
+#[test]
+fn version_acceptance() {
+    let ours = VersionRange { min: 4, max: 5 };
+    assert_eq!(
+        negotiate_version(VersionRange { min: 4, max: 4 }, ours),
+        Ok(4)
+    );
+    assert_eq!(
+        negotiate_version(VersionRange { min: 1, max: 9 }, ours),
+        Ok(5)
+    );
+    let err = negotiate_version(VersionRange { min: 3, max: 3 }, ours).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("version 3") && msg.contains("4..=5"), "{msg}");
+    assert!(negotiate_version(VersionRange { min: 6, max: 6 }, ours).is_err());
+    assert!(negotiate_version(VersionRange { min: 5, max: 4 }, ours).is_err());
+}
+
+#[test]
+fn hello_checks() {
+    assert_eq!(check_hello(&hello(), &caps()), Ok(PROTOCOL_VERSION));
+    let mut h = hello();
+    h.machine_type = "pc-i440fx".into();
+    assert!(matches!(
+        check_hello(&h, &caps()),
+        Err(RefuseReason::UnknownMachineType { .. })
+    ));
+    let mut h = hello();
+    h.versions = VersionRange { min: 99, max: 99 };
+    let e = check_hello(&h, &caps()).unwrap_err().to_string();
+    assert!(
+        e.contains("99") && e.contains(&PROTOCOL_VERSION.to_string()),
+        "{e}"
+    );
+    let mut h = hello();
+    h.vcpus = 0;
+    assert!(check_hello(&h, &caps()).is_err());
+    let mut c = caps();
+    c.max_memory_bytes = 1 << 30;
+    assert!(check_hello(&hello(), &c).is_err());
+    c = caps();
+    c.local_mode = false;
+    let mut h = hello();
+    h.mode = MigrationMode::Local;
+    assert!(check_hello(&h, &c).is_err());
+}
+
+#[test]
+fn layout_validation() {
+    assert!(MemoryLayout::new(vec![]).is_err());
+    assert!(MemoryLayout::new(vec![MemoryRegion { gpa: 0, size: 0 }]).is_err());
+    assert!(MemoryLayout::new(vec![MemoryRegion { gpa: 1, size: 4096 }]).is_err());
+    assert!(MemoryLayout::new(vec![MemoryRegion {
+        gpa: u64::MAX - 4095,
+        size: 8192
+    }])
+    .is_err());
+    assert!(MemoryLayout::new(vec![
+        MemoryRegion { gpa: 0, size: 8192 },
+        MemoryRegion {
+            gpa: 4096,
+            size: 4096
+        }
+    ])
+    .is_err());
+    let l = layout();
+    assert_eq!(l.total_bytes(), 4 << 30);
+    assert_eq!(l.region_containing(0xbfff_f000, 0x1000), Some(0));
+    assert_eq!(l.region_containing(0xbfff_f000, 0x2000), None);
+    assert_eq!(l.region_containing(0x1_0000_0000, 4096), Some(1));
+    assert_eq!(l.region_containing(u64::MAX, 2), None);
+    assert_eq!(l.region_containing(0, 0), None);
+}
+
+#[test]
+fn memory_fds_must_match_layout() {
+    let l = layout();
+    let fds: Vec<FdRegion> = l
+        .regions
+        .iter()
+        .map(|r| FdRegion {
+            gpa: r.gpa,
+            size: r.size,
+            file_offset: 0,
+        })
+        .collect();
+    assert!(check_memory_fds(&fds, &l).is_ok());
+    assert!(check_memory_fds(&fds[..1], &l).is_err());
+    let mut f2 = fds.clone();
+    f2[1].size += 4096;
+    assert!(check_memory_fds(&f2, &l).is_err());
+}
+
+#[test]
+fn receiver_phase_copy() {
+    let mut p = ReceiverPhase::accepted(MigrationMode::Copy);
+    p.advance(Incoming::Memory).unwrap();
+    p.advance(Incoming::IterationDone(0)).unwrap();
+    p.advance(Incoming::Memory).unwrap();
+    assert!(p.clone().advance(Incoming::IterationDone(5)).is_err());
+    assert!(p.clone().advance(Incoming::Complete).is_err());
+    assert!(p.clone().advance(Incoming::MemoryFds).is_err());
+    assert!(p.clone().advance(Incoming::Go).is_err());
+    p.advance(Incoming::IterationDone(1)).unwrap();
+    p.advance(Incoming::Memory).unwrap();
+    p.advance(Incoming::State).unwrap();
+    assert!(p.clone().advance(Incoming::Memory).is_err());
+    assert!(p.clone().advance(Incoming::State).is_err());
+    p.advance(Incoming::Complete).unwrap();
+    assert_eq!(p, ReceiverPhase::AwaitGo);
+    let mut c = p.clone();
+    assert!(matches!(
+        c.advance(Incoming::Cancel),
+        Err(ProtocolError::Cancelled(_))
+    ));
+    assert_eq!(c, ReceiverPhase::Failed);
+    p.advance(Incoming::Go).unwrap();
+    assert_eq!(p, ReceiverPhase::Started);
+    assert!(p.advance(Incoming::Cancel).is_err());
+}
+
+#[test]
+fn receiver_phase_local() {
+    let mut p = ReceiverPhase::accepted(MigrationMode::Local);
+    assert!(p.clone().advance(Incoming::Memory).is_err());
+    assert!(p.clone().advance(Incoming::State).is_err());
+    p.advance(Incoming::MemoryFds).unwrap();
+    assert!(p.clone().advance(Incoming::MemoryFds).is_err());
+    p.advance(Incoming::State).unwrap();
+    p.advance(Incoming::Complete).unwrap();
+    p.advance(Incoming::Go).unwrap();
+    assert!(ReceiverPhase::AwaitHello.advance(Incoming::Hello).is_err());
+}
+
+#[test]
+fn sender_phase() {
+    let mut s = SenderPhase::AwaitAccept;
+    assert!(s.source_may_resume());
+    s.advance(&ReceiverMessage::Accept {
+        version: PROTOCOL_VERSION,
+    })
+    .unwrap();
+    assert!(s.sent_go().is_err());
+    let mut s = SenderPhase::Precopy;
+    s.sent_complete().unwrap();
+    s.advance(&ReceiverMessage::Ready).unwrap();
+    s.sent_go().unwrap();
+    assert!(!s.source_may_resume());
+    let mut lost = s;
+    assert!(matches!(
+        lost.advance(&ReceiverMessage::Abort { reason: "x".into() }),
+        Err(ProtocolError::Aborted(_))
+    ));
+    s.advance(&ReceiverMessage::Started {
+        resumed_realtime_ns: 1,
+        go_to_resume_us: 2,
+    })
+    .unwrap();
+    assert_eq!(s, SenderPhase::Done);
+
+    let mut r = SenderPhase::AwaitAccept;
+    let reason = RefuseReason::Other("no".into());
+    assert_eq!(
+        r.advance(&ReceiverMessage::Refuse {
+            reason: reason.clone()
+        }),
+        Err(ProtocolError::Refused(reason))
+    );
+    assert!(r.source_may_resume());
+    let mut bad = SenderPhase::AwaitAccept;
+    assert!(bad
+        .advance(&ReceiverMessage::Accept { version: 999 })
+        .is_err());
+    let mut early = SenderPhase::Precopy;
+    assert!(early.advance(&ReceiverMessage::Ready).is_err());
+}

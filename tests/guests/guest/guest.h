@@ -1,0 +1,102 @@
+/* Shared definitions for the tiny test guests (32-bit, freestanding). */
+#ifndef GUEST_H
+#define GUEST_H
+
+/* GDT layout (entry.S). Kept in sync with the table there. */
+#define SEL_CODE0 0x08
+#define SEL_DATA0 0x10
+#define SEL_CODE3 0x1b /* 0x18 | RPL 3 */
+#define SEL_DATA3 0x23 /* 0x20 | RPL 3 */
+#define SEL_TSS 0x28
+#define GDT_ENTRIES 7
+
+#ifndef __ASSEMBLER__
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef int i32;
+
+#define NORETURN __attribute__((noreturn))
+
+#define COM1 0x3f8
+#define DEBUG_EXIT_PORT 0xf4
+#define PM1A_CNT_PORT 0x604
+#define PM1A_POWEROFF 0x2000
+#define LAPIC_BASE 0xfee00000u
+#define IOAPIC_BASE 0xfec00000u
+
+/* Exit code written to the debug-exit port when the guest takes an unexpected exception. */
+#define EXIT_EXCEPTION 4
+
+static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
+static inline void outw(u16 port, u16 v) { __asm__ volatile("outw %0, %1" : : "a"(v), "Nd"(port)); }
+static inline u8 inb(u16 port)
+{
+    u8 v;
+    __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
+    return v;
+}
+static inline u32 mmio_read32(u32 addr) { return *(volatile u32 *)addr; }
+static inline void mmio_write32(u32 addr, u32 v) { *(volatile u32 *)addr = v; }
+static inline void cpu_relax(void) { __asm__ volatile("pause" ::: "memory"); }
+static inline u32 current_cpl(void)
+{
+    u32 cs;
+    __asm__ volatile("mov %%cs, %0" : "=r"(cs));
+    return cs & 3;
+}
+
+/* Provided by each guest. */
+extern const char guest_name[];
+void guest_main(void);
+
+/* Serial console (COM1, write-only, no LSR polling). */
+void putc(char c);
+void puts(const char *s);
+void put_dec(u32 v);
+void put_hex(u32 v); /* "0x" followed by lowercase hex digits, no leading zeros */
+/* "<guest_name>: " */
+void put_prefix(void);
+
+/* Exits. After requesting the exit the CPU halts (CPL0) or spins (CPL3). */
+NORETURN void halt_forever(void);
+NORETURN void debug_exit(u8 code); /* port 0xf4, then power off as a fallback */
+NORETURN void power_off(void);
+
+/* Boot information copied out of hvm_start_info before anything else runs. */
+#define MAX_MEMMAP 32
+struct memmap_entry {
+    u64 addr;
+    u64 size;
+    u32 type;
+    u32 reserved;
+};
+extern char boot_cmdline[];
+extern u32 boot_memmap_entries;
+extern struct memmap_entry boot_memmap[MAX_MEMMAP];
+
+/* Finds `key=value` on the command line; returns 1 and stores the value if it is a valid
+ * number (decimal, or hex with 0x), 0 otherwise. */
+int cmdline_u32(const char *key, u32 *out);
+/* Returns 1 if [start, start+len) lies inside one E820 RAM entry (or no map was given). */
+int range_is_ram(u64 start, u64 len);
+
+/* Interrupt descriptor table. */
+void idt_set(u32 vec, void *handler, u32 dpl);
+void idt_load(void);
+
+/* PIT channel 0 as a free-running clock (mode 2, reload 65536). Call pit_clock_poll at
+ * least every 50 ms; it returns the total number of 1.193182 MHz ticks since pit_clock_start. */
+#define PIT_HZ 1193182u
+void pit_clock_start(void);
+u64 pit_clock_poll(void);
+
+void *memcpy(void *dst, const void *src, u32 n);
+void *memset(void *dst, int c, u32 n);
+
+extern char _image_start[], _end[];
+
+#endif /* __ASSEMBLER__ */
+#endif

@@ -1,0 +1,113 @@
+//! What a VM is made of: memory size, vCPUs, kernel, machine type.
+
+use serde::{Deserialize, Serialize};
+
+/// The machine types this build can run, newest first. A machine type names a
+/// guest-visible platform (memory map, devices, ACPI tables); a VM keeps the one
+/// it was created with for its whole life, across every update and migration.
+pub const MACHINE_TYPES: &[&str] = &["q35-1.0"];
+
+/// The unversioned alias and what it resolves to today.
+pub const MACHINE_TYPE_ALIAS: (&str, &str) = ("q35", "q35-1.0");
+
+/// Most vCPUs a VM may have (the MADT and our CPUID topology fit 255 APIC ids).
+pub const MAX_VCPUS: u8 = 254;
+
+/// Errors in a VM configuration.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A machine type this launcher does not implement.
+    #[error("unknown machine type {0:?}; this launcher supports {known}", known = MACHINE_TYPES.join(", "))]
+    UnknownMachineType(String),
+    /// vCPU count out of range.
+    #[error("vCPU count {0} is invalid: use 1 to {MAX_VCPUS}")]
+    Vcpus(u32),
+    /// A size string that does not parse.
+    #[error("invalid size {0:?}: use a number with an optional suffix, like 128M, 1G or 512Mi")]
+    Size(String),
+}
+
+/// Resolve a machine type name (or the `q35` alias) to a supported versioned name.
+pub fn resolve_machine_type(name: &str) -> Result<&'static str, ConfigError> {
+    if name == MACHINE_TYPE_ALIAS.0 {
+        return Ok(MACHINE_TYPE_ALIAS.1);
+    }
+    MACHINE_TYPES
+        .iter()
+        .find(|m| **m == name)
+        .copied()
+        .ok_or_else(|| ConfigError::UnknownMachineType(name.to_string()))
+}
+
+/// Parse `128M`, `1G`, `512Mi`, `4096` (bytes), `2GiB`.
+pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
+    let err = || ConfigError::Size(s.to_string());
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, suffix) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| err())?;
+    let shift = match suffix.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "ki" | "kib" | "kb" => 10,
+        "m" | "mi" | "mib" | "mb" => 20,
+        "g" | "gi" | "gib" | "gb" => 30,
+        "t" | "ti" | "tib" | "tb" => 40,
+        _ => return Err(err()),
+    };
+    n.checked_mul(1u64 << shift).ok_or_else(err)
+}
+
+/// The configuration a VM was created with. Travels in snapshots and migration
+/// streams, so that a restored VM is the same machine.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Guest RAM in bytes.
+    pub memory_bytes: u64,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Versioned machine type (for example `q35-1.0`).
+    pub machine_type: String,
+    /// Kernel path, as given (informational after boot).
+    pub kernel: String,
+    /// Initrd path, as given.
+    pub initrd: Option<String>,
+    /// Kernel command line.
+    pub cmdline: String,
+}
+
+impl VmConfig {
+    /// Check the parts that do not need the host.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        resolve_machine_type(&self.machine_type)?;
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(ConfigError::Vcpus(self.vcpus as u32));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_like_users_write_them() {
+        assert_eq!(parse_size("128M").unwrap(), 128 << 20);
+        assert_eq!(parse_size("512Mi").unwrap(), 512 << 20);
+        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("").is_err());
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("-1G").is_err());
+        assert!(parse_size("99999999999999999999G").is_err());
+    }
+
+    #[test]
+    fn machine_types_resolve_and_unknown_ones_are_refused() {
+        assert_eq!(resolve_machine_type("q35").unwrap(), "q35-1.0");
+        assert_eq!(resolve_machine_type("q35-1.0").unwrap(), "q35-1.0");
+        let e = resolve_machine_type("pc-i440fx-9.0").unwrap_err();
+        assert!(e.to_string().contains("q35-1.0"));
+    }
+}

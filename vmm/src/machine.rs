@@ -1,0 +1,359 @@
+//! `Vm`: a running virtual machine, assembled from memory, KVM, devices and vCPUs.
+//!
+//! Field order matters for teardown: vCPU threads stop first, then the KVM VM
+//! goes, and guest memory is unmapped last.
+
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::boot::{self, BootError, BootSource};
+use crate::config::{ConfigError, VmConfig};
+use crate::devices::platform::{Platform, PlatformError};
+use crate::devices::serial::SerialOut;
+use crate::layout;
+use crate::state::VmState;
+use crate::vstate::memory::{GuestRam, MemoryError};
+use crate::vstate::vcpu::{self, VcpuContext, VcpuError, VcpuHandle, VmStop};
+use crate::vstate::vm::{KvmVm, VmError};
+
+/// Errors creating, controlling or saving a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// KVM VM-level failure.
+    #[error(transparent)]
+    Kvm(#[from] VmError),
+    /// vCPU failure.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// Devices.
+    #[error(transparent)]
+    Platform(#[from] PlatformError),
+    /// Kernel loading.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// ACPI tables.
+    #[error("cannot build ACPI tables: {0}")]
+    Acpi(String),
+    /// The restored state does not match the memory or the host.
+    #[error("cannot restore the VM: {0}")]
+    Restore(String),
+    /// Host resources (eventfd, ...).
+    #[error("host resource error: {0}")]
+    Host(String),
+}
+
+/// A live VM.
+pub struct Vm {
+    vcpus: Vec<VcpuHandle>,
+    platform: Platform,
+    kvm: KvmVm,
+    ram: GuestRam,
+    config: VmConfig,
+    stop_rx: Mutex<Receiver<VmStop>>,
+    /// Nesting depth of pause guards; vCPUs run only at 0.
+    pause_depth: Mutex<usize>,
+}
+
+/// Pauses every vCPU while alive, resumes them when dropped (crosvm style), so that
+/// every error path of a caller restores the VM. [`PauseGuard::keep_paused`]
+/// disarms it for the one path where the VM must never run here again.
+pub struct PauseGuard<'a> {
+    vm: &'a Vm,
+    armed: bool,
+}
+
+impl PauseGuard<'_> {
+    /// Leave the VM paused for good (it now runs elsewhere).
+    pub fn keep_paused(mut self) {
+        self.armed = false;
+    }
+
+    /// The paused VM.
+    pub fn vm(&self) -> &Vm {
+        self.vm
+    }
+}
+
+impl Drop for PauseGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Err(e) = self.vm.release_pause() {
+                tracing::error!("cannot resume vCPUs: {e}");
+            }
+        }
+    }
+}
+
+fn serial_irq() -> Result<EventFd, MachineError> {
+    EventFd::new(EFD_NONBLOCK).map_err(|e| MachineError::Host(format!("eventfd: {e}")))
+}
+
+impl Vm {
+    /// Create a VM and boot `kernel` in it. vCPUs run when this returns.
+    pub fn boot(
+        config: VmConfig,
+        kernel: &[u8],
+        initrd: Option<&[u8]>,
+        serial_out: SerialOut,
+    ) -> Result<Self, MachineError> {
+        config.validate()?;
+        let ram = GuestRam::new(config.memory_bytes)?;
+        let mut kvm = KvmVm::new()?;
+        kvm.register_memory(&ram)?;
+        let irq = serial_irq()?;
+        kvm.fd()
+            .register_irqfd(&irq, layout::COM1_IRQ)
+            .map_err(|e| MachineError::Host(format!("irqfd: {e}")))?;
+        let platform = Platform::new(irq, serial_out)?;
+        let rsdp = crate::acpi::create_acpi_tables(ram.memory(), config.vcpus)
+            .map_err(|e| MachineError::Acpi(e.to_string()))?;
+        let entry = boot::load(
+            ram.memory(),
+            &BootSource {
+                kernel,
+                initrd,
+                cmdline: &config.cmdline,
+            },
+            vm_memory::Address::raw_value(&rsdp),
+        )?;
+        // Boot-time writes are not guest writes: start with a clean VMM-side bitmap.
+        for i in 0..ram.regions().len() {
+            ram.take_vmm_dirty(i);
+        }
+        let (stop_tx, stop_rx) = channel();
+        let mut fds = Vec::new();
+        for id in 0..config.vcpus {
+            let fd = vcpu::create(kvm.fd(), id)?;
+            let cpuid = vcpu::build_cpuid(kvm.kvm(), id, config.vcpus)?;
+            vcpu::configure(&fd, id, &cpuid)?;
+            if id == 0 {
+                boot::regs::setup_boot_cpu(&fd, ram.memory(), entry)?;
+            }
+            fds.push((fd, cpuid));
+        }
+        let msr_list = vcpu::saveable_msrs(kvm.kvm(), &fds[0].0);
+        let mut vcpus = Vec::new();
+        for (id, (fd, cpuid)) in fds.into_iter().enumerate() {
+            vcpus.push(VcpuHandle::spawn(
+                id as u8,
+                fd,
+                VcpuContext {
+                    pio: platform.pio_bus().clone(),
+                    mmio: platform.mmio_bus().clone(),
+                    stop: stop_tx.clone(),
+                    cpuid,
+                    msr_list: msr_list.clone(),
+                    start_paused: false,
+                },
+            )?);
+        }
+        tracing::info!(
+            memory = config.memory_bytes,
+            vcpus = config.vcpus,
+            machine = %config.machine_type,
+            "VM booted"
+        );
+        Ok(Self {
+            vcpus,
+            platform,
+            kvm,
+            ram,
+            config,
+            stop_rx: Mutex::new(stop_rx),
+            pause_depth: Mutex::new(0),
+        })
+    }
+
+    /// Rebuild a VM from a saved state and its memory. The vCPUs start paused:
+    /// the returned guard resumes them when dropped (or call `keep_paused`).
+    pub fn restore(
+        state: VmState,
+        ram: GuestRam,
+        serial_out: SerialOut,
+    ) -> Result<Self, MachineError> {
+        state.config.validate()?;
+        if ram.size() != state.config.memory_bytes {
+            return Err(MachineError::Restore(format!(
+                "memory is {} bytes but the state describes {}",
+                ram.size(),
+                state.config.memory_bytes
+            )));
+        }
+        if state.vcpus.len() != state.config.vcpus as usize {
+            return Err(MachineError::Restore(format!(
+                "state has {} vCPUs but the configuration says {}",
+                state.vcpus.len(),
+                state.config.vcpus
+            )));
+        }
+        let mut kvm = KvmVm::new()?;
+        kvm.register_memory(&ram)?;
+        let irq = serial_irq()?;
+        kvm.fd()
+            .register_irqfd(&irq, layout::COM1_IRQ)
+            .map_err(|e| MachineError::Host(format!("irqfd: {e}")))?;
+        let platform = Platform::from_state(irq, serial_out, &state.platform)?;
+        let (stop_tx, stop_rx) = channel();
+        let mut fds = Vec::new();
+        for s in &state.vcpus {
+            let fd = vcpu::create(kvm.fd(), s.id)?;
+            vcpu::restore_state(&fd, s)?;
+            fds.push((fd, s.cpuid.clone()));
+        }
+        // Irqchip after the vCPUs' LAPICs exist, as KVM requires for consistent routing.
+        kvm.restore(&state.kvm)?;
+        let msr_list: Vec<u32> = state.vcpus[0].msrs.iter().map(|m| m.index).collect();
+        let mut vcpus = Vec::new();
+        for (id, (fd, cpuid)) in fds.into_iter().enumerate() {
+            vcpus.push(VcpuHandle::spawn(
+                id as u8,
+                fd,
+                VcpuContext {
+                    pio: platform.pio_bus().clone(),
+                    mmio: platform.mmio_bus().clone(),
+                    stop: stop_tx.clone(),
+                    cpuid,
+                    msr_list: msr_list.clone(),
+                    start_paused: true,
+                },
+            )?);
+        }
+        Ok(Self {
+            vcpus,
+            platform,
+            kvm,
+            ram,
+            config: state.config,
+            stop_rx: Mutex::new(stop_rx),
+            pause_depth: Mutex::new(1),
+        })
+    }
+
+    /// Let a restored VM run (it starts paused with depth 1).
+    pub fn start_restored(&self) -> Result<(), MachineError> {
+        self.release_pause()
+    }
+
+    /// Pause every vCPU until the guard is dropped. Nested pauses are counted.
+    pub fn pause(&self) -> Result<PauseGuard<'_>, MachineError> {
+        self.hold_pause()?;
+        Ok(PauseGuard {
+            vm: self,
+            armed: true,
+        })
+    }
+
+    /// Pause without a guard (an API client's explicit pause); undo with [`Vm::resume`].
+    pub fn hold_pause(&self) -> Result<(), MachineError> {
+        let mut depth = self.pause_depth.lock().unwrap_or_else(|e| e.into_inner());
+        if *depth == 0 {
+            for (i, v) in self.vcpus.iter().enumerate() {
+                if let Err(e) = v.pause() {
+                    // Undo the partial pause so the VM keeps running.
+                    for v in &self.vcpus[..i] {
+                        let _ = v.resume();
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+        *depth += 1;
+        Ok(())
+    }
+
+    /// Release one [`Vm::hold_pause`]; vCPUs run again when no pause is held.
+    pub fn resume(&self) -> Result<(), MachineError> {
+        self.release_pause()
+    }
+
+    fn release_pause(&self) -> Result<(), MachineError> {
+        let mut depth = self.pause_depth.lock().unwrap_or_else(|e| e.into_inner());
+        if *depth == 0 {
+            return Ok(());
+        }
+        *depth -= 1;
+        if *depth == 0 {
+            for v in &self.vcpus {
+                v.resume()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// True while at least one pause guard is alive.
+    pub fn is_paused(&self) -> bool {
+        *self.pause_depth.lock().unwrap_or_else(|e| e.into_inner()) > 0
+    }
+
+    /// Save the whole state (memory aside). The guard proves the VM is paused.
+    pub fn save_state(&self, _paused: &PauseGuard<'_>) -> Result<VmState, MachineError> {
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(|v| v.save())
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(VmState {
+            config: self.config.clone(),
+            vcpus,
+            kvm: self.kvm.save()?,
+            platform: self.platform.state(),
+        })
+    }
+
+    /// Wait up to `timeout` for a reason to stop.
+    pub fn wait_stop(&self, timeout: Duration) -> Option<VmStop> {
+        let rx = self.stop_rx.lock().unwrap_or_else(|e| e.into_inner());
+        match rx.recv_timeout(timeout) {
+            Ok(s) => Some(s),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => {
+                Some(VmStop::Error("every vCPU thread has exited".into()))
+            }
+        }
+    }
+
+    /// Take `slice` of guest time from every vCPU (auto-converge throttling).
+    pub fn throttle(&self, slice: Duration) {
+        for v in &self.vcpus {
+            let _ = v.throttle(slice);
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// The KVM VM (dirty logging).
+    pub fn kvm(&self) -> &KvmVm {
+        &self.kvm
+    }
+
+    /// The platform devices.
+    pub fn platform(&self) -> &Platform {
+        &self.platform
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        // Stop the vCPU threads before KVM and memory go away.
+        for v in self.vcpus.drain(..) {
+            v.stop();
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! Guest memory: one memfd per RAM region, mapped shared into this process.
+//!
+//! Backing guest RAM with memfds (instead of anonymous memory) is what lets a
+//! same-host live update hand the memory to the next launcher as file
+//! descriptors, without copying a byte. The mapping carries vm-memory's
+//! `AtomicBitmap`, so that every write the VMM itself makes into guest memory
+//! (device emulation, boot loaders) is recorded for migration, next to KVM's
+//! own dirty log of the guest's writes.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::mmap::{MmapRegion, MmapRegionBuilder};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryRegion, GuestRegionMmap};
+
+use crate::layout;
+
+/// Guest memory as the whole crate sees it.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+
+/// The page size KVM's dirty log and our bitmaps count in.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Errors while creating or adopting guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The requested size is not usable.
+    #[error("guest memory size {size} bytes is invalid: {why}")]
+    InvalidSize {
+        /// The requested size.
+        size: u64,
+        /// Why it is refused.
+        why: &'static str,
+    },
+    /// memfd_create or ftruncate failed.
+    #[error("cannot create guest memory ({size} bytes): {source}")]
+    Create {
+        /// Size of the region that failed.
+        size: u64,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A memory fd handed to us does not match the announced layout.
+    #[error("guest memory fd for region at {gpa:#x} is {actual} bytes, expected {expected}")]
+    FdSize {
+        /// Guest-physical start of the region.
+        gpa: u64,
+        /// Size announced.
+        expected: u64,
+        /// Size of the file.
+        actual: u64,
+    },
+    /// mmap failed.
+    #[error("cannot map guest memory: {0}")]
+    Map(String),
+}
+
+/// One RAM region: where it sits in guest-physical space and the memfd behind it.
+#[derive(Debug)]
+pub struct RamRegion {
+    /// Guest-physical start.
+    pub gpa: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// The memfd backing this region (offset 0).
+    pub file: File,
+}
+
+/// Guest RAM: the mapping plus the memfds behind it.
+pub struct GuestRam {
+    memory: GuestMemoryMmap,
+    regions: Vec<RamRegion>,
+}
+
+impl std::fmt::Debug for GuestRam {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestRam")
+            .field("regions", &self.regions)
+            .finish()
+    }
+}
+
+/// Smallest guest we accept: the boot structures, ACPI tables and a kernel need room.
+pub const MIN_MEMORY: u64 = 2 << 20;
+
+fn memfd(name: &str, size: u64) -> Result<File, MemoryError> {
+    let cname = std::ffi::CString::new(name).unwrap_or_default();
+    // SAFETY: memfd_create takes a valid NUL-terminated string and flags; it returns a new
+    // fd or -1, which we check.
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(MemoryError::Create {
+            size,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size)
+        .map_err(|source| MemoryError::Create { size, source })?;
+    Ok(file)
+}
+
+impl GuestRam {
+    /// Fresh, zeroed guest RAM of `size` bytes laid out as q35 does.
+    pub fn new(size: u64) -> Result<Self, MemoryError> {
+        if size < MIN_MEMORY {
+            return Err(MemoryError::InvalidSize {
+                size,
+                why: "at least 2 MiB is needed",
+            });
+        }
+        if size % PAGE_SIZE != 0 {
+            return Err(MemoryError::InvalidSize {
+                size,
+                why: "it must be a multiple of 4 KiB",
+            });
+        }
+        let regions = layout::ram_regions(size)
+            .into_iter()
+            .enumerate()
+            .map(|(i, (gpa, len))| {
+                Ok(RamRegion {
+                    gpa,
+                    size: len,
+                    file: memfd(&format!("guest-ram-{i}"), len)?,
+                })
+            })
+            .collect::<Result<Vec<_>, MemoryError>>()?;
+        Self::from_regions(regions)
+    }
+
+    /// Adopt memory handed over by another process (local live update).
+    pub fn from_regions(regions: Vec<RamRegion>) -> Result<Self, MemoryError> {
+        for r in &regions {
+            let actual = r
+                .file
+                .metadata()
+                .map_err(|e| MemoryError::Map(e.to_string()))?
+                .len();
+            if actual < r.size {
+                return Err(MemoryError::FdSize {
+                    gpa: r.gpa,
+                    expected: r.size,
+                    actual,
+                });
+            }
+        }
+        let mut mapped = Vec::with_capacity(regions.len());
+        for r in &regions {
+            let dup = r
+                .file
+                .try_clone()
+                .map_err(|e| MemoryError::Map(e.to_string()))?;
+            let size = usize::try_from(r.size).map_err(|_| MemoryError::InvalidSize {
+                size: r.size,
+                why: "larger than the address space",
+            })?;
+            let mmap: MmapRegion<AtomicBitmap> = MmapRegionBuilder::new(size)
+                .with_file_offset(FileOffset::new(dup, 0))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+                .build()
+                .map_err(|e| MemoryError::Map(e.to_string()))?;
+            let region = GuestRegionMmap::new(mmap, GuestAddress(r.gpa))
+                .ok_or_else(|| MemoryError::Map("region overflows the address space".into()))?;
+            mapped.push(region);
+        }
+        let memory =
+            GuestMemoryMmap::from_regions(mapped).map_err(|e| MemoryError::Map(e.to_string()))?;
+        Ok(Self { memory, regions })
+    }
+
+    /// The mapping, for loaders and devices.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// The regions and their memfds.
+    pub fn regions(&self) -> &[RamRegion] {
+        &self.regions
+    }
+
+    /// Total RAM in bytes.
+    pub fn size(&self) -> u64 {
+        self.regions.iter().map(|r| r.size).sum()
+    }
+
+    /// Host virtual address of region `index`, for KVM_SET_USER_MEMORY_REGION.
+    pub fn host_address(&self, index: usize) -> Option<u64> {
+        use vm_memory::GuestMemoryBackend;
+        let r = self.regions.get(index)?;
+        let region = self.memory.find_region(GuestAddress(r.gpa))?;
+        region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .ok()
+            .map(|p| p as u64)
+    }
+
+    /// A byte slice view of region `index`, for bulk copies by the migration engine.
+    ///
+    /// The guest may write this memory concurrently; callers that need a
+    /// consistent view rely on the dirty log to resend what changed.
+    pub fn region_slice(
+        &self,
+        index: usize,
+    ) -> Option<vm_memory::VolatileSlice<'_, vm_memory::bitmap::BS<'_, AtomicBitmap>>> {
+        use vm_memory::GuestMemoryBackend;
+        let r = self.regions.get(index)?;
+        let region = self.memory.find_region(GuestAddress(r.gpa))?;
+        region
+            .get_slice(vm_memory::MemoryRegionAddress(0), r.size as usize)
+            .ok()
+    }
+
+    /// The raw fds of the regions, in order, for handing them to another process.
+    pub fn raw_fds(&self) -> Vec<i32> {
+        self.regions.iter().map(|r| r.file.as_raw_fd()).collect()
+    }
+
+    /// Take the VMM-side dirty bitmap of region `index` (pages the VMM wrote), one bit
+    /// per 4 KiB page in 64-bit words like KVM's dirty log, and clear it.
+    pub fn take_vmm_dirty(&self, index: usize) -> Vec<u64> {
+        use vm_memory::GuestMemoryBackend;
+        let Some(r) = self.regions.get(index) else {
+            return Vec::new();
+        };
+        match self.memory.find_region(GuestAddress(r.gpa)) {
+            Some(region) => {
+                let mmap: &MmapRegion<AtomicBitmap> = region;
+                mmap.bitmap().get_and_reset()
+            }
+            None => Vec::new(),
+        }
+    }
+}

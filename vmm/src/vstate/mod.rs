@@ -1,0 +1,5 @@
+//! The KVM-facing state of a VM: memory, the VM fd, and vCPUs.
+
+pub mod memory;
+pub mod vcpu;
+pub mod vm;

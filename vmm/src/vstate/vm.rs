@@ -1,0 +1,253 @@
+//! The KVM VM: its file descriptor, in-kernel irqchip and PIT, interrupt routing,
+//! memory slots and dirty logging, and the VM-wide part of the saved state.
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_irq_routing_entry, kvm_irqchip, kvm_pit_config, kvm_pit_state2,
+    kvm_userspace_memory_region, KvmIrqRouting, KVM_CLOCK_TSC_STABLE, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use serde::{Deserialize, Serialize};
+
+use super::memory::{GuestRam, PAGE_SIZE};
+
+/// Errors from VM-level KVM calls.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// /dev/kvm is missing or cannot be opened.
+    #[error(
+        "cannot open /dev/kvm: {0} (is KVM enabled, and may this user open /dev/kvm read-write?)"
+    )]
+    OpenKvm(kvm_ioctls::Error),
+    /// The KVM API version is not the one we speak.
+    #[error("KVM API version {0} is not supported (need 12)")]
+    ApiVersion(i32),
+    /// A capability the VMM cannot work without.
+    #[error("KVM lacks a required capability: {0}")]
+    MissingCap(&'static str),
+    /// Any other KVM ioctl failure, with what we were doing.
+    #[error("KVM {what} failed: {source}")]
+    Ioctl {
+        /// The operation.
+        what: &'static str,
+        /// The error from KVM.
+        source: kvm_ioctls::Error,
+    },
+}
+
+fn ioctl<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VmError> {
+    r.map_err(|source| VmError::Ioctl { what, source })
+}
+
+/// VM-wide state saved with a snapshot or a migration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmKvmState {
+    /// PIC master, PIC slave, IOAPIC.
+    pub irqchips: Vec<kvm_irqchip>,
+    /// The in-kernel PIT.
+    pub pit: kvm_pit_state2,
+    /// kvmclock.
+    pub clock: kvm_clock_data,
+}
+
+/// Host capabilities probed once (invariant: optional is optional).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HostCaps {
+    /// `KVM_CAP_XSAVE2` size, when the kernel has it.
+    pub xsave2_size: Option<usize>,
+    /// `KVM_CAP_ADJUST_CLOCK` is present.
+    pub adjust_clock: bool,
+}
+
+/// A KVM VM with its memory registered.
+pub struct KvmVm {
+    kvm: Kvm,
+    fd: VmFd,
+    caps: HostCaps,
+    /// (slot, gpa, size, host address) of every RAM slot.
+    slots: Vec<(u32, u64, u64, u64)>,
+}
+
+impl KvmVm {
+    /// Open KVM and create a VM with an in-kernel irqchip and PIT.
+    pub fn new() -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let api = kvm.get_api_version();
+        if api != 12 {
+            return Err(VmError::ApiVersion(api));
+        }
+        for (cap, name) in [
+            (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+            (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+            (Cap::Irqfd, "KVM_CAP_IRQFD"),
+            (Cap::Pit2, "KVM_CAP_PIT2"),
+            (Cap::IrqRouting, "KVM_CAP_IRQ_ROUTING"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(VmError::MissingCap(name));
+            }
+        }
+        let xsave2 = kvm.check_extension_int(Cap::Xsave2);
+        let caps = HostCaps {
+            xsave2_size: (xsave2 > 0).then_some(xsave2 as usize),
+            adjust_clock: kvm.check_extension(Cap::AdjustClock),
+        };
+        let fd = ioctl("KVM_CREATE_VM", kvm.create_vm())?;
+        ioctl("KVM_SET_TSS_ADDR", fd.set_tss_address(0xfffb_d000))?;
+        ioctl(
+            "KVM_SET_IDENTITY_MAP_ADDR",
+            fd.set_identity_map_address(0xfffb_c000),
+        )?;
+        ioctl("KVM_CREATE_IRQCHIP", fd.create_irq_chip())?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        ioctl("KVM_CREATE_PIT2", fd.create_pit2(pit))?;
+        let vm = Self {
+            kvm,
+            fd,
+            caps,
+            slots: Vec::new(),
+        };
+        vm.set_gsi_routing()?;
+        Ok(vm)
+    }
+
+    /// Route GSIs as QEMU q35 does: GSI 0 (the PIT) to IOAPIC pin 2, GSI n to pin n,
+    /// and the ISA GSIs also to the 8259s. The default KVM routing sends the PIT to pin 0,
+    /// which disagrees with the MADT's interrupt source override.
+    fn set_gsi_routing(&self) -> Result<(), VmError> {
+        let mut entries = Vec::new();
+        let irqchip = |gsi: u32, chip: u32, pin: u32| {
+            let mut e = kvm_irq_routing_entry {
+                gsi,
+                type_: KVM_IRQ_ROUTING_IRQCHIP,
+                ..Default::default()
+            };
+            e.u.irqchip.irqchip = chip;
+            e.u.irqchip.pin = pin;
+            e
+        };
+        for gsi in 0..24u32 {
+            if gsi < 16 && gsi != 2 {
+                let chip = if gsi < 8 {
+                    KVM_IRQCHIP_PIC_MASTER
+                } else {
+                    KVM_IRQCHIP_PIC_SLAVE
+                };
+                entries.push(irqchip(gsi, chip, gsi % 8));
+            }
+            let pin = if gsi == 0 { 2 } else { gsi };
+            if gsi != 2 {
+                entries.push(irqchip(gsi, KVM_IRQCHIP_IOAPIC, pin));
+            }
+        }
+        let routing = KvmIrqRouting::from_entries(&entries)
+            .map_err(|_| VmError::MissingCap("GSI routing table"))?;
+        ioctl("KVM_SET_GSI_ROUTING", self.fd.set_gsi_routing(&routing))
+    }
+
+    /// The VM fd, for vCPU creation and irqfds.
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// The KVM system fd, for supported CPUID and MSR lists.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// Probed host capabilities.
+    pub fn caps(&self) -> &HostCaps {
+        &self.caps
+    }
+
+    /// Register every RAM region as a KVM memory slot.
+    pub fn register_memory(&mut self, ram: &GuestRam) -> Result<(), VmError> {
+        for (i, r) in ram.regions().iter().enumerate() {
+            let host = ram
+                .host_address(i)
+                .ok_or(VmError::MissingCap("host mapping of guest RAM"))?;
+            self.slots.push((i as u32, r.gpa, r.size, host));
+        }
+        self.update_slots(0)
+    }
+
+    fn update_slots(&self, flags: u32) -> Result<(), VmError> {
+        for &(slot, gpa, size, host) in &self.slots {
+            let region = kvm_userspace_memory_region {
+                slot,
+                flags,
+                guest_phys_addr: gpa,
+                memory_size: size,
+                userspace_addr: host,
+            };
+            // SAFETY: `host` is the start of a live shared mapping of `size` bytes owned by the
+            // `GuestRam` that outlives this VM (the Vm struct drops the VM fd first).
+            ioctl("KVM_SET_USER_MEMORY_REGION", unsafe {
+                self.fd.set_user_memory_region(region)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Turn KVM's dirty-page logging on or off for every RAM slot.
+    pub fn set_dirty_logging(&self, on: bool) -> Result<(), VmError> {
+        self.update_slots(if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 })
+    }
+
+    /// Fetch and clear KVM's dirty bitmap of RAM region `index` (one bit per 4 KiB page).
+    pub fn take_dirty_log(&self, index: usize) -> Result<Vec<u64>, VmError> {
+        let &(slot, _, size, _) = self
+            .slots
+            .get(index)
+            .ok_or(VmError::MissingCap("memory slot"))?;
+        debug_assert_eq!(size % PAGE_SIZE, 0);
+        ioctl(
+            "KVM_GET_DIRTY_LOG",
+            self.fd.get_dirty_log(slot, size as usize),
+        )
+    }
+
+    /// Save the irqchips, PIT and clock. Call with every vCPU paused.
+    pub fn save(&self) -> Result<VmKvmState, VmError> {
+        let mut irqchips = Vec::new();
+        for chip in [
+            KVM_IRQCHIP_PIC_MASTER,
+            KVM_IRQCHIP_PIC_SLAVE,
+            KVM_IRQCHIP_IOAPIC,
+        ] {
+            let mut c = kvm_irqchip {
+                chip_id: chip,
+                ..Default::default()
+            };
+            ioctl("KVM_GET_IRQCHIP", self.fd.get_irqchip(&mut c))?;
+            irqchips.push(c);
+        }
+        let pit = ioctl("KVM_GET_PIT2", self.fd.get_pit2())?;
+        let clock = ioctl("KVM_GET_CLOCK", self.fd.get_clock())?;
+        Ok(VmKvmState {
+            irqchips,
+            pit,
+            clock,
+        })
+    }
+
+    /// Restore what [`KvmVm::save`] captured, before any vCPU runs.
+    pub fn restore(&self, state: &VmKvmState) -> Result<(), VmError> {
+        ioctl("KVM_SET_PIT2", self.fd.set_pit2(&state.pit))?;
+        if self.caps.adjust_clock {
+            let mut clock = state.clock;
+            // Only the clock value is restorable; the flags describe the source host.
+            clock.flags &= !KVM_CLOCK_TSC_STABLE;
+            clock.flags = 0;
+            ioctl("KVM_SET_CLOCK", self.fd.set_clock(&clock))?;
+        }
+        for c in &state.irqchips {
+            ioctl("KVM_SET_IRQCHIP", self.fd.set_irqchip(c))?;
+        }
+        Ok(())
+    }
+}
