@@ -12,4 +12,7 @@ pub mod dirty;
 pub mod frame;
 pub mod policy;
 pub mod protocol;
+pub mod receiver;
+pub mod report;
+pub mod sender;
 pub mod transport;

@@ -740,7 +740,8 @@ impl SenderPhase {
     }
 
     /// Applies a message from the receiver. Refusals, errors and aborts move
-    /// to `Failed` and come back as the matching error.
+    /// to `Failed` (the source resumes) and come back as the matching error,
+    /// except after `Go`: there only `Abort` moves to `Failed`.
     pub fn advance(&mut self, msg: &ReceiverMessage) -> Result<(), ProtocolError> {
         let phase = *self;
         let result = match (phase, msg) {
@@ -780,7 +781,12 @@ impl SenderPhase {
                 got: m.name(),
             }),
         };
-        *self = SenderPhase::Failed;
+        // After Go only an explicit Abort proves that D does not run the
+        // guest; any other failure leaves the outcome unknown and the source
+        // paused (the phase stays AwaitStarted, `source_may_resume` false).
+        if phase != SenderPhase::AwaitStarted || matches!(result, Err(ProtocolError::Aborted(_))) {
+            *self = SenderPhase::Failed;
+        }
         result
     }
 }

@@ -196,11 +196,20 @@ fn sender_phase() {
     s.advance(&ReceiverMessage::Ready).unwrap();
     s.sent_go().unwrap();
     assert!(!s.source_may_resume());
-    let mut lost = s;
+    let mut aborted = s;
     assert!(matches!(
-        lost.advance(&ReceiverMessage::Abort { reason: "x".into() }),
+        aborted.advance(&ReceiverMessage::Abort { reason: "x".into() }),
         Err(ProtocolError::Aborted(_))
     ));
+    assert!(aborted.source_may_resume());
+    // After Go, an error that is not an Abort leaves the outcome unknown.
+    let mut unknown = s;
+    assert!(unknown
+        .advance(&ReceiverMessage::Error { reason: "?".into() })
+        .is_err());
+    assert!(unknown.advance(&ReceiverMessage::Ready).is_err());
+    assert_eq!(unknown, SenderPhase::AwaitStarted);
+    assert!(!unknown.source_may_resume());
     s.advance(&ReceiverMessage::Started {
         resumed_realtime_ns: 1,
         go_to_resume_us: 2,

@@ -1,8 +1,8 @@
-//! Builds the tiny test guests with the system C toolchain (gcc, ld, objcopy).
+//! Builds the tiny test guests with the system C toolchain (gcc, ld).
 //!
-//! Each guest is compiled as freestanding 32-bit code, linked at 1 MiB with `guest/link.ld`
-//! and converted to an ELF64 container (the code stays 32-bit; linux-loader reads only ELF64
-//! and QEMU accepts both). The results are `$OUT_DIR/<guest>.elf`.
+//! Each guest is compiled as freestanding x86-64 code (its PVH entry in `entry.S` is 32-bit and
+//! switches to long mode), linked at 1 MiB with `guest/link.ld` into an ELF64 file (linux-loader
+//! reads only ELF64, QEMU reads both). The results are `$OUT_DIR/<guest>.elf`.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -23,8 +23,9 @@ const COMMON: &[&str] = &["entry.S", "common.c"];
 const EXTRA_INPUTS: &[&str] = &["guest.h", "link.ld"];
 
 const CFLAGS: &[&str] = &[
-    "-m32",
-    "-march=i686",
+    "-m64",
+    "-mcmodel=small",
+    "-mno-red-zone",
     "-ffreestanding",
     "-fno-pic",
     "-fno-pie",
@@ -66,7 +67,7 @@ fn check_tool(program: &str, what: &str) {
             if what.contains("compiler") {
                 "TEST_GUESTS_CC"
             } else {
-                "TEST_GUESTS_LD / TEST_GUESTS_OBJCOPY"
+                "TEST_GUESTS_LD"
             }
         ),
     }
@@ -104,10 +105,8 @@ fn main() {
 
     let cc = tool("TEST_GUESTS_CC", "gcc");
     let ld = tool("TEST_GUESTS_LD", "ld");
-    let objcopy = tool("TEST_GUESTS_OBJCOPY", "objcopy");
-    check_tool(&cc, "a C compiler (gcc) that accepts -m32");
+    check_tool(&cc, "a C compiler (gcc) for x86-64");
     check_tool(&ld, "the GNU linker (ld, binutils)");
-    check_tool(&objcopy, "objcopy (binutils)");
 
     println!("cargo:rerun-if-changed=build.rs");
     for f in EXTRA_INPUTS {
@@ -133,24 +132,20 @@ fn main() {
     for (name, sources) in GUESTS {
         let mut objs = common.clone();
         objs.extend(sources.iter().map(|s| compile(s)));
-        let elf32 = obj_dir.join(format!("{name}.elf32"));
         run(Command::new(&ld)
             .args([
                 "-m",
-                "elf_i386",
+                "elf_x86_64",
                 "-nostdlib",
                 "-static",
                 "-z",
                 "noexecstack",
             ])
+            .args(["-z", "max-page-size=4096"])
             .arg("-T")
             .arg(src_dir.join("link.ld"))
             .arg("-o")
-            .arg(&elf32)
+            .arg(out.join(format!("{name}.elf")))
             .args(&objs));
-        run(Command::new(&objcopy)
-            .args(["-I", "elf32-i386", "-O", "elf64-x86-64"])
-            .arg(&elf32)
-            .arg(out.join(format!("{name}.elf"))));
     }
 }

@@ -22,6 +22,10 @@ pub trait MigrationHandler: Send + Sync {
     fn migrate(&self, runtime: &Arc<Runtime>, body: &Value) -> (u16, Value);
     /// Cancel the migration in progress, if any.
     fn cancel(&self) -> (u16, Value);
+    /// Progress of the migration in progress (`{"active": false}` when none).
+    fn progress(&self) -> (u16, Value);
+    /// Change the bandwidth cap or downtime target of the migration in progress.
+    fn set_limits(&self, body: &Value) -> (u16, Value);
 }
 
 /// Bind the API socket with mode 0600, replacing a stale socket file.
@@ -159,6 +163,8 @@ fn route(
         ("PUT", "/v1/snapshot") => snapshot(runtime, &body),
         ("PUT", "/v1/migrate") => migration.migrate(runtime, &body),
         ("PUT", "/v1/migrate/cancel") => migration.cancel(),
+        ("GET", "/v1/migrate") => migration.progress(),
+        ("PUT", "/v1/migrate/limits") => migration.set_limits(&body),
         ("PUT", "/v1/shutdown") => {
             runtime.request_exit(0);
             (200, json!({}))

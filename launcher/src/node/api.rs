@@ -1,1 +1,232 @@
-//! TODO
+//! noded's HTTP API on a Unix socket (mode 0600). Each connection carries one request;
+//! the handler turns it into a [`Req`] for the reconciliation loop and writes the reply.
+//! Routes are documented in `docs/openapi.yaml`.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+
+use super::daemon::{Command, DaemonError};
+use super::requests::{err, Body, Reply, Req};
+use crate::http::{self, HttpError};
+
+/// How long a client may take to send its request.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `launcher capabilities` may take during an install.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Binds the API socket: refuses when another noded answers on it, removes a stale file
+/// otherwise, and restricts it to the owner.
+pub fn bind(path: &Path) -> Result<UnixListener, DaemonError> {
+    let io = |source| DaemonError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(DaemonError::SocketInUse(path.display().to_string()));
+        }
+        std::fs::remove_file(path).map_err(io)?;
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io)?;
+    }
+    let l = UnixListener::bind(path).map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    Ok(l)
+}
+
+/// Accepts connections forever.
+pub async fn serve(listener: UnixListener, cmds: mpsc::Sender<Command>, launchers_dir: PathBuf) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let cmds = cmds.clone();
+                let dir = launchers_dir.clone();
+                tokio::spawn(async move { connection(stream, cmds, dir).await });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn connection(mut stream: UnixStream, cmds: mpsc::Sender<Command>, launchers_dir: PathBuf) {
+    let reply =
+        match tokio::time::timeout(READ_TIMEOUT, http::read_request_async(&mut stream)).await {
+            Err(_) => err(408, "request not received in time"),
+            Ok(Err(HttpError::Eof)) => return,
+            Ok(Err(e)) => err(e.status(), e),
+            Ok(Ok(req)) => {
+                tracing::debug!(method = %req.method, path = %req.path, "request");
+                match route(&req.method, &req.path, &req) {
+                    Ok(Routed::Loop(r)) => ask(&cmds, r).await,
+                    Ok(Routed::Install(path)) => install(&cmds, &path, launchers_dir).await,
+                    Err(reply) => reply,
+                }
+            }
+        };
+    let bytes = match &reply.body {
+        Body::Json(v) => http::encode_response(reply.status, v),
+        Body::Text(t) => {
+            http::encode_raw_response(reply.status, "text/plain; version=0.0.4", t.as_bytes())
+        }
+    };
+    let _ = http::write_response_async(&mut stream, &bytes).await;
+}
+
+async fn ask(cmds: &mpsc::Sender<Command>, req: Req) -> Reply {
+    let (tx, rx) = oneshot::channel();
+    if cmds.send(Command { req, reply: tx }).await.is_err() {
+        return err(503, "noded is shutting down");
+    }
+    rx.await
+        .unwrap_or_else(|_| err(503, "noded is shutting down"))
+}
+
+/// Stages and probes the copy outside the loop (it runs a process), then registers it.
+async fn install(cmds: &mpsc::Sender<Command>, src: &str, launchers_dir: PathBuf) -> Reply {
+    let src = PathBuf::from(src);
+    if !src.is_absolute() {
+        return err(400, format!("path {:?} must be absolute", src.display()));
+    }
+    let staged = tokio::task::spawn_blocking(move || {
+        super::launchers::stage_copy(&src, &launchers_dir, PROBE_TIMEOUT)
+    })
+    .await;
+    match staged {
+        Ok(Ok((caps, staged))) => ask(cmds, Req::RegisterLauncher { caps, staged }).await,
+        Ok(Err(e)) => err(400, e),
+        Err(e) => err(500, e),
+    }
+}
+
+enum Routed {
+    Loop(Req),
+    Install(String),
+}
+
+fn json_body(req: &http::Request) -> Result<Value, Reply> {
+    req.json().map_err(|e| err(400, e))
+}
+
+/// Maps method and path to a request.
+fn route(method: &str, path: &str, req: &http::Request) -> Result<Routed, Reply> {
+    let parts: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+    let loop_req = |r| Ok(Routed::Loop(r));
+    let allow = |allowed: &str| {
+        err(
+            405,
+            format!("method {method} not allowed on {path} (allowed: {allowed})"),
+        )
+    };
+    match parts.as_slice() {
+        ["metrics"] => match method {
+            "GET" => loop_req(Req::Metrics),
+            _ => Err(allow("GET")),
+        },
+        ["v1", "status"] => match method {
+            "GET" => loop_req(Req::Status),
+            _ => Err(allow("GET")),
+        },
+        ["v1", "vms"] => match method {
+            "GET" => loop_req(Req::ListVms),
+            "POST" => loop_req(Req::CreateVm(json_body(req)?)),
+            _ => Err(allow("GET, POST")),
+        },
+        ["v1", "vms", name] => match method {
+            "GET" => loop_req(Req::GetVm(name.to_string())),
+            "DELETE" => loop_req(Req::DeleteVm(name.to_string())),
+            _ => Err(allow("GET, DELETE")),
+        },
+        ["v1", "vms", name, action] => match (method, *action) {
+            ("PUT", "start") => loop_req(Req::StartVm(name.to_string())),
+            ("PUT", "stop") => loop_req(Req::StopVm(name.to_string())),
+            ("GET", "migrations") => loop_req(Req::Migrations(name.to_string())),
+            (_, "start" | "stop") => Err(allow("PUT")),
+            (_, "migrations") => Err(allow("GET")),
+            _ => Err(err(404, format!("no route {path}"))),
+        },
+        ["v1", "launchers"] => match method {
+            "GET" => loop_req(Req::ListLaunchers),
+            "POST" => {
+                let body = json_body(req)?;
+                match body["path"].as_str() {
+                    Some(p) => Ok(Routed::Install(p.to_string())),
+                    None => Err(err(
+                        400,
+                        "body must be {\"path\": \"/absolute/path/to/launcher\"}",
+                    )),
+                }
+            }
+            _ => Err(allow("GET, POST")),
+        },
+        ["v1", "update", "approve"] => match method {
+            "PUT" => loop_req(Req::Approve),
+            _ => Err(allow("PUT")),
+        },
+        ["v1", "config"] => match method {
+            "GET" => loop_req(Req::GetConfig),
+            "PUT" => loop_req(Req::SetConfig(json_body(req)?)),
+            _ => Err(allow("GET, PUT")),
+        },
+        _ => Err(err(404, format!("no route {path}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(method: &str, path: &str, body: &str) -> Result<Routed, Reply> {
+        let req = http::Request {
+            method: method.into(),
+            path: path.into(),
+            query: None,
+            headers: vec![],
+            body: body.as_bytes().to_vec(),
+        };
+        route(method, path, &req)
+    }
+
+    #[test]
+    fn routes() {
+        assert!(matches!(
+            r("GET", "/v1/status", ""),
+            Ok(Routed::Loop(Req::Status))
+        ));
+        assert!(matches!(
+            r("GET", "/v1/vms/", ""),
+            Ok(Routed::Loop(Req::ListVms))
+        ));
+        assert!(
+            matches!(r("PUT", "/v1/vms/a/start", ""), Ok(Routed::Loop(Req::StartVm(n))) if n == "a")
+        );
+        assert!(
+            matches!(r("POST", "/v1/launchers", "{\"path\":\"/x\"}"), Ok(Routed::Install(p)) if p == "/x")
+        );
+        assert!(matches!(
+            r("PUT", "/v1/config", "{\"a\":1}"),
+            Ok(Routed::Loop(Req::SetConfig(_)))
+        ));
+        assert_eq!(
+            r("POST", "/v1/status", "").err().map(|e| e.status),
+            Some(405)
+        );
+        assert_eq!(r("GET", "/nope", "").err().map(|e| e.status), Some(404));
+        assert_eq!(
+            r("POST", "/v1/vms", "{bad").err().map(|e| e.status),
+            Some(400)
+        );
+        assert_eq!(
+            r("POST", "/v1/launchers", "{}").err().map(|e| e.status),
+            Some(400)
+        );
+    }
+}

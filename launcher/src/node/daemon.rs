@@ -1,1 +1,738 @@
-//! TODO
+//! The reconciliation loop: the single owner of every VM's state machine.
+//!
+//! API handlers only send it [`Command`]s; process watchers and jobs send it
+//! [`Event`]s; a timer makes it re-plan. Each step writes the new state to the store
+//! *before* acting on it, so a daemon killed at any instant restarts into a state it can
+//! reconcile ([`Daemon::adopt`]).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::coordinator::{
+    after_exit, migration_backoff_ms, plan, BatchWindow, ExitKind, Inputs, Millis, Plan, StopCause,
+    Target, VmInput, VmState,
+};
+use super::launchers::{compare_versions, InstalledLauncher};
+use super::metrics::Counters;
+use super::settings::{ApprovalStrategy, NodeSettings, SettingsError};
+use super::spec::VmSpec;
+use super::store::{Store, StoreError};
+use super::supervisor::{self, Event, MigrationJob, MigrationResult};
+use super::views::now_ms;
+use super::{api, requests};
+
+/// Startup failures of the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The state database.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The `--config` file.
+    #[error("{path}: {source}")]
+    Config {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        source: SettingsError,
+    },
+    /// File system trouble.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Another noded serves the socket.
+    #[error("another noded is already serving {0}")]
+    SocketInUse(String),
+    /// Unix socket paths are limited to 107 bytes.
+    #[error("path too long for a unix socket (max 107 bytes): {0}")]
+    PathTooLong(String),
+}
+
+/// Command-line options of `noded`.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// API socket.
+    pub socket: PathBuf,
+    /// Settings file merged over the stored settings at startup.
+    pub config: Option<PathBuf>,
+}
+
+/// A request from the API, with the channel for its reply.
+pub struct Command {
+    /// What is asked.
+    pub req: requests::Req,
+    /// Where the answer goes.
+    pub reply: oneshot::Sender<requests::Reply>,
+}
+
+/// One VM in memory.
+pub(crate) struct Vm {
+    pub(crate) spec: VmSpec,
+    pub(crate) status: super::coordinator::VmStatus,
+    pub(crate) serial_log: PathBuf,
+    pub(crate) created_at: Millis,
+    /// When the current launcher started (for crash-loop timing).
+    pub(crate) launched_at: Millis,
+    /// Exit of the source launcher seen during a migration, applied when it ends.
+    pub(crate) source_exit: Option<ExitKind>,
+    /// Exit of the target launcher seen during a migration.
+    pub(crate) target_exit: Option<ExitKind>,
+}
+
+/// The loop's state.
+pub struct Daemon {
+    pub(crate) dir: PathBuf,
+    pub(crate) store: Store,
+    pub(crate) settings: NodeSettings,
+    /// Sorted by version, oldest first.
+    pub(crate) launchers: Vec<InstalledLauncher>,
+    pub(crate) approved: Option<String>,
+    pub(crate) batch: BatchWindow,
+    pub(crate) vms: BTreeMap<String, Vm>,
+    pub(crate) counters: Counters,
+    pub(crate) events: mpsc::UnboundedSender<Event>,
+}
+
+/// Longest path a unix socket may have.
+pub const MAX_SOCKET_PATH: usize = 107;
+
+impl Daemon {
+    /// Opens the state directory and loads everything.
+    pub fn open(
+        opts: &Options,
+        events: mpsc::UnboundedSender<Event>,
+    ) -> Result<Daemon, DaemonError> {
+        use std::os::unix::fs::PermissionsExt;
+        let io = |p: &Path| {
+            let p = p.display().to_string();
+            move |source| DaemonError::Io { path: p, source }
+        };
+        for d in [
+            opts.state_dir.clone(),
+            opts.state_dir.join("vms"),
+            opts.state_dir.join("launchers"),
+        ] {
+            std::fs::create_dir_all(&d).map_err(io(&d))?;
+        }
+        std::fs::set_permissions(&opts.state_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io(&opts.state_dir))?;
+        let store = Store::open(&opts.state_dir.join("state.db"))?;
+        let mut settings: NodeSettings = store.get("settings")?.unwrap_or_default();
+        if let Some(path) = &opts.config {
+            let text = std::fs::read_to_string(path).map_err(io(path))?;
+            settings = super::settings::apply_text(&settings, &text).map_err(|source| {
+                DaemonError::Config {
+                    path: path.display().to_string(),
+                    source,
+                }
+            })?;
+        }
+        store.set("settings", &settings)?;
+        let mut launchers = store.launchers()?;
+        launchers.sort_by(|a, b| compare_versions(&a.version, &b.version));
+        let approved = store.get("approved")?;
+        let batch = store.get("batch")?.unwrap_or_default();
+        let now = now_ms();
+        let vms = store
+            .load_vms()?
+            .into_iter()
+            .map(|r| {
+                (
+                    r.spec.name.clone(),
+                    Vm {
+                        spec: r.spec,
+                        status: r.status,
+                        serial_log: PathBuf::from(r.serial_log),
+                        created_at: r.created_at,
+                        launched_at: now,
+                        source_exit: None,
+                        target_exit: None,
+                    },
+                )
+            })
+            .collect();
+        Ok(Daemon {
+            dir: opts.state_dir.clone(),
+            store,
+            settings,
+            launchers,
+            approved,
+            batch,
+            vms,
+            counters: Counters::default(),
+            events,
+        })
+    }
+
+    /// The newest installed launcher.
+    pub(crate) fn newest(&self) -> Option<&InstalledLauncher> {
+        self.launchers.last()
+    }
+
+    /// The launcher VMs are moved to and started on: the newest, or under Manual approval
+    /// the last approved one.
+    pub(crate) fn effective(&self) -> Option<&InstalledLauncher> {
+        match self.settings.approval_strategy {
+            ApprovalStrategy::Automatic => self.newest(),
+            ApprovalStrategy::Manual => self
+                .approved
+                .as_ref()
+                .and_then(|v| self.launchers.iter().find(|l| &l.version == v))
+                .or_else(|| self.newest()),
+        }
+    }
+
+    /// A newer launcher waits for approval.
+    pub(crate) fn approval_pending(&self) -> bool {
+        match (self.effective(), self.newest()) {
+            (Some(e), Some(n)) => e.version != n.version,
+            _ => false,
+        }
+    }
+
+    pub(crate) fn launcher(&self, version: &str) -> Option<&InstalledLauncher> {
+        self.launchers.iter().find(|l| l.version == version)
+    }
+
+    /// The coordinator's plan for the current state (pure; nothing is executed).
+    pub(crate) fn plan(&self, now: Millis) -> Plan {
+        let target = self.effective().map(|l| Target {
+            version: l.version.clone(),
+            machine_types: l.capabilities.machine_types.clone(),
+        });
+        let newest = self.newest().map(|l| l.version.clone());
+        let inp = Inputs {
+            now,
+            settings: &self.settings,
+            newest: newest.as_deref(),
+            target: target.as_ref(),
+            approval_pending: self.approval_pending(),
+            batch: self.batch,
+            vms: self
+                .vms
+                .values()
+                .map(|v| VmInput {
+                    spec: &v.spec,
+                    status: &v.status,
+                })
+                .collect(),
+        };
+        plan(&inp)
+    }
+
+    pub(crate) fn vm_dir(&self, name: &str) -> PathBuf {
+        self.dir.join("vms").join(name)
+    }
+
+    /// Writes a VM's status; on failure the caller must not act.
+    pub(crate) fn persist(&self, name: &str) -> bool {
+        let Some(vm) = self.vms.get(name) else {
+            return false;
+        };
+        match self.store.update_status(name, &vm.status, now_ms()) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(vm = name, error = %e, "cannot record state; not acting");
+                false
+            }
+        }
+    }
+
+    /// Re-plans and executes the actions.
+    pub fn reconcile(&mut self) {
+        let now = now_ms();
+        let p = self.plan(now);
+        if p.batch != self.batch {
+            self.batch = p.batch;
+            if let Err(e) = self.store.set("batch", &self.batch) {
+                tracing::error!(error = %e, "cannot record the eviction batch");
+                return;
+            }
+        }
+        for action in p.actions {
+            match action {
+                super::coordinator::Action::Start { vm, version } => self.start_vm(&vm, &version),
+                super::coordinator::Action::Migrate {
+                    vm,
+                    attempt,
+                    version,
+                } => self.start_migration(&vm, attempt, &version),
+                super::coordinator::Action::Evict { vm, version } => self.evict(&vm, &version),
+            }
+        }
+    }
+
+    fn start_vm(&mut self, name: &str, version: &str) {
+        let now = now_ms();
+        let Some(bin) = self.launcher(version).map(|l| PathBuf::from(&l.path)) else {
+            return;
+        };
+        let dir = self.vm_dir(name);
+        let Some(vm) = self.vms.get_mut(name) else {
+            return;
+        };
+        vm.status.generation += 1;
+        let g = vm.status.generation;
+        let api_socket = dir.join(format!("api-{g}.sock"));
+        let _ = std::fs::create_dir_all(&dir);
+        let _ = std::fs::remove_file(&api_socket);
+        vm.status.api_socket = Some(api_socket.display().to_string());
+        vm.status.launcher_version = Some(version.to_string());
+        vm.status.pid = None;
+        let args = supervisor::run_args(&vm.spec, &vm.serial_log, &api_socket);
+        if !self.persist(name) {
+            return;
+        }
+        let log = dir.join(format!("launcher-{g}.log"));
+        let result = supervisor::spawn(&bin, &args, &log);
+        let Some(vm) = self.vms.get_mut(name) else {
+            return;
+        };
+        match result {
+            Ok(child) => {
+                let pid = child.id().unwrap_or(0);
+                tracing::info!(vm = name, version, pid, "launcher started");
+                vm.status.pid = Some(pid);
+                vm.status.state = VmState::Running { since: now };
+                vm.launched_at = now;
+                self.counters.starts += 1;
+                supervisor::watch_child(child, name.to_string(), pid, self.events.clone());
+            }
+            Err(e) => {
+                tracing::error!(vm = name, error = %e, "cannot start launcher");
+                vm.status.state = VmState::Stopped {
+                    cause: StopCause::StartFailed(e.to_string()),
+                };
+                vm.status.last_error = Some(e.to_string());
+                vm.status.api_socket = None;
+                vm.status.launcher_version = None;
+            }
+        }
+        self.persist(name);
+    }
+
+    fn start_migration(&mut self, name: &str, attempt: u32, version: &str) {
+        let now = now_ms();
+        let Some(bin) = self.launcher(version).map(|l| PathBuf::from(&l.path)) else {
+            return;
+        };
+        let dir = self.vm_dir(name);
+        let Some(vm) = self.vms.get(name) else {
+            return;
+        };
+        let (Some(source_pid), Some(source_socket)) = (vm.status.pid, vm.status.api_socket.clone())
+        else {
+            return;
+        };
+        let source_version = vm.status.launcher_version.clone().unwrap_or_default();
+        let record = match self
+            .store
+            .migration_started(name, &source_version, version, now)
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(vm = name, error = %e, "cannot record migration; not starting it");
+                return;
+            }
+        };
+        let Some(vm) = self.vms.get_mut(name) else {
+            return;
+        };
+        vm.status.generation += 1;
+        let g = vm.status.generation;
+        let target_socket = dir.join(format!("api-{g}.sock"));
+        let incoming = dir.join(format!("migrate-{g}.sock"));
+        let _ = std::fs::remove_file(&target_socket);
+        let _ = std::fs::remove_file(&incoming);
+        vm.status.state = VmState::Migrating {
+            attempt,
+            target_version: version.to_string(),
+            started_at: now,
+            target_generation: g,
+            target_api_socket: target_socket.display().to_string(),
+            incoming: incoming.display().to_string(),
+            target_pid: None,
+            record,
+        };
+        vm.source_exit = None;
+        vm.target_exit = None;
+        let args = supervisor::incoming_args(&incoming, &vm.serial_log, &target_socket);
+        let memory_bytes = vm.spec.memory_bytes;
+        if !self.persist(name) {
+            return;
+        }
+        tracing::info!(vm = name, from = %source_version, to = version, attempt, "migration starting");
+        match supervisor::spawn(&bin, &args, &dir.join(format!("launcher-{g}.log"))) {
+            Ok(child) => {
+                let pid = child.id().unwrap_or(0);
+                if let Some(VmState::Migrating { target_pid, .. }) =
+                    self.vms.get_mut(name).map(|v| &mut v.status.state)
+                {
+                    *target_pid = Some(pid);
+                }
+                self.persist(name);
+                supervisor::watch_child(child, name.to_string(), pid, self.events.clone());
+                supervisor::migrate(
+                    MigrationJob {
+                        vm: name.to_string(),
+                        record,
+                        source_socket: PathBuf::from(source_socket),
+                        source_pid,
+                        target_socket,
+                        target_pid: pid,
+                        incoming,
+                        memory_bytes,
+                        config: self.settings.live_migration_config.clone(),
+                        resume: false,
+                    },
+                    self.events.clone(),
+                );
+            }
+            Err(e) => {
+                let _ = self.events.send(Event::MigrationDone {
+                    vm: name.to_string(),
+                    record,
+                    result: MigrationResult::Failed {
+                        outcome: "Failed".into(),
+                        error: e.to_string(),
+                        report: serde_json::Value::Null,
+                    },
+                });
+            }
+        }
+    }
+
+    fn evict(&mut self, name: &str, version: &str) {
+        let now = now_ms();
+        let Some(vm) = self.vms.get_mut(name) else {
+            return;
+        };
+        let (Some(pid), Some(sock)) = (vm.status.pid, vm.status.api_socket.clone()) else {
+            return;
+        };
+        vm.status.state = VmState::Evicting {
+            since: now,
+            target_version: version.to_string(),
+        };
+        let grace = Duration::from_secs(vm.spec.termination_grace_period_seconds);
+        if !self.persist(name) {
+            return;
+        }
+        tracing::info!(vm = name, to = version, "evicting for update");
+        self.counters.evictions += 1;
+        supervisor::shutdown(PathBuf::from(sock), pid, grace);
+    }
+
+    /// Handles a process or job event.
+    pub fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Exited { vm, pid, kind } => self.on_exit(&vm, pid, kind),
+            Event::MigrationDone { vm, record, result } => {
+                self.on_migration_done(&vm, record, result)
+            }
+        }
+    }
+
+    fn on_exit(&mut self, name: &str, pid: u32, kind: ExitKind) {
+        let now = now_ms();
+        let Some(vm) = self.vms.get_mut(name) else {
+            return;
+        };
+        if let VmState::Migrating { target_pid, .. } = &vm.status.state {
+            if vm.status.pid == Some(pid) {
+                vm.source_exit = Some(kind);
+            } else if *target_pid == Some(pid) {
+                vm.target_exit = Some(kind);
+            }
+            return;
+        }
+        if vm.status.pid != Some(pid) {
+            return;
+        }
+        tracing::info!(vm = name, pid, exit = ?kind, "launcher ended");
+        self.apply_exit(name, &kind, now);
+    }
+
+    fn apply_exit(&mut self, name: &str, kind: &ExitKind, now: Millis) {
+        let Some(vm) = self.vms.get_mut(name) else {
+            return;
+        };
+        let deleting = matches!(vm.status.state, VmState::Stopping { delete: true, .. });
+        if let Some(s) = &vm.status.api_socket {
+            let _ = std::fs::remove_file(s);
+        }
+        vm.status = after_exit(&vm.status, &vm.spec, kind, now - vm.launched_at, now);
+        if deleting {
+            self.remove_vm(name);
+        } else {
+            self.persist(name);
+        }
+    }
+
+    pub(crate) fn remove_vm(&mut self, name: &str) {
+        if let Err(e) = self.store.delete_vm(name) {
+            tracing::error!(vm = name, error = %e, "cannot delete VM record");
+            return;
+        }
+        self.vms.remove(name);
+        let _ = std::fs::remove_dir_all(self.vm_dir(name));
+        tracing::info!(vm = name, "deleted");
+    }
+
+    fn on_migration_done(&mut self, name: &str, record: i64, result: MigrationResult) {
+        let now = now_ms();
+        let backoff_settings = self.settings.clone();
+        let Some(vm) = self.vms.get_mut(name) else {
+            return;
+        };
+        let VmState::Migrating {
+            target_pid,
+            target_api_socket,
+            target_version,
+            record: current,
+            ..
+        } = vm.status.state.clone()
+        else {
+            return;
+        };
+        if current != record {
+            return;
+        }
+        let (outcome, report) = match &result {
+            MigrationResult::Completed { report } => ("Succeeded".to_string(), report.clone()),
+            MigrationResult::Failed {
+                outcome,
+                error,
+                report,
+            } => {
+                let mut r = if report.is_object() {
+                    report.clone()
+                } else {
+                    serde_json::json!({})
+                };
+                r["error"] = serde_json::Value::from(error.clone());
+                (outcome.clone(), r)
+            }
+        };
+        if let Err(e) = self
+            .store
+            .migration_finished(record, now, &outcome, &report)
+        {
+            tracing::error!(vm = name, error = %e, "cannot record migration outcome");
+        }
+        let downtime = report["downtime_ms"]
+            .as_f64()
+            .or_else(|| report["downtimeMs"].as_f64());
+        self.counters.migration(
+            &outcome,
+            if outcome == "Succeeded" {
+                downtime
+            } else {
+                None
+            },
+        );
+        let Some(vm) = self.vms.get_mut(name) else {
+            return;
+        };
+        match result {
+            MigrationResult::Completed { .. } => {
+                tracing::info!(vm = name, to = %target_version, downtime_ms = ?downtime, "migration completed");
+                vm.status.pid = target_pid;
+                vm.status.api_socket = Some(target_api_socket);
+                vm.status.launcher_version = Some(target_version);
+                vm.status.state = VmState::Running { since: now };
+                vm.status.migration_failures = 0;
+                vm.status.last_error = None;
+                vm.launched_at = now;
+                vm.source_exit = None;
+                if let Some(kind) = vm.target_exit.take() {
+                    self.apply_exit(name, &kind, now);
+                    return;
+                }
+            }
+            MigrationResult::Failed { error, .. } => {
+                tracing::warn!(vm = name, error = %error, "migration failed");
+                vm.status.migration_failures += 1;
+                vm.status.last_error = Some(format!("migration failed: {error}"));
+                vm.target_exit = None;
+                if let Some(kind) = vm.source_exit.take() {
+                    vm.status.state = VmState::Running {
+                        since: vm.launched_at,
+                    };
+                    self.apply_exit(name, &kind, now);
+                    return;
+                }
+                let until =
+                    now + migration_backoff_ms(&backoff_settings, vm.status.migration_failures);
+                vm.status.state = VmState::Backoff {
+                    until,
+                    last_error: error,
+                };
+            }
+        }
+        self.persist(name);
+    }
+
+    /// After a restart: finds the launchers recorded in the store, adopts those still
+    /// running, and resumes interrupted jobs.
+    pub async fn adopt(&mut self) {
+        let now = now_ms();
+        let names: Vec<String> = self.vms.keys().cloned().collect();
+        for name in names {
+            let Some(vm) = self.vms.get(&name) else {
+                continue;
+            };
+            let state = vm.status.state.clone();
+            let sock = vm.status.api_socket.clone();
+            let grace = Duration::from_secs(vm.spec.termination_grace_period_seconds);
+            let alive = match (&sock, vm.status.pid) {
+                (Some(s), Some(pid)) => supervisor::pid_runs(pid, s),
+                _ => false,
+            };
+            let answered = match &sock {
+                Some(s) => supervisor::status(Path::new(s)).await,
+                None => None,
+            };
+            let answered_pid = answered
+                .as_ref()
+                .and_then(|a| a["pid"].as_u64())
+                .and_then(|p| u32::try_from(p).ok())
+                .filter(|p| supervisor::pid_alive(*p));
+            let pid = if alive { vm.status.pid } else { answered_pid };
+            tracing::info!(vm = %name, state = ?state, pid = ?pid, "reconciling after restart");
+            match state {
+                VmState::Stopped { .. } => {}
+                VmState::Starting { .. } => {
+                    if let (Some(pid), Some(a)) = (pid, answered) {
+                        let Some(vm) = self.vms.get_mut(&name) else {
+                            continue;
+                        };
+                        vm.status.pid = Some(pid);
+                        if let Some(v) = a["version"].as_str() {
+                            vm.status.launcher_version = Some(v.to_string());
+                        }
+                        vm.status.state = VmState::Running { since: now };
+                        supervisor::watch_pid(name.clone(), pid, self.events.clone());
+                        self.persist(&name);
+                    }
+                }
+                VmState::Running { .. }
+                | VmState::Backoff { .. }
+                | VmState::Evicting { .. }
+                | VmState::Stopping { .. } => match pid {
+                    Some(pid) => {
+                        if let Some(vm) = self.vms.get_mut(&name) {
+                            vm.status.pid = Some(pid);
+                        }
+                        self.persist(&name);
+                        supervisor::watch_pid(name.clone(), pid, self.events.clone());
+                        if matches!(state, VmState::Evicting { .. } | VmState::Stopping { .. }) {
+                            if let Some(s) = sock {
+                                supervisor::shutdown(PathBuf::from(s), pid, grace);
+                            }
+                        }
+                    }
+                    None => self.apply_exit(&name, &ExitKind::from_status(None, None), now),
+                },
+                VmState::Migrating {
+                    target_pid,
+                    target_api_socket,
+                    incoming,
+                    record,
+                    ..
+                } => {
+                    let target_pid =
+                        match target_pid.filter(|p| supervisor::pid_runs(*p, &target_api_socket)) {
+                            Some(p) => Some(p),
+                            None => supervisor::status(Path::new(&target_api_socket))
+                                .await
+                                .and_then(|a| a["pid"].as_u64())
+                                .and_then(|p| u32::try_from(p).ok()),
+                        };
+                    let Some(vm) = self.vms.get_mut(&name) else {
+                        continue;
+                    };
+                    if let VmState::Migrating { target_pid: t, .. } = &mut vm.status.state {
+                        *t = target_pid;
+                    }
+                    vm.status.pid = pid.or(vm.status.pid);
+                    let source_pid = vm.status.pid.unwrap_or(0);
+                    let job = MigrationJob {
+                        vm: name.clone(),
+                        record,
+                        source_socket: PathBuf::from(sock.unwrap_or_default()),
+                        source_pid,
+                        target_socket: PathBuf::from(&target_api_socket),
+                        target_pid: target_pid.unwrap_or(0),
+                        incoming: PathBuf::from(incoming),
+                        memory_bytes: vm.spec.memory_bytes,
+                        config: self.settings.live_migration_config.clone(),
+                        resume: true,
+                    };
+                    self.persist(&name);
+                    supervisor::watch_pid(name.clone(), source_pid, self.events.clone());
+                    if let Some(t) = target_pid {
+                        supervisor::watch_pid(name.clone(), t, self.events.clone());
+                    }
+                    supervisor::migrate(job, self.events.clone());
+                }
+            }
+        }
+    }
+}
+
+/// Runs noded until SIGTERM/SIGINT. Launchers keep running after noded exits.
+pub async fn run(opts: Options) -> Result<(), DaemonError> {
+    let probe = opts
+        .state_dir
+        .join("vms")
+        .join("x".repeat(63))
+        .join("migrate-999999.sock");
+    for p in [&opts.socket, &probe] {
+        if p.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(DaemonError::PathTooLong(p.display().to_string()));
+        }
+    }
+    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
+    let (cmd_tx, mut cmd_rx) = mpsc::channel::<Command>(64);
+    let mut d = Daemon::open(&opts, ev_tx)?;
+    let listener = api::bind(&opts.socket)?;
+    d.adopt().await;
+    tracing::info!(socket = %opts.socket.display(), state_dir = %opts.state_dir.display(), "noded serving");
+    let launchers_dir = opts.state_dir.join("launchers");
+    tokio::spawn(api::serve(listener, cmd_tx, launchers_dir));
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|source| DaemonError::Io {
+            path: "SIGTERM handler".into(),
+            source,
+        })?;
+    loop {
+        tokio::select! {
+            Some(cmd) = cmd_rx.recv() => {
+                let reply = d.handle(cmd.req);
+                let _ = cmd.reply.send(reply);
+                d.reconcile();
+            }
+            Some(ev) = ev_rx.recv() => {
+                d.on_event(ev);
+                d.reconcile();
+            }
+            _ = tick.tick() => d.reconcile(),
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    tracing::info!("noded stopping; launchers keep running and will be adopted at the next start");
+    let _ = std::fs::remove_file(&opts.socket);
+    Ok(())
+}

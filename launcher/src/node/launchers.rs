@@ -25,6 +25,9 @@ pub enum LauncherError {
     /// `launcher capabilities` did not answer in time.
     #[error("{0}: `capabilities` did not answer within {1:?}")]
     Timeout(String, Duration),
+    /// This version is already installed (an installed binary is never replaced).
+    #[error("launcher {0} is already installed")]
+    AlreadyInstalled(String),
     /// `launcher capabilities` failed or printed something that is not a capabilities object.
     #[error("{path}: `capabilities` {reason}")]
     BadAnswer {
@@ -248,11 +251,10 @@ pub fn probe(bin: &Path, timeout: Duration) -> Result<Capabilities, LauncherErro
     parse_capabilities(&shown, &out)
 }
 
-/// Copies `src` into `launchers_dir/.incoming-<pid>-<n>`, probes the copy, and moves it
-/// to `launchers_dir/<version>/launcher`. Returns the capabilities and the final path.
-/// Installing a version that is already installed replaces nothing and is refused by the
-/// caller (it knows the records).
-pub fn install_copy(
+/// Copies `src` into `launchers_dir/.incoming-<pid>-<n>` and probes the copy. The caller
+/// (the reconciliation loop, which knows the records) then either [`commit_install`]s it
+/// or removes it.
+pub fn stage_copy(
     src: &Path,
     launchers_dir: &Path,
     timeout: Duration,
@@ -269,7 +271,7 @@ pub fn install_copy(
     let result = (|| {
         std::fs::copy(src, &tmp).map_err(io(src))?;
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).map_err(io(&tmp))?;
-        let caps = probe(&tmp, timeout).map_err(|e| match e {
+        probe(&tmp, timeout).map_err(|e| match e {
             // Report the user's path, not our temporary name.
             LauncherError::BadAnswer { reason, .. } => LauncherError::BadAnswer {
                 path: src.display().to_string(),
@@ -277,15 +279,33 @@ pub fn install_copy(
             },
             LauncherError::Timeout(_, t) => LauncherError::Timeout(src.display().to_string(), t),
             other => other,
-        })?;
-        let dir = launchers_dir.join(&caps.version);
-        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let dest = dir.join("launcher");
-        std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
-        Ok((caps, dest))
+        })
     })();
-    let _ = std::fs::remove_file(&tmp);
-    result
+    match result {
+        Ok(caps) => Ok((caps, tmp)),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// Moves a staged copy to `launchers_dir/<version>/launcher` (replacing a leftover of an
+/// install that was interrupted before it was recorded).
+pub fn commit_install(
+    staged: &Path,
+    launchers_dir: &Path,
+    version: &str,
+) -> Result<PathBuf, LauncherError> {
+    let dir = launchers_dir.join(version);
+    let io = |p: &Path| {
+        let p = p.display().to_string();
+        move |source| LauncherError::Io { path: p, source }
+    };
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let dest = dir.join("launcher");
+    std::fs::rename(staged, &dest).map_err(io(&dest))?;
+    Ok(dest)
 }
 
 #[cfg(test)]
@@ -349,17 +369,17 @@ mod tests {
         )
         .unwrap();
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let (caps, dest) =
-            install_copy(&script, &dir.join("launchers"), Duration::from_secs(5)).unwrap();
+        let (caps, staged) =
+            stage_copy(&script, &dir.join("launchers"), Duration::from_secs(5)).unwrap();
         assert_eq!(caps.version, "9.1.0");
+        let dest = commit_install(&staged, &dir.join("launchers"), &caps.version).unwrap();
         assert!(dest.ends_with("9.1.0/launcher"));
         let hung = dir.join("hung");
         std::fs::write(&hung, "#!/bin/sh\nexec sleep 30\n").unwrap();
         std::fs::set_permissions(&hung, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let e =
-            install_copy(&hung, &dir.join("launchers"), Duration::from_millis(300)).unwrap_err();
+        let e = stage_copy(&hung, &dir.join("launchers"), Duration::from_millis(300)).unwrap_err();
         assert!(matches!(e, LauncherError::Timeout(..)), "{e}");
-        let e = install_copy(
+        let e = stage_copy(
             &dir.join("missing"),
             &dir.join("launchers"),
             Duration::from_secs(1),

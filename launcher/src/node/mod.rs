@@ -3,13 +3,14 @@
 //! Layout: [`spec`] (VM specs), [`settings`] (coordinator settings), [`launchers`]
 //! (installed launcher binaries), [`coordinator`] (pure decisions), [`store`] (SQLite),
 //! [`supervisor`] (launcher processes), [`daemon`] (the reconciliation loop),
-//! [`api`] (the HTTP API), [`views`] (the JSON shapes the API returns), [`metrics`].
+//! [`requests`] (what the loop answers), [`api`] (the HTTP API), [`views`] (the JSON shapes the API returns), [`metrics`].
 
 pub mod api;
 pub mod coordinator;
 pub mod daemon;
 pub mod launchers;
 pub mod metrics;
+pub mod requests;
 pub mod settings;
 pub mod spec;
 pub mod store;

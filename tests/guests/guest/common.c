@@ -11,21 +11,23 @@ struct memmap_entry boot_memmap[MAX_MEMMAP];
 struct idt_entry {
     u16 off_lo;
     u16 sel;
-    u8 zero;
+    u8 ist;
     u8 type;
-    u16 off_hi;
+    u16 off_mid;
+    u32 off_hi;
+    u32 reserved;
 } __attribute__((packed));
 
-static struct idt_entry idt[256] __attribute__((aligned(8)));
-struct {
-    u16 pad;
+static struct idt_entry idt[256] __attribute__((aligned(16)));
+static struct {
+    u16 pad[3];
     u16 limit;
-    u32 base;
-} __attribute__((packed, aligned(4))) idt_desc = {0, sizeof(idt) - 1, (u32)idt};
+    u64 base;
+} __attribute__((packed, aligned(8))) idt_desc = {{0, 0, 0}, sizeof(idt) - 1, (u64)(uptr)idt};
 
 extern void *exc_stub_table[32];
 
-void *memcpy(void *dst, const void *src, u32 n)
+void *memcpy(void *dst, const void *src, uptr n)
 {
     u8 *d = dst;
     const u8 *s = src;
@@ -34,7 +36,7 @@ void *memcpy(void *dst, const void *src, u32 n)
     return dst;
 }
 
-void *memset(void *dst, int c, u32 n)
+void *memset(void *dst, int c, uptr n)
 {
     u8 *d = dst;
     while (n--)
@@ -62,9 +64,9 @@ void put_dec(u32 v)
         putc(buf[--i]);
 }
 
-void put_hex(u32 v)
+void put_hex(u64 v)
 {
-    char buf[8];
+    char buf[16];
     int i = 0;
     do {
         buf[i++] = "0123456789abcdef"[v & 15];
@@ -178,27 +180,29 @@ int range_is_ram(u64 start, u64 len)
 
 void idt_set(u32 vec, void *handler, u32 dpl)
 {
-    u32 h = (u32)handler;
+    uptr h = (uptr)handler;
     idt[vec].off_lo = (u16)h;
-    idt[vec].sel = SEL_CODE0;
-    idt[vec].zero = 0;
-    idt[vec].type = (u8)(0x8e | (dpl << 5)); /* present, 32-bit interrupt gate */
-    idt[vec].off_hi = (u16)(h >> 16);
+    idt[vec].sel = SEL_CODE64;
+    idt[vec].ist = 0;
+    idt[vec].type = (u8)(0x8e | (dpl << 5)); /* present, 64-bit interrupt gate */
+    idt[vec].off_mid = (u16)(h >> 16);
+    idt[vec].off_hi = (u32)(h >> 32);
+    idt[vec].reserved = 0;
 }
 
 void idt_load(void) { __asm__ volatile("lidt %0" : : "m"(idt_desc.limit)); }
 
-/* Called from exc_common with a pointer to {vector, error code, eip, cs, eflags}. */
-NORETURN void exception_handler(const u32 *frame);
-NORETURN void exception_handler(const u32 *frame)
+/* Called from exc_common with a pointer to {vector, error code, rip, cs, rflags, rsp, ss}. */
+NORETURN void exception_handler(const u64 *frame);
+NORETURN void exception_handler(const u64 *frame)
 {
     putc('\n');
     put_prefix();
     puts("exception vec=");
-    put_dec(frame[0]);
+    put_dec((u32)frame[0]);
     puts(" err=");
     put_hex(frame[1]);
-    puts(" eip=");
+    puts(" rip=");
     put_hex(frame[2]);
     puts(" cs=");
     put_hex(frame[3]);
@@ -237,7 +241,7 @@ u64 pit_clock_poll(void)
 NORETURN void boot_main(u32 start_info);
 NORETURN void boot_main(u32 start_info)
 {
-    const volatile u8 *si = (const volatile u8 *)start_info;
+    const volatile u8 *si = (const volatile u8 *)(uptr)start_info;
     int bad_magic = 1;
     if (start_info && *(const volatile u32 *)si == HVM_START_MAGIC) {
         bad_magic = 0;
@@ -245,7 +249,7 @@ NORETURN void boot_main(u32 start_info)
         u32 cmdline = *(const volatile u32 *)(si + 24);
         u32 cmdline_hi = *(const volatile u32 *)(si + 28);
         if (cmdline && !cmdline_hi) {
-            const volatile char *c = (const volatile char *)cmdline;
+            const volatile char *c = (const volatile char *)(uptr)cmdline;
             u32 i = 0;
             while (i < CMDLINE_MAX - 1 && c[i]) {
                 boot_cmdline[i] = c[i];
@@ -260,7 +264,7 @@ NORETURN void boot_main(u32 start_info)
             if (map && !map_hi) {
                 if (n > MAX_MEMMAP)
                     n = MAX_MEMMAP;
-                memcpy(boot_memmap, (const void *)map, n * sizeof(struct memmap_entry));
+                memcpy(boot_memmap, (const void *)(uptr)map, n * sizeof(struct memmap_entry));
                 boot_memmap_entries = n;
             }
         }

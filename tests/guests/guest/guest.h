@@ -1,22 +1,51 @@
-/* Shared definitions for the tiny test guests (32-bit, freestanding). */
+/*
+ * Shared definitions for the tiny test guests (freestanding C, x86-64).
+ *
+ * The guests enter in 32-bit protected mode (PVH), and entry.S switches to 64-bit long mode
+ * at once (identity-mapped first 4 GiB, 2 MiB pages, user-accessible). Long mode matters on
+ * the nested KVM these tests run on: there, CPL0 code is emulated, and CPL3 code runs natively
+ * only in 64-bit mode (32-bit CPL3 code, with or without paging, was emulated too, and legacy
+ * 32-bit paging could not be enabled at all).
+ */
 #ifndef GUEST_H
 #define GUEST_H
 
-/* GDT layout (entry.S). Kept in sync with the table there. */
-#define SEL_CODE0 0x08
-#define SEL_DATA0 0x10
-#define SEL_CODE3 0x1b /* 0x18 | RPL 3 */
-#define SEL_DATA3 0x23 /* 0x20 | RPL 3 */
-#define SEL_TSS 0x28
-#define GDT_ENTRIES 7
+/* GDT layout (entry.S). Kept in sync with the table there. The user segments sit at
+ * IA32_SYSENTER_CS + 32 and + 40 (SYSENTER_CS = SEL_CODE32) as 64-bit SYSEXIT requires. */
+#define SEL_CODE32 0x08 /* 32-bit code, DPL0 (entry, AP start-up) */
+#define SEL_DATA0 0x10  /* data, DPL0 */
+#define SEL_CODE64 0x18 /* 64-bit code, DPL0 */
+#define SEL_UCODE64 0x2b /* 64-bit code, DPL3 (0x28 | RPL 3) */
+#define SEL_UDATA 0x33   /* data, DPL3 (0x30 | RPL 3) */
+#define SEL_TSS 0x38     /* 64-bit TSS, two slots */
+#define GDT_ENTRIES 10
 
-#ifndef __ASSEMBLER__
+#ifdef __ASSEMBLER__
+/* From 32-bit protected mode (CPL0, flat segments): enable PAE paging with the identity map,
+ * EFER.LME and CR0.PG, which puts the CPU in compatibility mode; the caller then far-jumps
+ * to SEL_CODE64. Clobbers eax, ecx, edx. */
+.macro ENTER_LONG_MODE
+	mov %cr4, %eax
+	or $0x20, %eax		/* PAE */
+	mov %eax, %cr4
+	mov $pml4, %eax
+	mov %eax, %cr3
+	mov $0xc0000080, %ecx	/* EFER */
+	rdmsr
+	or $0x100, %eax		/* LME */
+	wrmsr
+	mov %cr0, %eax
+	or $0x80000001, %eax	/* PG | PE */
+	mov %eax, %cr0
+.endm
+#else
 
 typedef unsigned char u8;
 typedef unsigned short u16;
 typedef unsigned int u32;
 typedef unsigned long long u64;
 typedef int i32;
+typedef unsigned long uptr;
 
 #define NORETURN __attribute__((noreturn))
 
@@ -38,8 +67,8 @@ static inline u8 inb(u16 port)
     __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
     return v;
 }
-static inline u32 mmio_read32(u32 addr) { return *(volatile u32 *)addr; }
-static inline void mmio_write32(u32 addr, u32 v) { *(volatile u32 *)addr = v; }
+static inline u32 mmio_read32(uptr addr) { return *(volatile u32 *)addr; }
+static inline void mmio_write32(uptr addr, u32 v) { *(volatile u32 *)addr = v; }
 static inline void cpu_relax(void) { __asm__ volatile("pause" ::: "memory"); }
 static inline u32 current_cpl(void)
 {
@@ -56,7 +85,7 @@ void guest_main(void);
 void putc(char c);
 void puts(const char *s);
 void put_dec(u32 v);
-void put_hex(u32 v); /* "0x" followed by lowercase hex digits, no leading zeros */
+void put_hex(u64 v); /* "0x" followed by lowercase hex digits, no leading zeros */
 /* "<guest_name>: " */
 void put_prefix(void);
 
@@ -85,6 +114,8 @@ int range_is_ram(u64 start, u64 len);
 
 /* Interrupt descriptor table. */
 void idt_set(u32 vec, void *handler, u32 dpl);
+/* Page tables (entry.S): PML4 for the identity map. */
+extern u64 pml4[];
 void idt_load(void);
 
 /* PIT channel 0 as a free-running clock (mode 2, reload 65536). Call pit_clock_poll at
@@ -93,8 +124,8 @@ void idt_load(void);
 void pit_clock_start(void);
 u64 pit_clock_poll(void);
 
-void *memcpy(void *dst, const void *src, u32 n);
-void *memset(void *dst, int c, u32 n);
+void *memcpy(void *dst, const void *src, uptr n);
+void *memset(void *dst, int c, uptr n);
 
 extern char _image_start[], _end[];
 

@@ -2,9 +2,9 @@
  * pattern: the live-migration test guest (modelled on QEMU's migration-test guest).
  *
  * CPL0 part (emulated on the nested KVM, so it is kept short): parse the command line, check
- * the region, set up a TSS with an I/O permission bitmap and SYSEXIT to CPL3 with IF=0.
- * CPL3 part (native speed): zero the first dword of every 4 KiB page of the region, then for
- * pass p = 1, 2, ... increment the first dword of every page and verify it equals p.
+ * the region, set up a TSS with an I/O permission bitmap and SYSEXIT to 64-bit CPL3 with
+ * IF=0. CPL3 part (native speed): zero the first dword of every 4 KiB page of the region,
+ * then for pass p = 1, 2, ... increment the first dword of every page and verify it equals p.
  */
 #include "guest.h"
 
@@ -24,30 +24,34 @@ struct status {
 #define EXIT_STALE 3
 #define EXIT_BAD_CONFIG 2
 
-static u32 region_start, region_end, every;
+static uptr region_start, region_end;
+static u32 every;
 
-/* 32-bit TSS followed by the I/O permission bitmap (ports 0 to 0x60f). Ports past the end of
+/* 64-bit TSS followed by the I/O permission bitmap (ports 0 to 0x60f). Ports past the end of
  * the bitmap (beyond the TSS limit) are denied. */
+#define IOMAP_BYTES (0x610 / 8 + 1)
 struct tss {
-    u32 link, esp0, ss0, esp1, ss1, esp2, ss2, cr3, eip, eflags;
-    u32 eax, ecx, edx, ebx, esp, ebp, esi, edi;
-    u32 es, cs, ss, ds, fs, gs, ldt;
-    u16 trap, iomap_base;
-    u8 iomap[0x610 / 8 + 1];
+    u32 reserved0;
+    u64 rsp0, rsp1, rsp2;
+    u64 reserved1;
+    u64 ist[7];
+    u64 reserved2;
+    u16 reserved3;
+    u16 iomap_base;
+    u8 iomap[IOMAP_BYTES];
 } __attribute__((packed));
 
 static u8 kstack[4096] __attribute__((aligned(16), section(".stack")));
 static u8 ustack[8192] __attribute__((aligned(16), section(".stack")));
 
 static struct tss tss __attribute__((aligned(128))) = {
-    .esp0 = (u32)(kstack + sizeof(kstack)),
-    .ss0 = SEL_DATA0,
+    .rsp0 = (u64)(uptr)(kstack + sizeof(kstack)),
     .iomap_base = __builtin_offsetof(struct tss, iomap),
     .iomap =
         {
-            [0 ... 0x610 / 8] = 0xff,
-            [0xf4 / 8] = 0xff & ~(1 << (0xf4 % 8)),  /* debug exit */
-            [0x3f8 / 8] = 0x00,                      /* COM1 0x3f8-0x3ff */
+            [0 ... IOMAP_BYTES - 1] = 0xff,
+            [0xf4 / 8] = 0xff & ~(1 << (0xf4 % 8)),   /* debug exit */
+            [0x3f8 / 8] = 0x00,                       /* COM1 0x3f8-0x3ff */
             [0x604 / 8] = 0xff & ~(3 << (0x604 % 8)), /* PM1a_CNT (16-bit: 0x604, 0x605) */
         },
 };
@@ -56,7 +60,7 @@ extern u64 gdt[];
 void user_entry(void);
 NORETURN void pattern_user_main(void);
 
-NORETURN static void stale(u32 addr, u32 expected, u32 got)
+NORETURN static void stale(uptr addr, u32 expected, u32 got)
 {
     puts("\nSTALE page=");
     put_hex(addr);
@@ -68,11 +72,13 @@ NORETURN static void stale(u32 addr, u32 expected, u32 got)
     debug_exit(EXIT_STALE);
 }
 
+/* Runs at CPL3, 64-bit mode, IF=0. */
 NORETURN void pattern_user_main(void)
 {
-    volatile struct status *st = (volatile struct status *)STATUS_ADDR;
-    const u32 start = region_start, end = region_end, k = every;
-    u32 a;
+    volatile struct status *st = (volatile struct status *)(uptr)STATUS_ADDR;
+    const uptr start = region_start, end = region_end;
+    const u32 k = every;
+    uptr a;
 
     for (a = start; a != end; a += PAGE)
         *(volatile u32 *)a = 0;
@@ -97,7 +103,7 @@ NORETURN void pattern_user_main(void)
 __asm__(".text\n"
         ".globl user_entry\n"
         "user_entry:\n"
-        "  mov $0x23, %eax\n"
+        "  mov $0x33, %eax\n" /* SEL_UDATA */
         "  mov %eax, %ds\n"
         "  mov %eax, %es\n"
         "  mov %eax, %fs\n"
@@ -119,7 +125,7 @@ void guest_main(void)
     putc('\n');
 
     u64 s = (u64)start << 20, len = (u64)mib << 20;
-    u32 image_end = ((u32)_end + 0xfffff) & ~0xfffffu;
+    u64 image_end = ((uptr)_end + 0xfffff) & ~0xfffffull;
     if (mib == 0 || s < image_end || s + len > 0xfec00000ull || !range_is_ram(s, len)) {
         puts("pattern: bad region start=");
         put_dec(start);
@@ -128,30 +134,31 @@ void guest_main(void)
         puts(" (must be RAM above the guest image)\n");
         debug_exit(EXIT_BAD_CONFIG);
     }
-    region_start = (u32)s;
-    region_end = (u32)(s + len);
+    region_start = s;
+    region_end = s + len;
     every = k;
 
-    volatile struct status *st = (volatile struct status *)STATUS_ADDR;
+    volatile struct status *st = (volatile struct status *)(uptr)STATUS_ADDR;
     st->pass = 0;
     st->start_mib = start;
     st->mib = mib;
     st->magic = STATUS_MAGIC;
 
-    /* TSS descriptor: base, limit, present, DPL0, 32-bit available TSS. */
-    u32 base = (u32)&tss, limit = sizeof(tss) - 1;
-    gdt[SEL_TSS / 8] = (u64)(limit & 0xffff) | ((u64)(base & 0xffffff) << 16) | (0x89ull << 40) |
-                       ((u64)((limit >> 16) & 0xf) << 48) | ((u64)(base >> 24) << 56);
+    /* 64-bit TSS descriptor (two GDT slots): base, limit, present, DPL0, available TSS. */
+    u64 base = (uptr)&tss, limit = sizeof(tss) - 1;
+    gdt[SEL_TSS / 8] = (limit & 0xffff) | ((base & 0xffffff) << 16) | (0x89ull << 40) |
+                       (((limit >> 16) & 0xf) << 48) | (((base >> 24) & 0xff) << 56);
+    gdt[SEL_TSS / 8 + 1] = base >> 32;
     __asm__ volatile("ltr %w0" : : "r"(SEL_TSS));
 
-    /* Drop to CPL3 with IF=0. SYSEXIT rather than IRET: the nested KVM's instruction
+    /* Drop to CPL3 with IF=0. SYSEXIT rather than IRETQ: the nested KVM's instruction
      * emulator (all CPL0 code is emulated there) does not implement protected-mode IRET.
-     * SYSEXIT loads CS = SYSENTER_CS + 16 = 0x1b and SS = SYSENTER_CS + 24 = 0x23
-     * (flat, DPL3, matching the GDT), EIP = EDX, ESP = ECX; EFLAGS is unchanged (IF=0). */
-    __asm__ volatile("wrmsr" : : "c"(0x174), "a"(SEL_CODE0), "d"(0)); /* IA32_SYSENTER_CS */
-    __asm__ volatile("sysexit"
+     * 64-bit SYSEXIT loads CS = IA32_SYSENTER_CS + 32 = 0x2b and SS = IA32_SYSENTER_CS + 40
+     * = 0x33 (matching the GDT), RIP = RDX, RSP = RCX; RFLAGS is unchanged (IF=0). */
+    __asm__ volatile("wrmsr" : : "c"(0x174), "a"(SEL_CODE32), "d"(0)); /* IA32_SYSENTER_CS */
+    __asm__ volatile(".byte 0x48, 0x0f, 0x35" /* sysexitq */
                      :
-                     : "c"((u32)(ustack + sizeof(ustack))), "d"((u32)user_entry)
+                     : "c"((uptr)(ustack + sizeof(ustack))), "d"((uptr)user_entry)
                      : "memory");
     __builtin_unreachable();
 }

@@ -77,7 +77,7 @@ void guest_main(void)
     pit_clock_start();
 
     if (cpus > 1) {
-        memcpy((void *)TRAMPOLINE_ADDR, smp_tramp_start, (u32)(smp_tramp_end - smp_tramp_start));
+        memcpy((void *)(uptr)TRAMPOLINE_ADDR, smp_tramp_start, (uptr)(smp_tramp_end - smp_tramp_start));
         send_ipi(ICR_ALL_BUT_SELF | ICR_ASSERT | ICR_INIT);
         delay_ticks(PIT_HZ / 100); /* 10 ms */
         send_ipi(ICR_ALL_BUT_SELF | ICR_ASSERT | ICR_STARTUP | (TRAMPOLINE_ADDR >> 12));

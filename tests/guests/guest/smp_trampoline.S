@@ -1,6 +1,6 @@
 /*
  * smp: real-mode AP trampoline (copied to TRAMPOLINE_ADDR by the BSP; the SIPI vector is
- * TRAMPOLINE_ADDR >> 12) and the 32-bit AP entry point.
+ * TRAMPOLINE_ADDR >> 12) and the AP entry, which switches to long mode like the BSP did.
  */
 #include "guest.h"
 
@@ -19,7 +19,7 @@ smp_tramp_start:
 	mov %cr0, %eax
 	or $1, %eax
 	mov %eax, %cr0
-	ljmpl $SEL_CODE0, $ap_entry32
+	ljmpl $SEL_CODE32, $ap_entry32
 	.p2align 2
 tramp_gdtr:
 	.word GDT_ENTRIES * 8 - 1
@@ -35,14 +35,19 @@ ap_entry32:
 	mov %eax, %ss
 	mov %eax, %fs
 	mov %eax, %gs
+	ENTER_LONG_MODE
+	ljmp $SEL_CODE64, $ap_entry64
+
+	.code64
+ap_entry64:
 	mov $1, %eax
 	lock xadd %eax, ap_next_stack
 	cmp $MAX_APS, %eax
 	jae 2f
 	inc %eax
 	shl $12, %eax		/* AP_STACK_SIZE */
-	add $ap_stacks, %eax
-	mov %eax, %esp
+	add $ap_stacks, %rax
+	mov %rax, %rsp
 	call ap_main
 2:	cli
 	hlt

@@ -29,35 +29,40 @@ volatile u32 lapic_count, pit_count;
 
 /*
  * Interrupts are only ever enabled inside wait_for_interrupt (`sti; hlt`). The handlers do
- * not IRET: the nested KVM's instruction emulator, which runs all CPL0 code there, does not
- * implement protected-mode IRET. Instead each handler drops its 12-byte frame (EIP, CS,
- * EFLAGS; same privilege, so no stack switch) and jumps to wait_resume, which clears IF and
- * returns to the C loop. The handlers use no registers.
+ * not IRETQ: the nested KVM's instruction emulator, which runs all CPL0 code there, does not
+ * implement protected-mode IRET. Instead each handler restores the stack pointer saved by
+ * wait_for_interrupt (dropping the interrupt frame) and jumps to wait_resume, which clears IF
+ * and returns to the C loop. The handlers clobber only RAX, which the caller of
+ * wait_for_interrupt does not expect preserved.
  */
 void wait_for_interrupt(void);
 void lapic_isr(void);
 void pit_isr(void);
 void spurious_isr(void);
+u64 wait_rsp;
 __asm__(".text\n"
         ".globl wait_for_interrupt, lapic_isr, pit_isr, spurious_isr\n"
         "wait_for_interrupt:\n"
+        "  mov %rsp, wait_rsp(%rip)\n"
         "  sti\n"
         "  hlt\n"
         "wait_resume:\n"
         "  cli\n"
         "  ret\n"
         "lapic_isr:\n"
-        "  incl lapic_count\n"
-        "  movl $0, 0xfee000b0\n" /* LAPIC EOI */
-        "  addl $12, %esp\n"
+        "  incl lapic_count(%rip)\n"
+        "  mov $0xfee000b0, %eax\n" /* LAPIC EOI */
+        "  movl $0, (%rax)\n"
+        "  mov wait_rsp(%rip), %rsp\n"
         "  jmp wait_resume\n"
         "pit_isr:\n"
-        "  incl pit_count\n"
-        "  movl $0, 0xfee000b0\n"
-        "  addl $12, %esp\n"
+        "  incl pit_count(%rip)\n"
+        "  mov $0xfee000b0, %eax\n"
+        "  movl $0, (%rax)\n"
+        "  mov wait_rsp(%rip), %rsp\n"
         "  jmp wait_resume\n"
         "spurious_isr:\n" /* no EOI for the spurious vector */
-        "  addl $12, %esp\n"
+        "  mov wait_rsp(%rip), %rsp\n"
         "  jmp wait_resume\n");
 
 static void ioapic_write(u32 reg, u32 v)

@@ -48,8 +48,8 @@ pub fn timer_path() -> &'static Path {
 /// Guest-physical address of the `pattern` guest's status block:
 /// `struct { u32 magic; u32 pass; u32 start_mib; u32 mib; }`, little endian.
 pub const PATTERN_STATUS_ADDR: u64 = 0x3000;
-/// Value of the status block's `magic` field ("PATT" as a little-endian u32 is `0x5441_5450`;
-/// the guest stores the number `0x5041_5454`, i.e. the bytes `54 54 41 50`).
+/// Value of the status block's `magic` field: the number `0x5041_5454` ("PATT" read as a
+/// big-endian word), stored little endian, i.e. the bytes `54 54 41 50` at the address.
 pub const PATTERN_STATUS_MAGIC: u32 = 0x5041_5454;
 /// Size in bytes of the `pattern` status block.
 pub const PATTERN_STATUS_SIZE: usize = 16;

@@ -10,7 +10,7 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 
-use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::mmap::{MmapRegion, MmapRegionBuilder};
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryRegion, GuestRegionMmap};
 
@@ -111,7 +111,7 @@ impl GuestRam {
                 why: "at least 2 MiB is needed",
             });
         }
-        if size % PAGE_SIZE != 0 {
+        if !size.is_multiple_of(PAGE_SIZE) {
             return Err(MemoryError::InvalidSize {
                 size,
                 why: "it must be a multiple of 4 KiB",
@@ -157,12 +157,13 @@ impl GuestRam {
                 size: r.size,
                 why: "larger than the address space",
             })?;
-            let mmap: MmapRegion<AtomicBitmap> = MmapRegionBuilder::new(size)
-                .with_file_offset(FileOffset::new(dup, 0))
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
-                .build()
-                .map_err(|e| MemoryError::Map(e.to_string()))?;
+            let mmap: MmapRegion<AtomicBitmap> =
+                MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
+                    .with_file_offset(FileOffset::new(dup, 0))
+                    .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                    .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+                    .build()
+                    .map_err(|e| MemoryError::Map(e.to_string()))?;
             let region = GuestRegionMmap::new(mmap, GuestAddress(r.gpa))
                 .ok_or_else(|| MemoryError::Map("region overflows the address space".into()))?;
             mapped.push(region);
@@ -232,6 +233,70 @@ impl GuestRam {
                 mmap.bitmap().get_and_reset()
             }
             None => Vec::new(),
+        }
+    }
+
+    /// Host pointer to `len` bytes of guest memory at `gpa`, if they lie inside one region.
+    fn host_ptr(&self, gpa: u64, len: u64) -> Option<*mut u8> {
+        let r = self.regions.iter().position(|r| {
+            gpa >= r.gpa && gpa.checked_add(len).is_some_and(|e| e <= r.gpa + r.size)
+        })?;
+        let base = self.host_address(r)?;
+        Some((base + (gpa - self.regions[r].gpa)) as *mut u8)
+    }
+
+    /// A read-only view of guest memory for bulk sends (migration, snapshots).
+    ///
+    /// The guest may write these bytes while the caller reads them: the caller gets
+    /// whatever was there, possibly torn, and relies on the dirty log to send a page
+    /// again after the guest changed it. That is the pre-copy contract.
+    pub fn host_slice(&self, gpa: u64, len: u64) -> Option<&[u8]> {
+        let ptr = self.host_ptr(gpa, len)?;
+        // SAFETY: `ptr..ptr+len` lies inside a live shared mapping owned by `self` (checked
+        // by `host_ptr`), which stays mapped for the borrow's lifetime. Concurrent writes by
+        // the guest may change the bytes underneath (see above); we never create a `&mut`
+        // to the same range while this view exists on the Rust side.
+        Some(unsafe { std::slice::from_raw_parts(ptr, len as usize) })
+    }
+
+    /// A writable view of guest memory, for loading an incoming migration.
+    ///
+    /// # Safety
+    /// No vCPU may run on this memory and no other view of the range may be in use
+    /// while the returned slice lives (the receiver holds memory that no VM runs yet).
+    pub unsafe fn host_slice_mut(&self, gpa: u64, len: u64) -> Option<&mut [u8]> {
+        let ptr = self.host_ptr(gpa, len)?;
+        // SAFETY: inside a live mapping (checked by `host_ptr`); exclusivity is the caller's
+        // contract above.
+        Some(unsafe { std::slice::from_raw_parts_mut(ptr, len as usize) })
+    }
+
+    /// Fault in every page of every region now, so that a VM started on this memory
+    /// does not take those faults during its first run (local handover: done while
+    /// the source guest still runs, outside the downtime).
+    pub fn prefault(&self) {
+        const MADV_POPULATE_WRITE: i32 = 23;
+        for (i, r) in self.regions.iter().enumerate() {
+            let Some(addr) = self.host_address(i) else {
+                continue;
+            };
+            let mut rc = 0;
+            // Only ranges that hold data: populating holes would allocate the whole guest.
+            for (start, end) in crate::snapshot::data_ranges(&r.file, r.size) {
+                // SAFETY: madvise on a sub-range of a mapping we own; MADV_POPULATE_WRITE only
+                // populates page tables (it changes no byte) and fails harmlessly on kernels
+                // that lack it.
+                rc |= unsafe {
+                    libc::madvise(
+                        (addr + start) as *mut libc::c_void,
+                        (end - start) as usize,
+                        MADV_POPULATE_WRITE,
+                    )
+                };
+            }
+            if rc != 0 {
+                tracing::debug!("MADV_POPULATE_WRITE unavailable; pages fault in on first use");
+            }
         }
     }
 }

@@ -1,0 +1,295 @@
+//! The receiver: runs in a launcher started with `--incoming`, builds the VM
+//! from the stream, and starts it only after the sender's `Go`.
+//!
+//! Any error before `Go` discards everything (the VM was never started) and is
+//! reported to the sender, which then resumes the source.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::OwnedFd;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use vmm::devices::serial::SerialOut;
+use vmm::vstate::memory::{GuestRam, RamRegion};
+use vmm::{Vm, VmState};
+
+use crate::frame::{FrameError, FrameReader, FrameType, FrameWriter, MemoryRange, MemorySink};
+use crate::protocol::{
+    self, Incoming, MemoryLayout, MigrationMode, ReceiverCapabilities, ReceiverMessage,
+    ReceiverPhase, RefuseReason, SenderMessage, VersionRange,
+};
+use crate::transport::{FdReader, Stream, MAX_FDS};
+
+/// Why an incoming migration did not produce a running VM.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    /// Stream, framing or checksum failure.
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    /// We refused the VM (reason also sent to the sender).
+    #[error("refused: {0}")]
+    Refused(RefuseReason),
+    /// The sender cancelled or failed.
+    #[error("the sender ended the migration: {0}")]
+    SenderEnded(String),
+    /// A message out of order.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+/// What this receiver can run.
+pub fn capabilities(local_mode: bool) -> ReceiverCapabilities {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
+    // SAFETY: as above.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    ReceiverCapabilities {
+        accepted_versions: VersionRange::ours(),
+        machine_types: vmm::config::MACHINE_TYPES
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        max_memory_bytes: (pages.max(0) as u64).saturating_mul(page.max(0) as u64),
+        max_vcpus: u32::from(vmm::config::MAX_VCPUS),
+        local_mode,
+    }
+}
+
+/// Writes incoming pages straight into the not-yet-running guest's memory.
+struct RamSink<'a>(&'a GuestRam);
+
+impl MemorySink for RamSink<'_> {
+    fn data_destination(&mut self, range: &MemoryRange) -> Result<&mut [u8], String> {
+        // SAFETY: no VM runs on this memory yet (the VM is created after Complete), and
+        // the frame reader holds one destination slice at a time.
+        unsafe { self.0.host_slice_mut(range.gpa, range.len) }
+            .ok_or_else(|| "range is not guest RAM".to_string())
+    }
+
+    fn zero(&mut self, range: &MemoryRange) -> Result<(), String> {
+        self.data_destination(range)?.fill(0);
+        Ok(())
+    }
+}
+
+/// What the receiver measured.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReceiveStats {
+    /// Mode used.
+    pub local: bool,
+    /// Bytes read from the stream.
+    pub bytes: u64,
+    /// Microseconds from Go to the vCPUs running.
+    pub go_to_resume_us: u64,
+}
+
+/// Receive one VM over `stream` and start it. `serial` is the console sink of the new VM.
+pub fn receive(stream: Stream, serial: SerialOut) -> Result<(Vm, ReceiveStats), ReceiveError> {
+    let span = tracing::info_span!("incoming-migration");
+    let _e = span.enter();
+    let mut w = FrameWriter::new(stream.try_clone().map_err(FrameError::Io)?);
+    w.write_preamble()?;
+    let result = match stream.as_unix().map(|u| u.try_clone()) {
+        Some(Ok(u)) => {
+            let mut r = FrameReader::new(FdReader::new(u, MAX_FDS));
+            receive_on(&mut r, &mut w, serial, true, |r| r.get_mut().take_fds())
+        }
+        _ => {
+            let mut r = FrameReader::new(stream.try_clone().map_err(FrameError::Io)?);
+            receive_on(&mut r, &mut w, serial, false, |_| Vec::new())
+        }
+    };
+    if let Err(e) = &result {
+        // Tell the sender why (it resumes the source); best effort, the stream may be gone.
+        let reason = match e {
+            ReceiveError::Refused(r) => ReceiverMessage::Refuse { reason: r.clone() },
+            other => ReceiverMessage::Error {
+                reason: other.to_string(),
+            },
+        };
+        if !matches!(e, ReceiveError::Refused(_)) {
+            let _ = w.write_control(&reason);
+        }
+        tracing::warn!(error = %e, "incoming migration failed; nothing was started");
+    }
+    let _ = stream.shutdown();
+    result
+}
+
+fn refuse<W: std::io::Write>(w: &mut FrameWriter<W>, reason: RefuseReason) -> ReceiveError {
+    let _ = w.write_control(&ReceiverMessage::Refuse {
+        reason: reason.clone(),
+    });
+    ReceiveError::Refused(reason)
+}
+
+fn receive_on<R: Read, W: std::io::Write>(
+    r: &mut FrameReader<R>,
+    w: &mut FrameWriter<W>,
+    serial: SerialOut,
+    unix: bool,
+    mut take_fds: impl FnMut(&mut FrameReader<R>) -> Vec<OwnedFd>,
+) -> Result<(Vm, ReceiveStats), ReceiveError> {
+    r.read_preamble()?;
+    let hello = match r.read_control_frame::<SenderMessage>()? {
+        SenderMessage::Hello(h) => h,
+        other => {
+            return Err(ReceiveError::Protocol(format!(
+                "expected Hello, got {}",
+                other.name()
+            )))
+        }
+    };
+    let version = match protocol::check_hello(&hello, &capabilities(unix)) {
+        Ok(v) => v,
+        Err(reason) => return Err(refuse(w, reason)),
+    };
+    // The layout must be the one this launcher builds for that memory size.
+    let total = hello.memory.total_bytes();
+    let ours: Vec<(u64, u64)> = vmm::layout::ram_regions(total);
+    let theirs: Vec<(u64, u64)> = hello
+        .memory
+        .regions
+        .iter()
+        .map(|m| (m.gpa, m.size))
+        .collect();
+    if ours != theirs {
+        return Err(refuse(
+            w,
+            RefuseReason::InvalidConfig(format!(
+                "memory layout {theirs:x?} is not the q35 layout for {total} bytes ({ours:x?})"
+            )),
+        ));
+    }
+    let layout: MemoryLayout = hello.memory.clone();
+    let mut ram = match hello.mode {
+        MigrationMode::Copy => match GuestRam::new(total) {
+            Ok(r) => Some(r),
+            Err(e) => return Err(refuse(w, RefuseReason::LoadFailed(e.to_string()))),
+        },
+        MigrationMode::Local => None,
+    };
+    w.write_control(&ReceiverMessage::Accept { version })?;
+    tracing::info!(
+        version,
+        peer = %hello.launcher_version,
+        mode = ?hello.mode,
+        memory = total,
+        "accepted incoming migration"
+    );
+    let mut phase = ReceiverPhase::accepted(hello.mode);
+    let mut state_bytes: Option<Vec<u8>> = None;
+    let proto = |e: protocol::ProtocolError| ReceiveError::Protocol(e.to_string());
+    loop {
+        let h = r.read_header()?;
+        match h.frame_type {
+            FrameType::Memory => {
+                phase.advance(Incoming::Memory).map_err(proto)?;
+                let ram = ram.as_ref().ok_or_else(|| {
+                    ReceiveError::Protocol("memory frame before memory exists".into())
+                })?;
+                r.read_memory(&h, &layout, &mut RamSink(ram))?;
+            }
+            FrameType::State => {
+                phase.advance(Incoming::State).map_err(proto)?;
+                state_bytes = Some(r.read_state(&h)?);
+            }
+            FrameType::Control => {
+                let msg: SenderMessage = r.read_control(&h)?;
+                phase.advance(Incoming::of(&msg)).map_err(proto)?;
+                match msg {
+                    SenderMessage::MemoryFds { regions } => {
+                        protocol::check_memory_fds(&regions, &layout).map_err(proto)?;
+                        let fds = take_fds(r);
+                        if fds.len() != regions.len() {
+                            return Err(ReceiveError::Protocol(format!(
+                                "MemoryFds announced {} regions but {} file descriptors arrived",
+                                regions.len(),
+                                fds.len()
+                            )));
+                        }
+                        let regs = regions
+                            .iter()
+                            .zip(fds)
+                            .map(|(m, fd)| RamRegion {
+                                gpa: m.gpa,
+                                size: m.size,
+                                file: File::from(fd),
+                            })
+                            .collect();
+                        let adopted = GuestRam::from_regions(regs)
+                            .map_err(|e| refuse(w, RefuseReason::LoadFailed(e.to_string())))?;
+                        // Map and fault in now, while the source guest still runs.
+                        adopted.prefault();
+                        ram = Some(adopted);
+                    }
+                    SenderMessage::IterationDone { .. } => {}
+                    SenderMessage::Complete => break,
+                    SenderMessage::Cancel { reason } | SenderMessage::Error { reason } => {
+                        return Err(ReceiveError::SenderEnded(reason))
+                    }
+                    other => {
+                        return Err(ReceiveError::Protocol(format!(
+                            "unexpected {} during pre-copy",
+                            other.name()
+                        )))
+                    }
+                }
+            }
+        }
+    }
+    let state_bytes = state_bytes.ok_or_else(|| ReceiveError::Protocol("no state frame".into()))?;
+    let ram = ram.ok_or_else(|| ReceiveError::Protocol("no guest memory arrived".into()))?;
+    let state = VmState::from_bytes(&state_bytes)
+        .map_err(|e| refuse(w, RefuseReason::LoadFailed(e.to_string())))?;
+    if state.config.machine_type != hello.machine_type
+        || state.config.memory_bytes != total
+        || u32::from(state.config.vcpus) != hello.vcpus
+    {
+        return Err(refuse(
+            w,
+            RefuseReason::InvalidConfig("the state does not match the Hello".into()),
+        ));
+    }
+    let vm = Vm::restore(state, ram, serial)
+        .map_err(|e| refuse(w, RefuseReason::LoadFailed(e.to_string())))?;
+    w.write_control(&ReceiverMessage::Ready)?;
+    match r.read_control_frame::<SenderMessage>()? {
+        SenderMessage::Go => {}
+        SenderMessage::Cancel { reason } | SenderMessage::Error { reason } => {
+            return Err(ReceiveError::SenderEnded(reason))
+        }
+        other => {
+            return Err(ReceiveError::Protocol(format!(
+                "expected Go, got {}",
+                other.name()
+            )))
+        }
+    }
+    let go = Instant::now();
+    if let Err(e) = vm.start_restored() {
+        let _ = w.write_control(&ReceiverMessage::Abort {
+            reason: e.to_string(),
+        });
+        return Err(ReceiveError::Protocol(format!("cannot start the VM: {e}")));
+    }
+    let resumed_realtime_ns = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let go_to_resume_us = go.elapsed().as_micros() as u64;
+    // The VM runs now; a failure to say so must not stop it (the sender stays paused
+    // and its driver asks us).
+    let _ = w.write_control(&ReceiverMessage::Started {
+        resumed_realtime_ns,
+        go_to_resume_us,
+    });
+    Ok((
+        vm,
+        ReceiveStats {
+            local: hello.mode == MigrationMode::Local,
+            bytes: r.bytes_read(),
+            go_to_resume_us,
+        },
+    ))
+}

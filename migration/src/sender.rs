@@ -1,0 +1,670 @@
+//! The pre-copy sender: runs on the source launcher, owns the VM for the
+//! duration of the migration, and hands it over exactly once.
+//!
+//! Invariants kept here (see `protocol.rs` for the state diagram):
+//! - dirty logging is on only while migrating ([`DirtyLogging`] turns it off on drop);
+//! - every failure before `Go` resumes the source (the [`vmm::PauseGuard`] does it on drop);
+//! - after `Go`, only an explicit `Abort` from the destination resumes the source;
+//!   a broken connection leaves it paused and the report says the outcome is unknown.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use vmm::Vm;
+
+use crate::dirty::DirtyBitmap;
+use crate::frame::{FrameError, FrameReader, FrameWriter, MemoryRange, MAX_MEMORY_RANGES};
+use crate::policy::{self, Decision, MigrationLimits, MigrationStats, Throttle};
+use crate::protocol::{
+    FdRegion, Hello, MemoryLayout, MemoryRegion, MigrationMode, ReceiverMessage, SenderMessage,
+    SenderPhase, VersionRange, PAGE_SIZE,
+};
+use crate::report::{Outcome, Progress, Report};
+use crate::transport::{self, RateLimit, RateLimitedWriter, Stream};
+
+/// Largest data payload of one memory frame we build (well under the 64 MiB bound,
+/// small enough that a cancel or a lifted bandwidth cap takes effect quickly).
+const FRAME_DATA_BYTES: u64 = 4 << 20;
+/// How long the destination may take to load the state and answer Ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the destination may take to answer Go.
+const STARTED_TIMEOUT: Duration = Duration::from_secs(30);
+/// Auto-converge throttling period.
+const THROTTLE_PERIOD: Duration = Duration::from_millis(20);
+
+/// Errors of the sender; each message says where the VM runs now.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The stream or framing failed.
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    /// The destination said no or failed.
+    #[error("destination refused: {0}")]
+    Refused(String),
+    /// The VM could not be paused, saved or its dirty log read.
+    #[error("source VM: {0}")]
+    Vm(String),
+    /// Cancelled through the API.
+    #[error("cancelled: {0}")]
+    Cancelled(String),
+    /// A timeout of the policy.
+    #[error("abandoned: {0}")]
+    Abandoned(String),
+    /// Something the destination sent makes no sense here.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+/// What the caller controls.
+pub struct SendOptions {
+    /// Copy memory, or hand the memfds over (Unix socket only).
+    pub mode: MigrationMode,
+    /// Downtime target, timeouts, auto-converge.
+    pub limits: MigrationLimits,
+    /// Bandwidth cap, changeable while the migration runs.
+    pub rate: Arc<RateLimit>,
+    /// Set to cancel (before Go).
+    pub cancel: Arc<AtomicBool>,
+    /// This launcher's version, told to the destination.
+    pub launcher_version: String,
+    /// Downtime target in ms, changeable while the migration runs (overrides `limits`).
+    pub downtime_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// Called after every pre-copy iteration (the launcher publishes it on its API).
+    pub progress: Option<Arc<dyn Fn(&Progress) + Send + Sync>>,
+}
+
+/// Turns KVM dirty logging on, and off again on drop, whatever happens.
+struct DirtyLogging<'a>(&'a Vm);
+
+impl<'a> DirtyLogging<'a> {
+    fn on(vm: &'a Vm) -> Result<Self, SendError> {
+        vm.kvm()
+            .set_dirty_logging(true)
+            .map_err(|e| SendError::Vm(e.to_string()))?;
+        // Start from a clean slate: what the VMM wrote before now is sent by iteration 0.
+        for i in 0..vm.ram().regions().len() {
+            vm.ram().take_vmm_dirty(i);
+        }
+        Ok(Self(vm))
+    }
+}
+
+impl Drop for DirtyLogging<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.kvm().set_dirty_logging(false) {
+            tracing::error!("cannot turn dirty logging off: {e}");
+        }
+    }
+}
+
+/// Throttles the vCPUs from a helper thread while alive (auto-converge).
+struct Throttler {
+    percent: Arc<std::sync::atomic::AtomicU8>,
+    stop: Arc<AtomicBool>,
+    stalled_us: Arc<std::sync::atomic::AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Throttler {
+    fn start(vm: Arc<Vm>) -> Self {
+        let percent = Arc::new(std::sync::atomic::AtomicU8::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let stalled_us = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (p, s, st) = (percent.clone(), stop.clone(), stalled_us.clone());
+        let thread = std::thread::Builder::new()
+            .name("mig-throttle".into())
+            .spawn(move || {
+                while !s.load(Ordering::Relaxed) {
+                    let pct = u32::from(p.load(Ordering::Relaxed));
+                    if pct > 0 {
+                        let slice = THROTTLE_PERIOD * pct / 100;
+                        vm.throttle(slice);
+                        st.fetch_add(slice.as_micros() as u64, Ordering::Relaxed);
+                    }
+                    std::thread::sleep(THROTTLE_PERIOD);
+                }
+            })
+            .ok();
+        Self {
+            percent,
+            stop,
+            stalled_us,
+            thread,
+        }
+    }
+
+    fn set(&self, pct: u8) {
+        self.percent.store(pct, Ordering::Relaxed);
+    }
+
+    fn stalled(&self) -> Duration {
+        Duration::from_micros(self.stalled_us.load(Ordering::Relaxed))
+    }
+}
+
+impl Drop for Throttler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The memory layout of `vm` as the protocol describes it.
+pub fn layout_of(vm: &Vm) -> MemoryLayout {
+    MemoryLayout {
+        regions: vm
+            .ram()
+            .regions()
+            .iter()
+            .map(|r| MemoryRegion {
+                gpa: r.gpa,
+                size: r.size,
+            })
+            .collect(),
+    }
+}
+
+fn realtime_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Reads the return path on its own thread so that a refusal mid-stream is seen.
+fn spawn_return_path(stream: Stream) -> Receiver<Result<ReceiverMessage, FrameError>> {
+    let (tx, rx) = channel();
+    let _ = std::thread::Builder::new()
+        .name("mig-return".into())
+        .spawn(move || {
+            let mut r = FrameReader::new(stream);
+            match r.read_preamble() {
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            }
+            loop {
+                let m = r.read_control_frame::<ReceiverMessage>();
+                let end = m.is_err();
+                if tx.send(m).is_err() || end {
+                    return;
+                }
+            }
+        });
+    rx
+}
+
+struct Sender<'a> {
+    vm: &'a Vm,
+    w: FrameWriter<RateLimitedWriter<Stream>>,
+    back: Receiver<Result<ReceiverMessage, FrameError>>,
+    phase: SenderPhase,
+    opts: &'a SendOptions,
+    report: Report,
+    buf_ranges: Vec<MemoryRange>,
+    copy_buf: Vec<u8>,
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets aligned middle part.
+    let (head, mid, tail) = unsafe { page.align_to::<u64>() };
+    head.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+impl Sender<'_> {
+    /// A message from the return path, if one is waiting; a refusal or error ends the migration.
+    fn poll_back(&mut self) -> Result<(), SendError> {
+        match self.back.try_recv() {
+            Ok(msg) => Err(self.unexpected(msg)),
+            Err(_) => Ok(()),
+        }
+    }
+
+    fn unexpected(&mut self, msg: Result<ReceiverMessage, FrameError>) -> SendError {
+        match msg {
+            Ok(ReceiverMessage::Refuse { reason }) => SendError::Refused(reason.to_string()),
+            Ok(ReceiverMessage::Error { reason }) | Ok(ReceiverMessage::Abort { reason }) => {
+                SendError::Refused(reason)
+            }
+            Ok(other) => {
+                SendError::Protocol(format!("unexpected {} from the destination", other.name()))
+            }
+            Err(e) => SendError::Frame(e),
+        }
+    }
+
+    fn wait_back(&mut self, timeout: Duration, what: &str) -> Result<ReceiverMessage, SendError> {
+        match self.back.recv_timeout(timeout) {
+            Ok(Ok(m)) => Ok(m),
+            Ok(Err(e)) => Err(SendError::Frame(e)),
+            Err(RecvTimeoutError::Timeout) => Err(SendError::Refused(format!(
+                "no answer from the destination within {timeout:?} while waiting for {what}"
+            ))),
+            Err(RecvTimeoutError::Disconnected) => Err(SendError::Refused(format!(
+                "the destination closed the connection while we waited for {what}"
+            ))),
+        }
+    }
+
+    fn check_cancel(&self) -> Result<(), SendError> {
+        if self.opts.cancel.load(Ordering::SeqCst) {
+            return Err(SendError::Cancelled("cancelled through the API".into()));
+        }
+        Ok(())
+    }
+
+    /// Send `[gpa, gpa+len)` page by page: data pages with bytes, zero pages as
+    /// ranges (or not at all when `skip_zero`, for iteration 0 on fresh memory).
+    fn send_range(&mut self, gpa: u64, len: u64, skip_zero: bool) -> Result<(), SendError> {
+        let mut off = 0;
+        while off < len {
+            self.check_cancel()?;
+            self.poll_back()?;
+            let chunk = (len - off).min(FRAME_DATA_BYTES);
+            let base = gpa + off;
+            let live = self.vm.ram().host_slice(base, chunk).ok_or_else(|| {
+                SendError::Vm(format!("range {base:#x}+{chunk:#x} is not guest RAM"))
+            })?;
+            // Copy first: the CRC must cover exactly the bytes that go on the wire, and the
+            // guest may change its memory between the checksum and the write. A page the
+            // guest changes after this copy is dirty again and goes in the next iteration.
+            let mut copy = std::mem::take(&mut self.copy_buf);
+            copy.clear();
+            copy.extend_from_slice(live);
+            let mem = &copy[..];
+            self.buf_ranges.clear();
+            let mut data: Vec<&[u8]> = Vec::new();
+            let pages = chunk / PAGE_SIZE;
+            let mut p = 0;
+            while p < pages {
+                let page = &mem[(p * PAGE_SIZE) as usize..((p + 1) * PAGE_SIZE) as usize];
+                let zero = is_zero(page);
+                let first = p;
+                p += 1;
+                while p < pages
+                    && is_zero(&mem[(p * PAGE_SIZE) as usize..((p + 1) * PAGE_SIZE) as usize])
+                        == zero
+                {
+                    p += 1;
+                }
+                let n = p - first;
+                let rgpa = base + first * PAGE_SIZE;
+                if zero {
+                    self.report.zero_pages += n;
+                    if !skip_zero {
+                        self.buf_ranges.push(MemoryRange::zero(rgpa, n * PAGE_SIZE));
+                    }
+                } else {
+                    self.report.normal_pages += n;
+                    self.buf_ranges.push(MemoryRange::data(rgpa, n * PAGE_SIZE));
+                    data.push(&mem[(first * PAGE_SIZE) as usize..(p * PAGE_SIZE) as usize]);
+                }
+                if self.buf_ranges.len() as u32 >= MAX_MEMORY_RANGES {
+                    break;
+                }
+            }
+            let consumed = p * PAGE_SIZE;
+            if !self.buf_ranges.is_empty() {
+                let ranges = std::mem::take(&mut self.buf_ranges);
+                let r = self.w.write_memory(&ranges, &data);
+                self.buf_ranges = ranges;
+                r?;
+            }
+            drop(data);
+            self.copy_buf = copy;
+            off += consumed;
+        }
+        Ok(())
+    }
+
+    /// Harvest KVM's and the VMM's dirty bitmaps into one per region.
+    fn collect_dirty(&self, into: &mut [DirtyBitmap]) -> Result<(), SendError> {
+        for (i, bm) in into.iter_mut().enumerate() {
+            let kvm = self
+                .vm
+                .kvm()
+                .take_dirty_log(i)
+                .map_err(|e| SendError::Vm(e.to_string()))?;
+            bm.merge_kvm(&kvm)
+                .map_err(|e| SendError::Vm(e.to_string()))?;
+            bm.merge_words(&self.vm.ram().take_vmm_dirty(i))
+                .map_err(|e| SendError::Vm(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    fn send_dirty(&mut self, dirty: &mut [DirtyBitmap]) -> Result<(), SendError> {
+        let max_run = FRAME_DATA_BYTES / PAGE_SIZE;
+        for bm in dirty.iter_mut() {
+            let runs: Vec<_> = bm.runs(max_run).collect();
+            for run in runs {
+                self.send_range(run.gpa, run.len, false)?;
+            }
+            bm.clear();
+        }
+        Ok(())
+    }
+}
+
+/// Migrate `vm` over `stream`. Returns the report; on `Completed` the caller must
+/// never run the VM again (it stays paused) and should exit.
+pub fn send(vm: &Arc<Vm>, stream: Stream, opts: &SendOptions) -> Report {
+    let mode_name = match opts.mode {
+        MigrationMode::Copy => "copy",
+        MigrationMode::Local => "local",
+    };
+    let span = tracing::info_span!("migration", mode = mode_name);
+    let _e = span.enter();
+    let mut report = Report::new(mode_name, vm.ram().size());
+    let start = Instant::now();
+    let back = match stream.try_clone() {
+        Ok(s) => spawn_return_path(s),
+        Err(e) => {
+            report.error = Some(format!("cannot clone the migration stream: {e}"));
+            return report;
+        }
+    };
+    let unix = stream.as_unix().and_then(|u| u.try_clone().ok());
+    let mut s = Sender {
+        vm,
+        w: FrameWriter::new(RateLimitedWriter::new(stream, opts.rate.clone())),
+        back,
+        phase: SenderPhase::AwaitAccept,
+        opts,
+        report,
+        buf_ranges: Vec::new(),
+        copy_buf: Vec::with_capacity(FRAME_DATA_BYTES as usize),
+    };
+    let throttler = Throttler::start(vm.clone());
+    let result = run(&mut s, unix.as_ref(), start, &throttler);
+    s.report.guest_stall_ms = ms(throttler.stalled());
+    drop(throttler);
+    s.report.transferred_bytes = s.w.bytes_written();
+    s.report.total_ms = ms(start.elapsed());
+    match result {
+        Ok(()) => {
+            s.report.status = Outcome::Completed;
+            s.report.source_running = false;
+            tracing::info!(downtime_ms = s.report.downtime_ms, "migration completed");
+        }
+        Err(e) => {
+            // Tell the destination why, so it discards everything (best effort).
+            // A cancel may surface as a write error (the rate limiter aborts blocked writes).
+            let cancelled =
+                matches!(e, SendError::Cancelled(_)) || opts.cancel.load(Ordering::SeqCst);
+            let msg = if cancelled {
+                SenderMessage::Cancel {
+                    reason: "cancelled through the API".into(),
+                }
+            } else {
+                SenderMessage::Error {
+                    reason: e.to_string(),
+                }
+            };
+            if s.phase.source_may_resume() && !opts.rate.is_aborted() {
+                opts.rate.set(0);
+                let _ = s.w.write_control(&msg);
+            }
+            s.report.status = if cancelled {
+                Outcome::Cancelled
+            } else {
+                Outcome::Failed
+            };
+            s.report.source_running = s.phase.source_may_resume();
+            let where_ = if s.report.source_running {
+                "the VM keeps running on the source"
+            } else {
+                "handover outcome unknown: the source stays paused; ask the destination whether it runs, then resume or stop the source"
+            };
+            let what = if cancelled {
+                "cancelled through the API".to_string()
+            } else {
+                e.to_string()
+            };
+            s.report.error = Some(format!("{what}; {where_}"));
+            tracing::warn!(error = %e, source_running = s.report.source_running, "migration did not complete");
+        }
+    }
+    let _ = s.w.get_ref().get_ref().shutdown();
+    s.report
+}
+
+fn run(
+    s: &mut Sender<'_>,
+    unix: Option<&std::os::unix::net::UnixStream>,
+    start: Instant,
+    throttler: &Throttler,
+) -> Result<(), SendError> {
+    let vm = s.vm;
+    let layout = layout_of(vm);
+    s.w.write_preamble()?;
+    s.w.write_control(&SenderMessage::Hello(Hello {
+        versions: VersionRange::ours(),
+        machine_type: vm.config().machine_type.clone(),
+        memory: layout.clone(),
+        vcpus: u32::from(vm.config().vcpus),
+        mode: s.opts.mode,
+        launcher_version: s.opts.launcher_version.clone(),
+    }))?;
+    let answer = s.wait_back(READY_TIMEOUT, "Accept")?;
+    s.phase
+        .advance(&answer)
+        .map_err(|e| SendError::Protocol(e.to_string()))?;
+    if !matches!(answer, ReceiverMessage::Accept { .. }) {
+        return Err(s.unexpected(Ok(answer)));
+    }
+
+    let mut dirty: Vec<DirtyBitmap> = layout
+        .regions
+        .iter()
+        .map(|r| DirtyBitmap::for_region(r.gpa, r.size))
+        .collect::<Result<_, _>>()
+        .map_err(|e| SendError::Vm(e.to_string()))?;
+
+    let logging;
+    let mut stats = MigrationStats {
+        memory_bytes: vm.ram().size(),
+        state_bytes_estimate: 64 << 10,
+        ..Default::default()
+    };
+    let mut throttle = Throttle::default();
+    match s.opts.mode {
+        MigrationMode::Local => {
+            let unix = unix.ok_or_else(|| {
+                SendError::Protocol(
+                    "local mode needs a unix: destination (file descriptors cannot cross TCP)"
+                        .into(),
+                )
+            })?;
+            let regions: Vec<FdRegion> = layout
+                .regions
+                .iter()
+                .map(|r| FdRegion {
+                    gpa: r.gpa,
+                    size: r.size,
+                    file_offset: 0,
+                })
+                .collect();
+            let frame = crate::frame::encode_control_frame(&SenderMessage::MemoryFds { regions })?;
+            transport::send_fds(unix, &frame, &vm.ram().raw_fds()).map_err(|e| {
+                SendError::Frame(FrameError::Io(std::io::Error::other(e.to_string())))
+            })?;
+            s.report.setup_ms = ms(start.elapsed());
+            s.report.iterations = 1;
+            logging = None;
+        }
+        MigrationMode::Copy => {
+            s.report.setup_ms = ms(start.elapsed());
+            logging = Some(DirtyLogging::on(vm)?);
+            // Iteration 0: everything that holds data; never-written memfd ranges are holes.
+            let t0 = Instant::now();
+            let sent0 = s.w.bytes_written();
+            for r in vm.ram().regions() {
+                for (a, b) in vmm::snapshot::data_ranges(&r.file, r.size) {
+                    s.send_range(r.gpa + a, b - a, true)?;
+                }
+                let holes = r.size / PAGE_SIZE
+                    - vmm::snapshot::data_ranges(&r.file, r.size)
+                        .iter()
+                        .map(|(a, b)| (b - a) / PAGE_SIZE)
+                        .sum::<u64>();
+                s.report.zero_pages += holes;
+            }
+            s.w.write_control(&SenderMessage::IterationDone { iteration: 0 })?;
+            let mut period_start = t0;
+            let mut period_sent = s.w.bytes_written() - sent0;
+            stats.iteration = 0;
+            loop {
+                s.check_cancel()?;
+                s.poll_back()?;
+                let elapsed_period = period_start.elapsed();
+                s.collect_dirty(&mut dirty)?;
+                let dirty_bytes: u64 = dirty.iter().map(|d| d.dirty_bytes()).sum();
+                let secs = elapsed_period.as_secs_f64().max(1e-6);
+                stats.bandwidth_bytes_per_s = (period_sent as f64 / secs) as u64;
+                stats.dirty_rate_bytes_per_s = (dirty_bytes as f64 / secs) as u64;
+                stats.sent_in_last_period = period_sent;
+                stats.dirtied_in_last_period = dirty_bytes;
+                stats.elapsed = start.elapsed();
+                if dirty_bytes < stats.remaining_dirty_bytes || stats.iteration == 0 {
+                    stats.last_progress = stats.elapsed;
+                }
+                stats.remaining_dirty_bytes = dirty_bytes;
+                stats.transferred_bytes = s.w.bytes_written();
+                s.report.dirty_rate_pages_per_s = stats.dirty_rate_bytes_per_s / PAGE_SIZE;
+                let mut limits = s.opts.limits;
+                limits.max_bandwidth = s.opts.rate.get();
+                limits.downtime_target =
+                    Duration::from_millis(s.opts.downtime_ms.load(Ordering::Relaxed));
+                let expected = policy::expected_downtime(&stats, &limits);
+                tracing::info!(
+                    iteration = stats.iteration,
+                    remaining = dirty_bytes,
+                    bandwidth = stats.bandwidth_bytes_per_s,
+                    "pre-copy iteration"
+                );
+                let progress = Progress {
+                    iteration: stats.iteration,
+                    transferred_bytes: stats.transferred_bytes,
+                    remaining_bytes: dirty_bytes,
+                    bandwidth_bytes_per_s: stats.bandwidth_bytes_per_s,
+                    expected_downtime_ms: expected.map(ms).unwrap_or(f64::INFINITY),
+                    throttle_percent: throttle.percent,
+                };
+                if let Some(cb) = &s.opts.progress {
+                    cb(&progress);
+                }
+                match policy::decide(&stats, &limits) {
+                    Decision::SwitchOver => break,
+                    Decision::Abort(reason) => {
+                        return Err(SendError::Abandoned(reason.to_string()))
+                    }
+                    Decision::Continue => {}
+                }
+                if limits.auto_converge {
+                    throttle = policy::auto_converge(throttle, period_sent, dirty_bytes);
+                    throttler.set(throttle.percent);
+                    s.report.throttle_percent = s.report.throttle_percent.max(throttle.percent);
+                }
+                period_start = Instant::now();
+                let before = s.w.bytes_written();
+                s.send_dirty(&mut dirty)?;
+                stats.iteration += 1;
+                s.w.write_control(&SenderMessage::IterationDone {
+                    iteration: stats.iteration,
+                })?;
+                period_sent = s.w.bytes_written() - before;
+                if period_sent == 0 {
+                    // Nothing was dirty: give the guest a moment rather than spin.
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            s.report.iterations = stats.iteration + 1;
+        }
+    }
+    s.report.throughput_bytes_per_s =
+        (s.w.bytes_written() as f64 / start.elapsed().as_secs_f64().max(1e-6)) as u64;
+
+    // Switch-over: pause. Dropping the guard on any error below resumes the source.
+    s.check_cancel()?;
+    let pause_at = Instant::now();
+    let pause_realtime = realtime_ns();
+    let guard = vm.pause().map_err(|e| SendError::Vm(e.to_string()))?;
+    throttler.set(0);
+    // No bandwidth cap for the final transfer: the guest is stopped.
+    s.opts.rate.set(0);
+    if logging.is_some() {
+        s.collect_dirty(&mut dirty)?;
+        s.send_dirty(&mut dirty)?;
+    }
+    let state = vm
+        .save_state(&guard)
+        .map_err(|e| SendError::Vm(e.to_string()))?;
+    let bytes = state.to_bytes().map_err(|e| SendError::Vm(e.to_string()))?;
+    s.w.write_state(&bytes)?;
+    s.w.write_control(&SenderMessage::Complete)?;
+    s.phase
+        .sent_complete()
+        .map_err(|e| SendError::Protocol(e.to_string()))?;
+    let ready = s.wait_back(READY_TIMEOUT, "Ready")?;
+    s.phase
+        .advance(&ready)
+        .map_err(|e| SendError::Protocol(e.to_string()))?;
+    if !matches!(ready, ReceiverMessage::Ready) {
+        return Err(s.unexpected(Ok(ready)));
+    }
+    // Point of no return: from Go on, only an explicit Abort lets the source run again.
+    s.w.write_control(&SenderMessage::Go)?;
+    s.phase
+        .sent_go()
+        .map_err(|e| SendError::Protocol(e.to_string()))?;
+    drop(logging);
+    let started = s.wait_back(STARTED_TIMEOUT, "Started");
+    let started = match started {
+        Ok(m) => m,
+        Err(e) => {
+            guard.keep_paused();
+            return Err(e);
+        }
+    };
+    let advanced = s.phase.advance(&started);
+    match started {
+        ReceiverMessage::Started {
+            resumed_realtime_ns,
+            ..
+        } if advanced.is_ok() => {
+            guard.keep_paused();
+            let wall = pause_at.elapsed();
+            let by_clock = resumed_realtime_ns.saturating_sub(pause_realtime);
+            s.report.downtime_ms = if by_clock > 0 && (by_clock as u128) < wall.as_nanos() {
+                by_clock as f64 / 1e6
+            } else {
+                ms(wall)
+            };
+            Ok(())
+        }
+        ReceiverMessage::Abort { reason } => {
+            // The destination did not start the guest: resume here (guard drop).
+            Err(SendError::Refused(format!(
+                "destination aborted after Go: {reason}"
+            )))
+        }
+        other => {
+            guard.keep_paused();
+            Err(SendError::Protocol(format!(
+                "unexpected {} after Go",
+                other.name()
+            )))
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! Boots every tiny guest under QEMU (q35, KVM) and checks its output and exit status.
+//!
+//! Skipped, with a note on stderr, when `qemu-system-x86_64` or `/dev/kvm` is missing. The
+//! 60-second limit only protects against a hung QEMU; it is not a performance assertion.
+//!
+//! With `-device isa-debug-exit`, QEMU exits with `(v << 1) | 1` when the guest writes `v` to
+//! port 0xf4, and with 0 when the guest powers off.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const QEMU: &str = "qemu-system-x86_64";
+const KILL_AFTER: Duration = Duration::from_secs(60);
+
+fn qemu_available() -> bool {
+    let kvm = Path::new("/dev/kvm").exists();
+    let qemu = Command::new(QEMU)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !kvm || !qemu {
+        eprintln!(
+            "note: skipping QEMU boot test ({}{})",
+            if qemu {
+                ""
+            } else {
+                "qemu-system-x86_64 not installed; "
+            },
+            if kvm { "" } else { "/dev/kvm missing" }
+        );
+    }
+    kvm && qemu
+}
+
+struct Run {
+    /// QEMU's exit status, or `None` when the test stopped it (see `stop_when`).
+    status: Option<i32>,
+    output: String,
+}
+
+/// Boots `kernel` with `append`; returns when QEMU exits or, if `stop_when` matches the
+/// serial output so far, kills QEMU and returns.
+fn boot(kernel: &Path, append: &str, smp: u32, stop_when: Option<&dyn Fn(&str) -> bool>) -> Run {
+    let mut child = Command::new(QEMU)
+        .args(["-accel", "kvm", "-M", "q35", "-m", "128", "-nodefaults"])
+        .args(["-display", "none", "-serial", "stdio", "-no-reboot"])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
+        .args(["-smp", &smp.to_string()])
+        .arg("-kernel")
+        .arg(kernel)
+        .args(["-append", append])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn qemu");
+    let out = Arc::new(Mutex::new(Vec::new()));
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = {
+        let out = out.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                out.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        })
+    };
+    let start = Instant::now();
+    let text = || String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait for qemu") {
+            break st.code();
+        }
+        if let Some(f) = stop_when {
+            if f(&text()) {
+                child.kill().ok();
+                child.wait().ok();
+                break None;
+            }
+        }
+        if start.elapsed() > KILL_AFTER {
+            child.kill().ok();
+            child.wait().ok();
+            panic!(
+                "QEMU did not finish within {KILL_AFTER:?}; output so far:\n{}",
+                text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    reader.join().unwrap();
+    Run {
+        status,
+        output: text(),
+    }
+}
+
+fn assert_contains(run: &Run, needle: &str) {
+    assert!(
+        run.output.contains(needle),
+        "expected {needle:?} in the output:\n{}",
+        run.output
+    );
+}
+
+#[test]
+fn hello_exits_with_the_requested_code() {
+    if !qemu_available() {
+        return;
+    }
+    let run = boot(test_guests::hello_path(), "foo exit=7 bar", 1, None);
+    assert_contains(&run, "hello: booted cmdline=foo exit=7 bar\nhello: done\n");
+    assert_eq!(run.status, Some((7 << 1) | 1), "{}", run.output);
+}
+
+#[test]
+fn hello_powers_off_without_exit_key() {
+    if !qemu_available() {
+        return;
+    }
+    let run = boot(test_guests::hello_path(), "", 1, None);
+    assert_contains(&run, "hello: booted cmdline=\nhello: done\n");
+    assert_eq!(run.status, Some(0), "{}", run.output);
+}
+
+#[test]
+fn pattern_passes_are_consistent() {
+    if !qemu_available() {
+        return;
+    }
+    let stop = |s: &str| s.contains("\npass=200\n") || s.contains("STALE");
+    let run = boot(
+        test_guests::pattern_path(),
+        "mib=8 every=50",
+        1,
+        Some(&stop),
+    );
+    assert_contains(&run, "pattern: booted mib=8 start=4 every=50\n");
+    assert!(!run.output.contains("STALE"), "{}", run.output);
+    assert_eq!(run.status, None, "guest exited early:\n{}", run.output);
+    for p in [50, 100, 150, 200] {
+        assert_contains(&run, &format!("B\npass={p}\nB"));
+    }
+    let markers = run.output.matches('B').count();
+    assert!(markers >= 200, "{markers} markers:\n{}", run.output);
+}
+
+#[test]
+fn pattern_rejects_a_region_outside_ram() {
+    if !qemu_available() {
+        return;
+    }
+    let run = boot(test_guests::pattern_path(), "start=8 mib=512", 1, None);
+    assert_contains(&run, "pattern: booted mib=512 start=8 every=100\n");
+    assert_contains(&run, "pattern: bad region start=8 mib=512");
+    assert_eq!(
+        run.status,
+        Some(((test_guests::PATTERN_EXIT_BAD_REGION as i32) << 1) | 1)
+    );
+}
+
+#[test]
+fn smp_brings_up_all_cpus() {
+    if !qemu_available() {
+        return;
+    }
+    let run = boot(test_guests::smp_path(), "cpus=2", 2, None);
+    assert_contains(&run, "smp: booted cpus=2 timeout=10\nsmp: bsp apic=0\n");
+    assert_contains(&run, "smp: cpu apic=1 up\n");
+    assert_contains(&run, "smp: all 2 cpus up\n");
+    assert_eq!(run.status, Some(1), "{}", run.output);
+}
+
+#[test]
+fn smp_reports_missing_cpus() {
+    if !qemu_available() {
+        return;
+    }
+    let run = boot(test_guests::smp_path(), "cpus=3 timeout=1", 2, None);
+    assert_contains(&run, "smp: cpu apic=1 up\n");
+    assert_contains(&run, "smp: timeout 2 of 3\n");
+    assert_eq!(
+        run.status,
+        Some(((test_guests::SMP_EXIT_TIMEOUT as i32) << 1) | 1)
+    );
+}
+
+#[test]
+fn timer_counts_lapic_and_pit_interrupts() {
+    if !qemu_available() {
+        return;
+    }
+    let run = boot(test_guests::timer_path(), "lapic=20 pit=15", 1, None);
+    assert_contains(&run, "timer: booted lapic=20 pit=15\n");
+    assert_contains(&run, "timer: lapic=20 pit=15\n");
+    assert_eq!(run.status, Some(1), "{}", run.output);
+}
