@@ -57,6 +57,9 @@ pub enum SendError {
     Protocol(String),
 }
 
+/// A progress callback.
+pub type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
+
 /// What the caller controls.
 pub struct SendOptions {
     /// Copy memory, or hand the memfds over (Unix socket only).
@@ -72,7 +75,7 @@ pub struct SendOptions {
     /// Downtime target in ms, changeable while the migration runs (overrides `limits`).
     pub downtime_ms: Arc<std::sync::atomic::AtomicU64>,
     /// Called after every pre-copy iteration (the launcher publishes it on its API).
-    pub progress: Option<Arc<dyn Fn(&Progress) + Send + Sync>>,
+    pub progress: Option<ProgressFn>,
 }
 
 /// Turns KVM dirty logging on, and off again on drop, whatever happens.

@@ -262,7 +262,7 @@ fn crc32(data: &[u8]) -> u32 {
 /// A stopped, valid snapshot of a small `pattern` VM, and its bytes.
 fn good_snapshot(dir: &TempDir) -> (PathBuf, Vec<u8>) {
     let file = dir.join("good.snap");
-    let mut l = boot_pattern(&dir_for(dir), "source.log", "32M", 1, 1);
+    let mut l = boot_pattern(dir, "source.log", "32M", 1, 1);
     snapshot(&l, &file, true);
     assert_eq!(l.wait().code(), Some(0), "stderr: {}", l.stderr());
     let bytes = std::fs::read(&file).expect("read snapshot");
@@ -274,12 +274,6 @@ fn good_snapshot(dir: &TempDir) -> (PathBuf, Vec<u8>) {
         "no memory records: {recs:?}"
     );
     (file, bytes)
-}
-
-fn dir_for(dir: &TempDir) -> TempDir {
-    // The source VM's files live in their own directory, next to the snapshot's.
-    let _ = dir;
-    TempDir::new("snap-source")
 }
 
 /// `launcher run --restore file` must fail with one `launcher: ` line mentioning every
@@ -337,10 +331,7 @@ fn truncated_snapshots_are_refused() {
     ];
     for (name, cut) in cuts {
         let f = write_variant(&dir, name, &good[..cut]);
-        assert_restore_refused(&dir, name, &f, &["snapshot"]);
-        if cut >= HEADER {
-            assert_restore_refused(&dir, name, &f, &["truncated"]);
-        }
+        assert_restore_refused(&dir, name, &f, &["snapshot", "truncated"]);
     }
 }
 

@@ -264,6 +264,9 @@ impl GuestRam {
     /// # Safety
     /// No vCPU may run on this memory and no other view of the range may be in use
     /// while the returned slice lives (the receiver holds memory that no VM runs yet).
+    // The mutable view comes from the shared mapping, not from `&self`: guest memory is
+    // interior-mutable by nature, and exclusivity is the caller's contract.
+    #[allow(clippy::mut_from_ref)]
     pub unsafe fn host_slice_mut(&self, gpa: u64, len: u64) -> Option<&mut [u8]> {
         let ptr = self.host_ptr(gpa, len)?;
         // SAFETY: inside a live mapping (checked by `host_ptr`); exclusivity is the caller's
