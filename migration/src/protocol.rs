@@ -33,7 +33,8 @@
 //!                                          ◀──────── Accept{version} | Refuse{reason}
 //!  copy mode:  Memory frames, IterationDone{0}, Memory frames,
 //!              IterationDone{1}, ...  ─────────────▶ write into guest memory
-//!  local mode: MemoryFds{regions} + SCM_RIGHTS ───▶ map and pre-fault the fds
+//!  local mode: MemoryFds{regions} + SCM_RIGHTS ───▶ map and pre-fault the fds,
+//!                                          ◀──────── MemoryMapped   create the VM shell
 //!  pause vCPUs                       (downtime starts)
 //!  copy mode: last Memory frames ──────────────────▶
 //!  State{bytes} (a State frame), Complete ─────────▶ load memory and state
@@ -391,6 +392,10 @@ pub enum ReceiverMessage {
     Error {
         reason: String,
     },
+    /// Local mode: the receiver mapped and pre-faulted the handed-over memory and
+    /// prepared the VM shell; the sender may pause now (appended last so that the
+    /// encodings of the frozen messages stay as they were).
+    MemoryMapped,
 }
 
 impl ReceiverMessage {
@@ -402,6 +407,7 @@ impl ReceiverMessage {
             ReceiverMessage::Started { .. } => "Started",
             ReceiverMessage::Abort { .. } => "Abort",
             ReceiverMessage::Error { .. } => "Error",
+            ReceiverMessage::MemoryMapped => "MemoryMapped",
         }
     }
 }
@@ -758,6 +764,7 @@ impl SenderPhase {
                     ),
                 })
             }
+            (SenderPhase::Precopy, ReceiverMessage::MemoryMapped) => return Ok(()),
             (SenderPhase::AwaitReady, ReceiverMessage::Ready) => {
                 *self = SenderPhase::ReadyToGo;
                 return Ok(());

@@ -162,10 +162,20 @@ fn receive_on<R: Read, W: std::io::Write>(
         ));
     }
     let layout: MemoryLayout = hello.memory.clone();
-    let mut ram = match hello.mode {
-        MigrationMode::Copy => match GuestRam::new(total) {
-            Ok(r) => Some(r),
-            Err(e) => return Err(refuse(w, RefuseReason::LoadFailed(e.to_string()))),
+    let Ok(vcpus) = u8::try_from(hello.vcpus) else {
+        return Err(refuse(
+            w,
+            RefuseReason::InvalidConfig(format!("{} vCPUs", hello.vcpus)),
+        ));
+    };
+    // Build the VM shell now, while the source runs: it keeps KVM setup out of the pause.
+    let mut prepared = match hello.mode {
+        MigrationMode::Copy => match GuestRam::new(total)
+            .map_err(|e| e.to_string())
+            .and_then(|ram| Vm::prepare(ram, vcpus).map_err(|e| e.to_string()))
+        {
+            Ok(p) => Some(p),
+            Err(e) => return Err(refuse(w, RefuseReason::LoadFailed(e))),
         },
         MigrationMode::Local => None,
     };
@@ -185,10 +195,10 @@ fn receive_on<R: Read, W: std::io::Write>(
         match h.frame_type {
             FrameType::Memory => {
                 phase.advance(Incoming::Memory).map_err(proto)?;
-                let ram = ram.as_ref().ok_or_else(|| {
+                let vm = prepared.as_ref().ok_or_else(|| {
                     ReceiveError::Protocol("memory frame before memory exists".into())
                 })?;
-                r.read_memory(&h, &layout, &mut RamSink(ram))?;
+                r.read_memory(&h, &layout, &mut RamSink(vm.ram()))?;
             }
             FrameType::State => {
                 phase.advance(Incoming::State).map_err(proto)?;
@@ -221,7 +231,12 @@ fn receive_on<R: Read, W: std::io::Write>(
                             .map_err(|e| refuse(w, RefuseReason::LoadFailed(e.to_string())))?;
                         // Map and fault in now, while the source guest still runs.
                         adopted.prefault();
-                        ram = Some(adopted);
+                        prepared = Some(
+                            Vm::prepare(adopted, vcpus)
+                                .map_err(|e| refuse(w, RefuseReason::LoadFailed(e.to_string())))?,
+                        );
+                        // Only now may the sender pause: the pause pays for registers only.
+                        w.write_control(&ReceiverMessage::MemoryMapped)?;
                     }
                     SenderMessage::IterationDone { .. } => {}
                     SenderMessage::Complete => break,
@@ -238,8 +253,10 @@ fn receive_on<R: Read, W: std::io::Write>(
             }
         }
     }
+    let t_complete = Instant::now();
     let state_bytes = state_bytes.ok_or_else(|| ReceiveError::Protocol("no state frame".into()))?;
-    let ram = ram.ok_or_else(|| ReceiveError::Protocol("no guest memory arrived".into()))?;
+    let prepared =
+        prepared.ok_or_else(|| ReceiveError::Protocol("no guest memory arrived".into()))?;
     let state = VmState::from_bytes(&state_bytes)
         .map_err(|e| refuse(w, RefuseReason::LoadFailed(e.to_string())))?;
     if state.config.machine_type != hello.machine_type
@@ -251,9 +268,14 @@ fn receive_on<R: Read, W: std::io::Write>(
             RefuseReason::InvalidConfig("the state does not match the Hello".into()),
         ));
     }
-    let vm = Vm::restore(state, ram, serial)
+    let vm = prepared
+        .restore(state, serial)
         .map_err(|e| refuse(w, RefuseReason::LoadFailed(e.to_string())))?;
     w.write_control(&ReceiverMessage::Ready)?;
+    tracing::info!(
+        restore_us = t_complete.elapsed().as_micros() as u64,
+        "state loaded; waiting for Go"
+    );
     match r.read_control_frame::<SenderMessage>()? {
         SenderMessage::Go => {}
         SenderMessage::Cancel { reason } | SenderMessage::Error { reason } => {

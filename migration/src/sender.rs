@@ -126,7 +126,7 @@ impl Throttler {
                         vm.throttle(slice);
                         st.fetch_add(slice.as_micros() as u64, Ordering::Relaxed);
                     }
-                    std::thread::sleep(THROTTLE_PERIOD);
+                    std::thread::park_timeout(THROTTLE_PERIOD);
                 }
             })
             .ok();
@@ -151,6 +151,7 @@ impl Drop for Throttler {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
+            t.thread().unpark();
             let _ = t.join();
         }
     }
@@ -502,6 +503,12 @@ fn run(
             transport::send_fds(unix, &frame, &vm.ram().raw_fds()).map_err(|e| {
                 SendError::Frame(FrameError::Io(std::io::Error::other(e.to_string())))
             })?;
+            // Wait until the destination has mapped the memory and built the VM shell,
+            // so that none of that happens inside the pause.
+            let mapped = s.wait_back(READY_TIMEOUT, "MemoryMapped")?;
+            s.phase
+                .advance(&mapped)
+                .map_err(|e| SendError::Protocol(e.to_string()))?;
             s.report.setup_ms = ms(start.elapsed());
             s.report.iterations = 1;
             logging = None;
@@ -542,6 +549,12 @@ fn run(
                 if dirty_bytes < stats.remaining_dirty_bytes || stats.iteration == 0 {
                     stats.last_progress = stats.elapsed;
                 }
+                // Iteration 0 "had" everything it sent left to send.
+                stats.previous_remaining_dirty_bytes = if stats.iteration == 0 {
+                    period_sent
+                } else {
+                    stats.remaining_dirty_bytes
+                };
                 stats.remaining_dirty_bytes = dirty_bytes;
                 stats.transferred_bytes = s.w.bytes_written();
                 s.report.dirty_rate_pages_per_s = stats.dirty_rate_bytes_per_s / PAGE_SIZE;
@@ -567,7 +580,11 @@ fn run(
                 if let Some(cb) = &s.opts.progress {
                     cb(&progress);
                 }
-                match policy::decide(&stats, &limits) {
+                let decision = policy::decide(&stats, &limits);
+                if policy::fits_target(&stats, &limits) {
+                    stats.iterations_within_target += 1;
+                }
+                match decision {
                     Decision::SwitchOver => break,
                     Decision::Abort(reason) => {
                         return Err(SendError::Abandoned(reason.to_string()))
@@ -610,6 +627,7 @@ fn run(
         s.collect_dirty(&mut dirty)?;
         s.send_dirty(&mut dirty)?;
     }
+    let t_dirty = pause_at.elapsed();
     let state = vm
         .save_state(&guard)
         .map_err(|e| SendError::Vm(e.to_string()))?;
@@ -619,7 +637,14 @@ fn run(
     s.phase
         .sent_complete()
         .map_err(|e| SendError::Protocol(e.to_string()))?;
+    let t_sent = pause_at.elapsed();
     let ready = s.wait_back(READY_TIMEOUT, "Ready")?;
+    tracing::info!(
+        final_pages_us = t_dirty.as_micros() as u64,
+        state_sent_us = t_sent.as_micros() as u64,
+        ready_us = pause_at.elapsed().as_micros() as u64,
+        "switch-over"
+    );
     s.phase
         .advance(&ready)
         .map_err(|e| SendError::Protocol(e.to_string()))?;

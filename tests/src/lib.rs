@@ -247,3 +247,266 @@ pub fn wait_console_until(l: &mut Launcher, what: &str, pred: impl Fn(&str) -> b
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+// ---------------------------------------------------------------------------
+// Live-migration helpers (tests/tests/migration.rs, tests/tests/migration_faults.rs).
+// ---------------------------------------------------------------------------
+
+/// `path` as UTF-8 (test paths always are).
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// `console` up to and including its last newline (a running guest may be in the middle
+/// of printing a line).
+pub fn complete_lines(console: &str) -> &str {
+    console.rfind('\n').map_or("", |i| &console[..=i])
+}
+
+/// The highest `pass=` number in the complete lines of a `pattern` console (0 if none).
+pub fn last_pass(console: &str) -> u64 {
+    pattern_passes(complete_lines(console))
+        .into_iter()
+        .max()
+        .unwrap_or(0)
+}
+
+/// Check the `pattern` console invariants over a console log that may span several
+/// launchers (one boot, any number of migrations): exactly one boot banner, no stale
+/// page, every `pass=N` line comes after exactly N `B` markers since the banner and the
+/// numbers go up by `every`. A pass lost, repeated or printed twice across a handover
+/// breaks the count.
+pub fn assert_pattern_consistent(console: &str, every: u64) {
+    assert!(!console.contains("STALE"), "stale page:\n{console}");
+    assert_eq!(
+        pattern_boots(console),
+        1,
+        "the guest booted more than once (or never):\n{console}"
+    );
+    let mut markers = 0u64;
+    let mut last = 0u64;
+    for line in complete_lines(console).lines() {
+        markers += line.matches('B').count() as u64;
+        if let Some(n) = line.trim().strip_prefix("pass=") {
+            let n: u64 = n
+                .trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("bad line {line:?}"));
+            assert_eq!(n, last + every, "pass numbers skip or repeat:\n{console}");
+            assert_eq!(
+                markers, n,
+                "pass={n} printed after {markers} pass markers:\n{console}"
+            );
+            last = n;
+        }
+    }
+}
+
+/// Wait until the `pattern` console (shared by all launchers of one VM) shows a pass
+/// number above `after`, while `l` runs; returns that number. Panics on a stale page.
+pub fn wait_pass_beyond(l: &mut Launcher, after: u64) -> u64 {
+    let text = wait_console_until(l, &format!("a pass= line above {after}"), |c| {
+        c.contains("STALE") || last_pass(c) > after
+    });
+    assert!(!text.contains("STALE"), "stale page:\n{text}");
+    last_pass(&text)
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; good enough for a test).
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// Start `launcher run --incoming URI` with its console appended to `serial` and an API
+/// socket; returns once the API answers (the migration listener is bound before the API
+/// socket, so the destination is ready to be connected to).
+pub fn incoming(uri: &str, serial: &Path, api_sock: &Path) -> Launcher {
+    let mut l = Launcher::run(&["--incoming", uri], serial, Some(api_sock));
+    l.wait_api();
+    l
+}
+
+/// `launcher migrate` running in the background (killed on drop).
+pub struct MigrateJob {
+    child: Option<Child>,
+    dir: PathBuf,
+}
+
+/// How a `launcher migrate` ended: its exit status, the JSON report it printed and stderr.
+#[derive(Debug)]
+pub struct MigrateOutcome {
+    /// Exit status of `launcher migrate`.
+    pub status: ExitStatus,
+    /// The report (`Null` when stdout held no JSON).
+    pub report: serde_json::Value,
+    /// What it printed on stderr (progress lines, errors).
+    pub stderr: String,
+}
+
+impl MigrateOutcome {
+    /// A string field of the report ("" when absent).
+    pub fn str(&self, key: &str) -> &str {
+        self.report.get(key).and_then(|v| v.as_str()).unwrap_or("")
+    }
+
+    /// An integer field of the report (panics when absent).
+    pub fn u64(&self, key: &str) -> u64 {
+        self.report
+            .get(key)
+            .and_then(|v| v.as_u64())
+            .unwrap_or_else(|| panic!("report has no integer {key:?}: {}", self.report))
+    }
+}
+
+impl MigrateJob {
+    /// Start `launcher migrate --api-socket API --to TO <extra>`; stdout and stderr go to
+    /// files in `dir`.
+    pub fn start(api_sock: &Path, to: &str, extra: &[&str], dir: &Path) -> Self {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = dir.join(format!("migrate-{}", N.fetch_add(1, Ordering::SeqCst)));
+        std::fs::create_dir_all(&dir).expect("migrate job dir");
+        let out = std::fs::File::create(dir.join("stdout")).expect("stdout file");
+        let err = std::fs::File::create(dir.join("stderr")).expect("stderr file");
+        let child = Command::new(bin("launcher"))
+            .arg("migrate")
+            .arg("--api-socket")
+            .arg(api_sock)
+            .arg("--to")
+            .arg(to)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("spawn launcher migrate");
+        Self {
+            child: Some(child),
+            dir,
+        }
+    }
+
+    /// True while `launcher migrate` runs.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Wait for it to end (safety deadline) and parse its report.
+    pub fn finish(mut self) -> MigrateOutcome {
+        let mut child = self.child.take().expect("child");
+        let deadline = Instant::now() + SAFETY;
+        let status = loop {
+            if let Some(s) = child.try_wait().expect("try_wait") {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "launcher migrate did not end within the safety deadline; stderr:\n{}",
+                    std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let stdout = std::fs::read_to_string(self.dir.join("stdout")).unwrap_or_default();
+        let stderr = std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default();
+        let report = stdout
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str(l.trim()).ok())
+            .unwrap_or(serde_json::Value::Null);
+        MigrateOutcome {
+            status,
+            report,
+            stderr,
+        }
+    }
+}
+
+impl Drop for MigrateJob {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Run `launcher migrate` to its end.
+pub fn migrate(api_sock: &Path, to: &str, extra: &[&str], dir: &Path) -> MigrateOutcome {
+    MigrateJob::start(api_sock, to, extra, dir).finish()
+}
+
+/// `GET /v1/migrate` on a source launcher: the progress object.
+pub fn migrate_progress(api_sock: &Path) -> serde_json::Value {
+    let (status, v) = api(api_sock, "GET", "/v1/migrate", None);
+    assert_eq!(status, 200, "GET /v1/migrate: {v}");
+    v
+}
+
+/// Poll `GET /v1/migrate` until `pred` holds for a progress object (safety deadline),
+/// returning every distinct object seen (in order) up to and including that one. Panics
+/// if the migration ends first (`job` no longer running).
+pub fn wait_progress(
+    api_sock: &Path,
+    job: &mut MigrateJob,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + SAFETY;
+    let mut seen: Vec<serde_json::Value> = Vec::new();
+    loop {
+        let p = migrate_progress(api_sock);
+        if p.get("iteration").is_some() && seen.last() != Some(&p) {
+            seen.push(p.clone());
+        }
+        if pred(&p) {
+            return seen;
+        }
+        assert!(
+            job.running(),
+            "the migration ended before {what}; progress seen: {seen:?}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "{what} never happened; progress seen: {seen:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `GET /v1/status` → the `state` field.
+pub fn vm_state(api_sock: &Path) -> String {
+    let (status, v) = api(api_sock, "GET", "/v1/status", None);
+    assert_eq!(status, 200, "GET /v1/status: {v}");
+    v.get("state")
+        .and_then(|s| s.as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Send SIGKILL to a child launcher (by its pid) and reap it.
+pub fn kill_hard(l: &mut Launcher) -> ExitStatus {
+    let _ = l.child.kill();
+    l.child.wait().expect("wait for killed launcher")
+}
+
+/// Stop a launcher through `PUT /v1/shutdown` and check that it exits 0.
+pub fn shutdown(l: &mut Launcher) {
+    let sock = l.api.clone().expect("API socket");
+    let (status, body) = api(&sock, "PUT", "/v1/shutdown", None);
+    assert_eq!(status, 200, "shutdown refused: {body}");
+    let st = l.wait();
+    assert_eq!(st.code(), Some(0), "stderr: {}", l.stderr());
+}
+
+/// Wait until the `pattern` guest prints a pass number above the highest one in its
+/// console now (it is still making progress); returns it.
+pub fn wait_new_pass(l: &mut Launcher) -> u64 {
+    let now = last_pass(&l.console());
+    wait_pass_beyond(l, now)
+}

@@ -174,68 +174,30 @@ impl Vm {
     }
 
     /// Rebuild a VM from a saved state and its memory. The vCPUs start paused:
-    /// the returned guard resumes them when dropped (or call `keep_paused`).
+    /// call [`Vm::start_restored`] to let them run.
     pub fn restore(
         state: VmState,
         ram: GuestRam,
         serial_out: SerialOut,
     ) -> Result<Self, MachineError> {
-        state.config.validate()?;
-        if ram.size() != state.config.memory_bytes {
-            return Err(MachineError::Restore(format!(
-                "memory is {} bytes but the state describes {}",
-                ram.size(),
-                state.config.memory_bytes
-            )));
-        }
-        if state.vcpus.len() != state.config.vcpus as usize {
-            return Err(MachineError::Restore(format!(
-                "state has {} vCPUs but the configuration says {}",
-                state.vcpus.len(),
-                state.config.vcpus
-            )));
-        }
+        let vcpus = state.config.vcpus;
+        Self::prepare(ram, vcpus)?.restore(state, serial_out)
+    }
+
+    /// The expensive half of a restore, done before the state exists: create the KVM
+    /// VM, register `ram`, create `vcpus` vCPUs. An incoming migration does this while
+    /// the source still runs, so that the pause only pays for loading registers.
+    pub fn prepare(ram: GuestRam, vcpus: u8) -> Result<PreparedVm, MachineError> {
         let mut kvm = KvmVm::new()?;
         kvm.register_memory(&ram)?;
         let irq = serial_irq()?;
         kvm.fd()
             .register_irqfd(&irq, layout::COM1_IRQ)
             .map_err(|e| MachineError::Host(format!("irqfd: {e}")))?;
-        let platform = Platform::from_state(irq, serial_out, &state.platform)?;
-        let (stop_tx, stop_rx) = channel();
-        let mut fds = Vec::new();
-        for s in &state.vcpus {
-            let fd = vcpu::create(kvm.fd(), s.id)?;
-            vcpu::restore_state(&fd, s)?;
-            fds.push((fd, s.cpuid.clone()));
-        }
-        // Irqchip after the vCPUs' LAPICs exist, as KVM requires for consistent routing.
-        kvm.restore(&state.kvm)?;
-        let msr_list: Vec<u32> = state.vcpus[0].msrs.iter().map(|m| m.index).collect();
-        let mut vcpus = Vec::new();
-        for (id, (fd, cpuid)) in fds.into_iter().enumerate() {
-            vcpus.push(VcpuHandle::spawn(
-                id as u8,
-                fd,
-                VcpuContext {
-                    pio: platform.pio_bus().clone(),
-                    mmio: platform.mmio_bus().clone(),
-                    stop: stop_tx.clone(),
-                    cpuid,
-                    msr_list: msr_list.clone(),
-                    start_paused: true,
-                },
-            )?);
-        }
-        Ok(Self {
-            vcpus,
-            platform,
-            kvm,
-            ram,
-            config: state.config,
-            stop_rx: Mutex::new(stop_rx),
-            pause_depth: Mutex::new(1),
-        })
+        let fds = (0..vcpus)
+            .map(|id| vcpu::create(kvm.fd(), id))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(PreparedVm { kvm, ram, irq, fds })
     }
 
     /// Let a restored VM run (it starts paused with depth 1).
@@ -346,6 +308,77 @@ impl Vm {
     /// The platform devices.
     pub fn platform(&self) -> &Platform {
         &self.platform
+    }
+}
+
+/// A VM shell without state: KVM VM, registered memory and vCPUs, nothing running.
+/// Made by [`Vm::prepare`]; becomes a [`Vm`] with [`PreparedVm::restore`].
+pub struct PreparedVm {
+    fds: Vec<kvm_ioctls::VcpuFd>,
+    kvm: KvmVm,
+    ram: GuestRam,
+    irq: EventFd,
+}
+
+impl PreparedVm {
+    /// The guest memory (an incoming copy migration writes pages into it).
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// Load `state` and create the devices; the vCPUs start paused.
+    pub fn restore(self, state: VmState, serial_out: SerialOut) -> Result<Vm, MachineError> {
+        let Self { fds, kvm, ram, irq } = self;
+        state.config.validate()?;
+        if ram.size() != state.config.memory_bytes {
+            return Err(MachineError::Restore(format!(
+                "memory is {} bytes but the state describes {}",
+                ram.size(),
+                state.config.memory_bytes
+            )));
+        }
+        if state.vcpus.len() != state.config.vcpus as usize || fds.len() != state.vcpus.len() {
+            return Err(MachineError::Restore(format!(
+                "state has {} vCPUs, the configuration says {} and {} were prepared",
+                state.vcpus.len(),
+                state.config.vcpus,
+                fds.len()
+            )));
+        }
+        let platform = Platform::from_state(irq, serial_out, &state.platform)?;
+        let (stop_tx, stop_rx) = channel();
+        let mut ready = Vec::new();
+        for (fd, s) in fds.into_iter().zip(&state.vcpus) {
+            vcpu::restore_state(&fd, s)?;
+            ready.push((fd, s.cpuid.clone()));
+        }
+        // Irqchip after the vCPUs' LAPICs exist, as KVM requires for consistent routing.
+        kvm.restore(&state.kvm)?;
+        let msr_list: Vec<u32> = state.vcpus[0].msrs.iter().map(|m| m.index).collect();
+        let mut vcpus = Vec::new();
+        for (id, (fd, cpuid)) in ready.into_iter().enumerate() {
+            vcpus.push(VcpuHandle::spawn(
+                id as u8,
+                fd,
+                VcpuContext {
+                    pio: platform.pio_bus().clone(),
+                    mmio: platform.mmio_bus().clone(),
+                    stop: stop_tx.clone(),
+                    cpuid,
+                    msr_list: msr_list.clone(),
+                    start_paused: true,
+                },
+            )?);
+        }
+        Ok(Vm {
+            vcpus,
+            platform,
+            kvm,
+            ram,
+            config: state.config,
+            stop_rx: Mutex::new(stop_rx),
+            pause_depth: Mutex::new(1),
+        })
     }
 }
 

@@ -554,11 +554,7 @@ fn decide_update(
             ));
         }
     }
-    if !target
-        .machine_types
-        .iter()
-        .any(|m| *m == vm.spec.machine_type)
-    {
+    if !target.machine_types.contains(&vm.spec.machine_type) {
         return Err(format!(
             "target launcher {} does not offer machine type {}",
             target.version, vm.spec.machine_type

@@ -498,6 +498,7 @@ impl Daemon {
             target_api_socket,
             target_version,
             record: current,
+            incoming,
             ..
         } = vm.status.state.clone()
         else {
@@ -545,6 +546,13 @@ impl Daemon {
         match result {
             MigrationResult::Completed { .. } => {
                 tracing::info!(vm = name, to = %target_version, downtime_ms = ?downtime, "migration completed");
+                // The old launcher's socket and the handover socket are not needed any more.
+                for stale in [vm.status.api_socket.as_deref(), Some(incoming.as_str())]
+                    .into_iter()
+                    .flatten()
+                {
+                    let _ = std::fs::remove_file(stale);
+                }
                 vm.status.pid = target_pid;
                 vm.status.api_socket = Some(target_api_socket);
                 vm.status.launcher_version = Some(target_version);
@@ -691,15 +699,9 @@ impl Daemon {
 
 /// Runs noded until SIGTERM/SIGINT. Launchers keep running after noded exits.
 pub async fn run(opts: Options) -> Result<(), DaemonError> {
-    let probe = opts
-        .state_dir
-        .join("vms")
-        .join("x".repeat(63))
-        .join("migrate-999999.sock");
-    for p in [&opts.socket, &probe] {
-        if p.as_os_str().len() > MAX_SOCKET_PATH {
-            return Err(DaemonError::PathTooLong(p.display().to_string()));
-        }
+    // (Each VM's socket paths are checked when it is created, with its real name.)
+    if opts.socket.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(DaemonError::PathTooLong(opts.socket.display().to_string()));
     }
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<Command>(64);

@@ -94,7 +94,7 @@ impl GoDuration {
     /// Formats like Go does for whole seconds: `1m0s`, `30s`, `1h0m0s`.
     pub fn format(&self) -> String {
         let ms = self.0.as_millis();
-        if ms % 1000 != 0 {
+        if !ms.is_multiple_of(1000) {
             return format!("{ms}ms");
         }
         let s = ms / 1000;

@@ -129,7 +129,7 @@ pub fn incoming_args(incoming: &Path, serial: &Path, api_socket: &Path) -> Vec<S
 
 /// The `--memory` value: whole MiB as `<n>M` when possible, else bytes.
 pub fn memory_arg(bytes: u64) -> String {
-    if bytes % (1 << 20) == 0 {
+    if bytes.is_multiple_of(1 << 20) {
         format!("{}M", bytes >> 20)
     } else {
         bytes.to_string()

@@ -1,0 +1,565 @@
+//! End to end: noded keeps tiny guests running in real launchers and moves them to a newly
+//! installed launcher version, following the settings (issue 4).
+//!
+//! Version A is `target/debug/launcher` (0.1.0 unless built with LAUNCHER_VERSION).
+//! Version B is a small wrapper script around the same binary that reports a higher version
+//! in `capabilities` (and sets LAUNCHER_VERSION_OVERRIDE for launchers that honour it):
+//! noded only knows launchers by what they report, so this exercises every path of a real
+//! update (a real migration between two processes) without a second build of the tree.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use integration_tests::{bin, guests, TempDir, SAFETY};
+use serde_json::Value;
+
+/// A noded on a temporary state directory, killed (with its launchers) on drop.
+struct Node {
+    dir: TempDir,
+    daemon: Option<Child>,
+}
+
+impl Node {
+    fn start(name: &str, config: &str) -> Node {
+        let dir = TempDir::new(&format!("node-{name}"));
+        std::fs::write(dir.join("config.yaml"), config).expect("write config");
+        let mut n = Node { dir, daemon: None };
+        n.spawn_daemon();
+        n
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.state().join("noded.sock")
+    }
+
+    fn spawn_daemon(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("noded.log"))
+            .expect("log");
+        let child = Command::new(bin("noded"))
+            .arg("--state-dir")
+            .arg(self.state())
+            .arg("--config")
+            .arg(self.dir.join("config.yaml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn noded");
+        self.daemon = Some(child);
+        let deadline = Instant::now() + SAFETY;
+        while self.try_ctl(&["status"]).is_err() {
+            let exited = self
+                .daemon
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            assert!(
+                exited.is_none(),
+                "noded exited ({exited:?}):\n{}",
+                self.log()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "noded does not answer:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL noded (its launchers keep running in their own sessions).
+    fn kill_daemon(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("noded.log")).unwrap_or_default()
+    }
+
+    fn try_ctl(&self, args: &[&str]) -> Result<Value, String> {
+        let out = Command::new(bin("nodectl"))
+            .arg("--socket")
+            .arg(self.socket())
+            .args(["-o", "json"])
+            .args(args)
+            .output()
+            .expect("run nodectl");
+        if out.status.success() {
+            serde_json::from_slice(&out.stdout).map_err(|e| format!("nodectl printed no JSON: {e}"))
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        }
+    }
+
+    fn ctl(&self, args: &[&str]) -> Value {
+        self.try_ctl(args)
+            .unwrap_or_else(|e| panic!("nodectl {args:?} failed: {e}\nnoded log:\n{}", self.log()))
+    }
+
+    fn file(&self, name: &str, text: &str) -> String {
+        let p = self.dir.join(name);
+        std::fs::write(&p, text).expect("write file");
+        p.display().to_string()
+    }
+
+    fn config(&self, yaml: &str) {
+        let f = self.file("patch.yaml", yaml);
+        self.ctl(&["config", "set", "-f", &f]);
+    }
+
+    fn install(&self, path: &Path) -> Value {
+        self.ctl(&[
+            "launcher",
+            "install",
+            "--path",
+            path.to_str().expect("utf-8"),
+        ])
+    }
+
+    fn create(&self, name: &str, extra: &str) -> Value {
+        let spec = format!(
+            "name: {name}\nkernel: {}\ncmdline: mib=4 every=50\nmemory: 32Mi\n{extra}",
+            guests::pattern_path().display()
+        );
+        let f = self.file(&format!("{name}.yaml"), &spec);
+        self.ctl(&["vm", "create", "-f", &f])
+    }
+
+    fn vm(&self, name: &str) -> Value {
+        self.ctl(&["vm", "get", name])
+    }
+
+    fn console(&self, name: &str) -> String {
+        std::fs::read_to_string(self.state().join("vms").join(name).join("console.log"))
+            .unwrap_or_default()
+    }
+
+    fn wait_until<T>(&self, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+        let deadline = Instant::now() + SAFETY;
+        loop {
+            if let Some(v) = f() {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}\nnoded log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until the VM has this phase (and version, when given).
+    fn wait_vm(&self, name: &str, phase: &str, version: Option<&str>) -> Value {
+        self.wait_until(&format!("{name} {phase} on {version:?}"), || {
+            let v = self.vm(name);
+            let ok = v["phase"] == phase && version.is_none_or(|ver| v["launcherVersion"] == ver);
+            ok.then_some(v)
+        })
+    }
+
+    /// Waits until the guest's console shows a pass counter above `above`.
+    fn wait_pass_above(&self, name: &str, above: u64) -> u64 {
+        self.wait_until(&format!("{name} pass > {above}"), || {
+            last_pass(&self.console(name)).filter(|p| *p > above)
+        })
+    }
+
+    /// A launcher wrapper reporting `version`; `run` either runs the real launcher or fails.
+    fn launcher_version(&self, version: &str, broken: bool) -> PathBuf {
+        let real = bin("launcher");
+        let run = if broken {
+            "echo 'broken launcher' >&2\nexit 1".to_string()
+        } else {
+            format!("exec '{}' \"$@\"", real.display())
+        };
+        let script = format!(
+            "#!/bin/sh\nexport LAUNCHER_VERSION_OVERRIDE={version}\nif [ \"$1\" = capabilities ]; then\n  '{}' capabilities | sed 's/\"version\": *\"[^\"]*\"/\"version\":\"{version}\"/'\n  exit 0\nfi\n{run}\n",
+            real.display()
+        );
+        let p = self.dir.join(&format!("launcher-{version}"));
+        std::fs::write(&p, script).expect("write wrapper");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        p
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill_daemon();
+        // Kill every process started for this state directory (launchers carry their
+        // socket paths, inside it, on their command lines).
+        let needle = self.state().display().to_string();
+        for pid in processes_mentioning(&needle) {
+            // SAFETY: plain kill(2) on a pid whose command line names our temp directory.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+fn processes_mentioning(needle: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let zombie = stat
+                .rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'));
+            if !zombie && String::from_utf8_lossy(&cmd).contains(needle) {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+fn last_pass(console: &str) -> Option<u64> {
+    console
+        .split("pass=")
+        .skip(1)
+        .filter_map(|s| s.split_whitespace().next()?.parse().ok())
+        .last()
+}
+
+fn boots(console: &str) -> usize {
+    console.matches("pattern: booted").count()
+}
+
+const HOSTDEV: &str = "hostDevices: [{name: gpu0, deviceName: example.com/gpu}]\n";
+
+#[test]
+fn migratable_vm_moves_to_the_new_launcher_without_a_reboot() {
+    let node = Node::start("migrate", "{}\n");
+    let a = node.install(&bin("launcher"));
+    let va = a["version"].as_str().expect("version").to_string();
+    let created = node.create("web", "runStrategy: Always\n");
+    assert_eq!(
+        created["machineType"], "q35-1.0",
+        "alias resolved at creation"
+    );
+    node.wait_vm("web", "Running", Some(&va));
+    let before = node.wait_pass_above("web", 100);
+
+    node.install(&node.launcher_version("9.0.0", false));
+    let v = node.wait_vm("web", "Running", Some("9.0.0"));
+    assert_eq!(v["outdated"], false);
+    assert_eq!(
+        v["machineType"], "q35-1.0",
+        "machine type unchanged by the update"
+    );
+    // The guest keeps counting in the new launcher: same boot, higher passes, no STALE.
+    let after = node.wait_pass_above("web", before + 100);
+    let console = node.console("web");
+    assert_eq!(
+        boots(&console),
+        1,
+        "the console shows a second boot:\n{console:.2000}"
+    );
+    assert!(!console.contains("STALE"), "guest saw stale memory");
+    assert!(after > before);
+    let recs = node.ctl(&["migrations", "web"]);
+    let recs = recs.as_array().expect("records");
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0]["outcome"], "Succeeded");
+    assert_eq!(recs[0]["sourceVersion"], va.as_str());
+    assert_eq!(recs[0]["targetVersion"], "9.0.0");
+    assert_eq!(recs[0]["report"]["status"], "completed");
+    assert!(recs[0]["report"]["downtime_ms"].as_f64().is_some());
+    assert!(recs[0]["finishedAt"].is_string());
+    let status = node.ctl(&["status"]);
+    assert_eq!(status["targetLauncherVersion"], "9.0.0");
+    assert_eq!(status["outdatedVirtualMachineInstanceWorkloads"], 0);
+    // Exactly one launcher runs the VM.
+    assert_eq!(
+        processes_mentioning(&node.state().join("vms/web/").display().to_string()).len(),
+        1
+    );
+}
+
+#[test]
+fn non_migratable_vms_follow_methods_and_run_strategy() {
+    let node = Node::start("evict", "{}\n");
+    node.install(&bin("launcher"));
+    node.create(
+        "always",
+        &format!("{HOSTDEV}runStrategy: Always\nterminationGracePeriodSeconds: 5\n"),
+    );
+    node.create(
+        "manual",
+        &format!("{HOSTDEV}runStrategy: Manual\nterminationGracePeriodSeconds: 5\n"),
+    );
+    assert_eq!(
+        node.vm("manual")["phase"],
+        "Stopped",
+        "Manual VMs are not started at creation"
+    );
+    node.ctl(&["vm", "start", "manual"]);
+    let va = node.wait_vm("always", "Running", None)["launcherVersion"].clone();
+    node.wait_vm("manual", "Running", None);
+    node.wait_pass_above("always", 0);
+    assert_eq!(node.vm("always")["migratable"], false);
+
+    node.install(&node.launcher_version("9.0.0", false));
+    for name in ["always", "manual"] {
+        let v = node.wait_until("outdated reason", || {
+            let v = node.vm(name);
+            (v["outdated"] == true).then_some(v)
+        });
+        assert_eq!(
+            v["reason"], "not migratable: HostDevicesNotLiveMigratable and Evict is not enabled",
+            "{v}"
+        );
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        node.vm("always")["launcherVersion"],
+        va,
+        "left alone under [LiveMigrate]"
+    );
+    let status = node.ctl(&["status"]);
+    assert_eq!(status["outdatedVirtualMachineInstanceWorkloads"], 2);
+    let upgradeable = status["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == "Upgradeable").cloned())
+        .expect("Upgradeable condition");
+    assert_eq!(upgradeable["status"], "False");
+
+    node.config("workloadUpdateStrategy:\n  workloadUpdateMethods: [LiveMigrate, Evict]\n");
+    let v = node.wait_vm("always", "Running", Some("9.0.0"));
+    assert_eq!(v["machineType"], "q35-1.0");
+    assert_eq!(
+        boots(&node.console("always")),
+        2,
+        "restarted on the new launcher"
+    );
+    let m = node.wait_vm("manual", "Stopped", None);
+    assert!(
+        m["message"].as_str().unwrap_or("").contains("evicted"),
+        "{m}"
+    );
+    assert_eq!(
+        node.ctl(&["status"])["outdatedVirtualMachineInstanceWorkloads"],
+        0
+    );
+}
+
+#[test]
+fn empty_methods_and_manual_approval_hold_the_update() {
+    let node = Node::start("hold", "approvalStrategy: Manual\n");
+    node.install(&bin("launcher"));
+    node.create("db", "");
+    let va = node.wait_vm("db", "Running", None)["launcherVersion"].clone();
+    node.install(&node.launcher_version("9.0.0", false));
+    let status = node.ctl(&["status"]);
+    assert_eq!(status["approvalPending"], true);
+    assert_eq!(status["targetLauncherVersion"], "9.0.0");
+    let v = node.vm("db");
+    assert_eq!(v["outdated"], true);
+    assert_eq!(
+        v["reason"],
+        "waiting for approval of launcher 9.0.0 (nodectl update approve)"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(node.vm("db")["launcherVersion"], va);
+
+    // Approved, but workload updates paused: still nothing moves.
+    node.config("workloadUpdateStrategy: {workloadUpdateMethods: []}\n");
+    let s = node.ctl(&["update", "approve"]);
+    assert_eq!(s["approvalPending"], false);
+    let v = node.vm("db");
+    assert_eq!(
+        v["reason"],
+        "workload updates disabled (workloadUpdateMethods is empty)"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(node.vm("db")["launcherVersion"], va);
+    assert_eq!(
+        node.ctl(&["migrations", "db"]).as_array().map(Vec::len),
+        Some(0)
+    );
+
+    node.config("workloadUpdateStrategy: {workloadUpdateMethods: [LiveMigrate]}\n");
+    node.wait_vm("db", "Running", Some("9.0.0"));
+    assert_eq!(boots(&node.console("db")), 1);
+}
+
+#[test]
+fn evictions_respect_batch_size_and_interval() {
+    let node = Node::start(
+        "batch",
+        "workloadUpdateStrategy:\n  workloadUpdateMethods: [Evict]\n  batchEvictionSize: 1\n  batchEvictionInterval: 3s\n",
+    );
+    node.install(&bin("launcher"));
+    let names = ["b1", "b2", "b3"];
+    for n in names {
+        node.create(n, &format!("{HOSTDEV}terminationGracePeriodSeconds: 5\n"));
+    }
+    for n in names {
+        node.wait_vm(n, "Running", None);
+    }
+    node.install(&node.launcher_version("9.0.0", false));
+    // Record when each VM left its old launcher.
+    let mut moved: Vec<(String, Instant)> = Vec::new();
+    let mut saw_batch_reason = false;
+    let deadline = Instant::now() + SAFETY;
+    while moved.len() < names.len() {
+        assert!(
+            Instant::now() < deadline,
+            "evictions did not finish\n{}",
+            node.log()
+        );
+        for v in node
+            .ctl(&["vm", "list"])
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+        {
+            let name = v["name"].as_str().unwrap_or("").to_string();
+            if v["reason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("waiting for batch window"))
+            {
+                saw_batch_reason = true;
+            }
+            let left = v["phase"] != "Running" || v["launcherVersion"] == "9.0.0";
+            if left && !moved.iter().any(|(n, _)| *n == name) {
+                moved.push((name, Instant::now()));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(saw_batch_reason, "no VM showed the batch-window reason");
+    for w in moved.windows(2) {
+        let gap = w[1].1 - w[0].1;
+        // 3 s windows; allow for polling jitter.
+        assert!(
+            gap >= Duration::from_millis(2500),
+            "{} evicted {gap:?} after {}",
+            w[1].0,
+            w[0].0
+        );
+    }
+    for n in names {
+        node.wait_vm(n, "Running", Some("9.0.0"));
+    }
+}
+
+#[test]
+fn failed_migrations_are_retried_with_backoff_and_records_capped() {
+    let node = Node::start(
+        "retry",
+        "liveMigrationConfig:\n  retryBackoffBaseSeconds: 1\n  retryBackoffMaxSeconds: 1\n  targetReadyTimeoutSeconds: 5\n",
+    );
+    let a = node.install(&bin("launcher"));
+    node.create("web", "");
+    node.wait_vm("web", "Running", None);
+    node.install(&node.launcher_version("9.0.0", true));
+    node.wait_until("at least 6 failed attempts", || {
+        node.log()
+            .matches("migration failed")
+            .count()
+            .ge(&6)
+            .then_some(())
+    });
+    let recs = node.ctl(&["migrations", "web"]);
+    let recs = recs.as_array().cloned().unwrap_or_default();
+    let finished: Vec<_> = recs.iter().filter(|r| r["outcome"] != "Running").collect();
+    assert_eq!(finished.len(), 5, "records capped at 5: {recs:?}");
+    assert!(finished.iter().all(|r| r["outcome"] == "Failed"));
+    assert!(finished[0]["report"]["error"]
+        .as_str()
+        .unwrap_or("")
+        .contains("target launcher"));
+    // The VM keeps running on its old launcher, with the reason.
+    let v = node.vm("web");
+    assert_eq!(v["launcherVersion"], a["version"]);
+    assert_eq!(v["outdated"], true);
+    assert_eq!(boots(&node.console("web")), 1);
+    let v = node.wait_until("a backoff reason", || {
+        let v = node.vm("web");
+        v["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("retrying in"))
+            .then_some(v)
+    });
+    assert!(
+        v["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("after: target launcher"),
+        "{v}"
+    );
+    // Pause retries; then nothing but the VM's own launcher remains.
+    node.config("workloadUpdateStrategy: {workloadUpdateMethods: []}\n");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        processes_mentioning(&node.state().join("vms/web/").display().to_string()).len(),
+        1
+    );
+}
+
+#[test]
+fn daemon_killed_mid_update_finishes_after_restart() {
+    let mut node = Node::start(
+        "restart",
+        "workloadUpdateStrategy:\n  workloadUpdateMethods: [LiveMigrate, Evict]\n",
+    );
+    node.install(&bin("launcher"));
+    node.create("mig", "");
+    node.create(
+        "evi",
+        &format!("{HOSTDEV}terminationGracePeriodSeconds: 5\n"),
+    );
+    node.create("off", "runStrategy: Manual\n");
+    node.wait_vm("mig", "Running", None);
+    node.wait_vm("evi", "Running", None);
+    node.wait_pass_above("mig", 0);
+    node.install(&node.launcher_version("9.0.0", false));
+    // Kill noded while the update is under way, then start it again.
+    std::thread::sleep(Duration::from_millis(30));
+    node.kill_daemon();
+    node.spawn_daemon();
+    let m = node.wait_vm("mig", "Running", Some("9.0.0"));
+    let e = node.wait_vm("evi", "Running", Some("9.0.0"));
+    assert_eq!(m["machineType"], "q35-1.0");
+    assert_eq!(e["machineType"], "q35-1.0");
+    assert_eq!(node.vm("off")["phase"], "Stopped");
+    assert_eq!(boots(&node.console("mig")), 1, "{}", node.console("mig"));
+    let list = node.ctl(&["vm", "list"]);
+    assert_eq!(
+        list.as_array().map(Vec::len),
+        Some(3),
+        "every VM accounted for"
+    );
+    for n in ["mig", "evi"] {
+        let procs =
+            processes_mentioning(&node.state().join(format!("vms/{n}/")).display().to_string());
+        assert_eq!(
+            procs.len(),
+            1,
+            "{n} runs in exactly one launcher: {procs:?}"
+        );
+    }
+    // And the restarted daemon adopted the launcher: stopping works through it.
+    node.ctl(&["vm", "stop", "mig"]);
+    node.wait_vm("mig", "Stopped", None);
+}
