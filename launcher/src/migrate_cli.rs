@@ -38,6 +38,15 @@ pub struct MigrateArgs {
     /// Give up after this many seconds without the remaining bytes shrinking (0 = never).
     #[arg(long, default_value_t = 150)]
     pub progress_timeout: u64,
+    /// TLS for a tcp: destination: a directory with ca.pem, cert.pem and key.pem.
+    #[arg(long, conflicts_with = "insecure")]
+    pub tls_dir: Option<PathBuf>,
+    /// The name the destination's certificate must carry (default: the HOST of --to).
+    #[arg(long, requires = "tls_dir")]
+    pub tls_server_name: Option<String>,
+    /// Allow plain, unauthenticated and unencrypted TCP to a tcp: destination.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 fn api_err(socket: &std::path::Path, e: impl std::fmt::Display) -> LaunchError {
@@ -60,7 +69,19 @@ pub fn run(args: &MigrateArgs) -> Result<i32, LaunchError> {
         "autoConverge": args.auto_converge,
         "completionTimeoutPerGib": args.completion_timeout_per_gib,
         "progressTimeout": args.progress_timeout,
+        "insecure": args.insecure,
     });
+    let mut body = body;
+    if let Some(dir) = &args.tls_dir {
+        // The source launcher reads the files: give it a path that does not depend on
+        // our working directory.
+        let dir = std::path::absolute(dir)
+            .map_err(|e| LaunchError::Usage(format!("--tls-dir {}: {e}", dir.display())))?;
+        body["tlsDir"] = json!(dir.display().to_string());
+    }
+    if let Some(name) = &args.tls_server_name {
+        body["tlsServerName"] = json!(name);
+    }
     // Fail fast with a clear message when nobody listens on the socket.
     http::request(&args.api_socket, "GET", "/v1/status", None)
         .map_err(|e| api_err(&args.api_socket, e))?;

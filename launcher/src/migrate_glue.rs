@@ -10,7 +10,8 @@ use migration::policy::MigrationLimits;
 use migration::protocol::MigrationMode;
 use migration::report::Progress;
 use migration::sender::{self, SendOptions};
-use migration::transport::{self, Listener, MigrationUri, RateLimit};
+use migration::tls::TlsConfig;
+use migration::transport::{self, Listener, MigrationUri, RateLimit, TcpSecurity, TransportError};
 use serde_json::{json, Value};
 
 use crate::launch::api::MigrationHandler;
@@ -53,6 +54,30 @@ pub struct MigrateRequest {
     pub local: bool,
     /// Limits.
     pub limits: MigrationLimits,
+    /// TLS or plain for a `tcp:` destination (`tlsDir`, `tlsServerName`, `insecure`).
+    pub security: TcpSecurity,
+}
+
+/// How `tcp:` is secured, from the `--tls-dir`, `--insecure` and
+/// `--tls-server-name` options (or the API's `tlsDir`, `insecure`, `tlsServerName`).
+/// Reads the TLS directory now, so that a bad one is reported at once.
+pub fn tcp_security(
+    tls_dir: Option<&std::path::Path>,
+    insecure: bool,
+    server_name: Option<&str>,
+) -> Result<TcpSecurity, String> {
+    match (tls_dir, insecure) {
+        (Some(_), true) => {
+            Err("--tls-dir and --insecure exclude each other: TLS, or plain TCP".into())
+        }
+        (Some(dir), false) => Ok(TcpSecurity::Tls {
+            config: TlsConfig::load(dir).map_err(|e| e.to_string())?,
+            server_name: server_name.map(str::to_string),
+        }),
+        (None, _) if server_name.is_some() => Err("--tls-server-name needs --tls-dir".into()),
+        (None, true) => Ok(TcpSecurity::Insecure),
+        (None, false) => Ok(TcpSecurity::Unset),
+    }
 }
 
 fn u64_field(body: &Value, name: &str) -> Result<Option<u64>, String> {
@@ -96,7 +121,34 @@ pub fn parse_request(body: &Value) -> Result<MigrateRequest, String> {
         .and_then(Value::as_bool)
         .unwrap_or(false);
     limits.validate().map_err(|e| e.to_string())?;
-    Ok(MigrateRequest { to, local, limits })
+    let str_field = |name: &str| match body.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(format!("{name} must be a string")),
+    };
+    let tls_dir = str_field("tlsDir")?;
+    let server_name = str_field("tlsServerName")?;
+    let insecure = match body.get("insecure") {
+        None | Some(Value::Null) => false,
+        Some(v) => v.as_bool().ok_or("insecure must be true or false")?,
+    };
+    let security = tcp_security(
+        tls_dir.as_deref().map(std::path::Path::new),
+        insecure,
+        server_name.as_deref(),
+    )?;
+    if matches!(to, MigrationUri::Tcp { .. }) && matches!(security, TcpSecurity::Unset) {
+        return Err(TransportError::InsecureTcp {
+            uri: to.to_string(),
+        }
+        .to_string());
+    }
+    Ok(MigrateRequest {
+        to,
+        local,
+        limits,
+        security,
+    })
 }
 
 impl MigrationHandler for Handler {
@@ -148,7 +200,7 @@ impl MigrationHandler for Handler {
             opts
         };
         runtime.set_phase(Phase::Migrating);
-        let result = transport::connect(&req.to, Some(CONNECT_TIMEOUT))
+        let result = transport::connect_with(&req.to, Some(CONNECT_TIMEOUT), &req.security)
             .map_err(|e| format!("cannot reach the destination {}: {e}", req.to))
             .map(|stream| sender::send(&vm, stream, &opts));
         *lock(&self.active) = None;
@@ -230,23 +282,41 @@ impl MigrationHandler for Handler {
 }
 
 /// Listen on `uri` and receive one VM in the background; the runtime gets the VM
-/// once it runs, or the process exits 1 if the migration fails.
+/// once it runs, or the process exits 1 if the migration fails. A `tcp:` URI is
+/// refused (it needs [`start_incoming_with`] and a [`TcpSecurity`]).
 pub fn start_incoming(uri: &str, rt: Arc<Runtime>) -> Result<(), LaunchError> {
+    start_incoming_with(uri, rt, &TcpSecurity::Unset)
+}
+
+/// [`start_incoming`] with TLS or plain TCP as `security` says. A peer refused in
+/// the TLS handshake (no, or an untrusted, certificate) is reported on stderr and
+/// the listener waits for the next connection: a stray or hostile client cannot
+/// use up the one migration this process accepts.
+pub fn start_incoming_with(
+    uri: &str,
+    rt: Arc<Runtime>,
+    security: &TcpSecurity,
+) -> Result<(), LaunchError> {
     let parsed: MigrationUri = uri
         .parse()
         .map_err(|e| LaunchError::Usage(format!("--incoming {uri}: {e}")))?;
-    let listener = Listener::bind(&parsed)
+    let listener = Listener::bind_with(&parsed, security)
         .map_err(|e| LaunchError::Usage(format!("--incoming {uri}: {e}")))?;
     let serial = rt.serial().open()?;
     std::thread::Builder::new()
         .name("incoming".into())
         .spawn(move || {
-            let stream = match listener.accept() {
-                Ok(s) => s,
-                Err(e) => {
-                    eprintln!("launcher: incoming migration: {e}");
-                    rt.request_exit(1);
-                    return;
+            let stream = loop {
+                match listener.accept() {
+                    Ok(s) => break s,
+                    Err(e @ TransportError::Tls(_)) => {
+                        eprintln!("launcher: incoming migration: connection refused: {e}");
+                    }
+                    Err(e) => {
+                        eprintln!("launcher: incoming migration: {e}");
+                        rt.request_exit(1);
+                        return;
+                    }
                 }
             };
             // One migration per process: stop listening (removes the socket file).

@@ -3,6 +3,7 @@
 //! - [`protocol`]: the wire protocol (messages, versions, state machines);
 //! - [`frame`]: framing, bounds and checksums, zero-copy memory frames;
 //! - [`transport`]: `unix:`/`tcp:` URIs, streams, bandwidth limit, fd passing;
+//! - [`tls`]: TLS with mutual certificates for `tcp:` (rustls);
 //! - [`dirty`]: dirty page bitmaps;
 //! - [`policy`]: the switch-over decision and auto-converge.
 //!
@@ -15,4 +16,5 @@ pub mod protocol;
 pub mod receiver;
 pub mod report;
 pub mod sender;
+pub mod tls;
 pub mod transport;

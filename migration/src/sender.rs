@@ -401,7 +401,14 @@ pub fn send(vm: &Arc<Vm>, stream: Stream, opts: &SendOptions) -> Report {
             s.report.source_running = false;
             tracing::info!(downtime_ms = s.report.downtime_ms, "migration completed");
         }
-        Err(e) => {
+        Err(mut e) => {
+            // A destination that refuses mid-stream says why on the return path and then
+            // closes; our next write fails with a bare EPIPE. Prefer its reason.
+            if matches!(e, SendError::Frame(_)) && s.phase.source_may_resume() {
+                if let Ok(Ok(msg)) = s.back.recv_timeout(Duration::from_millis(200)) {
+                    e = s.unexpected(Ok(msg));
+                }
+            }
             // Tell the destination why, so it discards everything (best effort).
             // A cancel may surface as a write error (the rate limiter aborts blocked writes).
             let cancelled =
@@ -651,6 +658,11 @@ fn run(
     if !matches!(ready, ReceiverMessage::Ready) {
         return Err(s.unexpected(Ok(ready)));
     }
+    // One owner: the data disks' locks go with Go. If anything fails before the destination
+    // runs, the guard's resume takes them back first (and the source stays paused if it
+    // cannot).
+    vm.release_disk_locks(&guard)
+        .map_err(|e| SendError::Vm(e.to_string()))?;
     // Point of no return: from Go on, only an explicit Abort lets the source run again.
     s.w.write_control(&SenderMessage::Go)?;
     s.phase
@@ -682,7 +694,14 @@ fn run(
             Ok(())
         }
         ReceiverMessage::Abort { reason } => {
-            // The destination did not start the guest: resume here (guard drop).
+            // The destination did not start the guest: take the disks back and resume here
+            // (guard drop). Should another process have taken a disk meanwhile, stay paused.
+            if let Err(e) = vm.acquire_disk_locks() {
+                guard.keep_paused();
+                return Err(SendError::Vm(format!(
+                    "destination aborted after Go ({reason}) and the source cannot take its disks back ({e}); the source stays paused: resume it once the disks are free"
+                )));
+            }
             Err(SendError::Refused(format!(
                 "destination aborted after Go: {reason}"
             )))

@@ -1,6 +1,12 @@
 //! Transports: `unix:PATH` and `tcp:HOST:PORT` URIs, duplex streams,
 //! a runtime-adjustable bandwidth limit, and memory fd passing over Unix
 //! sockets with `SCM_RIGHTS`.
+//!
+//! TCP is either TLS with mutual certificates ([`crate::tls`]) or, only when
+//! the caller says so explicitly ([`TcpSecurity::Insecure`], the launcher's
+//! `--insecure`), plain TCP. [`connect_with`] and [`Listener::bind_with`]
+//! refuse a `tcp:` URI when neither was chosen. Unix sockets are unaffected:
+//! they are protected by file permissions and peer credentials.
 
 use std::fmt;
 use std::fs;
@@ -17,6 +23,8 @@ use std::time::{Duration, Instant};
 
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr};
 use thiserror::Error;
+
+use crate::tls::{TlsConfig, TlsError, TlsStream};
 
 /// Most fds one message may carry (the kernel's `SCM_MAX_FD` is 253).
 pub const MAX_FDS: usize = 64;
@@ -43,6 +51,26 @@ pub enum TransportError {
     UnexpectedFds { got: usize, max: usize },
     #[error("fd passing needs a unix: transport")]
     NotUnix,
+    #[error("{0}")]
+    Tls(#[from] TlsError),
+    #[error("plain TCP migration ({uri}) is neither authenticated nor encrypted: use --tls-dir DIR (with ca.pem, cert.pem and key.pem) on both sides, or pass --insecure to allow plain TCP")]
+    InsecureTcp { uri: String },
+}
+
+/// How a `tcp:` URI is secured. Unix sockets ignore it.
+#[derive(Debug, Clone, Default)]
+pub enum TcpSecurity {
+    /// Nothing was chosen: plain TCP is refused with [`TransportError::InsecureTcp`].
+    #[default]
+    Unset,
+    /// Plain TCP, neither authenticated nor encrypted (`--insecure`).
+    Insecure,
+    /// TLS with mutual certificates. The destination's certificate must name
+    /// `server_name`, or the URI's HOST when it is `None`.
+    Tls {
+        config: Arc<TlsConfig>,
+        server_name: Option<String>,
+    },
 }
 
 /// A migration endpoint.
@@ -115,6 +143,8 @@ impl fmt::Display for MigrationUri {
 pub enum Stream {
     Unix(UnixStream),
     Tcp(TcpStream),
+    /// TLS over TCP; clones share the session (see [`crate::tls`]).
+    Tls(TlsStream),
 }
 
 impl Stream {
@@ -123,6 +153,7 @@ impl Stream {
         Ok(match self {
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Tls(s) => Stream::Tls(s.clone()),
         })
     }
 
@@ -132,6 +163,7 @@ impl Stream {
         match self {
             Stream::Unix(s) => s.shutdown(Shutdown::Both),
             Stream::Tcp(s) => s.shutdown(Shutdown::Both),
+            Stream::Tls(s) => s.shutdown(),
         }
     }
 
@@ -139,6 +171,7 @@ impl Stream {
         match self {
             Stream::Unix(s) => s.set_read_timeout(t),
             Stream::Tcp(s) => s.set_read_timeout(t),
+            Stream::Tls(s) => s.tcp().set_read_timeout(t),
         }
     }
 
@@ -146,6 +179,7 @@ impl Stream {
         match self {
             Stream::Unix(s) => s.set_write_timeout(t),
             Stream::Tcp(s) => s.set_write_timeout(t),
+            Stream::Tls(s) => s.tcp().set_write_timeout(t),
         }
     }
 
@@ -153,7 +187,7 @@ impl Stream {
     pub fn as_unix(&self) -> Option<&UnixStream> {
         match self {
             Stream::Unix(s) => Some(s),
-            Stream::Tcp(_) => None,
+            Stream::Tcp(_) | Stream::Tls(_) => None,
         }
     }
 }
@@ -163,6 +197,7 @@ impl Read for Stream {
         match self {
             Stream::Unix(s) => s.read(buf),
             Stream::Tcp(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
         }
     }
 }
@@ -172,6 +207,7 @@ impl Write for Stream {
         match self {
             Stream::Unix(s) => s.write(buf),
             Stream::Tcp(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
         }
     }
 
@@ -179,6 +215,7 @@ impl Write for Stream {
         match self {
             Stream::Unix(s) => s.write_vectored(bufs),
             Stream::Tcp(s) => s.write_vectored(bufs),
+            Stream::Tls(s) => s.write_vectored(bufs),
         }
     }
 
@@ -188,7 +225,39 @@ impl Write for Stream {
 }
 
 /// Connects to `uri` (TCP with `TCP_NODELAY`), with an optional timeout
-/// for TCP connects.
+/// for TCP connects; `tcp:` is TLS or plain as `security` says, and refused
+/// when it says nothing. A TLS handshake completes (or fails, saying why)
+/// before this returns.
+pub fn connect_with(
+    uri: &MigrationUri,
+    timeout: Option<Duration>,
+    security: &TcpSecurity,
+) -> Result<Stream, TransportError> {
+    match (uri, security) {
+        (MigrationUri::Unix(_), _) | (MigrationUri::Tcp { .. }, TcpSecurity::Insecure) => {
+            connect(uri, timeout)
+        }
+        (MigrationUri::Tcp { .. }, TcpSecurity::Unset) => Err(TransportError::InsecureTcp {
+            uri: uri.to_string(),
+        }),
+        (
+            MigrationUri::Tcp { host, .. },
+            TcpSecurity::Tls {
+                config,
+                server_name,
+            },
+        ) => {
+            let Stream::Tcp(sock) = connect(uri, timeout)? else {
+                return Err(TransportError::Io(io::Error::other("not a TCP stream")));
+            };
+            let name = server_name.as_deref().unwrap_or(host);
+            Ok(Stream::Tls(config.connect(sock, name)?))
+        }
+    }
+}
+
+/// Connects to `uri` with plain TCP for `tcp:` URIs (no TLS, no check:
+/// callers that take user input use [`connect_with`]).
 pub fn connect(uri: &MigrationUri, timeout: Option<Duration>) -> Result<Stream, TransportError> {
     let err = |source| TransportError::Connect {
         uri: uri.to_string(),
@@ -224,11 +293,45 @@ pub enum Listener {
         path: PathBuf,
     },
     Tcp(TcpListener),
+    /// A TCP listener whose connections must complete a TLS handshake.
+    Tls {
+        listener: TcpListener,
+        config: Arc<TlsConfig>,
+    },
 }
 
 impl Listener {
-    /// Binds `uri`. A Unix socket file left by a dead process (nobody
-    /// accepts on it) is replaced; a live one, or a file that is not a
+    /// Binds `uri`; `tcp:` listens for TLS or plain connections as `security`
+    /// says, and is refused when it says nothing.
+    pub fn bind_with(
+        uri: &MigrationUri,
+        security: &TcpSecurity,
+    ) -> Result<Listener, TransportError> {
+        match (uri, security) {
+            (MigrationUri::Unix(_), _) | (MigrationUri::Tcp { .. }, TcpSecurity::Insecure) => {
+                Listener::bind(uri)
+            }
+            (MigrationUri::Tcp { .. }, TcpSecurity::Unset) => Err(TransportError::InsecureTcp {
+                uri: uri.to_string(),
+            }),
+            (MigrationUri::Tcp { host, port }, TcpSecurity::Tls { config, .. }) => {
+                let listener = TcpListener::bind((host.as_str(), *port)).map_err(|source| {
+                    TransportError::Listen {
+                        uri: uri.to_string(),
+                        source,
+                    }
+                })?;
+                Ok(Listener::Tls {
+                    listener,
+                    config: config.clone(),
+                })
+            }
+        }
+    }
+
+    /// Binds `uri` (plain TCP for `tcp:`; callers that take user input use
+    /// [`Listener::bind_with`]). A Unix socket file left by a dead process
+    /// (nobody accepts on it) is replaced; a live one, or a file that is not a
     /// socket, is an error.
     pub fn bind(uri: &MigrationUri) -> Result<Listener, TransportError> {
         let err = |source| TransportError::Listen {
@@ -261,7 +364,7 @@ impl Listener {
     pub fn local_uri(&self) -> Result<MigrationUri, TransportError> {
         match self {
             Listener::Unix { path, .. } => Ok(MigrationUri::Unix(path.clone())),
-            Listener::Tcp(l) => {
+            Listener::Tcp(l) | Listener::Tls { listener: l, .. } => {
                 let a = l.local_addr()?;
                 Ok(MigrationUri::Tcp {
                     host: a.ip().to_string(),
@@ -271,7 +374,9 @@ impl Listener {
         }
     }
 
-    /// Waits for one connection.
+    /// Waits for one connection. On a TLS listener the handshake completes
+    /// before this returns; a peer refused in the handshake is a
+    /// [`TransportError::Tls`] (the listener stays usable).
     pub fn accept(&self) -> Result<Stream, TransportError> {
         let err = |source| TransportError::Accept {
             uri: self.local_uri().map(|u| u.to_string()).unwrap_or_default(),
@@ -283,6 +388,11 @@ impl Listener {
                 let (s, _) = l.accept().map_err(err)?;
                 s.set_nodelay(true).map_err(err)?;
                 Ok(Stream::Tcp(s))
+            }
+            Listener::Tls { listener, config } => {
+                let (s, _) = listener.accept().map_err(err)?;
+                s.set_nodelay(true).map_err(err)?;
+                Ok(Stream::Tls(config.accept(s)?))
             }
         }
     }

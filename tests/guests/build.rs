@@ -14,6 +14,7 @@ const GUESTS: &[(&str, &[&str])] = &[
     ("pattern", &["pattern.c"]),
     ("smp", &["smp.c", "smp_trampoline.S"]),
     ("timer", &["timer.c"]),
+    ("blkjournal", &["blkjournal.c"]),
 ];
 
 /// Linked into every guest.

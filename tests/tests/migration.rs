@@ -287,8 +287,14 @@ fn copy_over_tcp() {
     let mut src = boot_pattern(&dir, "256M", 32, 1);
     let port = integration_tests::free_tcp_port();
     let uri = format!("tcp:127.0.0.1:{port}");
-    let mut dst = incoming(&uri, &dir.join("console.log"), &dir.join("dst.sock"));
-    let out = migrate_once(&dir, &mut src, &mut dst, &uri, &[]);
+    // Plain TCP must be asked for on both sides (TLS: tests/tests/tls.rs).
+    let mut dst = Launcher::run(
+        &["--incoming", &uri, "--insecure"],
+        &dir.join("console.log"),
+        Some(&dir.join("dst.sock")),
+    );
+    dst.wait_api();
+    let out = migrate_once(&dir, &mut src, &mut dst, &uri, &["--insecure"]);
     assert!(
         out.u64("normal_pages") >= 32 * 256,
         "report: {}",

@@ -177,12 +177,17 @@ impl Node {
 
     /// A launcher wrapper reporting `version`; `run` either runs the real launcher or fails.
     fn launcher_version(&self, version: &str, broken: bool) -> PathBuf {
-        let real = bin("launcher");
         let run = if broken {
             "echo 'broken launcher' >&2\nexit 1".to_string()
         } else {
-            format!("exec '{}' \"$@\"", real.display())
+            format!("exec '{}' \"$@\"", bin("launcher").display())
         };
+        self.launcher_script(version, &run)
+    }
+
+    /// A launcher wrapper reporting `version` whose `run` executes `run`.
+    fn launcher_script(&self, version: &str, run: &str) -> PathBuf {
+        let real = bin("launcher");
         let script = format!(
             "#!/bin/sh\nexport LAUNCHER_VERSION_OVERRIDE={version}\nif [ \"$1\" = capabilities ]; then\n  '{}' capabilities | sed 's/\"version\": *\"[^\"]*\"/\"version\":\"{version}\"/'\n  exit 0\nfi\n{run}\n",
             real.display()
@@ -562,4 +567,45 @@ fn daemon_killed_mid_update_finishes_after_restart() {
     // And the restarted daemon adopted the launcher: stopping works through it.
     node.ctl(&["vm", "stop", "mig"]);
     node.wait_vm("mig", "Stopped", None);
+}
+
+#[test]
+fn daemon_killed_while_the_target_starts_retries_the_migration() {
+    let mut node = Node::start(
+        "resume",
+        "liveMigrationConfig:\n  retryBackoffBaseSeconds: 1\n",
+    );
+    let a = node.install(&bin("launcher"));
+    node.create("web", "");
+    node.wait_vm("web", "Running", None);
+    node.wait_pass_above("web", 0);
+    // Version B's launcher takes 2 s before it listens: kill noded in that window.
+    let slow = node.launcher_script(
+        "9.0.0",
+        &format!("sleep 2\nexec '{}' \"$@\"", bin("launcher").display()),
+    );
+    node.install(&slow);
+    node.wait_vm("web", "Migrating", None);
+    node.kill_daemon();
+    node.spawn_daemon();
+    let v = node.wait_vm("web", "Running", Some("9.0.0"));
+    assert_eq!(v["machineType"], "q35-1.0");
+    let recs = node.ctl(&["migrations", "web"]);
+    let recs = recs.as_array().cloned().unwrap_or_default();
+    assert_eq!(recs.len(), 2, "{recs:?}");
+    assert_eq!(recs[0]["outcome"], "Succeeded");
+    assert_eq!(recs[1]["outcome"], "Failed");
+    assert_eq!(recs[1]["sourceVersion"], a["version"]);
+    assert!(
+        recs[1]["report"]["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("noded restart"),
+        "{recs:?}"
+    );
+    assert_eq!(boots(&node.console("web")), 1);
+    node.wait_until("the interrupted target is gone", || {
+        (processes_mentioning(&node.state().join("vms/web/").display().to_string()).len() == 1)
+            .then_some(())
+    });
 }

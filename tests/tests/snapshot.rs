@@ -146,10 +146,13 @@ fn snapshot_with_stop_continues_in_a_new_process() {
         restored.iter().all(|&p| p > last_before),
         "restored passes {restored:?} do not all follow {last_before}:\n{all}"
     );
+    // The snapshot may cut a `pass=` line in two; across the whole log the pass
+    // numbers must still run on without a gap or a repeat.
+    let every_pass = passes(complete(&all));
+    let expected: Vec<u64> = (1..=every_pass.len() as u64).map(|i| i * EVERY).collect();
     assert_eq!(
-        restored[0],
-        last_before + EVERY,
-        "the restored guest should print the next pass after {last_before}:\n{all}"
+        every_pass, expected,
+        "pass numbers skip or repeat across the restore (last before: {last_before}):\n{all}"
     );
     assert_eq!(
         pattern_boots(after),

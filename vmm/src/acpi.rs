@@ -111,9 +111,26 @@ fn dsdt_body(vcpus: u8) -> Vec<u8> {
     // The PCI Express root complex: bus range, the config mechanism #1 ports,
     // the I/O space around them and the 32-bit MMIO window. (Each device is
     // serialised in one statement: the AML builders borrow their children.)
+    // _PRT: INTx of every slot and pin straight to an IOAPIC GSI (no link devices), as
+    // the virtio-pci devices wire their irqfds.
+    let prt_entries: Vec<RawAml> = (1u8..32)
+        .flat_map(|slot| (0u8..4).map(move |pin| (slot, pin)))
+        .map(|(slot, pin)| {
+            let addr = (u32::from(slot) << 16) | 0xffff;
+            let gsi = crate::devices::virtio::intx_gsi(slot, pin);
+            RawAml(to_bytes(&aml::Package::new(vec![
+                &addr,
+                &pin,
+                &aml::ZERO,
+                &gsi,
+            ])))
+        })
+        .collect();
+    let prt = aml::Package::new(prt_entries.iter().map(|e| e as &dyn Aml).collect());
     let pci0 = RawAml(to_bytes(&aml::Device::new(
         "PCI0".into(),
         vec![
+            &aml::Name::new("_PRT".into(), &prt),
             &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08")),
             &aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03")),
             &aml::Name::new("_ADR".into(), &aml::ZERO),

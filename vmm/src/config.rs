@@ -25,6 +25,9 @@ pub enum ConfigError {
     /// A size string that does not parse.
     #[error("invalid size {0:?}: use a number with an optional suffix, like 128M, 1G or 512Mi")]
     Size(String),
+    /// A `--disk` option that does not parse, or a disk list that cannot be built.
+    #[error("invalid disk {0}")]
+    Disk(String),
 }
 
 /// Resolve a machine type name (or the `q35` alias) to a supported versioned name.
@@ -73,6 +76,62 @@ pub struct VmConfig {
     pub initrd: Option<String>,
     /// Kernel command line.
     pub cmdline: String,
+    /// Data disks (virtio-blk), in PCI slot order. See [`DiskConfig`].
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+}
+
+/// Most data disks per VM (one PCI slot and one IOAPIC pin each).
+pub const MAX_DISKS: usize = 8;
+
+/// One data disk: a raw image file, shown to the guest as a virtio-blk device.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// Absolute path of the image file (its size must be a multiple of 512 bytes).
+    pub path: String,
+    /// Shown to the guest as read-only (VIRTIO_BLK_F_RO); the file is opened read-only.
+    #[serde(default)]
+    pub readonly: bool,
+    /// The file lives on storage that other hosts reach too (informational for the VMM:
+    /// the coordinator allows cross-host migration only when every disk is shared).
+    #[serde(default)]
+    pub shared: bool,
+}
+
+impl DiskConfig {
+    /// Parse the launcher's `path=FILE[,readonly=on][,shared=on]`; a relative path is made
+    /// absolute against the current directory (a migration destination may run elsewhere).
+    pub fn parse(spec: &str) -> Result<Self, ConfigError> {
+        let bad = |why: String| ConfigError::Disk(format!("{spec:?}: {why}"));
+        let mut disk = DiskConfig::default();
+        let mut path = None;
+        for part in spec.split(',') {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| bad(format!("{part:?} is not key=value")))?;
+            let flag = || match v {
+                "on" | "true" | "yes" | "1" => Ok(true),
+                "off" | "false" | "no" | "0" => Ok(false),
+                _ => Err(bad(format!("{k}={v}: use on or off"))),
+            };
+            match k {
+                "path" if !v.is_empty() => path = Some(v),
+                "readonly" => disk.readonly = flag()?,
+                "shared" => disk.shared = flag()?,
+                _ => {
+                    return Err(bad(format!(
+                        "unknown or empty key {k:?} (path, readonly, shared)"
+                    )))
+                }
+            }
+        }
+        let path = path.ok_or_else(|| bad("path=FILE is required".into()))?;
+        disk.path = std::path::absolute(path)
+            .map_err(|e| bad(e.to_string()))?
+            .display()
+            .to_string();
+        Ok(disk)
+    }
 }
 
 impl VmConfig {
@@ -81,6 +140,15 @@ impl VmConfig {
         resolve_machine_type(&self.machine_type)?;
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return Err(ConfigError::Vcpus(self.vcpus as u32));
+        }
+        if self.disks.len() > MAX_DISKS {
+            return Err(ConfigError::Disk(format!(
+                "list: {} disks, at most {MAX_DISKS} are supported",
+                self.disks.len()
+            )));
+        }
+        if let Some(d) = self.disks.iter().find(|d| d.path.is_empty()) {
+            return Err(ConfigError::Disk(format!("{d:?}: the path is empty")));
         }
         Ok(())
     }
@@ -109,5 +177,30 @@ mod tests {
         assert_eq!(resolve_machine_type("q35-1.0").unwrap(), "q35-1.0");
         let e = resolve_machine_type("pc-i440fx-9.0").unwrap_err();
         assert!(e.to_string().contains("q35-1.0"));
+    }
+
+    #[test]
+    fn disk_options_parse() {
+        let d = DiskConfig::parse("path=/d.img,readonly=on,shared=off").unwrap();
+        assert_eq!(
+            d,
+            DiskConfig {
+                path: "/d.img".into(),
+                readonly: true,
+                shared: false
+            }
+        );
+        let d = DiskConfig::parse("shared=on,path=rel.img").unwrap();
+        assert!(d.path.starts_with('/') && d.path.ends_with("/rel.img") && d.shared);
+        for bad in [
+            "",
+            "/x.img",
+            "path=",
+            "readonly=on",
+            "path=/x,readonly=maybe",
+            "path=/x,cache=none",
+        ] {
+            assert!(DiskConfig::parse(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -13,6 +13,7 @@ use crate::boot::{self, BootError, BootSource};
 use crate::config::{ConfigError, VmConfig};
 use crate::devices::platform::{Platform, PlatformError};
 use crate::devices::serial::SerialOut;
+use crate::devices::virtio::{VirtioDevices, VirtioError};
 use crate::layout;
 use crate::state::VmState;
 use crate::vstate::memory::{GuestRam, MemoryError};
@@ -37,6 +38,9 @@ pub enum MachineError {
     /// Devices.
     #[error(transparent)]
     Platform(#[from] PlatformError),
+    /// virtio devices and their disks.
+    #[error(transparent)]
+    Virtio(#[from] VirtioError),
     /// Kernel loading.
     #[error(transparent)]
     Boot(#[from] BootError),
@@ -55,6 +59,8 @@ pub enum MachineError {
 pub struct Vm {
     vcpus: Vec<VcpuHandle>,
     platform: Platform,
+    /// Data disks; their ownership locks are held whenever the vCPUs run.
+    virtio: VirtioDevices,
     kvm: KvmVm,
     ram: GuestRam,
     config: VmConfig,
@@ -113,7 +119,10 @@ impl Vm {
         kvm.fd()
             .register_irqfd(&irq, layout::COM1_IRQ)
             .map_err(|e| MachineError::Host(format!("irqfd: {e}")))?;
-        let platform = Platform::new(irq, serial_out)?;
+        let mut platform = Platform::new(irq, serial_out)?;
+        let virtio =
+            VirtioDevices::create(&config.disks, None, ram.memory(), kvm.fd(), &mut platform)?;
+        virtio.lock_disks()?;
         let rsdp = crate::acpi::create_acpi_tables(ram.memory(), config.vcpus)
             .map_err(|e| MachineError::Acpi(e.to_string()))?;
         let entry = boot::load(
@@ -165,6 +174,7 @@ impl Vm {
         Ok(Self {
             vcpus,
             platform,
+            virtio,
             kvm,
             ram,
             config,
@@ -200,7 +210,8 @@ impl Vm {
         Ok(PreparedVm { kvm, ram, irq, fds })
     }
 
-    /// Let a restored VM run (it starts paused with depth 1).
+    /// Let a restored VM run (it starts paused with depth 1). Takes the data disks'
+    /// ownership locks first; if one is held elsewhere this fails and the VM stays paused.
     pub fn start_restored(&self) -> Result<(), MachineError> {
         self.release_pause()
     }
@@ -242,6 +253,11 @@ impl Vm {
         if *depth == 0 {
             return Ok(());
         }
+        if *depth == 1 {
+            // One owner: the guest runs only while this launcher holds its disks. If a lock
+            // cannot be (re)taken the VM stays paused and the caller learns why.
+            self.virtio.lock_disks()?;
+        }
         *depth -= 1;
         if *depth == 0 {
             for v in &self.vcpus {
@@ -249,6 +265,25 @@ impl Vm {
             }
         }
         Ok(())
+    }
+
+    /// Release the ownership locks of the data disks (migration switch-over: after the
+    /// destination is Ready, before Go). The guard proves the VM is paused; the locks are
+    /// taken again before its vCPUs next run ([`Vm::resume`], a dropped guard), and if
+    /// that fails the VM stays paused.
+    pub fn release_disk_locks(&self, _paused: &PauseGuard<'_>) -> Result<(), MachineError> {
+        Ok(self.virtio.unlock_disks()?)
+    }
+
+    /// Take the ownership locks of the data disks now (idempotent). Resuming does this by
+    /// itself; call it to learn early whether a paused VM could run here again.
+    pub fn acquire_disk_locks(&self) -> Result<(), MachineError> {
+        Ok(self.virtio.lock_disks()?)
+    }
+
+    /// True when every data disk's ownership lock is held (also true without disks).
+    pub fn holds_disk_locks(&self) -> bool {
+        self.virtio.disks_locked()
     }
 
     /// True while at least one pause guard is alive.
@@ -268,6 +303,7 @@ impl Vm {
             vcpus,
             kvm: self.kvm.save()?,
             platform: self.platform.state(),
+            devices: self.virtio.state(),
         })
     }
 
@@ -345,7 +381,16 @@ impl PreparedVm {
                 fds.len()
             )));
         }
-        let platform = Platform::from_state(irq, serial_out, &state.platform)?;
+        let mut platform = Platform::from_state(irq, serial_out, &state.platform)?;
+        // Disks are opened here but locked only when the vCPUs first run (start_restored):
+        // an incoming migration's source still owns them until Go.
+        let virtio = VirtioDevices::create(
+            &state.config.disks,
+            Some(&state.devices),
+            ram.memory(),
+            kvm.fd(),
+            &mut platform,
+        )?;
         let (stop_tx, stop_rx) = channel();
         let mut ready = Vec::new();
         for (fd, s) in fds.into_iter().zip(&state.vcpus) {
@@ -373,6 +418,7 @@ impl PreparedVm {
         Ok(Vm {
             vcpus,
             platform,
+            virtio,
             kvm,
             ram,
             config: state.config,

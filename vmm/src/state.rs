@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
 use crate::devices::platform::PlatformState;
+use crate::devices::virtio::VirtioDevicesState;
 use crate::vstate::vcpu::VcpuState;
 use crate::vstate::vm::VmKvmState;
 
@@ -20,6 +21,51 @@ pub struct VmState {
     pub kvm: VmKvmState,
     /// Emulated devices.
     pub platform: PlatformState,
+    /// virtio-pci devices (data disks), in `config.disks` order. No request is ever in
+    /// flight in a saved state: requests complete on the vCPU thread that notified them.
+    #[serde(default)]
+    pub devices: VirtioDevicesState,
+}
+
+/// `VmState` as launchers without disk support wrote it (no `config.disks`, no `devices`):
+/// bincode has no field names, so an older stream decodes only through this shape.
+#[derive(Deserialize)]
+struct LegacyVmState {
+    config: LegacyVmConfig,
+    vcpus: Vec<VcpuState>,
+    kvm: VmKvmState,
+    platform: PlatformState,
+}
+
+#[derive(Deserialize)]
+struct LegacyVmConfig {
+    memory_bytes: u64,
+    vcpus: u8,
+    machine_type: String,
+    kernel: String,
+    initrd: Option<String>,
+    cmdline: String,
+}
+
+impl From<LegacyVmState> for VmState {
+    fn from(s: LegacyVmState) -> Self {
+        let c = s.config;
+        VmState {
+            config: VmConfig {
+                memory_bytes: c.memory_bytes,
+                vcpus: c.vcpus,
+                machine_type: c.machine_type,
+                kernel: c.kernel,
+                initrd: c.initrd,
+                cmdline: c.cmdline,
+                disks: Vec::new(),
+            },
+            vcpus: s.vcpus,
+            kvm: s.kvm,
+            platform: s.platform,
+            devices: VirtioDevicesState::default(),
+        }
+    }
 }
 
 /// Upper bound on a serialised `VmState`, checked before allocating on load.
@@ -53,11 +99,15 @@ impl VmState {
             .map_err(|e| StateError::Encode(e.to_string()))
     }
 
-    /// Deserialise, refusing anything over the limit or with trailing bytes.
+    /// Deserialise, refusing anything over the limit or with trailing bytes. A state
+    /// written before disks existed decodes too (as a VM without disks).
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, StateError> {
         use bincode::Options;
-        options()
-            .deserialize(bytes)
-            .map_err(|e| StateError::Decode(e.to_string()))
+        options().deserialize(bytes).or_else(|e| {
+            options()
+                .deserialize::<LegacyVmState>(bytes)
+                .map(VmState::from)
+                .map_err(|_| StateError::Decode(e.to_string()))
+        })
     }
 }

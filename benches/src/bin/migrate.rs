@@ -35,6 +35,8 @@ use serde_json::{json, Value};
 
 /// Safety deadline for any wait (kills hung children; never part of a result).
 const SAFETY: Duration = Duration::from_secs(120);
+/// Everything from this line on in the doc is hand-written and kept on regeneration.
+const NOTES_MARKER: &str = "<!-- hand-written notes below: kept when the table is regenerated -->";
 /// How long a guest runs after its banner before it is migrated.
 const WARM: Duration = Duration::from_millis(500);
 
@@ -732,7 +734,15 @@ fn main() {
 
     if o.write {
         let doc = workspace_root().join("docs/migration-benchmarks.md");
-        let text = render_doc(&o, &t, &socket_line, &launcher_version, &qemu_version);
+        let mut text = render_doc(&o, &t, &socket_line, &launcher_version, &qemu_version);
+        // Hand-written notes after the marker survive a regeneration.
+        if let Some(i) = std::fs::read_to_string(&doc)
+            .ok()
+            .and_then(|old| old.find(NOTES_MARKER).map(|i| old[i..].to_string()))
+        {
+            text.push('\n');
+            text.push_str(&i);
+        }
         std::fs::write(&doc, text)
             .unwrap_or_else(|e| fail(&format!("cannot write {}: {e}", doc.display())));
         eprintln!("migrate: wrote {}", doc.display());

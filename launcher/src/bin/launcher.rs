@@ -70,6 +70,18 @@ struct RunArgs {
     /// Wait for one incoming migration on this URI (unix:PATH or tcp:HOST:PORT).
     #[arg(long)]
     incoming: Option<String>,
+    /// TLS for a tcp: --incoming: a directory with ca.pem, cert.pem and key.pem.
+    #[arg(long, requires = "incoming", conflicts_with = "insecure")]
+    tls_dir: Option<PathBuf>,
+    /// Allow a plain, unauthenticated and unencrypted tcp: --incoming.
+    #[arg(long, requires = "incoming")]
+    insecure: bool,
+    /// Do not install seccomp filters (for debugging; see launch/seccomp.rs).
+    #[arg(long)]
+    no_seccomp: bool,
+    /// Data disk (virtio-blk on a raw file): path=FILE[,readonly=on][,shared=on]; repeatable.
+    #[arg(long = "disk", value_name = "SPEC", conflicts_with_all = ["restore", "incoming"])]
+    disks: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -79,6 +91,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
@@ -109,11 +122,18 @@ fn usage(msg: impl Into<String>) -> LaunchError {
 
 fn run(args: RunArgs) -> Result<i32, LaunchError> {
     launch::signals::install();
+    if !args.no_seccomp {
+        launch::seccomp::install_process_filter().map_err(|e| usage(e.to_string()))?;
+        vmm::vstate::vcpu::set_thread_start_hook(launch::seccomp::vcpu_thread_start);
+    }
     let serial = runtime::SerialTarget::parse(&args.serial);
     let mut reboot_files = None;
     let runtime_handle = if let Some(uri) = &args.incoming {
         let rt = runtime::Runtime::new(None, serial);
-        launcher::migrate_glue::start_incoming(uri, rt.clone())?;
+        let security =
+            launcher::migrate_glue::tcp_security(args.tls_dir.as_deref(), args.insecure, None)
+                .map_err(usage)?;
+        launcher::migrate_glue::start_incoming_with(uri, rt.clone(), &security)?;
         rt
     } else if let Some(path) = &args.restore {
         let f = std::fs::File::open(path).map_err(|source| LaunchError::File {
@@ -155,6 +175,12 @@ fn run(args: RunArgs) -> Result<i32, LaunchError> {
             kernel: kernel.display().to_string(),
             initrd: args.initrd.as_ref().map(|p| p.display().to_string()),
             cmdline: args.cmdline.clone(),
+            disks: args
+                .disks
+                .iter()
+                .map(|d| vmm::config::DiskConfig::parse(d))
+                .collect::<Result<_, _>>()
+                .map_err(|e| usage(e.to_string()))?,
         };
         let files = runtime::read_boot_files(&config)?;
         let vm = Vm::boot(config, &files.0, files.1.as_deref(), serial.open()?)?;

@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod runtime;
+pub mod seccomp;
 pub mod signals;
 
 /// The launcher version, stamped at build time from `LAUNCHER_VERSION`.

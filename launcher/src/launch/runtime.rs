@@ -166,10 +166,8 @@ impl Runtime {
                     if self.exit_requested() == Some(EXIT_MIGRATED) {
                         return Ok(EXIT_MIGRATED);
                     }
-                    return Err(LaunchError::Migration(e)).or_else(|e| {
-                        eprintln!("launcher: the VM stopped: {e}");
-                        Ok(1)
-                    });
+                    eprintln!("launcher: the VM stopped: {e}");
+                    return Ok(1);
                 }
                 Some(VmStop::Reset) => {
                     tracing::info!("guest reset: rebooting");

@@ -257,6 +257,25 @@ impl Daemon {
                 return;
             }
         }
+        // A VM in backoff that is no longer outdated (its target went away) runs normally.
+        let settled: Vec<String> = self
+            .vms
+            .iter()
+            .filter(|(n, v)| {
+                matches!(v.status.state, VmState::Backoff { .. })
+                    && !p.verdicts.get(*n).is_some_and(|x| x.outdated)
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in settled {
+            if let Some(vm) = self.vms.get_mut(&name) {
+                vm.status.state = VmState::Running {
+                    since: vm.launched_at,
+                };
+                vm.status.migration_failures = 0;
+            }
+            self.persist(&name);
+        }
         for action in p.actions {
             match action {
                 super::coordinator::Action::Start { vm, version } => self.start_vm(&vm, &version),
@@ -280,6 +299,7 @@ impl Daemon {
             return;
         };
         vm.status.generation += 1;
+        vm.status.migration_failures = 0;
         let g = vm.status.generation;
         let api_socket = dir.join(format!("api-{g}.sock"));
         let _ = std::fs::create_dir_all(&dir);
@@ -660,10 +680,16 @@ impl Daemon {
                     let target_pid =
                         match target_pid.filter(|p| supervisor::pid_runs(*p, &target_api_socket)) {
                             Some(p) => Some(p),
-                            None => supervisor::status(Path::new(&target_api_socket))
+                            None => match supervisor::status(Path::new(&target_api_socket))
                                 .await
                                 .and_then(|a| a["pid"].as_u64())
-                                .and_then(|p| u32::try_from(p).ok()),
+                                .and_then(|p| u32::try_from(p).ok())
+                            {
+                                Some(p) => Some(p),
+                                // Spawned but not recorded, API not up yet: find it by
+                                // its command line so it cannot be left behind.
+                                None => supervisor::find_pid_with_arg(&target_api_socket),
+                            },
                         };
                     let Some(vm) = self.vms.get_mut(&name) else {
                         continue;
@@ -705,8 +731,15 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     }
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<Command>(64);
-    let mut d = Daemon::open(&opts, ev_tx)?;
+    // Bind first: a second noded on the same socket must not touch the state.
     let listener = api::bind(&opts.socket)?;
+    let mut d = match Daemon::open(&opts, ev_tx) {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = std::fs::remove_file(&opts.socket);
+            return Err(e);
+        }
+    };
     d.adopt().await;
     tracing::info!(socket = %opts.socket.display(), state_dir = %opts.state_dir.display(), "noded serving");
     let launchers_dir = opts.state_dir.join("launchers");

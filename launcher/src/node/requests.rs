@@ -535,6 +535,13 @@ impl Daemon {
                 "WorkloadUpdatesDisabled",
                 "workloadUpdateMethods is empty",
             )
+        } else if blocked.len() == outdated.len() {
+            Condition::new(
+                "Progressing",
+                false,
+                "OutdatedWorkloadsBlocked",
+                "every outdated VM is blocked; see Upgradeable",
+            )
         } else {
             Condition::new(
                 "Progressing",

@@ -216,6 +216,16 @@ pub fn pid_runs(pid: u32, needle: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// A live process that has `arg` as one of its arguments (the highest pid, if several).
+pub fn find_pid_with_arg(arg: &str) -> Option<u32> {
+    let entries = std::fs::read_dir("/proc").ok()?;
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| pid_runs(*pid, arg))
+        .max()
+}
+
 /// Sends a signal; a process that is already gone is not an error.
 pub fn signal(pid: u32, sig: libc::c_int) {
     if let Ok(p) = libc::pid_t::try_from(pid) {
@@ -611,6 +621,7 @@ mod tests {
     #[test]
     fn pid_checks() {
         assert!(pid_alive(std::process::id()));
+        assert_eq!(find_pid_with_arg("--no-process-has-this-argument"), None);
         assert!(!pid_alive(0));
         assert!(!pid_alive(u32::MAX));
         assert!(!pid_runs(std::process::id(), "--definitely-not-an-arg"));

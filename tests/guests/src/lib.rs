@@ -16,6 +16,9 @@ pub const SMP_PATH: &str = concat!(env!("OUT_DIR"), "/smp.elf");
 /// Path of the `timer` guest ELF.
 pub const TIMER_PATH: &str = concat!(env!("OUT_DIR"), "/timer.elf");
 
+/// Path of the `blkjournal` (virtio-blk journal) guest ELF.
+pub const BLKJOURNAL_PATH: &str = concat!(env!("OUT_DIR"), "/blkjournal.elf");
+
 /// The `hello` guest ELF.
 pub static HELLO_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hello.elf"));
 /// The `pattern` guest ELF.
@@ -24,6 +27,52 @@ pub static PATTERN_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/patter
 pub static SMP_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/smp.elf"));
 /// The `timer` guest ELF.
 pub static TIMER_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/timer.elf"));
+
+/// The `blkjournal` guest ELF.
+pub static BLKJOURNAL_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/blkjournal.elf"));
+
+/// Path of the `blkjournal` guest ELF.
+pub fn blkjournal_path() -> &'static Path {
+    Path::new(BLKJOURNAL_PATH)
+}
+
+/// Debug-exit value of `blkjournal` when no usable virtio-blk device is found.
+pub const BLKJOURNAL_EXIT_NO_DEVICE: u8 = 2;
+/// Debug-exit value of `blkjournal` when the journal on the disk does not verify.
+pub const BLKJOURNAL_EXIT_CORRUPT: u8 = 3;
+/// Debug-exit value of `blkjournal` when the device completes a request with an error.
+pub const BLKJOURNAL_EXIT_IO: u8 = 5;
+/// Bytes per `blkjournal` record (one sector).
+pub const BLKJOURNAL_RECORD_SIZE: usize = 512;
+/// Magic of a `blkjournal` record: the bytes `BJRN` at the start of the sector.
+pub const BLKJOURNAL_MAGIC: u32 = 0x4e52_4a42;
+
+/// Checks the `blkjournal` records in a disk image, as the guest does on boot: returns
+/// the number of records (the last sequence number), or `Err(sector)` at the first sector
+/// that is neither the next record nor blank, or a record after a blank sector.
+pub fn blkjournal_verify(disk: &[u8]) -> Result<u32, u64> {
+    let fnv = |b: &[u8]| {
+        b.iter().fold(2_166_136_261u32, |h, x| {
+            (h ^ u32::from(*x)).wrapping_mul(16_777_619)
+        })
+    };
+    let word = |b: &[u8], i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let mut records = 0u32;
+    let mut ended = false;
+    for (k, s) in disk.chunks(BLKJOURNAL_RECORD_SIZE).enumerate() {
+        let ok = if !ended && s.len() == BLKJOURNAL_RECORD_SIZE && word(s, 0) == BLKJOURNAL_MAGIC {
+            records += 1;
+            word(s, 4) as u64 == k as u64 + 1 && word(s, 508) == fnv(&s[..508])
+        } else {
+            ended = true;
+            s.iter().all(|b| *b == 0)
+        };
+        if !ok {
+            return Err(k as u64);
+        }
+    }
+    Ok(records)
+}
 
 /// Path of the `hello` guest ELF.
 pub fn hello_path() -> &'static Path {
@@ -196,6 +245,10 @@ mod tests {
             );
             assert_eq!(std::fs::read(g.path()).unwrap(), g.elf());
         }
+        assert!(
+            pvh_entry(BLKJOURNAL_ELF).is_some(),
+            "blkjournal: no PVH note"
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod i8042;
 pub mod pci;
 pub mod platform;
 pub mod serial;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError, VmEvent};
 pub use platform::{Platform, PlatformError, PlatformState};

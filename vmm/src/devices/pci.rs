@@ -95,14 +95,14 @@ impl PciConfigSpace {
     }
 
     /// Set the initial value of a little-endian field (setup, not guest access).
-    fn set(&mut self, offset: usize, value: &[u8]) {
+    pub(crate) fn set(&mut self, offset: usize, value: &[u8]) {
         if let Some(dst) = self.bytes.get_mut(offset..offset + value.len()) {
             dst.copy_from_slice(value);
         }
     }
 
     /// Make bits of a little-endian field guest-writable.
-    fn set_writable(&mut self, offset: usize, mask: &[u8]) {
+    pub(crate) fn set_writable(&mut self, offset: usize, mask: &[u8]) {
         if let Some(dst) = self.write_mask.get_mut(offset..offset + mask.len()) {
             dst.copy_from_slice(mask);
         }

@@ -149,6 +149,17 @@ impl Platform {
         &self.mmio_bus
     }
 
+    /// Route `[base, base + len)` of the MMIO bus to `device` (PCI BARs). Only before the
+    /// vCPUs are spawned: each vCPU thread works on its own clone of the bus.
+    pub fn insert_mmio(
+        &mut self,
+        device: Arc<Mutex<dyn super::BusDevice>>,
+        base: u64,
+        len: u64,
+    ) -> Result<(), BusError> {
+        self.mmio_bus.insert(device, base, len)
+    }
+
     /// COM1, e.g. to feed it input with `enqueue_raw_bytes`.
     pub fn serial(&self) -> &Arc<Mutex<SerialDevice>> {
         &self.serial

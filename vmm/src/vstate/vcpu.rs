@@ -370,6 +370,18 @@ impl ImmediateExit {
 
 static KICK_HANDLER: Once = Once::new();
 
+/// Run by every vCPU thread before its first `KVM_RUN`, for example to install a
+/// seccomp filter for the thread (see `launcher::launch::seccomp`). An error stops
+/// the VM with that message.
+pub type ThreadStartHook = fn(vcpu: u8) -> Result<(), String>;
+
+static THREAD_START_HOOK: std::sync::OnceLock<ThreadStartHook> = std::sync::OnceLock::new();
+
+/// Install the vCPU thread start hook (once per process; later calls are ignored).
+pub fn set_thread_start_hook(hook: ThreadStartHook) {
+    let _ = THREAD_START_HOOK.set(hook);
+}
+
 fn kick_signal() -> i32 {
     vmm_sys_util::signal::SIGRTMIN()
 }
@@ -509,6 +521,12 @@ fn wait<T>(id: u8, rx: &Receiver<T>, timeout: Duration) -> Result<T, VcpuError> 
 fn run_loop(id: u8, vcpu: &mut VcpuFd, ctx: VcpuContext, rx: Receiver<Command>) {
     let span = tracing::debug_span!("vcpu", id);
     let _enter = span.enter();
+    if let Some(hook) = THREAD_START_HOOK.get() {
+        if let Err(e) = hook(id) {
+            let _ = ctx.stop.send(VmStop::Error(format!("vCPU {id}: {e}")));
+            return;
+        }
+    }
     let mut paused = ctx.start_paused;
     if paused {
         vcpu.set_kvm_immediate_exit(1);

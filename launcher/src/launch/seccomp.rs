@@ -1,0 +1,261 @@
+//! Seccomp filters, per thread kind.
+//!
+//! - **vCPU threads** get the strictest filter: the syscalls a vCPU loop makes
+//!   (KVM ioctls only, writes to the console and eventfds, disk I/O for device
+//!   emulation, memory management of the allocator, sleeping for throttling) and
+//!   nothing else. Anything outside it **kills the launcher** (SIGSYS): a vCPU
+//!   thread runs on behalf of the guest and is the likeliest to be subverted.
+//! - **Every other thread** (main, API, migration, incoming) inherits a process
+//!   filter installed on the main thread before the VM exists. It allows what a
+//!   launcher legitimately does (files, Unix/TCP sockets, memfds, threads) and
+//!   refuses the rest with EPERM: no exec, no ptrace, no mount, no module or
+//!   BPF loading. EPERM rather than a kill, because these threads run error paths
+//!   that are rare, and an error message is better than a dead VM there.
+//!
+//! `launcher run --no-seccomp` turns both off (for debugging with strace, say).
+//! `LAUNCHER_SECCOMP_SELFTEST=vcpu` makes each vCPU thread call a forbidden
+//! syscall right after its filter is installed: the test suite uses it to prove
+//! that the filter kills the process rather than letting the call succeed.
+
+use std::collections::BTreeMap;
+use std::convert::TryInto;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+/// Errors building or installing a filter.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    /// The filter does not compile.
+    #[error("cannot build the {0} seccomp filter: {1}")]
+    Build(&'static str, String),
+    /// The kernel refused the filter.
+    #[error("cannot install the {0} seccomp filter: {1} (run with --no-seccomp to do without)")]
+    Install(&'static str, String),
+}
+
+/// The KVM ioctl type byte (`KVMIO`): bits 8..16 of every KVM ioctl number.
+const KVMIO: u64 = 0xae;
+
+const VCPU_SYSCALLS: &[i64] = &[
+    libc::SYS_write,
+    libc::SYS_writev,
+    libc::SYS_read,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_lseek,
+    libc::SYS_fdatasync,
+    libc::SYS_fsync,
+    libc::SYS_futex,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_mprotect,
+    libc::SYS_madvise,
+    libc::SYS_brk,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigaction,
+    libc::SYS_sigaltstack,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_clock_gettime,
+    libc::SYS_sched_yield,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+    libc::SYS_gettid,
+    libc::SYS_getpid,
+    libc::SYS_tgkill,
+    libc::SYS_close,
+    libc::SYS_restart_syscall,
+    libc::SYS_getrandom,
+];
+
+const PROCESS_SYSCALLS: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_readv,
+    libc::SYS_writev,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_lseek,
+    libc::SYS_openat,
+    libc::SYS_close,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_statfs,
+    libc::SYS_fstatfs,
+    libc::SYS_fcntl,
+    libc::SYS_flock,
+    libc::SYS_ioctl,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_mprotect,
+    libc::SYS_madvise,
+    libc::SYS_brk,
+    libc::SYS_futex,
+    libc::SYS_rt_sigaction,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_sigaltstack,
+    libc::SYS_clone,
+    libc::SYS_clone3,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+    libc::SYS_gettid,
+    libc::SYS_getpid,
+    libc::SYS_getppid,
+    libc::SYS_getuid,
+    libc::SYS_geteuid,
+    libc::SYS_getgid,
+    libc::SYS_getegid,
+    libc::SYS_tgkill,
+    libc::SYS_set_robust_list,
+    libc::SYS_rseq,
+    libc::SYS_prctl,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_sched_yield,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_clock_gettime,
+    libc::SYS_getrandom,
+    libc::SYS_socket,
+    libc::SYS_socketpair,
+    libc::SYS_bind,
+    libc::SYS_listen,
+    libc::SYS_accept4,
+    libc::SYS_connect,
+    libc::SYS_getsockopt,
+    libc::SYS_setsockopt,
+    libc::SYS_getsockname,
+    libc::SYS_getpeername,
+    libc::SYS_sendto,
+    libc::SYS_recvfrom,
+    libc::SYS_sendmsg,
+    libc::SYS_recvmsg,
+    libc::SYS_shutdown,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_memfd_create,
+    libc::SYS_ftruncate,
+    libc::SYS_fallocate,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+    libc::SYS_rename,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_mkdir,
+    libc::SYS_mkdirat,
+    libc::SYS_chmod,
+    libc::SYS_fchmod,
+    libc::SYS_umask,
+    libc::SYS_eventfd2,
+    libc::SYS_prlimit64,
+    libc::SYS_sysinfo,
+    libc::SYS_dup,
+    libc::SYS_dup3,
+    libc::SYS_pipe2,
+    libc::SYS_uname,
+    libc::SYS_getcwd,
+    libc::SYS_readlink,
+    libc::SYS_readlinkat,
+    libc::SYS_restart_syscall,
+    // Installing a further filter (the vCPU threads' own) can only narrow what is allowed.
+    libc::SYS_seccomp,
+];
+
+fn compile(
+    what: &'static str,
+    rules: BTreeMap<i64, Vec<SeccompRule>>,
+    mismatch: SeccompAction,
+) -> Result<BpfProgram, SeccompError> {
+    let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
+        .map_err(|e| SeccompError::Build(what, e.to_string()))?;
+    filter
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| SeccompError::Build(what, e.to_string()))
+}
+
+/// The vCPU thread filter.
+pub fn vcpu_filter() -> Result<BpfProgram, SeccompError> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        VCPU_SYSCALLS.iter().map(|&s| (s, Vec::new())).collect();
+    // ioctl: KVM ioctls only (type byte KVMIO), on any fd.
+    let kvm_only = SeccompCondition::new(
+        1,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq(0xff00),
+        KVMIO << 8,
+    )
+    .map_err(|e| SeccompError::Build("vCPU", e.to_string()))?;
+    let rule =
+        SeccompRule::new(vec![kvm_only]).map_err(|e| SeccompError::Build("vCPU", e.to_string()))?;
+    rules.insert(libc::SYS_ioctl, vec![rule]);
+    compile("vCPU", rules, SeccompAction::KillProcess)
+}
+
+/// The process-wide filter for every other thread.
+pub fn process_filter() -> Result<BpfProgram, SeccompError> {
+    let rules = PROCESS_SYSCALLS.iter().map(|&s| (s, Vec::new())).collect();
+    compile("process", rules, SeccompAction::Errno(libc::EPERM as u32))
+}
+
+/// Install the process filter on the calling thread (the main thread, before the
+/// VM's threads exist, so that they inherit it).
+pub fn install_process_filter() -> Result<(), SeccompError> {
+    let prog = process_filter()?;
+    seccompiler::apply_filter(&prog).map_err(|e| SeccompError::Install("process", e.to_string()))
+}
+
+/// The vCPU thread start hook: install the vCPU filter on the calling thread.
+pub fn vcpu_thread_start(vcpu: u8) -> Result<(), String> {
+    let prog = vcpu_filter().map_err(|e| e.to_string())?;
+    seccompiler::apply_filter(&prog)
+        .map_err(|e| SeccompError::Install("vCPU", e.to_string()).to_string())?;
+    if std::env::var("LAUNCHER_SECCOMP_SELFTEST").as_deref() == Ok("vcpu") {
+        tracing::warn!(
+            vcpu,
+            "seccomp self-test: making a forbidden syscall (socket) from a vCPU thread"
+        );
+        // SAFETY: socket(2) with constant arguments; the filter kills the process before
+        // it returns, and if it ever returned we would close the fd.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        if fd >= 0 {
+            // SAFETY: we own the fd we just got.
+            unsafe { libc::close(fd) };
+            return Err("seccomp self-test: a forbidden syscall succeeded".into());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_filters_compile() {
+        assert!(!vcpu_filter().unwrap().is_empty());
+        assert!(!process_filter().unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_vcpu_filter_is_a_subset_of_the_process_filter() {
+        for s in VCPU_SYSCALLS {
+            assert!(
+                PROCESS_SYSCALLS.contains(s),
+                "syscall {s} allowed on vCPU threads only"
+            );
+        }
+    }
+}

@@ -1,0 +1,411 @@
+/*
+ * blkjournal: keeps a journal on a virtio-blk disk (modern virtio-pci, polled, no interrupts).
+ *
+ * CPL0 part (emulated on the nested KVM, kept short): parse the command line, set up a TSS
+ * whose I/O bitmap allows COM1, the debug-exit port, PM1a_CNT and the PIT, and SYSEXIT to
+ * 64-bit CPL3. CPL3 part (native speed): find the device through ECAM, initialise it, read
+ * the whole disk and verify the journal, then append one record per interval, flushing
+ * after each. See README.md for the record format and the output.
+ */
+#include "guest.h"
+
+const char guest_name[] = "blkjournal";
+
+#define ECAM_BASE 0xb0000000u
+#define EXIT_NO_DEVICE 2
+#define EXIT_CORRUPT 3
+#define EXIT_IO 5
+
+#define SECTOR 512u
+#define REC_MAGIC 0x4e524a42u /* "BJRN" */
+#define READ_SECTORS 64u      /* sectors per read request while verifying */
+
+#define VIRTIO_BLK_T_IN 0u
+#define VIRTIO_BLK_T_OUT 1u
+#define VIRTIO_BLK_T_FLUSH 4u
+#define VIRTIO_BLK_F_RO 5u
+#define VIRTIO_BLK_F_FLUSH 9u
+
+#define QSIZE 8u
+#define VRING_DESC_F_NEXT 1u
+#define VRING_DESC_F_WRITE 2u
+
+/* Common configuration structure offsets. */
+#define C_DFSEL 0x00
+#define C_DF 0x04
+#define C_GFSEL 0x08
+#define C_GF 0x0c
+#define C_STATUS 0x14
+#define C_QSEL 0x16
+#define C_QSIZE 0x18
+#define C_QENABLE 0x1c
+#define C_QNOTIFY_OFF 0x1e
+#define C_QDESC 0x20
+#define C_QDRIVER 0x28
+#define C_QDEVICE 0x30
+
+struct vring_desc {
+    u64 addr;
+    u32 len;
+    u16 flags;
+    u16 next;
+};
+
+struct rings {
+    struct vring_desc desc[QSIZE];
+    u16 avail_flags, avail_idx, avail_ring[QSIZE], used_event;
+    u8 pad[4096 - 16 * QSIZE - 2 * (QSIZE + 3)];
+    u16 used_flags, used_idx;
+    struct {
+        u32 id, len;
+    } used_ring[QSIZE];
+};
+
+struct blk_req_hdr {
+    u32 type;
+    u32 ioprio;
+    u64 sector;
+};
+
+static struct rings rings __attribute__((aligned(4096)));
+static struct blk_req_hdr req_hdr __attribute__((aligned(16)));
+static volatile u8 req_status;
+static u8 buf[READ_SECTORS * SECTOR] __attribute__((aligned(4096)));
+
+static uptr common, notify_addr, devcfg;
+static u16 last_used;
+static u32 count, interval_ms, disk_index;
+
+/* 64-bit TSS followed by the I/O permission bitmap (ports 0 to 0x60f). */
+#define IOMAP_BYTES (0x610 / 8 + 1)
+struct tss {
+    u32 reserved0;
+    u64 rsp0, rsp1, rsp2;
+    u64 reserved1;
+    u64 ist[7];
+    u64 reserved2;
+    u16 reserved3;
+    u16 iomap_base;
+    u8 iomap[IOMAP_BYTES];
+} __attribute__((packed));
+
+static u8 kstack[4096] __attribute__((aligned(16), section(".stack")));
+static u8 ustack[16384] __attribute__((aligned(16), section(".stack")));
+
+static struct tss tss __attribute__((aligned(128))) = {
+    .rsp0 = (u64)(uptr)(kstack + sizeof(kstack)),
+    .iomap_base = __builtin_offsetof(struct tss, iomap),
+    .iomap =
+        {
+            [0 ... IOMAP_BYTES - 1] = 0xff,
+            [0x40 / 8] = 0xf0,                        /* PIT 0x40-0x43 */
+            [0xf4 / 8] = 0xff & ~(1 << (0xf4 % 8)),   /* debug exit */
+            [0x3f8 / 8] = 0x00,                       /* COM1 0x3f8-0x3ff */
+            [0x604 / 8] = 0xff & ~(3 << (0x604 % 8)), /* PM1a_CNT (16-bit) */
+        },
+};
+
+extern u64 gdt[];
+void user_entry(void);
+NORETURN void blkjournal_user_main(void);
+
+static inline void barrier(void) { __asm__ volatile("" ::: "memory"); }
+static inline u8 mmio_read8(uptr a) { return *(volatile u8 *)a; }
+static inline u16 mmio_read16(uptr a) { return *(volatile u16 *)a; }
+static inline void mmio_write8(uptr a, u8 v) { *(volatile u8 *)a = v; }
+static inline void mmio_write16(uptr a, u16 v) { *(volatile u16 *)a = v; }
+
+static void prefix(void) { puts("blkjournal: "); }
+
+NORETURN static void fail(const char *msg, u8 code)
+{
+    prefix();
+    puts(msg);
+    putc('\n');
+    debug_exit(code);
+}
+
+/* FNV-1a over n bytes. */
+static u32 checksum(const u8 *p, u32 n)
+{
+    u32 h = 2166136261u;
+    for (u32 i = 0; i < n; i++) {
+        h ^= p[i];
+        h *= 16777619u;
+    }
+    return h;
+}
+
+static u32 rd32(const u8 *p) { return (u32)p[0] | (u32)p[1] << 8 | (u32)p[2] << 16 | (u32)p[3] << 24; }
+static void wr32(u8 *p, u32 v)
+{
+    p[0] = (u8)v;
+    p[1] = (u8)(v >> 8);
+    p[2] = (u8)(v >> 16);
+    p[3] = (u8)(v >> 24);
+}
+
+/* Record layout in one sector: magic, seq, 500 payload bytes, FNV-1a of bytes 0..507. */
+static void make_record(u8 *s, u32 seq)
+{
+    wr32(s, REC_MAGIC);
+    wr32(s + 4, seq);
+    for (u32 i = 8; i < SECTOR - 4; i++)
+        s[i] = (u8)(seq * 31u + i);
+    wr32(s + SECTOR - 4, checksum(s, SECTOR - 4));
+}
+
+static int is_blank(const u8 *s)
+{
+    for (u32 i = 0; i < SECTOR; i++)
+        if (s[i])
+            return 0;
+    return 1;
+}
+
+static const char *op_name(u32 type)
+{
+    return type == VIRTIO_BLK_T_IN ? "read" : type == VIRTIO_BLK_T_OUT ? "write" : "flush";
+}
+
+/* One request, completed synchronously by the device at the notify write; polls the used ring. */
+static void blk_request(u32 type, u64 sector, void *data, u32 len)
+{
+    req_hdr.type = type;
+    req_hdr.ioprio = 0;
+    req_hdr.sector = sector;
+    req_status = 0xff;
+    struct vring_desc *d = rings.desc;
+    d[0].addr = (u64)(uptr)&req_hdr;
+    d[0].len = sizeof(req_hdr);
+    d[0].flags = VRING_DESC_F_NEXT;
+    u16 st = 1;
+    if (len) {
+        d[1].addr = (u64)(uptr)data;
+        d[1].len = len;
+        d[1].flags = VRING_DESC_F_NEXT | (type == VIRTIO_BLK_T_IN ? VRING_DESC_F_WRITE : 0);
+        d[0].next = 1;
+        d[1].next = 2;
+        st = 2;
+    } else {
+        d[0].next = 1;
+    }
+    d[st].addr = (u64)(uptr)&req_status;
+    d[st].len = 1;
+    d[st].flags = VRING_DESC_F_WRITE;
+    d[st].next = 0;
+    u16 idx = rings.avail_idx;
+    rings.avail_ring[idx % QSIZE] = 0;
+    barrier();
+    *(volatile u16 *)&rings.avail_idx = (u16)(idx + 1);
+    barrier();
+    mmio_write16(notify_addr, 0);
+    while (*(volatile u16 *)&rings.used_idx == last_used)
+        cpu_relax();
+    last_used++;
+    barrier();
+    if (req_status != 0) {
+        prefix();
+        puts("io error status=");
+        put_dec(req_status);
+        puts(" op=");
+        puts(op_name(type));
+        puts(" sector=");
+        put_dec((u32)sector);
+        putc('\n');
+        debug_exit(EXIT_IO);
+    }
+}
+
+static u32 ecam_read32(u32 dev, u32 off) { return mmio_read32(ECAM_BASE + (dev << 15) + off); }
+
+/* Finds the disk_index-th virtio-blk on bus 0, maps its capabilities, initialises queue 0.
+ * Returns the device features (low 32 bits). */
+static u32 virtio_init(u64 *capacity)
+{
+    u32 found = 0, slot = 0;
+    for (u32 dev = 0; dev < 32; dev++) {
+        if (ecam_read32(dev, 0) == 0x10421af4u && found++ == disk_index) {
+            slot = dev;
+            break;
+        }
+    }
+    if (!slot)
+        fail("no virtio-blk device", EXIT_NO_DEVICE);
+    u32 bar0 = ecam_read32(slot, 0x10) & ~0xfu;
+    mmio_write32(ECAM_BASE + (slot << 15) + 4, 0x6); /* memory space, bus master */
+    u32 notify_mult = 0;
+    uptr notify_base = 0;
+    for (u32 cap = ecam_read32(slot, 0x34) & 0xff; cap; cap = (ecam_read32(slot, cap) >> 8) & 0xff) {
+        u32 head = ecam_read32(slot, cap);
+        if ((head & 0xff) != 0x09)
+            continue;
+        uptr where = bar0 + ecam_read32(slot, cap + 8);
+        switch ((head >> 24) & 0xff) {
+        case 1:
+            common = where;
+            break;
+        case 2:
+            notify_base = where;
+            notify_mult = ecam_read32(slot, cap + 16);
+            break;
+        case 4:
+            devcfg = where;
+            break;
+        }
+    }
+    if (!common || !notify_base || !devcfg)
+        fail("virtio capabilities missing", EXIT_NO_DEVICE);
+    prefix();
+    puts("virtio-blk at slot ");
+    put_dec(slot);
+    puts(" bar0=");
+    put_hex(bar0);
+    putc('\n');
+
+    mmio_write8(common + C_STATUS, 0);
+    mmio_write8(common + C_STATUS, 1 | 2); /* ACKNOWLEDGE | DRIVER */
+    mmio_write32(common + C_DFSEL, 0);
+    u32 f = mmio_read32(common + C_DF);
+    mmio_write32(common + C_DFSEL, 1);
+    if (!(mmio_read32(common + C_DF) & 1))
+        fail("device is not virtio 1.x", EXIT_NO_DEVICE);
+    mmio_write32(common + C_GFSEL, 0);
+    mmio_write32(common + C_GF, f & (1u << VIRTIO_BLK_F_FLUSH | 1u << VIRTIO_BLK_F_RO));
+    mmio_write32(common + C_GFSEL, 1);
+    mmio_write32(common + C_GF, 1); /* VERSION_1 */
+    mmio_write8(common + C_STATUS, 1 | 2 | 8);
+    if (!(mmio_read8(common + C_STATUS) & 8))
+        fail("device refused features", EXIT_NO_DEVICE);
+    mmio_write16(common + C_QSEL, 0);
+    mmio_write16(common + C_QSIZE, QSIZE);
+    mmio_write32(common + C_QDESC, (u32)(uptr)rings.desc);
+    mmio_write32(common + C_QDESC + 4, 0);
+    mmio_write32(common + C_QDRIVER, (u32)(uptr)&rings.avail_flags);
+    mmio_write32(common + C_QDRIVER + 4, 0);
+    mmio_write32(common + C_QDEVICE, (u32)(uptr)&rings.used_flags);
+    mmio_write32(common + C_QDEVICE + 4, 0);
+    notify_addr = notify_base + mmio_read16(common + C_QNOTIFY_OFF) * notify_mult;
+    mmio_write16(common + C_QENABLE, 1);
+    mmio_write8(common + C_STATUS, 1 | 2 | 8 | 4); /* DRIVER_OK */
+    if (mmio_read8(common + C_STATUS) & 0x40)
+        fail("device needs reset", EXIT_NO_DEVICE);
+    *capacity = (u64)mmio_read32(devcfg) | (u64)mmio_read32(devcfg + 4) << 32;
+    return f;
+}
+
+/* Runs at CPL3, 64-bit mode, IF=0. */
+NORETURN void blkjournal_user_main(void)
+{
+    u64 capacity;
+    u32 features = virtio_init(&capacity);
+    if (capacity > 0xffffffffu)
+        capacity = 0xffffffffu;
+
+    /* Read the whole disk: records from sector 0 with seq = sector + 1, then blank sectors. */
+    u32 records = 0;
+    int ended = 0;
+    for (u64 s = 0; s < capacity; s += READ_SECTORS) {
+        u32 n = capacity - s < READ_SECTORS ? (u32)(capacity - s) : READ_SECTORS;
+        blk_request(VIRTIO_BLK_T_IN, s, buf, n * SECTOR);
+        for (u32 i = 0; i < n; i++) {
+            const u8 *sec = buf + i * SECTOR;
+            u32 k = (u32)s + i;
+            int ok;
+            if (!ended && rd32(sec) == REC_MAGIC) {
+                ok = rd32(sec + 4) == k + 1 && rd32(sec + SECTOR - 4) == checksum(sec, SECTOR - 4);
+                records++;
+            } else {
+                ended = 1;
+                ok = is_blank(sec);
+            }
+            if (!ok) {
+                prefix();
+                puts("journal corrupt at sector ");
+                put_dec(k);
+                putc('\n');
+                debug_exit(EXIT_CORRUPT);
+            }
+        }
+    }
+    prefix();
+    puts("found ");
+    put_dec(records);
+    puts(" records, last seq=");
+    put_dec(records);
+    putc('\n');
+    if (features & (1u << VIRTIO_BLK_F_RO)) {
+        prefix();
+        puts("disk is read-only\n");
+    }
+
+    pit_clock_start();
+    u32 seq = records, written = 0;
+    for (;;) {
+        if (count && written == count) {
+            prefix();
+            puts("done seq=");
+            put_dec(seq);
+            putc('\n');
+            debug_exit(0);
+        }
+        if (seq >= capacity) {
+            prefix();
+            puts("journal full seq=");
+            put_dec(seq);
+            putc('\n');
+            debug_exit(0);
+        }
+        seq++;
+        make_record(buf, seq);
+        blk_request(VIRTIO_BLK_T_OUT, seq - 1, buf, SECTOR);
+        blk_request(VIRTIO_BLK_T_FLUSH, 0, 0, 0);
+        written++;
+        putc('J');
+        put_dec(seq);
+        putc('\n');
+        u64 until = pit_clock_poll() + (u64)interval_ms * (PIT_HZ / 1000);
+        while (pit_clock_poll() < until)
+            cpu_relax();
+    }
+}
+
+__asm__(".text\n"
+        ".globl user_entry\n"
+        "user_entry:\n"
+        "  mov $0x33, %eax\n" /* SEL_UDATA */
+        "  mov %eax, %ds\n"
+        "  mov %eax, %es\n"
+        "  mov %eax, %fs\n"
+        "  mov %eax, %gs\n"
+        "  call blkjournal_user_main\n");
+
+void guest_main(void)
+{
+    count = 0;
+    interval_ms = 50;
+    disk_index = 0;
+    cmdline_u32("count", &count);
+    cmdline_u32("interval_ms", &interval_ms);
+    cmdline_u32("disk", &disk_index);
+    puts("blkjournal: booted count=");
+    put_dec(count);
+    puts(" interval_ms=");
+    put_dec(interval_ms);
+    puts(" disk=");
+    put_dec(disk_index);
+    putc('\n');
+
+    /* 64-bit TSS descriptor (two GDT slots), then SYSEXIT to CPL3 (see pattern.c). */
+    u64 base = (uptr)&tss, limit = sizeof(tss) - 1;
+    gdt[SEL_TSS / 8] = (limit & 0xffff) | ((base & 0xffffff) << 16) | (0x89ull << 40) |
+                       (((limit >> 16) & 0xf) << 48) | (((base >> 24) & 0xff) << 56);
+    gdt[SEL_TSS / 8 + 1] = base >> 32;
+    __asm__ volatile("ltr %w0" : : "r"(SEL_TSS));
+    __asm__ volatile("wrmsr" : : "c"(0x174), "a"(SEL_CODE32), "d"(0)); /* IA32_SYSENTER_CS */
+    __asm__ volatile(".byte 0x48, 0x0f, 0x35" /* sysexitq */
+                     :
+                     : "c"((uptr)(ustack + sizeof(ustack))), "d"((uptr)user_entry)
+                     : "memory");
+    __builtin_unreachable();
+}

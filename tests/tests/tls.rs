@@ -1,0 +1,279 @@
+//! TCP migration security, through the real binaries: TLS with mutual certificates
+//! (`--tls-dir DIR` on both sides, holding `ca.pem`, `cert.pem`, `key.pem`), a sender
+//! whose certificate comes from another CA refused in the handshake, and plain TCP only
+//! with an explicit `--insecure`.
+//!
+//! The CA and certificates are generated here with `rcgen`.
+
+use std::path::Path;
+
+use integration_tests::{
+    assert_pattern_consistent, free_tcp_port, guests, last_pass, launcher_cmd, migrate, path_str,
+    vm_state, wait_console_until, wait_new_pass, wait_pass_beyond, Launcher, TempDir,
+};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
+
+/// `pass=` line period of the `pattern` guest.
+const EVERY: u64 = 200;
+
+/// A certificate authority for the test.
+struct Ca {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let key = KeyPair::generate().expect("CA key");
+        let mut p = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = p.self_signed(&key).expect("self-sign CA");
+        Ca { cert, key }
+    }
+
+    /// A TLS directory `dir` for a host named `names`: this CA's certificate, and a
+    /// certificate and key issued by it.
+    fn tls_dir(&self, dir: &Path, names: &[&str]) {
+        std::fs::create_dir_all(dir).expect("tls dir");
+        let key = KeyPair::generate().expect("key");
+        let mut p = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .expect("params");
+        p.distinguished_name.push(DnType::CommonName, names[0]);
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = p.signed_by(&key, &self.cert, &self.key).expect("sign");
+        std::fs::write(dir.join("ca.pem"), self.cert.pem()).expect("ca.pem");
+        std::fs::write(dir.join("cert.pem"), cert.pem()).expect("cert.pem");
+        std::fs::write(dir.join("key.pem"), key.serialize_pem()).expect("key.pem");
+    }
+}
+
+fn api_of(l: &Launcher) -> &Path {
+    l.api.as_deref().expect("API socket")
+}
+
+/// Boot the `pattern` guest (4 MiB region) as the source.
+fn boot_source(dir: &TempDir) -> Launcher {
+    let cmdline = format!("mib=4 every={EVERY}");
+    let mut l = Launcher::run(
+        &[
+            "--kernel",
+            path_str(guests::pattern_path()),
+            "--memory",
+            "64M",
+            "--cmdline",
+            &cmdline,
+        ],
+        &dir.join("console.log"),
+        Some(&dir.join("src.sock")),
+    );
+    l.wait_api();
+    wait_console_until(&mut l, "two pass= lines", |c| last_pass(c) >= 2 * EVERY);
+    l
+}
+
+/// `launcher run --incoming URI <extra>` appending to the VM's console log.
+fn destination(dir: &TempDir, uri: &str, extra: &[&str], n: usize) -> Launcher {
+    let mut args = vec!["--incoming", uri];
+    args.extend_from_slice(extra);
+    let mut l = Launcher::run(
+        &args,
+        &dir.join("console.log"),
+        Some(&dir.join(&format!("dst-{n}.sock"))),
+    );
+    l.wait_api();
+    l
+}
+
+/// The source handed the VM over: it exited 64, the destination runs the guest on.
+fn assert_handed_over(src: &mut Launcher, dst: &mut Launcher) {
+    assert_eq!(src.wait().code(), Some(64), "stderr: {}", src.stderr());
+    let before = last_pass(&dst.console());
+    wait_pass_beyond(dst, before);
+    assert_eq!(vm_state(api_of(dst)), "running");
+    assert_pattern_consistent(&dst.console(), EVERY);
+}
+
+#[test]
+fn tls_copy_migration_of_a_running_guest() {
+    let dir = TempDir::new("tls-ok");
+    let ca = Ca::new("migration CA");
+    let (src_tls, dst_tls) = (dir.join("src-tls"), dir.join("dst-tls"));
+    ca.tls_dir(&src_tls, &["source.test"]);
+    ca.tls_dir(&dst_tls, &["localhost", "127.0.0.1"]);
+    let mut src = boot_source(&dir);
+    let uri = format!("tcp:127.0.0.1:{}", free_tcp_port());
+    let mut dst = destination(&dir, &uri, &["--tls-dir", path_str(&dst_tls)], 1);
+    let out = migrate(
+        api_of(&src),
+        &uri,
+        &["--tls-dir", path_str(&src_tls)],
+        dir.path(),
+    );
+    assert!(
+        out.status.success(),
+        "TLS migration failed: {}\n{}",
+        out.report,
+        out.stderr
+    );
+    assert_eq!(out.str("status"), "completed", "{}", out.report);
+    assert!(out.u64("normal_pages") >= 4 * 256, "{}", out.report);
+    assert_handed_over(&mut src, &mut dst);
+    integration_tests::shutdown(&mut dst);
+}
+
+/// `--tls-server-name`: the destination's certificate names only `dest.test`; verifying
+/// the URI's HOST (127.0.0.1) fails with a name mismatch, naming that name verifies.
+#[test]
+fn tls_server_name_is_verified() {
+    let dir = TempDir::new("tls-name");
+    let ca = Ca::new("migration CA");
+    let (src_tls, dst_tls) = (dir.join("src-tls"), dir.join("dst-tls"));
+    ca.tls_dir(&src_tls, &["source.test"]);
+    ca.tls_dir(&dst_tls, &["dest.test"]);
+    let mut src = boot_source(&dir);
+    let uri = format!("tcp:127.0.0.1:{}", free_tcp_port());
+    let mut dst = destination(&dir, &uri, &["--tls-dir", path_str(&dst_tls)], 1);
+    let out = migrate(
+        api_of(&src),
+        &uri,
+        &["--tls-dir", path_str(&src_tls)],
+        dir.path(),
+    );
+    assert!(!out.status.success(), "{}", out.report);
+    let text = format!("{}{}", out.report, out.stderr);
+    assert!(
+        text.contains("not valid for the name 127.0.0.1") && text.contains("dest.test"),
+        "the error must name the mismatch: {text}"
+    );
+    assert_eq!(vm_state(api_of(&src)), "running");
+    wait_new_pass(&mut src);
+    // The refused handshake did not use up the destination: it still waits.
+    assert!(dst.alive(), "stderr: {}", dst.stderr());
+    let out = migrate(
+        api_of(&src),
+        &uri,
+        &[
+            "--tls-dir",
+            path_str(&src_tls),
+            "--tls-server-name",
+            "dest.test",
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}\n{}", out.report, out.stderr);
+    assert_handed_over(&mut src, &mut dst);
+    integration_tests::shutdown(&mut dst);
+}
+
+/// A sender whose certificate another CA signed is refused in the handshake, before
+/// any migration frame: the source keeps running, the destination never starts the
+/// guest and keeps waiting for a legitimate sender.
+#[test]
+fn sender_with_a_certificate_from_another_ca_is_refused() {
+    let dir = TempDir::new("tls-rogue");
+    let ca = Ca::new("migration CA");
+    let rogue = Ca::new("rogue CA");
+    let (rogue_tls, dst_tls, src_tls) = (dir.join("rogue"), dir.join("dst"), dir.join("src"));
+    rogue.tls_dir(&rogue_tls, &["source.test"]);
+    // The rogue sender even trusts the real CA (so it accepts the destination).
+    std::fs::write(rogue_tls.join("ca.pem"), ca.cert.pem()).expect("ca.pem");
+    ca.tls_dir(&dst_tls, &["127.0.0.1"]);
+    ca.tls_dir(&src_tls, &["source.test"]);
+    let mut src = boot_source(&dir);
+    let uri = format!("tcp:127.0.0.1:{}", free_tcp_port());
+    let mut dst = destination(&dir, &uri, &["--tls-dir", path_str(&dst_tls)], 1);
+    let out = migrate(
+        api_of(&src),
+        &uri,
+        &["--tls-dir", path_str(&rogue_tls)],
+        dir.path(),
+    );
+    assert!(!out.status.success(), "{}", out.report);
+    assert_ne!(out.str("status"), "completed");
+    let text = format!("{}{}", out.report, out.stderr);
+    assert!(
+        text.contains("TLS handshake") && text.contains("unknown CA"),
+        "the sender must say its certificate was refused: {text}"
+    );
+    // The destination refused it during the handshake and said why.
+    let deadline = std::time::Instant::now() + integration_tests::SAFETY;
+    while !dst.stderr().contains("unknown CA") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "destination stderr: {}",
+            dst.stderr()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(
+        dst.stderr()
+            .contains("the source's certificate is not signed by the CA"),
+        "{}",
+        dst.stderr()
+    );
+    assert!(!dst.stderr().contains("frame"), "{}", dst.stderr());
+    // The source runs on, untouched.
+    assert!(src.alive(), "{}", src.stderr());
+    assert_eq!(vm_state(api_of(&src)), "running");
+    wait_new_pass(&mut src);
+    wait_new_pass(&mut src);
+    assert_pattern_consistent(&src.console(), EVERY);
+    // The destination did not start anything and still accepts the real source.
+    assert_eq!(vm_state(api_of(&dst)), "incoming");
+    let out = migrate(
+        api_of(&src),
+        &uri,
+        &["--tls-dir", path_str(&src_tls)],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}\n{}", out.report, out.stderr);
+    assert_handed_over(&mut src, &mut dst);
+    integration_tests::shutdown(&mut dst);
+}
+
+/// Plain TCP without `--insecure` is refused on both sides with a message that names
+/// both ways out; with `--insecure` on both sides it works.
+#[test]
+fn plain_tcp_needs_insecure() {
+    let dir = TempDir::new("tls-plain");
+    let uri = format!("tcp:127.0.0.1:{}", free_tcp_port());
+    // Destination side: refused at start.
+    let out = launcher_cmd(&["run", "--incoming", &uri, "--serial", "/dev/null"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--insecure") && err.contains("--tls-dir"),
+        "{err}"
+    );
+    // Source side: refused before connecting; the VM keeps running.
+    let mut src = boot_source(&dir);
+    let out = migrate(api_of(&src), &uri, &[], dir.path());
+    assert!(!out.status.success(), "{}", out.report);
+    let text = format!("{}{}", out.report, out.stderr);
+    assert!(
+        text.contains("neither authenticated nor encrypted")
+            && text.contains("--insecure")
+            && text.contains("--tls-dir"),
+        "{text}"
+    );
+    assert_eq!(vm_state(api_of(&src)), "running");
+    wait_new_pass(&mut src);
+    // With --insecure on both sides, it migrates.
+    let mut dst = destination(&dir, &uri, &["--insecure"], 1);
+    let out = migrate(api_of(&src), &uri, &["--insecure"], dir.path());
+    assert!(out.status.success(), "{}\n{}", out.report, out.stderr);
+    assert_handed_over(&mut src, &mut dst);
+    integration_tests::shutdown(&mut dst);
+}

@@ -1,0 +1,488 @@
+//! The modern virtio-pci transport (virtio 1.x, section 4.1).
+//!
+//! Configuration space: vendor 0x1af4, device 0x1040 + device type, revision 1, a 32-bit
+//! memory BAR0 of [`BAR0_SIZE`] bytes, INTA, and a capability list of four
+//! `virtio_pci_cap` structures pointing into BAR0:
+//!
+//! | BAR0 offset | structure | capability |
+//! |---|---|---|
+//! | `0x0000` | common configuration | `cfg_type` 1 at config offset `0x40` |
+//! | `0x1000` | ISR status (read clears) | `cfg_type` 3 at `0x50` |
+//! | `0x2000` | device-specific configuration | `cfg_type` 4 at `0x60` |
+//! | `0x3000` | notify: queue `q` at `0x3000 + 4 q` | `cfg_type` 2 at `0x70`, multiplier 4 |
+
+use std::sync::{Arc, Mutex};
+
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+    VIRTIO_F_VERSION_1,
+};
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{bar0_address, intx_gsi, QueueSaved, VirtioDevice, VirtioError, VirtioPciState};
+use crate::devices::bus::lock;
+use crate::devices::pci::{PciConfigSpace, PciDevice, PCI_CONFIG_SPACE_LEGACY_SIZE};
+use crate::devices::{BusDevice, VmEvent};
+use crate::vstate::memory::GuestMemoryMmap;
+
+/// Size of BAR0.
+pub const BAR0_SIZE: u64 = 0x4000;
+const COMMON_OFFSET: u64 = 0x0000;
+const ISR_OFFSET: u64 = 0x1000;
+const DEVICE_OFFSET: u64 = 0x2000;
+const NOTIFY_OFFSET: u64 = 0x3000;
+const REGION_SIZE: u64 = 0x1000;
+/// Bytes between two queues' notify addresses.
+const NOTIFY_MULTIPLIER: u32 = 4;
+
+const VIRTIO_PCI_VENDOR_ID: u16 = 0x1af4;
+const VIRTIO_PCI_DEVICE_ID_BASE: u16 = 0x1040;
+const PCI_CAP_ID_VNDR: u8 = 0x09;
+const VIRTIO_PCI_CAP_COMMON_CFG: u8 = 1;
+const VIRTIO_PCI_CAP_NOTIFY_CFG: u8 = 2;
+const VIRTIO_PCI_CAP_ISR_CFG: u8 = 3;
+const VIRTIO_PCI_CAP_DEVICE_CFG: u8 = 4;
+/// "No MSI-X vector".
+const VIRTIO_MSI_NO_VECTOR: u16 = 0xffff;
+/// PCI command register: memory space enable.
+const PCI_COMMAND_MEMORY: u16 = 0x2;
+const PCI_COMMAND_OFFSET: u16 = 0x04;
+
+/// The virtio-pci function: transport registers around a [`VirtioDevice`].
+pub struct VirtioPciDevice {
+    slot: u8,
+    config: PciConfigSpace,
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    mem: GuestMemoryMmap,
+    irq: EventFd,
+    queues: Vec<Queue>,
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    driver_features: u64,
+    status: u8,
+    config_generation: u8,
+    isr: u8,
+    queue_select: u16,
+}
+
+impl VirtioPciDevice {
+    /// A device in its reset state, at `slot`, raising INTx through `irq`.
+    pub fn new(
+        slot: u8,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        mem: GuestMemoryMmap,
+        irq: EventFd,
+    ) -> Self {
+        let (dtype, sizes) = {
+            let d = lock(&device);
+            (d.device_type(), d.queue_max_sizes().to_vec())
+        };
+        let queues = sizes
+            .iter()
+            .map(|s| Queue::new(*s).unwrap_or_else(|_| Queue::new(256).expect("valid size")))
+            .collect();
+        VirtioPciDevice {
+            slot,
+            config: Self::initial_config(slot, dtype),
+            device,
+            mem,
+            irq,
+            queues,
+            device_feature_select: 0,
+            driver_feature_select: 0,
+            driver_features: 0,
+            status: 0,
+            config_generation: 0,
+            isr: 0,
+            queue_select: 0,
+        }
+    }
+
+    fn initial_config(slot: u8, dtype: u32) -> PciConfigSpace {
+        let mut c = PciConfigSpace::new();
+        c.set(0x00, &VIRTIO_PCI_VENDOR_ID.to_le_bytes());
+        c.set(
+            0x02,
+            &(VIRTIO_PCI_DEVICE_ID_BASE + dtype as u16).to_le_bytes(),
+        );
+        // Command: memory space and bus master, as firmware leaves an assigned device.
+        c.set(0x04, &0x0006u16.to_le_bytes());
+        // Status: capability list.
+        c.set(0x06, &0x0010u16.to_le_bytes());
+        // Revision 1 (modern), class: mass storage / other for block, else "other".
+        let class: [u8; 4] = if dtype == 2 {
+            [0x01, 0x00, 0x80, 0x01]
+        } else {
+            [0x01, 0x00, 0x80, 0xff]
+        };
+        c.set(0x08, &class);
+        // BAR0: 32-bit memory, not prefetchable, at its fixed address.
+        c.set(0x10, &(bar0_address(slot) as u32).to_le_bytes());
+        c.set(0x2c, &VIRTIO_PCI_VENDOR_ID.to_le_bytes());
+        c.set(0x2e, &(0x40u16 + dtype as u16).to_le_bytes());
+        c.set(0x34, &[0x40]);
+        // Interrupt line (the GSI, as firmware would write it) and pin INTA.
+        c.set(0x3c, &[intx_gsi(slot, 0) as u8, 1]);
+        let caps = [
+            (0x40u8, VIRTIO_PCI_CAP_COMMON_CFG, COMMON_OFFSET, 0x38u32),
+            (0x50, VIRTIO_PCI_CAP_ISR_CFG, ISR_OFFSET, 1),
+            (
+                0x60,
+                VIRTIO_PCI_CAP_DEVICE_CFG,
+                DEVICE_OFFSET,
+                REGION_SIZE as u32,
+            ),
+            (
+                0x70,
+                VIRTIO_PCI_CAP_NOTIFY_CFG,
+                NOTIFY_OFFSET,
+                REGION_SIZE as u32,
+            ),
+        ];
+        for (at, cfg_type, offset, length) in caps {
+            let next = if at == 0x70 { 0 } else { at + 0x10 };
+            let len = if cfg_type == VIRTIO_PCI_CAP_NOTIFY_CFG {
+                20
+            } else {
+                16
+            };
+            let at = usize::from(at);
+            c.set(at, &[PCI_CAP_ID_VNDR, next, len, cfg_type, 0, 0, 0, 0]);
+            c.set(at + 8, &(offset as u32).to_le_bytes());
+            c.set(at + 12, &length.to_le_bytes());
+            if cfg_type == VIRTIO_PCI_CAP_NOTIFY_CFG {
+                c.set(at + 16, &NOTIFY_MULTIPLIER.to_le_bytes());
+            }
+        }
+        // Guest-writable: command, BAR0 address bits (sizing), interrupt line.
+        c.set_writable(0x04, &0x0547u16.to_le_bytes());
+        c.set_writable(0x10, &(!(BAR0_SIZE as u32 - 1)).to_le_bytes());
+        c.set_writable(0x3c, &[0xff]);
+        c
+    }
+
+    /// Load registers saved by [`VirtioPciDevice::state`].
+    pub fn restore(&mut self, s: &VirtioPciState) -> Result<(), VirtioError> {
+        let bad = |why: String| VirtioError::BadState(why);
+        if s.slot != self.slot {
+            return Err(bad(format!(
+                "device saved in PCI slot {} is configured in slot {}",
+                s.slot, self.slot
+            )));
+        }
+        if s.pci_config.len() != PCI_CONFIG_SPACE_LEGACY_SIZE {
+            return Err(bad(format!(
+                "PCI configuration space is {} bytes",
+                s.pci_config.len()
+            )));
+        }
+        let size = lock(&self.device).backend_size();
+        if s.backend_size != size {
+            return Err(bad(format!(
+                "the disk in slot {} is {size} bytes here but was {} bytes when the VM was saved",
+                self.slot, s.backend_size
+            )));
+        }
+        if s.queues.len() != self.queues.len() {
+            return Err(bad(format!("{} queues saved", s.queues.len())));
+        }
+        let mut queues = Vec::new();
+        for (q, cur) in s.queues.iter().zip(&self.queues) {
+            if q.max_size != cur.max_size() {
+                return Err(bad(format!("queue size {} saved", q.max_size)));
+            }
+            let st = virtio_queue::QueueState {
+                max_size: q.max_size,
+                next_avail: q.next_avail,
+                next_used: q.next_used,
+                event_idx_enabled: q.event_idx,
+                size: q.size,
+                ready: q.ready,
+                desc_table: q.desc_table,
+                avail_ring: q.avail_ring,
+                used_ring: q.used_ring,
+            };
+            queues.push(Queue::try_from(st).map_err(|e| bad(format!("queue: {e}")))?);
+        }
+        self.config.set(0, &s.pci_config);
+        self.queues = queues;
+        self.device_feature_select = s.device_feature_select;
+        self.driver_feature_select = s.driver_feature_select;
+        self.driver_features = s.driver_features;
+        self.status = s.status;
+        self.config_generation = s.config_generation;
+        self.isr = s.isr;
+        self.queue_select = s.queue_select;
+        Ok(())
+    }
+
+    /// The registers, for `VmState`.
+    pub fn state(&self) -> VirtioPciState {
+        VirtioPciState {
+            slot: self.slot,
+            pci_config: self.config.bytes().to_vec(),
+            device_feature_select: self.device_feature_select,
+            driver_feature_select: self.driver_feature_select,
+            driver_features: self.driver_features,
+            status: self.status,
+            config_generation: self.config_generation,
+            isr: self.isr,
+            queue_select: self.queue_select,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| QueueSaved {
+                    max_size: q.max_size(),
+                    size: q.size(),
+                    ready: q.ready(),
+                    desc_table: q.desc_table(),
+                    avail_ring: q.avail_ring(),
+                    used_ring: q.used_ring(),
+                    next_avail: q.next_avail(),
+                    next_used: q.next_used(),
+                    event_idx: q.event_idx_enabled(),
+                })
+                .collect(),
+            backend_size: lock(&self.device).backend_size(),
+        }
+    }
+
+    fn device_features(&self) -> u64 {
+        lock(&self.device).features() | (1 << VIRTIO_F_VERSION_1)
+    }
+
+    fn reset(&mut self) {
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.device_feature_select = 0;
+        self.driver_feature_select = 0;
+        self.driver_features = 0;
+        self.status = 0;
+        self.isr = 0;
+        self.queue_select = 0;
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(usize::from(self.queue_select))
+    }
+
+    fn driver_ok(&self) -> bool {
+        let s = u32::from(self.status);
+        s & VIRTIO_CONFIG_S_DRIVER_OK != 0 && s & VIRTIO_CONFIG_S_NEEDS_RESET == 0
+    }
+
+    fn set_status(&mut self, v: u8) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        let mut v = u32::from(v);
+        let old = u32::from(self.status);
+        if v & VIRTIO_CONFIG_S_FEATURES_OK != 0 && old & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
+            let offered = self.device_features();
+            let accepted = self.driver_features & !offered == 0
+                && self.driver_features & (1 << VIRTIO_F_VERSION_1) != 0;
+            if !accepted {
+                v &= !VIRTIO_CONFIG_S_FEATURES_OK;
+            }
+        }
+        if v & VIRTIO_CONFIG_S_DRIVER_OK != 0 && old & VIRTIO_CONFIG_S_DRIVER_OK == 0 {
+            let valid = v & VIRTIO_CONFIG_S_FEATURES_OK != 0
+                && self
+                    .queues
+                    .iter()
+                    .all(|q| !q.ready() || q.is_valid(&self.mem));
+            if !valid {
+                tracing::warn!(
+                    slot = self.slot,
+                    "virtio driver set DRIVER_OK with unusable queues"
+                );
+                v |= VIRTIO_CONFIG_S_NEEDS_RESET;
+            }
+        }
+        self.status = v as u8;
+    }
+
+    fn common_read(&mut self, offset: u64, data: &mut [u8]) {
+        let q = self.queues.get(usize::from(self.queue_select));
+        let v: u64 = match (offset, data.len()) {
+            (0x00, 4) => u64::from(self.device_feature_select),
+            (0x04, 4) => match self.device_feature_select {
+                0 => self.device_features() & 0xffff_ffff,
+                1 => self.device_features() >> 32,
+                _ => 0,
+            },
+            (0x08, 4) => u64::from(self.driver_feature_select),
+            (0x0c, 4) => match self.driver_feature_select {
+                0 => self.driver_features & 0xffff_ffff,
+                1 => self.driver_features >> 32,
+                _ => 0,
+            },
+            (0x10, 2) => u64::from(VIRTIO_MSI_NO_VECTOR),
+            (0x12, 2) => self.queues.len() as u64,
+            (0x14, 1) => u64::from(self.status),
+            (0x15, 1) => u64::from(self.config_generation),
+            (0x16, 2) => u64::from(self.queue_select),
+            (0x18, 2) => q.map_or(0, |q| u64::from(q.size())),
+            (0x1a, 2) => u64::from(VIRTIO_MSI_NO_VECTOR),
+            (0x1c, 2) => q.map_or(0, |q| u64::from(q.ready())),
+            (0x1e, 2) => u64::from(self.queue_select),
+            (0x20..=0x37, 4 | 8) => {
+                let Some(q) = q else {
+                    data.fill(0);
+                    return;
+                };
+                let base = match offset & !7 {
+                    0x20 => q.desc_table(),
+                    0x28 => q.avail_ring(),
+                    _ => q.used_ring(),
+                };
+                if offset & 4 != 0 {
+                    base >> 32
+                } else {
+                    base
+                }
+            }
+            _ => 0,
+        };
+        let bytes = v.to_le_bytes();
+        let n = data.len().min(8);
+        data[..n].copy_from_slice(&bytes[..n]);
+    }
+
+    fn common_write(&mut self, offset: u64, data: &[u8]) {
+        let mut b = [0u8; 8];
+        let n = data.len().min(8);
+        b[..n].copy_from_slice(&data[..n]);
+        let v = u64::from_le_bytes(b);
+        let v32 = v as u32;
+        let v16 = v as u16;
+        // Queue registers may change only before DRIVER_OK.
+        let queue_cfg_allowed = u32::from(self.status) & VIRTIO_CONFIG_S_DRIVER_OK == 0;
+        match (offset, data.len()) {
+            (0x00, 4) => self.device_feature_select = v32,
+            (0x08, 4) => self.driver_feature_select = v32,
+            (0x0c, 4) if u32::from(self.status) & VIRTIO_CONFIG_S_FEATURES_OK == 0 => {
+                match self.driver_feature_select {
+                    0 => self.driver_features = (self.driver_features & !0xffff_ffff) | v,
+                    1 => {
+                        self.driver_features =
+                            (self.driver_features & 0xffff_ffff) | (u64::from(v32) << 32)
+                    }
+                    _ => {}
+                }
+            }
+            (0x14, 1) => self.set_status(v as u8),
+            (0x16, 2) => self.queue_select = v16,
+            (0x18, 2) if queue_cfg_allowed => {
+                if let Some(q) = self.selected_queue() {
+                    // Queue::set_size ignores (and logs) sizes that are not a power of two
+                    // or exceed the maximum.
+                    q.set_size(v16);
+                }
+            }
+            (0x1c, 2) if queue_cfg_allowed => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_ready(v16 == 1);
+                }
+            }
+            (0x20..=0x37, 4 | 8) if queue_cfg_allowed => {
+                let Some(q) = self.selected_queue() else {
+                    return;
+                };
+                let (lo, hi) = match (offset & 4 != 0, data.len()) {
+                    (false, 8) => (Some(v32), Some((v >> 32) as u32)),
+                    (false, _) => (Some(v32), None),
+                    (true, _) => (None, Some(v32)),
+                };
+                match offset & !7 {
+                    0x20 => q.set_desc_table_address(lo, hi),
+                    0x28 => q.set_avail_ring_address(lo, hi),
+                    _ => q.set_used_ring_address(lo, hi),
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn notify(&mut self, queue: usize) {
+        if !self.driver_ok() {
+            return;
+        }
+        let Some(q) = self.queues.get_mut(queue) else {
+            return;
+        };
+        if !q.ready() {
+            return;
+        }
+        let used = lock(&self.device).process_queue(queue, q, &self.mem);
+        if used && q.needs_notification(&self.mem).unwrap_or(true) {
+            self.isr |= 1;
+            if let Err(e) = self.irq.write(1) {
+                tracing::warn!(slot = self.slot, "virtio interrupt: {e}");
+            }
+        }
+    }
+
+    fn decodes_memory(&self) -> bool {
+        let mut cmd = [0u8; 2];
+        self.config.read(PCI_COMMAND_OFFSET, &mut cmd);
+        u16::from_le_bytes(cmd) & PCI_COMMAND_MEMORY != 0
+    }
+}
+
+impl BusDevice for VirtioPciDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if !self.decodes_memory() {
+            data.fill(0xff);
+            return;
+        }
+        match offset {
+            o if o < ISR_OFFSET => self.common_read(o - COMMON_OFFSET, data),
+            ISR_OFFSET => {
+                if let Some(b) = data.first_mut() {
+                    *b = self.isr;
+                    self.isr = 0;
+                }
+            }
+            o if o < DEVICE_OFFSET => {}
+            o if o < NOTIFY_OFFSET => lock(&self.device).read_config(o - DEVICE_OFFSET, data),
+            _ => {}
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> VmEvent {
+        if !self.decodes_memory() {
+            return VmEvent::None;
+        }
+        match offset {
+            o if o < ISR_OFFSET => self.common_write(o - COMMON_OFFSET, data),
+            o if o < DEVICE_OFFSET => {}
+            o if o < NOTIFY_OFFSET => lock(&self.device).write_config(o - DEVICE_OFFSET, data),
+            o if o < NOTIFY_OFFSET + REGION_SIZE => {
+                let rel = o - NOTIFY_OFFSET;
+                if rel.is_multiple_of(u64::from(NOTIFY_MULTIPLIER)) {
+                    self.notify((rel / u64::from(NOTIFY_MULTIPLIER)) as usize);
+                }
+            }
+            _ => {}
+        }
+        VmEvent::None
+    }
+}
+
+/// The configuration-space side of a shared [`VirtioPciDevice`], for the PCI bus.
+pub struct ConfigHandle(pub Arc<Mutex<VirtioPciDevice>>);
+
+impl PciDevice for ConfigHandle {
+    fn config_read(&mut self, offset: u16, data: &mut [u8]) {
+        lock(&self.0).config.read(offset, data);
+    }
+
+    fn config_write(&mut self, offset: u16, data: &[u8]) {
+        lock(&self.0).config.write(offset, data);
+    }
+}
