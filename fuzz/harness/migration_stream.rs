@@ -11,9 +11,7 @@
 //! CRC before parsing (so that mutations reach the payload parsers instead of
 //! stopping at the checksum); bit 1: local mode instead of copy mode.
 
-use migration::frame::{
-    self, FrameError, FrameReader, FrameType, SliceSink, HEADER_LEN,
-};
+use migration::frame::{self, FrameError, FrameReader, FrameType, SliceSink, HEADER_LEN};
 use migration::protocol::{
     self, Incoming, MemoryLayout, MemoryRegion, MigrationMode, ReceiverCapabilities,
     ReceiverMessage, ReceiverPhase, SenderMessage, SenderPhase, VersionRange, PREAMBLE_LEN,
@@ -29,8 +27,14 @@ const MAX_FRAMES: usize = 512;
 /// The layout memory frames are checked against.
 pub fn layout() -> MemoryLayout {
     MemoryLayout::new(vec![
-        MemoryRegion { gpa: 0, size: REGION },
-        MemoryRegion { gpa: HIGH, size: REGION },
+        MemoryRegion {
+            gpa: 0,
+            size: REGION,
+        },
+        MemoryRegion {
+            gpa: HIGH,
+            size: REGION,
+        },
     ])
     .expect("a valid layout")
 }
@@ -39,8 +43,8 @@ pub fn layout() -> MemoryLayout {
 pub fn fix_crcs(buf: &mut [u8]) {
     let mut off = PREAMBLE_LEN;
     while off + HEADER_LEN <= buf.len() {
-        let len = u32::from_le_bytes([buf[off + 8], buf[off + 9], buf[off + 10], buf[off + 11]])
-            as usize;
+        let len =
+            u32::from_le_bytes([buf[off + 8], buf[off + 9], buf[off + 10], buf[off + 11]]) as usize;
         let start = off + HEADER_LEN;
         let end = start.saturating_add(len).min(buf.len());
         let crc = crc32fast::hash(&buf[start..end]);
@@ -71,7 +75,10 @@ pub fn run(data: &[u8]) -> Result<usize, String> {
     let layout = layout();
     let caps = ReceiverCapabilities {
         accepted_versions: VersionRange::ours(),
-        machine_types: vec!["q35".into(), "pc-q35-lvm-1".into()],
+        machine_types: vmm::config::MACHINE_TYPES
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
         max_memory_bytes: 1 << 40,
         max_vcpus: 8,
         local_mode: flags & 2 != 0,

@@ -87,6 +87,8 @@ pub struct ReceiveStats {
 pub fn receive(stream: Stream, serial: SerialOut) -> Result<(Vm, ReceiveStats), ReceiveError> {
     let span = tracing::info_span!("incoming-migration");
     let _e = span.enter();
+    // A stalled sender must not keep this process waiting for ever.
+    let _ = stream.set_read_timeout(Some(crate::transport::stall_timeout()));
     let mut w = FrameWriter::new(stream.try_clone().map_err(FrameError::Io)?);
     w.write_preamble()?;
     let result = match stream.as_unix().map(|u| u.try_clone()) {
@@ -99,6 +101,12 @@ pub fn receive(stream: Stream, serial: SerialOut) -> Result<(Vm, ReceiveStats), 
             receive_on(&mut r, &mut w, serial, false, |_| Vec::new())
         }
     };
+    let result = result.map_err(|e| match e {
+        ReceiveError::Frame(FrameError::Io(io)) => ReceiveError::Frame(FrameError::Io(
+            crate::transport::stall_error(io, "no data from the sender"),
+        )),
+        other => other,
+    });
     if let Err(e) = &result {
         // Tell the sender why (it resumes the source); best effort, the stream may be gone.
         let reason = match e {

@@ -371,6 +371,8 @@ pub fn send(vm: &Arc<Vm>, stream: Stream, opts: &SendOptions) -> Report {
     let _e = span.enter();
     let mut report = Report::new(mode_name, vm.ram().size());
     let start = Instant::now();
+    // A stalled connection must not block a write for ever (least of all while paused).
+    let _ = stream.set_write_timeout(Some(transport::stall_timeout()));
     let back = match stream.try_clone() {
         Ok(s) => spawn_return_path(s),
         Err(e) => {
@@ -467,7 +469,7 @@ fn run(
         mode: s.opts.mode,
         launcher_version: s.opts.launcher_version.clone(),
     }))?;
-    let answer = s.wait_back(READY_TIMEOUT, "Accept")?;
+    let answer = s.wait_back(transport::stall_timeout(), "Accept")?;
     s.phase
         .advance(&answer)
         .map_err(|e| SendError::Protocol(e.to_string()))?;
@@ -645,7 +647,7 @@ fn run(
         .sent_complete()
         .map_err(|e| SendError::Protocol(e.to_string()))?;
     let t_sent = pause_at.elapsed();
-    let ready = s.wait_back(READY_TIMEOUT, "Ready")?;
+    let ready = s.wait_back(transport::stall_timeout().min(READY_TIMEOUT), "Ready")?;
     tracing::info!(
         final_pages_us = t_dirty.as_micros() as u64,
         state_sent_us = t_sent.as_micros() as u64,
@@ -669,7 +671,7 @@ fn run(
         .sent_go()
         .map_err(|e| SendError::Protocol(e.to_string()))?;
     drop(logging);
-    let started = s.wait_back(STARTED_TIMEOUT, "Started");
+    let started = s.wait_back(transport::stall_timeout().min(STARTED_TIMEOUT), "Started");
     let started = match started {
         Ok(m) => m,
         Err(e) => {

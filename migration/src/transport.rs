@@ -440,6 +440,35 @@ impl RateLimit {
     }
 }
 
+/// Default of [`stall_timeout`].
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a migration stream may make no progress at all (the sender's socket
+/// accepts no byte, the receiver gets no byte, an answer does not come) before
+/// the side that waits gives up: a stalled connection must not hang a launcher,
+/// least of all a paused source. 60 s, or `LAUNCHER_MIGRATION_STALL_TIMEOUT_MS`
+/// (for tests that stall connections on purpose).
+pub fn stall_timeout() -> Duration {
+    std::env::var("LAUNCHER_MIGRATION_STALL_TIMEOUT_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|&ms| ms > 0)
+        .map(Duration::from_millis)
+        .unwrap_or(DEFAULT_STALL_TIMEOUT)
+}
+
+/// A socket timeout (`EAGAIN` after `SO_SNDTIMEO`/`SO_RCVTIMEO`) as an error that says
+/// what happened; other errors unchanged.
+pub fn stall_error(e: io::Error, what: &str) -> io::Error {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("stalled connection: {what} for {:?}", stall_timeout()),
+        ),
+        _ => e,
+    }
+}
+
 /// Longest single sleep, so a lifted limit or an abort is seen quickly.
 const MAX_SLEEP: Duration = Duration::from_millis(20);
 
@@ -514,7 +543,10 @@ impl<W: Write> Write for RateLimitedWriter<W> {
             return Ok(0);
         }
         let n = self.acquire(buf.len())?;
-        let written = self.inner.write(&buf[..n.min(buf.len())])?;
+        let written = self
+            .inner
+            .write(&buf[..n.min(buf.len())])
+            .map_err(|e| stall_error(e, "the peer accepted no data"))?;
         self.consume(written);
         Ok(written)
     }
@@ -526,7 +558,9 @@ impl<W: Write> Write for RateLimitedWriter<W> {
         }
         let allowed = self.acquire(total)?;
         let written = if allowed >= total {
-            self.inner.write_vectored(bufs)?
+            self.inner
+                .write_vectored(bufs)
+                .map_err(|e| stall_error(e, "the peer accepted no data"))?
         } else {
             let mut left = allowed;
             let mut cut: Vec<IoSlice<'_>> = Vec::new();
@@ -538,7 +572,9 @@ impl<W: Write> Write for RateLimitedWriter<W> {
                 cut.push(IoSlice::new(&b[..take]));
                 left -= take;
             }
-            self.inner.write_vectored(&cut)?
+            self.inner
+                .write_vectored(&cut)
+                .map_err(|e| stall_error(e, "the peer accepted no data"))?
         };
         self.consume(written);
         Ok(written)

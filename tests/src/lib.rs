@@ -510,3 +510,53 @@ pub fn wait_new_pass(l: &mut Launcher) -> u64 {
     let now = last_pass(&l.console());
     wait_pass_beyond(l, now)
 }
+
+/// A real `launcher` binary built from this tree with `LAUNCHER_VERSION=version`, for
+/// update tests that need two launcher versions that truly differ. Built once per
+/// version into `target/versions/<version>/launcher` (a separate cargo target
+/// directory, `target/versions/build`, so the workspace's own build is untouched);
+/// concurrent tests and test binaries wait on a file lock.
+pub fn launcher_of_version(version: &str) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    let target = bin_dir().parent().expect("target dir").to_path_buf();
+    let out_dir = target.join("versions").join(version);
+    let out = out_dir.join("launcher");
+    std::fs::create_dir_all(&out_dir).expect("create versions dir");
+    let lock = std::fs::File::create(target.join("versions").join(".lock")).expect("lock file");
+    // SAFETY: flock on a file we own; blocks until other builders are done.
+    unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+    // Rebuild when the tree's launcher is newer than our copy (the tree changed).
+    let tree_launcher = bin_dir().join("launcher");
+    let fresh = match (std::fs::metadata(&out), std::fs::metadata(&tree_launcher)) {
+        (Ok(a), Ok(b)) => a.modified().ok() >= b.modified().ok(),
+        _ => false,
+    };
+    if !fresh {
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+        let build_dir = target.join("versions").join("build");
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "--quiet", "-p", "launcher", "--bin", "launcher"])
+            .arg("--manifest-path")
+            .arg(&manifest)
+            .arg("--target-dir")
+            .arg(&build_dir)
+            .env("LAUNCHER_VERSION", version)
+            .status()
+            .expect("run cargo build for a second launcher version");
+        assert!(status.success(), "building launcher {version} failed");
+        std::fs::copy(build_dir.join("debug").join("launcher"), &out).expect("copy launcher");
+    }
+    // SAFETY: releasing our own lock.
+    unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_UN) };
+    let reported = Command::new(&out)
+        .arg("--version")
+        .output()
+        .expect("launcher --version");
+    let text = String::from_utf8_lossy(&reported.stdout);
+    assert!(
+        text.trim() == format!("launcher {version}"),
+        "{} reports {text:?}, expected version {version}",
+        out.display()
+    );
+    out
+}

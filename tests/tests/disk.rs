@@ -21,8 +21,9 @@ use integration_tests::{
 };
 
 const MEMORY: &str = "32M";
-/// Extra `launcher run` arguments of every launcher started here.
-const EXTRA: &[&str] = &["--no-seccomp"];
+/// Extra `launcher run` arguments of every launcher started here (e.g. `--no-seccomp`
+/// while debugging with strace).
+const EXTRA: &[&str] = &[];
 
 /// `args` followed by [`EXTRA`].
 fn with_extra<'a>(args: &[&'a str]) -> Vec<&'a str> {
@@ -455,4 +456,111 @@ fn corrupt_journal_is_reported_by_the_guest() {
         l.console()
     );
     assert!(l.console().contains("journal corrupt at sector 2"));
+}
+
+#[test]
+fn destination_that_cannot_take_the_disk_after_go_aborts_and_the_source_resumes() {
+    let dir = TempDir::new("disk-abort-after-go");
+    // The VM's disk path is a symlink to a.img. Before the migration it is re-pointed to
+    // b.img (same size), which another launcher owns: the destination loads the state,
+    // says Ready, gets Go and then cannot take its disk, so it sends Abort.
+    let a = disk(&dir, "a.img", DISK_BYTES);
+    let b = disk(&dir, "b.img", DISK_BYTES);
+    let link = dir.join("vm.img");
+    std::os::unix::fs::symlink(&a, &link).expect("symlink");
+    let mut src = boot(&dir, &link, "console.log", "interval_ms=20", true);
+    wait_seq_beyond(&mut src, 2);
+    let mut other = boot(&dir, &b, "other.log", "interval_ms=1000", false);
+    other.wait_console("found 0 records");
+    std::fs::remove_file(&link).expect("unlink");
+    std::os::unix::fs::symlink(&b, &link).expect("symlink");
+
+    let uri = format!("unix:{}", path_str(&dir.join("mig.sock")));
+    let mut dst = incoming(&uri, &dir.join("dst.log"), &dir.join("dst.sock"));
+    let out = migrate(
+        src.api.as_deref().expect("api"),
+        &uri,
+        &["--local"],
+        dir.path(),
+    );
+    assert_ne!(out.str("status"), "completed", "{}", out.report);
+    let error = out
+        .report
+        .get("error")
+        .and_then(|e| e.as_str())
+        .unwrap_or("");
+    assert!(error.contains("in use"), "report: {}", out.report);
+    assert_eq!(
+        out.report.get("source_running").and_then(|v| v.as_bool()),
+        Some(true),
+        "report: {}",
+        out.report
+    );
+    assert_ne!(dst.wait().code(), Some(0), "stderr: {}", dst.stderr());
+    // The source took a.img back and keeps writing it.
+    let now = last_seq(&src.console());
+    wait_seq_beyond(&mut src, now + 3);
+    assert_refused(&dir, &a);
+    shutdown(&mut src);
+    assert_journal(&src.console(), &a, 1);
+    kill_hard(&mut other);
+}
+
+#[test]
+fn two_disks_one_read_only() {
+    let dir = TempDir::new("disk-two");
+    let first = disk(&dir, "first.img", DISK_BYTES);
+    let second = disk(&dir, "second.img", DISK_BYTES);
+    let (f, s) = (
+        disk_arg(&first),
+        format!("{},readonly=off", disk_arg(&second)),
+    );
+    let mut l = Launcher::run(
+        &with_extra(&[
+            "--kernel",
+            path_str(guests::blkjournal_path()),
+            "--memory",
+            MEMORY,
+            "--cmdline",
+            "disk=1 count=3 interval_ms=1",
+            "--disk",
+            &f,
+            "--disk",
+            &s,
+        ]),
+        &dir.join("two.log"),
+        None,
+    );
+    assert_eq!(l.wait().code(), Some(0), "{}", l.stderr());
+    assert!(l.console().contains("slot 5"), "{}", l.console());
+    assert_journal(&l.console(), &second, 1);
+    assert!(std::fs::read(&first)
+        .expect("first")
+        .iter()
+        .all(|b| *b == 0));
+    // The first disk read-only, the second one written.
+    let f = format!("{},readonly=on", disk_arg(&first));
+    let s = disk_arg(&second);
+    let mut l = Launcher::run(
+        &with_extra(&[
+            "--kernel",
+            path_str(guests::blkjournal_path()),
+            "--memory",
+            MEMORY,
+            "--cmdline",
+            "disk=1 count=2 interval_ms=1",
+            "--disk",
+            &f,
+            "--disk",
+            &s,
+        ]),
+        &dir.join("two-again.log"),
+        None,
+    );
+    assert_eq!(l.wait().code(), Some(0), "{}", l.stderr());
+    assert_eq!(found(&l.console()), vec![3]);
+    assert_eq!(
+        guests::blkjournal_verify(&std::fs::read(&second).expect("second")),
+        Ok(5)
+    );
 }

@@ -2,10 +2,10 @@
 //! installed launcher version, following the settings (issue 4).
 //!
 //! Version A is `target/debug/launcher` (0.1.0 unless built with LAUNCHER_VERSION).
-//! Version B is a small wrapper script around the same binary that reports a higher version
-//! in `capabilities` (and sets LAUNCHER_VERSION_OVERRIDE for launchers that honour it):
-//! noded only knows launchers by what they report, so this exercises every path of a real
-//! update (a real migration between two processes) without a second build of the tree.
+//! Version B is a real second build of the tree with `LAUNCHER_VERSION=9.0.0`
+//! (`integration_tests::launcher_of_version`, built once into target/versions/). A
+//! *broken* version B, for the retry tests, is a wrapper whose `capabilities` is the real
+//! 9.0.0 binary's and whose `run` fails.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -27,6 +27,18 @@ impl Node {
         let mut n = Node { dir, daemon: None };
         n.spawn_daemon();
         n
+    }
+
+    /// This test's copy of `target/debug/launcher` (version A), so that a concurrent
+    /// rebuild of the tree cannot change the binary under a running test.
+    fn launcher_a(&self) -> PathBuf {
+        let p = self.dir.join("launcher-a");
+        if !p.exists() {
+            let tmp = self.dir.join("launcher-a.tmp");
+            std::fs::copy(bin("launcher"), &tmp).expect("copy launcher");
+            std::fs::rename(&tmp, &p).expect("rename launcher");
+        }
+        p
     }
 
     fn state(&self) -> PathBuf {
@@ -175,24 +187,23 @@ impl Node {
         })
     }
 
-    /// A launcher wrapper reporting `version`; `run` either runs the real launcher or fails.
+    /// Launcher `version`, built from this tree; when `broken`, a wrapper around it whose
+    /// `run` fails (every migration to it fails), to exercise retries.
     fn launcher_version(&self, version: &str, broken: bool) -> PathBuf {
-        let run = if broken {
-            "echo 'broken launcher' >&2\nexit 1".to_string()
-        } else {
-            format!("exec '{}' \"$@\"", bin("launcher").display())
-        };
-        self.launcher_script(version, &run)
+        let real = integration_tests::launcher_of_version(version);
+        if !broken {
+            return real;
+        }
+        self.launcher_script(&real, "echo 'broken launcher' >&2\nexit 1")
     }
 
-    /// A launcher wrapper reporting `version` whose `run` executes `run`.
-    fn launcher_script(&self, version: &str, run: &str) -> PathBuf {
-        let real = bin("launcher");
+    /// A wrapper around `real` whose `run` executes `run` (other commands go to `real`).
+    fn launcher_script(&self, real: &Path, run: &str) -> PathBuf {
         let script = format!(
-            "#!/bin/sh\nexport LAUNCHER_VERSION_OVERRIDE={version}\nif [ \"$1\" = capabilities ]; then\n  '{}' capabilities | sed 's/\"version\": *\"[^\"]*\"/\"version\":\"{version}\"/'\n  exit 0\nfi\n{run}\n",
+            "#!/bin/sh\nif [ \"$1\" = run ]; then\n{run}\nfi\nexec '{}' \"$@\"\n",
             real.display()
         );
-        let p = self.dir.join(&format!("launcher-{version}"));
+        let p = self.dir.join("launcher-broken");
         std::fs::write(&p, script).expect("write wrapper");
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
@@ -254,7 +265,7 @@ const HOSTDEV: &str = "hostDevices: [{name: gpu0, deviceName: example.com/gpu}]\
 #[test]
 fn migratable_vm_moves_to_the_new_launcher_without_a_reboot() {
     let node = Node::start("migrate", "{}\n");
-    let a = node.install(&bin("launcher"));
+    let a = node.install(&node.launcher_a());
     let va = a["version"].as_str().expect("version").to_string();
     let created = node.create("web", "runStrategy: Always\n");
     assert_eq!(
@@ -303,7 +314,7 @@ fn migratable_vm_moves_to_the_new_launcher_without_a_reboot() {
 #[test]
 fn non_migratable_vms_follow_methods_and_run_strategy() {
     let node = Node::start("evict", "{}\n");
-    node.install(&bin("launcher"));
+    node.install(&node.launcher_a());
     node.create(
         "always",
         &format!("{HOSTDEV}runStrategy: Always\nterminationGracePeriodSeconds: 5\n"),
@@ -370,7 +381,7 @@ fn non_migratable_vms_follow_methods_and_run_strategy() {
 #[test]
 fn empty_methods_and_manual_approval_hold_the_update() {
     let node = Node::start("hold", "approvalStrategy: Manual\n");
-    node.install(&bin("launcher"));
+    node.install(&node.launcher_a());
     node.create("db", "");
     let va = node.wait_vm("db", "Running", None)["launcherVersion"].clone();
     node.install(&node.launcher_version("9.0.0", false));
@@ -413,7 +424,7 @@ fn evictions_respect_batch_size_and_interval() {
         "batch",
         "workloadUpdateStrategy:\n  workloadUpdateMethods: [Evict]\n  batchEvictionSize: 1\n  batchEvictionInterval: 3s\n",
     );
-    node.install(&bin("launcher"));
+    node.install(&node.launcher_a());
     let names = ["b1", "b2", "b3"];
     for n in names {
         node.create(n, &format!("{HOSTDEV}terminationGracePeriodSeconds: 5\n"));
@@ -474,7 +485,7 @@ fn failed_migrations_are_retried_with_backoff_and_records_capped() {
         "retry",
         "liveMigrationConfig:\n  retryBackoffBaseSeconds: 1\n  retryBackoffMaxSeconds: 1\n  targetReadyTimeoutSeconds: 5\n",
     );
-    let a = node.install(&bin("launcher"));
+    let a = node.install(&node.launcher_a());
     node.create("web", "");
     node.wait_vm("web", "Running", None);
     node.install(&node.launcher_version("9.0.0", true));
@@ -528,7 +539,7 @@ fn daemon_killed_mid_update_finishes_after_restart() {
         "restart",
         "workloadUpdateStrategy:\n  workloadUpdateMethods: [LiveMigrate, Evict]\n",
     );
-    node.install(&bin("launcher"));
+    node.install(&node.launcher_a());
     node.create("mig", "");
     node.create(
         "evi",
@@ -575,14 +586,15 @@ fn daemon_killed_while_the_target_starts_retries_the_migration() {
         "resume",
         "liveMigrationConfig:\n  retryBackoffBaseSeconds: 1\n",
     );
-    let a = node.install(&bin("launcher"));
+    let a = node.install(&node.launcher_a());
     node.create("web", "");
     node.wait_vm("web", "Running", None);
     node.wait_pass_above("web", 0);
     // Version B's launcher takes 2 s before it listens: kill noded in that window.
+    let real_b = integration_tests::launcher_of_version("9.0.0");
     let slow = node.launcher_script(
-        "9.0.0",
-        &format!("sleep 2\nexec '{}' \"$@\"", bin("launcher").display()),
+        &real_b,
+        &format!("sleep 2\nexec '{}' \"$@\"", real_b.display()),
     );
     node.install(&slow);
     node.wait_vm("web", "Migrating", None);

@@ -213,6 +213,19 @@ fn read_exact_or(
     })
 }
 
+/// Physical memory of this host in bytes (`u64::MAX` if unknown).
+fn host_memory_bytes() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
+    // SAFETY: as above.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if pages > 0 && page > 0 {
+        (pages as u64).saturating_mul(page as u64)
+    } else {
+        u64::MAX
+    }
+}
+
 /// Read a snapshot: the state, and guest memory filled from it.
 pub fn read(r: &mut impl Read) -> Result<(VmState, GuestRam), SnapshotError> {
     let mut header = [0u8; 16];
@@ -269,6 +282,16 @@ pub fn read(r: &mut impl Read) -> Result<(VmState, GuestRam), SnapshotError> {
                 s.config
                     .validate()
                     .map_err(|e| SnapshotError::Corrupted(e.to_string()))?;
+                // Refuse before allocating: guest memory (and its dirty bitmaps) sized by
+                // an untrusted file could exhaust the host (found by fuzzing).
+                let host = host_memory_bytes();
+                if s.config.memory_bytes > host {
+                    return Err(SnapshotError::Corrupted(format!(
+                        "the state asks for {} MiB of guest memory, more than this host has ({} MiB)",
+                        s.config.memory_bytes >> 20,
+                        host >> 20
+                    )));
+                }
                 ram = Some(
                     GuestRam::new(s.config.memory_bytes)
                         .map_err(|e| SnapshotError::Memory(e.to_string()))?,

@@ -169,6 +169,7 @@ const PROCESS_SYSCALLS: &[i64] = &[
     libc::SYS_getcwd,
     libc::SYS_readlink,
     libc::SYS_readlinkat,
+    libc::SYS_getdents64,
     libc::SYS_restart_syscall,
     // Installing a further filter (the vCPU threads' own) can only narrow what is allowed.
     libc::SYS_seccomp,

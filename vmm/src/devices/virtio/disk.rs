@@ -207,7 +207,7 @@ impl DiskFile {
             }
         }
         if holders.is_empty() {
-            "another process (holder pid unknown: it is not visible in /proc)".into()
+            "another process (holder pid unknown: OFD locks do not record it and /proc/*/fdinfo did not show it)".into()
         } else {
             holders.join(", ")
         }
