@@ -51,8 +51,24 @@ fn rt() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
+
+/// With `FUZZ_WRITE_SEEDS` set, write the seeds to `fuzz/corpus/NAME/` for cargo-fuzz.
+fn write_seeds(name: &str, seeds: &[Vec<u8>]) {
+    if std::env::var_os("FUZZ_WRITE_SEEDS").is_none() {
+        return;
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/corpus")
+        .join(name);
+    std::fs::create_dir_all(&dir).expect("corpus dir");
+    for (i, s) in seeds.iter().enumerate() {
+        std::fs::write(dir.join(format!("seed-{i}")), s).expect("seed");
+    }
+}
+
 #[test]
 fn seeds_parse() {
+    write_seeds("http_request", &seeds());
     let rt = rt();
     for s in seeds() {
         assert!(

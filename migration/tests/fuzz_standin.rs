@@ -107,8 +107,24 @@ fn seeds() -> Vec<Vec<u8>> {
     ]
 }
 
+
+/// With `FUZZ_WRITE_SEEDS` set, write the seeds to `fuzz/corpus/NAME/` for cargo-fuzz.
+fn write_seeds(name: &str, seeds: &[Vec<u8>]) {
+    if std::env::var_os("FUZZ_WRITE_SEEDS").is_none() {
+        return;
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/corpus")
+        .join(name);
+    std::fs::create_dir_all(&dir).expect("corpus dir");
+    for (i, s) in seeds.iter().enumerate() {
+        std::fs::write(dir.join(format!("seed-{i}")), s).expect("seed");
+    }
+}
+
 #[test]
 fn seeds_parse() {
+    write_seeds("migration_stream", &seeds());
     assert_eq!(harness::run(&copy_stream(false)), Ok(8));
     assert_eq!(harness::run(&copy_stream(true)), Ok(8));
     assert_eq!(harness::run(&local_stream()), Ok(5));
@@ -124,7 +140,7 @@ fn mutated_streams_fail_cleanly() {
         iters,
         0x5eed_0001,
         1 << 20,
-        |d| harness::run(d),
+        harness::run,
     );
     eprintln!("migration_stream stand-in: {iters} mutants, {ok} parsed, {err} refused");
     assert!(

@@ -22,7 +22,7 @@
 //!
 //! `FAULT_TRIALS` (default 1) sets the trials per cell; `FAULT_SEED` the PRNG seed;
 //! `FAULT_CELLS` (e.g. `precopy:stall,aftergo:*`) a subset. The launchers get a short
-//! stall timeout (`LAUNCHER_MIGRATION_STALL_TIMEOUT_MS`), so a stall costs ~2 s.
+//! stall timeout (`LAUNCHER_MIGRATION_STALL_TIMEOUT_MS`), so a stall costs ~3 s.
 //! The table of results is printed at the end (docs/fault-matrix.md).
 
 use std::io::{Read, Write};
@@ -41,7 +41,7 @@ use migration::protocol::{ReceiverMessage, SenderMessage, PREAMBLE_LEN};
 
 const EVERY: u64 = 100;
 /// The launchers' stall timeout in these trials.
-const STALL_MS: u64 = 1500;
+const STALL_MS: u64 = 3000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -365,10 +365,6 @@ fn forward(ends: &Ends, plan: Plan) {
                 if go && matches!(plan.fault, Fault::KillSource | Fault::KillDest) {
                     // The go reaches the destination, then the process dies.
                     let _ = w.write_all(&buf);
-                    if plan.fault == Fault::KillSource {
-                        // Let the destination act on the go first.
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
                     done = true;
                     let keep = act(ends, plan, &mut buf, &mut w, true);
                     if !keep {
@@ -412,8 +408,13 @@ fn back(ends: &Ends, plan: Plan) {
         if ends.stalled.load(Ordering::SeqCst) {
             return;
         }
-        if plan.phase == Phase::AfterGo
-            && !matches!(plan.fault, Fault::KillSource | Fault::KillDest)
+        if plan.phase == Phase::AfterGo && plan.fault == Fault::KillSource {
+            if matches!(msg, Some(ReceiverMessage::Started { .. })) {
+                // The source is being killed after the go: it must not see this.
+                continue;
+            }
+        } else if plan.phase == Phase::AfterGo
+            && plan.fault != Fault::KillDest
             && matches!(msg, Some(ReceiverMessage::Started { .. }))
         {
             if !act(ends, plan, &mut buf, &mut w, false) {
@@ -532,7 +533,13 @@ fn trial(plan_phase: Phase, fault: Fault, rng: &mut Rng) -> String {
         // SIGKILL is asynchronous: reap it before looking.
         src.wait();
     }
-    let dst_ran = dst.console().contains('B');
+    let dst_killed = fault == Fault::KillDest && log.iter().any(|l| l.contains("killed the"));
+    if dst_killed {
+        dst.wait();
+    }
+    // A destination killed right after the go may have run a few instructions first;
+    // it is gone, and the source (paused, outcome unknown) is the copy that goes on.
+    let dst_ran = dst.console().contains('B') && !dst_killed;
     let outcome;
     if !src.alive() {
         // The source is gone (killed, or exited 64 after a complete handover).
