@@ -129,3 +129,23 @@ fn pattern_guest_runs_passes_without_stale_pages() {
     let passes = integration_tests::pattern_passes(&console);
     assert_eq!(&passes[..2], &[20, 40], "{console}");
 }
+
+#[test]
+fn a_guest_reset_reboots_the_vm_in_the_same_launcher() {
+    for how in ["kbd", "cf9"] {
+        let dir = TempDir::new("reset");
+        let serial = dir.join("console.log");
+        let cmdline = format!("reset={how}");
+        let mut l = Launcher::run(
+            &["--kernel", path(guests::hello_path()), "--memory", "32M", "--cmdline", &cmdline],
+            &serial,
+            None,
+        );
+        // The guest resets at every boot: a third banner proves two reboots happened.
+        let console = integration_tests::wait_console_until(&mut l, "three boots", |c| {
+            c.matches("hello: booted").count() >= 3
+        });
+        assert!(console.contains(&format!("hello: resetting through")), "{console}");
+        assert!(l.alive(), "the launcher must reboot the VM, not exit: {}", l.stderr());
+    }
+}

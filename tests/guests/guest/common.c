@@ -279,3 +279,23 @@ NORETURN void boot_main(u32 start_info)
     guest_main();
     power_off();
 }
+
+int cmdline_has(const char *word)
+{
+    const char *p = boot_cmdline;
+    while (*p) {
+        while (*p == ' ')
+            p++;
+        const char *w = p;
+        const char *k = word;
+        while (*k && *w == *k) {
+            w++;
+            k++;
+        }
+        if (!*k && (*w == ' ' || *w == 0))
+            return 1;
+        while (*p && *p != ' ')
+            p++;
+    }
+    return 0;
+}

@@ -109,6 +109,8 @@ extern struct memmap_entry boot_memmap[MAX_MEMMAP];
 /* Finds `key=value` on the command line; returns 1 and stores the value if it is a valid
  * number (decimal, or hex with 0x), 0 otherwise. */
 int cmdline_u32(const char *key, u32 *out);
+/* True when the command line has exactly this word (for example "reset=kbd"). */
+int cmdline_has(const char *word);
 /* Returns 1 if [start, start+len) lies inside one E820 RAM entry (or no map was given). */
 int range_is_ram(u64 start, u64 len);
 
