@@ -321,7 +321,10 @@ pub fn start_incoming_with(
             };
             // One migration per process: stop listening (removes the socket file).
             drop(listener);
-            match migration::receiver::receive(stream, serial) {
+            let opts = migration::receiver::ReceiveOptions {
+                nets: rt.incoming_nets(),
+            };
+            match migration::receiver::receive_with(stream, serial, &opts) {
                 Ok((vm, stats)) => {
                     tracing::info!(
                         bytes = stats.bytes,

@@ -51,7 +51,6 @@ fn rt() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-
 /// With `FUZZ_WRITE_SEEDS` set, write the seeds to `fuzz/corpus/NAME/` for cargo-fuzz.
 fn write_seeds(name: &str, seeds: &[Vec<u8>]) {
     if std::env::var_os("FUZZ_WRITE_SEEDS").is_none() {

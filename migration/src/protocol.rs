@@ -35,6 +35,8 @@
 //!              IterationDone{1}, ...  ─────────────▶ write into guest memory
 //!  local mode: MemoryFds{regions} + SCM_RIGHTS ───▶ map and pre-fault the fds,
 //!                                          ◀──────── MemoryMapped   create the VM shell
+//!              NetFds{count} + SCM_RIGHTS ────────▶ keep the TAP fds (only if the VM
+//!                                                    has network interfaces)
 //!  pause vCPUs                       (downtime starts)
 //!  copy mode: last Memory frames ──────────────────▶
 //!  State{bytes} (a State frame), Complete ─────────▶ load memory and state
@@ -64,6 +66,7 @@
 //! ```text
 //! AwaitHello --Hello (accepted)--> Precopy
 //! Precopy: Memory (copy mode) | MemoryFds (local mode, exactly once)
+//!          | NetFds (local mode, at most once, after MemoryFds, before State)
 //!          | IterationDone{n} (n = 0, 1, 2, ... in order) | State (once)
 //! Precopy --Complete (state and, in local mode, fds received)--> AwaitGo
 //! AwaitGo --Go--> Started (D resumes the guest, sends Started)
@@ -305,6 +308,13 @@ pub enum SenderMessage {
     Error {
         reason: String,
     },
+    /// Local mode: the VM's TAP fds, one per network interface in `VmConfig::nets`
+    /// order, as `SCM_RIGHTS` data sent with this frame's bytes. Frames that arrive
+    /// during the pause wait in the TAPs' queues for the receiver. (Appended last so
+    /// that the encodings of the other messages stay as they were.)
+    NetFds {
+        count: u32,
+    },
 }
 
 impl SenderMessage {
@@ -317,6 +327,7 @@ impl SenderMessage {
             SenderMessage::Go => "Go",
             SenderMessage::Cancel { .. } => "Cancel",
             SenderMessage::Error { .. } => "Error",
+            SenderMessage::NetFds { .. } => "NetFds",
         }
     }
 }
@@ -541,6 +552,7 @@ pub enum Incoming {
     Go,
     Cancel,
     Error,
+    NetFds,
 }
 
 impl Incoming {
@@ -553,6 +565,7 @@ impl Incoming {
             SenderMessage::Go => Incoming::Go,
             SenderMessage::Cancel { .. } => Incoming::Cancel,
             SenderMessage::Error { .. } => Incoming::Error,
+            SenderMessage::NetFds { .. } => Incoming::NetFds,
         }
     }
 
@@ -567,6 +580,7 @@ impl Incoming {
             Incoming::Go => "Go",
             Incoming::Cancel => "Cancel",
             Incoming::Error => "Error",
+            Incoming::NetFds => "NetFds",
         }
     }
 }
@@ -580,6 +594,8 @@ pub enum ReceiverPhase {
         next_iteration: u64,
         fds_received: bool,
         state_received: bool,
+        /// Local mode: the TAP fds arrived (`NetFds`).
+        net_fds_received: bool,
     },
     AwaitGo,
     Started,
@@ -595,6 +611,7 @@ impl ReceiverPhase {
             next_iteration: 0,
             fds_received: false,
             state_received: false,
+            net_fds_received: false,
         }
     }
 
@@ -633,6 +650,19 @@ impl ReceiverPhase {
                 Incoming::MemoryFds,
             ) => {
                 *fds = true;
+                Ok(())
+            }
+            (
+                ReceiverPhase::Precopy {
+                    mode: MigrationMode::Local,
+                    fds_received: true,
+                    state_received: false,
+                    net_fds_received: net @ false,
+                    ..
+                },
+                Incoming::NetFds,
+            ) => {
+                *net = true;
                 Ok(())
             }
             (
@@ -688,9 +718,11 @@ impl ReceiverPhase {
                 next_iteration,
                 fds_received,
                 state_received,
+                net_fds_received,
             } => format!(
                 "in pre-copy ({mode} mode, next iteration {next_iteration}, fds received: \
-                 {fds_received}, state received: {state_received})"
+                 {fds_received}, state received: {state_received}, TAP fds received: \
+                 {net_fds_received})"
             ),
             ReceiverPhase::AwaitGo => "awaiting Go".into(),
             ReceiverPhase::Started => "running".into(),

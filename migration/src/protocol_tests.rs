@@ -183,6 +183,27 @@ fn receiver_phase_local() {
 }
 
 #[test]
+fn receiver_phase_local_with_tap_fds() {
+    let mut p = ReceiverPhase::accepted(MigrationMode::Local);
+    assert!(p.clone().advance(Incoming::NetFds).is_err(), "before MemoryFds");
+    p.advance(Incoming::MemoryFds).unwrap();
+    p.advance(Incoming::NetFds).unwrap();
+    assert!(p.clone().advance(Incoming::NetFds).is_err(), "twice");
+    p.advance(Incoming::State).unwrap();
+    assert!(p.clone().advance(Incoming::NetFds).is_err(), "after the state");
+    p.advance(Incoming::Complete).unwrap();
+    let mut c = ReceiverPhase::accepted(MigrationMode::Copy);
+    assert!(c.advance(Incoming::NetFds).is_err(), "copy mode");
+}
+
+#[test]
+fn net_fds_is_appended_after_the_old_messages() {
+    // Variant index 7: the encodings of messages 0..=6 are unchanged.
+    let b = bincode::serialize(&SenderMessage::NetFds { count: 2 }).unwrap();
+    assert_eq!(&b[..4], &7u32.to_le_bytes());
+}
+
+#[test]
 fn sender_phase() {
     let mut s = SenderPhase::AwaitAccept;
     assert!(s.source_may_resume());

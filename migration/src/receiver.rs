@@ -83,8 +83,26 @@ pub struct ReceiveStats {
     pub go_to_resume_us: u64,
 }
 
+/// What the receiving launcher brings of its own.
+#[derive(Debug, Default, Clone)]
+pub struct ReceiveOptions {
+    /// This launcher's `--net` options (each with "mac= was given"): in a copy migration
+    /// they replace the backends of the VM's interfaces, in order; without them the TAPs
+    /// are opened by the names the VM had. A local migration uses the handed-over TAPs.
+    pub nets: Vec<(vmm::config::NetConfig, bool)>,
+}
+
 /// Receive one VM over `stream` and start it. `serial` is the console sink of the new VM.
 pub fn receive(stream: Stream, serial: SerialOut) -> Result<(Vm, ReceiveStats), ReceiveError> {
+    receive_with(stream, serial, &ReceiveOptions::default())
+}
+
+/// [`receive`] with this launcher's own network backends.
+pub fn receive_with(
+    stream: Stream,
+    serial: SerialOut,
+    opts: &ReceiveOptions,
+) -> Result<(Vm, ReceiveStats), ReceiveError> {
     let span = tracing::info_span!("incoming-migration");
     let _e = span.enter();
     // A stalled sender must not keep this process waiting for ever.
@@ -94,11 +112,13 @@ pub fn receive(stream: Stream, serial: SerialOut) -> Result<(Vm, ReceiveStats), 
     let result = match stream.as_unix().map(|u| u.try_clone()) {
         Some(Ok(u)) => {
             let mut r = FrameReader::new(FdReader::new(u, MAX_FDS));
-            receive_on(&mut r, &mut w, serial, true, |r| r.get_mut().take_fds())
+            receive_on(&mut r, &mut w, serial, true, opts, |r| {
+                r.get_mut().take_fds()
+            })
         }
         _ => {
             let mut r = FrameReader::new(stream.try_clone().map_err(FrameError::Io)?);
-            receive_on(&mut r, &mut w, serial, false, |_| Vec::new())
+            receive_on(&mut r, &mut w, serial, false, opts, |_| Vec::new())
         }
     };
     let result = result.map_err(|e| match e {
@@ -136,6 +156,7 @@ fn receive_on<R: Read, W: std::io::Write>(
     w: &mut FrameWriter<W>,
     serial: SerialOut,
     unix: bool,
+    opts: &ReceiveOptions,
     mut take_fds: impl FnMut(&mut FrameReader<R>) -> Vec<OwnedFd>,
 ) -> Result<(Vm, ReceiveStats), ReceiveError> {
     r.read_preamble()?;
@@ -197,6 +218,7 @@ fn receive_on<R: Read, W: std::io::Write>(
     );
     let mut phase = ReceiverPhase::accepted(hello.mode);
     let mut state_bytes: Option<Vec<u8>> = None;
+    let mut tap_fds: Vec<OwnedFd> = Vec::new();
     let proto = |e: protocol::ProtocolError| ReceiveError::Protocol(e.to_string());
     loop {
         let h = r.read_header()?;
@@ -246,6 +268,15 @@ fn receive_on<R: Read, W: std::io::Write>(
                         // Only now may the sender pause: the pause pays for registers only.
                         w.write_control(&ReceiverMessage::MemoryMapped)?;
                     }
+                    SenderMessage::NetFds { count } => {
+                        tap_fds = take_fds(r);
+                        if tap_fds.len() != count as usize {
+                            return Err(ReceiveError::Protocol(format!(
+                                "NetFds announced {count} TAPs but {} file descriptors arrived",
+                                tap_fds.len()
+                            )));
+                        }
+                    }
                     SenderMessage::IterationDone { .. } => {}
                     SenderMessage::Complete => break,
                     SenderMessage::Cancel { reason } | SenderMessage::Error { reason } => {
@@ -265,8 +296,20 @@ fn receive_on<R: Read, W: std::io::Write>(
     let state_bytes = state_bytes.ok_or_else(|| ReceiveError::Protocol("no state frame".into()))?;
     let prepared =
         prepared.ok_or_else(|| ReceiveError::Protocol("no guest memory arrived".into()))?;
-    let state = VmState::from_bytes(&state_bytes)
+    let mut state = VmState::from_bytes(&state_bytes)
         .map_err(|e| refuse(w, RefuseReason::LoadFailed(e.to_string())))?;
+    if hello.mode == MigrationMode::Local && tap_fds.len() != state.config.nets.len() {
+        return Err(refuse(
+            w,
+            RefuseReason::InvalidConfig(format!(
+                "the VM has {} network interfaces but {} TAP fds were handed over",
+                state.config.nets.len(),
+                tap_fds.len()
+            )),
+        ));
+    }
+    vmm::devices::virtio::netcfg::attach_incoming(&mut state.config.nets, tap_fds, &opts.nets)
+        .map_err(|e| refuse(w, RefuseReason::LoadFailed(e)))?;
     if state.config.machine_type != hello.machine_type
         || state.config.memory_bytes != total
         || u32::from(state.config.vcpus) != hello.vcpus

@@ -518,6 +518,16 @@ fn run(
             s.phase
                 .advance(&mapped)
                 .map_err(|e| SendError::Protocol(e.to_string()))?;
+            // The TAPs go along: frames that arrive during the pause wait in their queues.
+            let taps = vm.net_fds();
+            if !taps.is_empty() {
+                let frame = crate::frame::encode_control_frame(&SenderMessage::NetFds {
+                    count: taps.len() as u32,
+                })?;
+                transport::send_fds(unix, &frame, &taps).map_err(|e| {
+                    SendError::Frame(FrameError::Io(std::io::Error::other(e.to_string())))
+                })?;
+            }
             s.report.setup_ms = ms(start.elapsed());
             s.report.iterations = 1;
             logging = None;

@@ -15,6 +15,7 @@ const GUESTS: &[(&str, &[&str])] = &[
     ("smp", &["smp.c", "smp_trampoline.S"]),
     ("timer", &["timer.c"]),
     ("blkjournal", &["blkjournal.c"]),
+    ("netecho", &["netecho.c"]),
 ];
 
 /// Linked into every guest.

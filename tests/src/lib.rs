@@ -517,9 +517,42 @@ pub fn wait_new_pass(l: &mut Launcher) -> u64 {
 /// directory, `target/versions/build`, so the workspace's own build is untouched);
 /// concurrent tests and test binaries wait on a file lock.
 pub fn launcher_of_version(version: &str) -> PathBuf {
+    launcher_of_version_with(version, &[])
+}
+
+/// The build-time knobs of the launcher (see launcher/build.rs); each build sets all of
+/// them, empty unless given, so that the caller's environment cannot leak into a build.
+pub const LAUNCHER_KNOBS: &[&str] = &[
+    "LAUNCHER_EXTRA_MACHINE_TYPES",
+    "LAUNCHER_WITHOUT_MACHINE_TYPES",
+    "LAUNCHER_MIGRATION_PROTOCOL_MIN",
+    "LAUNCHER_MIGRATION_PROTOCOL_MAX",
+];
+
+/// [`launcher_of_version`] with build-time knobs (`LAUNCHER_EXTRA_MACHINE_TYPES`, ...), for
+/// launchers with another machine-type list or protocol window. Cached per version and
+/// knobs in `target/versions/<version>[-<hash of the knobs>]/launcher`.
+pub fn launcher_of_version_with(version: &str, env: &[(&str, &str)]) -> PathBuf {
     use std::os::fd::AsRawFd;
+    for (k, _) in env {
+        assert!(
+            LAUNCHER_KNOBS.contains(k),
+            "{k} is not a launcher build knob"
+        );
+    }
+    let mut knobs: Vec<(&str, &str)> = env.iter().copied().filter(|(_, v)| !v.is_empty()).collect();
+    knobs.sort();
+    let key = if knobs.is_empty() {
+        version.to_string()
+    } else {
+        let text: String = knobs.iter().map(|(k, v)| format!("{k}={v};")).collect();
+        let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+        format!("{version}-{hash:016x}")
+    };
     let target = bin_dir().parent().expect("target dir").to_path_buf();
-    let out_dir = target.join("versions").join(version);
+    let out_dir = target.join("versions").join(&key);
     let out = out_dir.join("launcher");
     std::fs::create_dir_all(&out_dir).expect("create versions dir");
     let lock = std::fs::File::create(target.join("versions").join(".lock")).expect("lock file");
@@ -534,17 +567,24 @@ pub fn launcher_of_version(version: &str) -> PathBuf {
     if !fresh {
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
         let build_dir = target.join("versions").join("build");
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "--quiet", "-p", "launcher", "--bin", "launcher"])
+        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.args(["build", "--quiet", "-p", "launcher", "--bin", "launcher"])
             .arg("--manifest-path")
             .arg(&manifest)
             .arg("--target-dir")
             .arg(&build_dir)
-            .env("LAUNCHER_VERSION", version)
+            .env("LAUNCHER_VERSION", version);
+        for k in LAUNCHER_KNOBS {
+            let v = knobs.iter().find(|(n, _)| n == k).map_or("", |(_, v)| *v);
+            cmd.env(k, v);
+        }
+        let status = cmd
             .status()
             .expect("run cargo build for a second launcher version");
-        assert!(status.success(), "building launcher {version} failed");
-        std::fs::copy(build_dir.join("debug").join("launcher"), &out).expect("copy launcher");
+        assert!(status.success(), "building launcher {key} failed");
+        let tmp = out_dir.join("launcher.tmp");
+        std::fs::copy(build_dir.join("debug").join("launcher"), &tmp).expect("copy launcher");
+        std::fs::rename(&tmp, &out).expect("rename launcher");
     }
     // SAFETY: releasing our own lock.
     unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_UN) };
@@ -560,3 +600,5 @@ pub fn launcher_of_version(version: &str) -> PathBuf {
     );
     out
 }
+
+pub mod node;

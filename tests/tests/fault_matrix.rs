@@ -408,13 +408,15 @@ fn back(ends: &Ends, plan: Plan) {
         if ends.stalled.load(Ordering::SeqCst) {
             return;
         }
-        if plan.phase == Phase::AfterGo && plan.fault == Fault::KillSource {
+        if plan.phase == Phase::AfterGo && matches!(plan.fault, Fault::KillSource | Fault::KillDest)
+        {
             if matches!(msg, Some(ReceiverMessage::Started { .. })) {
-                // The source is being killed after the go: it must not see this.
+                // A process is being killed between the go and the source hearing
+                // `Started`: the source must not see it (else the kill would come after
+                // a completed handover, which is not this cell).
                 continue;
             }
         } else if plan.phase == Phase::AfterGo
-            && plan.fault != Fault::KillDest
             && matches!(msg, Some(ReceiverMessage::Started { .. }))
         {
             if !act(ends, plan, &mut buf, &mut w, false) {
@@ -620,10 +622,11 @@ fn trial(plan_phase: Phase, fault: Fault, rng: &mut Rng) -> String {
         assert!(killed, "socket {n} left behind: {ctx}");
     }
     eprintln!(
-        "{:>10} {:>11}: {outcome}  [{}]",
+        "{:>10} {:>11}: {outcome}  [{}] source said: {}",
         name_phase(plan_phase),
         name_fault(fault),
-        log.join("; ")
+        log.join("; "),
+        out.str("error")
     );
     outcome.to_string()
 }

@@ -67,7 +67,7 @@ impl Daemon {
         let p = self.file(
             &format!("fake-{version}"),
             &format!(
-                "#!/bin/sh\nif [ \"$1\" = capabilities ]; then echo '{{\"version\":\"{version}\",\"machineTypes\":[\"q35-1.0\"],\"migrationProtocol\":{{\"min\":1,\"max\":1}},\"snapshotFormat\":{{\"min\":1,\"max\":1}}}}'; exit 0; fi\nexit 1\n"
+                "#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'launcher {version}'; exit 0; fi\nif [ \"$1\" = capabilities ]; then echo '{{\"version\":\"{version}\",\"machineTypes\":[\"q35-1.0\"],\"migrationProtocol\":{{\"min\":1,\"max\":1}},\"snapshotFormat\":{{\"min\":1,\"max\":1}}}}'; exit 0; fi\nexit 1\n"
             ),
         );
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");

@@ -28,6 +28,9 @@ pub enum ConfigError {
     /// A `--disk` option that does not parse, or a disk list that cannot be built.
     #[error("invalid disk {0}")]
     Disk(String),
+    /// A `--net` option that does not parse, or a network interface list that is invalid.
+    #[error("invalid network interface {0}")]
+    Net(String),
 }
 
 /// Resolve a machine type name (or the `q35` alias) to a supported versioned name.
@@ -79,7 +82,12 @@ pub struct VmConfig {
     /// Data disks (virtio-blk), in PCI slot order. See [`DiskConfig`].
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
+    /// Network interfaces (virtio-net on a TAP), in PCI slot order. See [`NetConfig`].
+    #[serde(default)]
+    pub nets: Vec<NetConfig>,
 }
+
+pub use crate::devices::virtio::netcfg::{NetConfig, MAX_NETS};
 
 /// Most data disks per VM (one PCI slot and one IOAPIC pin each).
 pub const MAX_DISKS: usize = 8;
@@ -150,7 +158,7 @@ impl VmConfig {
         if let Some(d) = self.disks.iter().find(|d| d.path.is_empty()) {
             return Err(ConfigError::Disk(format!("{d:?}: the path is empty")));
         }
-        Ok(())
+        crate::devices::virtio::netcfg::validate(&self.nets)
     }
 }
 

@@ -120,8 +120,16 @@ impl Vm {
             .register_irqfd(&irq, layout::COM1_IRQ)
             .map_err(|e| MachineError::Host(format!("irqfd: {e}")))?;
         let mut platform = Platform::new(irq, serial_out)?;
-        let virtio =
+        let mut virtio =
             VirtioDevices::create(&config.disks, None, ram.memory(), kvm.fd(), &mut platform)?;
+        virtio.create_nets(
+            &config.nets,
+            None,
+            ram.memory(),
+            kvm.fd(),
+            &mut platform,
+            false,
+        )?;
         virtio.lock_disks()?;
         let rsdp = crate::acpi::create_acpi_tables(ram.memory(), config.vcpus)
             .map_err(|e| MachineError::Acpi(e.to_string()))?;
@@ -213,7 +221,10 @@ impl Vm {
     /// Let a restored VM run (it starts paused with depth 1). Takes the data disks'
     /// ownership locks first; if one is held elsewhere this fails and the VM stays paused.
     pub fn start_restored(&self) -> Result<(), MachineError> {
-        self.release_pause()
+        self.release_pause()?;
+        // The guest may sit behind another port or host now: tell the network (RARP).
+        self.virtio.announce_nets();
+        Ok(())
     }
 
     /// Pause every vCPU until the guard is dropped. Nested pauses are counted.
@@ -238,6 +249,8 @@ impl Vm {
                     return Err(e.into());
                 }
             }
+            // No frame in flight from here on: RX passes are complete, the TAPs queue.
+            self.virtio.pause_nets();
         }
         *depth += 1;
         Ok(())
@@ -260,6 +273,7 @@ impl Vm {
         }
         *depth -= 1;
         if *depth == 0 {
+            self.virtio.resume_nets();
             for v in &self.vcpus {
                 v.resume()?;
             }
@@ -284,6 +298,17 @@ impl Vm {
     /// True when every data disk's ownership lock is held (also true without disks).
     pub fn holds_disk_locks(&self) -> bool {
         self.virtio.disks_locked()
+    }
+
+    /// The TAP descriptors of the network interfaces, in `config().nets` order (a local
+    /// migration hands them to the next launcher).
+    pub fn net_fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.virtio.net_fds()
+    }
+
+    /// Frame counters of the network interfaces.
+    pub fn net_counters(&self) -> Vec<crate::devices::virtio::net::NetCounters> {
+        self.virtio.net_counters()
     }
 
     /// True while at least one pause guard is alive.
@@ -384,12 +409,21 @@ impl PreparedVm {
         let mut platform = Platform::from_state(irq, serial_out, &state.platform)?;
         // Disks are opened here but locked only when the vCPUs first run (start_restored):
         // an incoming migration's source still owns them until Go.
-        let virtio = VirtioDevices::create(
+        let mut virtio = VirtioDevices::create(
             &state.config.disks,
             Some(&state.devices),
             ram.memory(),
             kvm.fd(),
             &mut platform,
+        )?;
+        // TAPs attached now, read only once the vCPUs run (start_restored).
+        virtio.create_nets(
+            &state.config.nets,
+            Some(&state.devices),
+            ram.memory(),
+            kvm.fd(),
+            &mut platform,
+            true,
         )?;
         let (stop_tx, stop_rx) = channel();
         let mut ready = Vec::new();

@@ -59,11 +59,64 @@ impl From<LegacyVmState> for VmState {
                 initrd: c.initrd,
                 cmdline: c.cmdline,
                 disks: Vec::new(),
+                nets: Vec::new(),
             },
             vcpus: s.vcpus,
             kvm: s.kvm,
             platform: s.platform,
             devices: VirtioDevicesState::default(),
+        }
+    }
+}
+
+/// `VmState` as launchers with disks but without network interfaces wrote it (no
+/// `config.nets`, no `devices.net`).
+#[derive(Deserialize)]
+struct DisksVmState {
+    config: DisksVmConfig,
+    vcpus: Vec<VcpuState>,
+    kvm: VmKvmState,
+    platform: PlatformState,
+    devices: DisksDevicesState,
+}
+
+#[derive(Deserialize)]
+struct DisksVmConfig {
+    memory_bytes: u64,
+    vcpus: u8,
+    machine_type: String,
+    kernel: String,
+    initrd: Option<String>,
+    cmdline: String,
+    disks: Vec<crate::config::DiskConfig>,
+}
+
+#[derive(Deserialize)]
+struct DisksDevicesState {
+    block: Vec<crate::devices::virtio::VirtioPciState>,
+}
+
+impl From<DisksVmState> for VmState {
+    fn from(s: DisksVmState) -> Self {
+        let c = s.config;
+        VmState {
+            config: VmConfig {
+                memory_bytes: c.memory_bytes,
+                vcpus: c.vcpus,
+                machine_type: c.machine_type,
+                kernel: c.kernel,
+                initrd: c.initrd,
+                cmdline: c.cmdline,
+                disks: c.disks,
+                nets: Vec::new(),
+            },
+            vcpus: s.vcpus,
+            kvm: s.kvm,
+            platform: s.platform,
+            devices: VirtioDevicesState {
+                block: s.devices.block,
+                net: Vec::new(),
+            },
         }
     }
 }
@@ -100,13 +153,19 @@ impl VmState {
     }
 
     /// Deserialise, refusing anything over the limit or with trailing bytes. A state
-    /// written before disks existed decodes too (as a VM without disks).
+    /// written before network interfaces existed decodes too (as a VM without them), and
+    /// one written before disks existed (as a VM without disks).
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, StateError> {
         use bincode::Options;
         options().deserialize(bytes).or_else(|e| {
             options()
-                .deserialize::<LegacyVmState>(bytes)
+                .deserialize::<DisksVmState>(bytes)
                 .map(VmState::from)
+                .or_else(|_| {
+                    options()
+                        .deserialize::<LegacyVmState>(bytes)
+                        .map(VmState::from)
+                })
                 .map_err(|_| StateError::Decode(e.to_string()))
         })
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use launcher::launch::{self, api, runtime, LaunchError, VERSION};
-use vmm::config::{parse_size, resolve_machine_type};
+use vmm::config::parse_size;
 use vmm::{Vm, VmConfig};
 
 #[derive(Parser)]
@@ -82,6 +82,11 @@ struct RunArgs {
     /// Data disk (virtio-blk on a raw file): path=FILE[,readonly=on][,shared=on]; repeatable.
     #[arg(long = "disk", value_name = "SPEC", conflicts_with_all = ["restore", "incoming"])]
     disks: Vec<String>,
+    /// Network interface (virtio-net on an existing TAP): tap=NAME[,mac=MAC] or
+    /// fd=N[,mac=MAC]; repeatable. With --restore or --incoming: the TAPs on this side (one
+    /// per interface of the VM, in order; the VM keeps its MAC).
+    #[arg(long = "net", value_name = "SPEC")]
+    nets: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -127,9 +132,16 @@ fn run(args: RunArgs) -> Result<i32, LaunchError> {
         vmm::vstate::vcpu::set_thread_start_hook(launch::seccomp::vcpu_thread_start);
     }
     let serial = runtime::SerialTarget::parse(&args.serial);
+    let nets = args
+        .nets
+        .iter()
+        .map(|n| vmm::config::NetConfig::parse_spec(n))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| usage(e.to_string()))?;
     let mut reboot_files = None;
     let runtime_handle = if let Some(uri) = &args.incoming {
         let rt = runtime::Runtime::new(None, serial);
+        rt.set_incoming_nets(nets.clone());
         let security =
             launcher::migrate_glue::tcp_security(args.tls_dir.as_deref(), args.insecure, None)
                 .map_err(usage)?;
@@ -141,7 +153,10 @@ fn run(args: RunArgs) -> Result<i32, LaunchError> {
             path: path.display().to_string(),
             source,
         })?;
-        let (state, ram) = vmm::snapshot::read(&mut std::io::BufReader::with_capacity(1 << 20, f))?;
+        let (mut state, ram) =
+            vmm::snapshot::read(&mut std::io::BufReader::with_capacity(1 << 20, f))?;
+        vmm::devices::virtio::netcfg::attach_incoming(&mut state.config.nets, Vec::new(), &nets)
+            .map_err(usage)?;
         let vm = Vm::restore(state, ram, serial.open()?)?;
         vm.start_restored()?;
         runtime::Runtime::new(Some(vm), serial)
@@ -166,8 +181,7 @@ fn run(args: RunArgs) -> Result<i32, LaunchError> {
                 ))
             })?;
         check_memory(memory_bytes)?;
-        let machine_type =
-            resolve_machine_type(&args.machine_type).map_err(|e| usage(e.to_string()))?;
+        let machine_type = launcher::resolve_machine_type(&args.machine_type).map_err(usage)?;
         let config = VmConfig {
             memory_bytes,
             vcpus,
@@ -181,7 +195,9 @@ fn run(args: RunArgs) -> Result<i32, LaunchError> {
                 .map(|d| vmm::config::DiskConfig::parse(d))
                 .collect::<Result<_, _>>()
                 .map_err(|e| usage(e.to_string()))?,
+            nets: nets.iter().map(|(n, _)| n.clone()).collect(),
         };
+        config.validate().map_err(|e| usage(e.to_string()))?;
         let files = runtime::read_boot_files(&config)?;
         let vm = Vm::boot(config, &files.0, files.1.as_deref(), serial.open()?)?;
         reboot_files = Some(files);

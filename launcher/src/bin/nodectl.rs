@@ -73,6 +73,14 @@ enum VmCmd {
     List,
     /// Show one VM.
     Get { name: String },
+    /// Change a VM's spec (full spec, same name). A running VM takes runStrategy,
+    /// evictionStrategy and terminationGracePeriodSeconds at once; other changes
+    /// (machineType, memory, kernel, disks ...) wait for its next restart (restartRequired).
+    Update {
+        /// Spec file (`-` for stdin).
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
     /// Start a stopped VM.
     Start { name: String },
     /// Stop a VM (graceful, then forced after terminationGracePeriodSeconds).
@@ -88,6 +96,14 @@ enum LauncherCmd {
         /// The binary.
         #[arg(long)]
         path: PathBuf,
+        /// Release channel: stable, or candidate (only nodes following candidate update
+        /// to it).
+        #[arg(long, default_value = "stable")]
+        channel: String,
+        /// Install even if it does not support a machine type in use (those VMs then stay
+        /// on their current launcher).
+        #[arg(long)]
+        force: bool,
     },
     /// List installed launchers.
     List,
@@ -198,6 +214,14 @@ fn vm_row(v: &Value) -> Vec<String> {
         s(&v["migratable"]),
         s(&v["machineType"]),
         s(&v["runStrategy"]),
+        if v["restartRequired"] == true {
+            v["pendingChanges"]
+                .as_array()
+                .map(|a| a.iter().map(s).collect::<Vec<_>>().join(","))
+                .unwrap_or_else(|| "yes".into())
+        } else {
+            "-".into()
+        },
         v["reason"]
             .as_str()
             .or(v["message"].as_str())
@@ -214,6 +238,7 @@ const VM_HEADERS: &[&str] = &[
     "MIGRATABLE",
     "MACHINE-TYPE",
     "RUN-STRATEGY",
+    "RESTART-REQUIRED",
     "REASON",
 ];
 
@@ -233,6 +258,7 @@ fn print_status(v: &Value) {
         "approvedLauncherVersion:  {}",
         s(&v["approvedLauncherVersion"])
     );
+    println!("channel:                  {}", s(&v["channel"]));
     println!("approvalStrategy:         {}", s(&v["approvalStrategy"]));
     println!("approvalPending:          {}", s(&v["approvalPending"]));
     println!("workloadUpdateMethods:    {}", v["workloadUpdateMethods"]);
@@ -243,6 +269,9 @@ fn print_status(v: &Value) {
     );
     if let Some(m) = v["message"].as_str() {
         println!("message:                  {m}");
+    }
+    if let Some(m) = v["untestedUpdatePath"].as_str() {
+        println!("untestedUpdatePath:       {m}");
     }
     println!();
     let rows: Vec<Vec<String>> = v["conditions"]
@@ -279,15 +308,31 @@ fn run(cli: Cli) -> Result<(), String> {
             VmCmd::Create { file } => c.call("POST", "/v1/vms", Some(&read_doc(file)?))?,
             VmCmd::List => c.call("GET", "/v1/vms", None)?,
             VmCmd::Get { name } => c.call("GET", &format!("/v1/vms/{name}"), None)?,
+            VmCmd::Update { file } => {
+                let spec = read_doc(file)?;
+                let name = spec["name"]
+                    .as_str()
+                    .ok_or_else(|| format!("{}: invalid spec: name: required", file.display()))?
+                    .to_string();
+                c.call("PUT", &format!("/v1/vms/{name}"), Some(&spec))?
+            }
             VmCmd::Start { name } => c.call("PUT", &format!("/v1/vms/{name}/start"), None)?,
             VmCmd::Stop { name } => c.call("PUT", &format!("/v1/vms/{name}/stop"), None)?,
             VmCmd::Delete { name } => c.call("DELETE", &format!("/v1/vms/{name}"), None)?,
         },
         Cmd::Launcher { command } => match command {
-            LauncherCmd::Install { path } => {
+            LauncherCmd::Install {
+                path,
+                channel,
+                force,
+            } => {
                 let abs =
                     std::path::absolute(path).map_err(|e| format!("{}: {e}", path.display()))?;
-                c.call("POST", "/v1/launchers", Some(&json!({ "path": abs })))?
+                c.call(
+                    "POST",
+                    "/v1/launchers",
+                    Some(&json!({ "path": abs, "channel": channel, "force": force })),
+                )?
             }
             LauncherCmd::List => c.call("GET", "/v1/launchers", None)?,
         },
@@ -316,7 +361,7 @@ fn run(cli: Cli) -> Result<(), String> {
             table(VM_HEADERS, &rows);
         }
         Cmd::Vm {
-            command: VmCmd::Get { .. } | VmCmd::Create { .. },
+            command: VmCmd::Get { .. } | VmCmd::Create { .. } | VmCmd::Update { .. },
         } => print_yaml(&v),
         Cmd::Vm {
             command: VmCmd::Start { .. } | VmCmd::Stop { .. },
@@ -340,6 +385,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 .map(|l| {
                     vec![
                         s(&l["version"]),
+                        s(&l["channel"]),
                         s(&l["target"]),
                         s(&l["approved"]),
                         s(&l["installedAt"]),
@@ -354,6 +400,7 @@ fn run(cli: Cli) -> Result<(), String> {
             table(
                 &[
                     "VERSION",
+                    "CHANNEL",
                     "TARGET",
                     "APPROVED",
                     "INSTALLED",
@@ -364,7 +411,12 @@ fn run(cli: Cli) -> Result<(), String> {
             );
         }
         Cmd::Status | Cmd::Update { .. } => print_status(&v),
-        Cmd::Config { .. } => print_yaml(&v),
+        Cmd::Config { .. } => {
+            if let Some(w) = v["warning"].as_str() {
+                eprintln!("nodectl: warning: {w}");
+            }
+            print_yaml(&v)
+        }
         Cmd::Migrations { .. } => {
             let rows: Vec<_> = v
                 .as_array()

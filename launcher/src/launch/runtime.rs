@@ -78,6 +78,9 @@ pub struct Runtime {
     phase: Mutex<Phase>,
     exit: Mutex<Option<i32>>,
     serial: SerialTarget,
+    /// `--net` options of an incoming launcher (its side's TAPs; see
+    /// `migration::receiver::ReceiveOptions`).
+    incoming_nets: Mutex<Vec<(vmm::config::NetConfig, bool)>>,
 }
 
 impl Runtime {
@@ -93,6 +96,7 @@ impl Runtime {
             phase: Mutex::new(phase),
             exit: Mutex::new(None),
             serial,
+            incoming_nets: Mutex::new(Vec::new()),
         })
     }
 
@@ -105,6 +109,16 @@ impl Runtime {
     pub fn set_vm(&self, vm: Arc<Vm>) {
         *lock(&self.vm) = Some(vm);
         self.set_phase(Phase::Running);
+    }
+
+    /// Record the `--net` options of an incoming launcher.
+    pub fn set_incoming_nets(&self, nets: Vec<(vmm::config::NetConfig, bool)>) {
+        *lock(&self.incoming_nets) = nets;
+    }
+
+    /// The `--net` options of an incoming launcher.
+    pub fn incoming_nets(&self) -> Vec<(vmm::config::NetConfig, bool)> {
+        lock(&self.incoming_nets).clone()
     }
 
     /// The serial target.

@@ -11,6 +11,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
 use super::daemon::{Command, DaemonError};
+use super::launchers::Channel;
 use super::requests::{err, Body, Reply, Req};
 use crate::http::{self, HttpError};
 
@@ -67,7 +68,7 @@ async fn connection(mut stream: UnixStream, cmds: mpsc::Sender<Command>, launche
                 tracing::debug!(method = %req.method, path = %req.path, "request");
                 match route(&req.method, &req.path, &req) {
                     Ok(Routed::Loop(r)) => ask(&cmds, r).await,
-                    Ok(Routed::Install(path)) => install(&cmds, &path, launchers_dir).await,
+                    Ok(Routed::Install(i)) => install(&cmds, i, launchers_dir).await,
                     Err(reply) => reply,
                 }
             }
@@ -91,8 +92,8 @@ async fn ask(cmds: &mpsc::Sender<Command>, req: Req) -> Reply {
 }
 
 /// Stages and probes the copy outside the loop (it runs a process), then registers it.
-async fn install(cmds: &mpsc::Sender<Command>, src: &str, launchers_dir: PathBuf) -> Reply {
-    let src = PathBuf::from(src);
+async fn install(cmds: &mpsc::Sender<Command>, i: Install, launchers_dir: PathBuf) -> Reply {
+    let src = PathBuf::from(&i.path);
     if !src.is_absolute() {
         return err(400, format!("path {:?} must be absolute", src.display()));
     }
@@ -101,7 +102,18 @@ async fn install(cmds: &mpsc::Sender<Command>, src: &str, launchers_dir: PathBuf
     })
     .await;
     match staged {
-        Ok(Ok((caps, staged))) => ask(cmds, Req::RegisterLauncher { caps, staged }).await,
+        Ok(Ok((caps, staged))) => {
+            ask(
+                cmds,
+                Req::RegisterLauncher {
+                    caps,
+                    staged,
+                    channel: i.channel,
+                    force: i.force,
+                },
+            )
+            .await
+        }
         Ok(Err(e)) => err(400, e),
         Err(e) => err(500, e),
     }
@@ -109,7 +121,53 @@ async fn install(cmds: &mpsc::Sender<Command>, src: &str, launchers_dir: PathBuf
 
 enum Routed {
     Loop(Req),
-    Install(String),
+    Install(Install),
+}
+
+/// `POST /v1/launchers` body.
+#[derive(Debug, PartialEq)]
+struct Install {
+    path: String,
+    channel: Channel,
+    force: bool,
+}
+
+/// Checks the install body before any copying: a bad channel is refused up front.
+fn install_body(body: &Value) -> Result<Install, Reply> {
+    let usage = "body must be {\"path\": \"/absolute/path/to/launcher\", \"channel\": \"stable\"|\"candidate\", \"force\": false}";
+    let Some(obj) = body.as_object() else {
+        return Err(err(400, usage));
+    };
+    if let Some(k) = obj
+        .keys()
+        .find(|k| !["path", "channel", "force"].contains(&k.as_str()))
+    {
+        return Err(err(400, format!("unknown field {k:?}: {usage}")));
+    }
+    let path = obj
+        .get("path")
+        .and_then(Value::as_str)
+        .ok_or_else(|| err(400, usage))?
+        .to_string();
+    let channel = match obj.get("channel") {
+        None | Some(Value::Null) => Channel::Stable,
+        Some(c) => c.as_str().and_then(Channel::parse).ok_or_else(|| {
+            err(
+                400,
+                format!("unknown channel {c} (use {})", Channel::NAMES.join(" or ")),
+            )
+        })?,
+    };
+    let force = match obj.get("force") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => return Err(err(400, format!("force: {other} must be true or false"))),
+    };
+    Ok(Install {
+        path,
+        channel,
+        force,
+    })
 }
 
 fn json_body(req: &http::Request) -> Result<Value, Reply> {
@@ -142,8 +200,9 @@ fn route(method: &str, path: &str, req: &http::Request) -> Result<Routed, Reply>
         },
         ["v1", "vms", name] => match method {
             "GET" => loop_req(Req::GetVm(name.to_string())),
+            "PUT" => loop_req(Req::UpdateVm(name.to_string(), json_body(req)?)),
             "DELETE" => loop_req(Req::DeleteVm(name.to_string())),
-            _ => Err(allow("GET, DELETE")),
+            _ => Err(allow("GET, PUT, DELETE")),
         },
         ["v1", "vms", name, action] => match (method, *action) {
             ("PUT", "start") => loop_req(Req::StartVm(name.to_string())),
@@ -155,16 +214,7 @@ fn route(method: &str, path: &str, req: &http::Request) -> Result<Routed, Reply>
         },
         ["v1", "launchers"] => match method {
             "GET" => loop_req(Req::ListLaunchers),
-            "POST" => {
-                let body = json_body(req)?;
-                match body["path"].as_str() {
-                    Some(p) => Ok(Routed::Install(p.to_string())),
-                    None => Err(err(
-                        400,
-                        "body must be {\"path\": \"/absolute/path/to/launcher\"}",
-                    )),
-                }
-            }
+            "POST" => Ok(Routed::Install(install_body(&json_body(req)?)?)),
             _ => Err(allow("GET, POST")),
         },
         ["v1", "update", "approve"] => match method {
@@ -209,8 +259,26 @@ mod tests {
             matches!(r("PUT", "/v1/vms/a/start", ""), Ok(Routed::Loop(Req::StartVm(n))) if n == "a")
         );
         assert!(
-            matches!(r("POST", "/v1/launchers", "{\"path\":\"/x\"}"), Ok(Routed::Install(p)) if p == "/x")
+            matches!(r("POST", "/v1/launchers", "{\"path\":\"/x\"}"), Ok(Routed::Install(i)) if i == Install { path: "/x".into(), channel: Channel::Stable, force: false })
         );
+        assert!(
+            matches!(r("POST", "/v1/launchers", "{\"path\":\"/x\",\"channel\":\"candidate\",\"force\":true}"), Ok(Routed::Install(i)) if i.channel == Channel::Candidate && i.force)
+        );
+        let e = r(
+            "POST",
+            "/v1/launchers",
+            "{\"path\":\"/x\",\"channel\":\"beta\"}",
+        )
+        .err()
+        .expect("bad channel refused");
+        assert_eq!(e.status, 400);
+        assert!(
+            matches!(&e.body, Body::Json(v) if v["error"].as_str().unwrap_or("").contains("unknown channel \"beta\""))
+        );
+        assert!(matches!(
+            r("PUT", "/v1/vms/a", "{\"name\":\"a\"}"),
+            Ok(Routed::Loop(Req::UpdateVm(n, _))) if n == "a"
+        ));
         assert!(matches!(
             r("PUT", "/v1/config", "{\"a\":1}"),
             Ok(Routed::Loop(Req::SetConfig(_)))

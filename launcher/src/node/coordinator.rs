@@ -3,310 +3,20 @@
 //! updated yet. Nothing here does I/O, so the rules (batches, approval, runStrategy,
 //! backoff) are unit-tested directly; the daemon only executes the actions.
 //!
-//! The per-VM state machine (DESIGN-NOTES): `Running(v)` → outdated (derived) →
-//! `Migrating(attempt)` → `Running(v')`, or `Migrating` → `Backoff(until, error)` →
-//! `Migrating`; or outdated → `Evicting` → `Starting` (restart) → `Running(v')`, or
-//! `Stopped` per runStrategy.
+//! The per-VM states and the runStrategy table live in [`super::vm_state`] (re-exported
+//! here).
 
 use serde::{Deserialize, Serialize};
 use std::cmp::Ordering;
 
-use super::launchers::compare_versions;
+use super::launchers::{compare_versions, Range};
 use super::settings::{NodeSettings, WorkloadUpdateMethod};
-use super::spec::{EvictionStrategy, RunStrategy, VmSpec};
+use super::spec::{EvictionStrategy, VmSpec};
 
-/// Unix time in milliseconds.
-pub type Millis = i64;
-
-/// Why a VM is not running.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "cause", content = "detail", rename_all = "camelCase")]
-pub enum StopCause {
-    /// Created with a runStrategy that does not start it (Manual, Halted).
-    NotStarted,
-    /// `nodectl vm stop`.
-    UserStop,
-    /// The guest powered off (exit status 0).
-    PowerOff,
-    /// The launcher failed (non-zero exit, signal, or unknown).
-    Failed(String),
-    /// Evicted for an update, and the runStrategy keeps it down.
-    Evicted,
-    /// The launcher exited 64: the VM was migrated away by someone else; restarting it
-    /// here would run it twice, so it stays down.
-    MigratedAway,
-    /// The launcher could not be started.
-    StartFailed(String),
-}
-
-/// The recorded state of one VM (stored as JSON, written before acting).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "state", rename_all = "camelCase")]
-pub enum VmState {
-    /// Not running.
-    Stopped {
-        /// Why.
-        cause: StopCause,
-    },
-    /// To be started (or restarted) on the target launcher, not before `not_before`.
-    #[serde(rename_all = "camelCase")]
-    Starting {
-        /// Earliest start (crash-loop backoff).
-        not_before: Millis,
-        /// Restart after an eviction for an update.
-        after_eviction: bool,
-    },
-    /// A launcher runs the VM.
-    #[serde(rename_all = "camelCase")]
-    Running {
-        /// Since when this launcher runs it.
-        since: Millis,
-    },
-    /// A live migration to a new launcher is in progress.
-    #[serde(rename_all = "camelCase")]
-    Migrating {
-        /// 1 for the first try, then counting failures.
-        attempt: u32,
-        /// Version of the new launcher.
-        target_version: String,
-        /// When it started.
-        started_at: Millis,
-        /// Generation number of the new launcher's sockets.
-        target_generation: u64,
-        /// The new launcher's API socket.
-        target_api_socket: String,
-        /// The incoming migration socket path.
-        incoming: String,
-        /// The new launcher's pid, once spawned.
-        target_pid: Option<u32>,
-        /// Migration record id.
-        record: i64,
-    },
-    /// The last migration failed; the VM runs on its old launcher until `until`.
-    #[serde(rename_all = "camelCase")]
-    Backoff {
-        /// Earliest retry.
-        until: Millis,
-        /// Why the last attempt failed.
-        last_error: String,
-    },
-    /// Being shut down for an update.
-    #[serde(rename_all = "camelCase")]
-    Evicting {
-        /// When the shutdown was requested.
-        since: Millis,
-        /// Version it will restart on.
-        target_version: String,
-    },
-    /// Being shut down at the user's request (or for deletion).
-    #[serde(rename_all = "camelCase")]
-    Stopping {
-        /// When the shutdown was requested.
-        since: Millis,
-        /// Delete the VM once stopped.
-        delete: bool,
-    },
-}
-
-impl VmState {
-    /// Whether a launcher process is (believed to be) running the VM.
-    pub fn has_launcher(&self) -> bool {
-        matches!(
-            self,
-            VmState::Running { .. }
-                | VmState::Migrating { .. }
-                | VmState::Backoff { .. }
-                | VmState::Evicting { .. }
-                | VmState::Stopping { .. }
-        )
-    }
-
-    /// The phase users see.
-    pub fn phase(&self, now: Millis) -> &'static str {
-        match self {
-            VmState::Stopped { .. } => "Stopped",
-            VmState::Starting { not_before, .. } if *not_before > now => "CrashLoopBackOff",
-            VmState::Starting { .. } => "Starting",
-            VmState::Running { .. } | VmState::Backoff { .. } => "Running",
-            VmState::Migrating { .. } => "Migrating",
-            VmState::Evicting { .. } => "Evicting",
-            VmState::Stopping { .. } => "Stopping",
-        }
-    }
-}
-
-/// The mutable per-VM record besides the spec.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct VmStatus {
-    /// State machine state.
-    pub state: VmState,
-    /// Version of the launcher that runs it (when running).
-    pub launcher_version: Option<String>,
-    /// That launcher's pid.
-    pub pid: Option<u32>,
-    /// That launcher's API socket.
-    pub api_socket: Option<String>,
-    /// Counter used to name sockets (`api-<n>.sock`), bumped for every launcher.
-    pub generation: u64,
-    /// Failed migration attempts since the last success (drives the backoff).
-    pub migration_failures: u32,
-    /// Quick consecutive crash restarts (drives the crash-loop backoff).
-    pub crash_restarts: u32,
-    /// Last error worth showing.
-    pub last_error: Option<String>,
-}
-
-impl VmStatus {
-    /// A new VM's status: starting or stopped per runStrategy.
-    pub fn new(spec: &VmSpec, now: Millis) -> VmStatus {
-        let state = match spec.run_strategy {
-            RunStrategy::Always | RunStrategy::RerunOnFailure | RunStrategy::Once => {
-                VmState::Starting {
-                    not_before: now,
-                    after_eviction: false,
-                }
-            }
-            RunStrategy::Manual | RunStrategy::Halted => VmState::Stopped {
-                cause: StopCause::NotStarted,
-            },
-        };
-        VmStatus {
-            state,
-            launcher_version: None,
-            pid: None,
-            api_socket: None,
-            generation: 0,
-            migration_failures: 0,
-            crash_restarts: 0,
-            last_error: None,
-        }
-    }
-}
-
-/// How a launcher ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ExitKind {
-    /// Exit status 0: guest power-off or clean stop.
-    Clean,
-    /// Exit status 64: migrated away.
-    MigratedAway,
-    /// Anything else, with a description ("exit status 3", "killed by signal 9").
-    Failure(String),
-}
-
-impl ExitKind {
-    /// Classifies an exit status (`code` None = killed by `signal`).
-    pub fn from_status(code: Option<i32>, signal: Option<i32>) -> ExitKind {
-        match (code, signal) {
-            (Some(0), _) => ExitKind::Clean,
-            (Some(64), _) => ExitKind::MigratedAway,
-            (Some(c), _) => ExitKind::Failure(format!("exit status {c}")),
-            (None, Some(s)) => ExitKind::Failure(format!("killed by signal {s}")),
-            (None, None) => ExitKind::Failure(
-                "ended while noded was not its parent (exit status unknown)".into(),
-            ),
-        }
-    }
-}
-
-/// Crash-loop restart delay: immediate after a crash of a launcher that ran a while,
-/// then 1 s, 2 s, 4 s ... (capped at 5 min) while it keeps crashing quickly.
-pub fn crash_restart_delay_ms(quick_crashes: u32) -> Millis {
-    if quick_crashes == 0 {
-        0
-    } else {
-        (1000i64 << (quick_crashes - 1).min(20)).min(300_000)
-    }
-}
-
-/// A launcher that ran less than this before failing counts as a quick crash.
-pub const QUICK_CRASH_MS: Millis = 30_000;
-
-/// The new status after the VM's launcher ended, applying the runStrategy table:
-///
-/// | runStrategy    | power-off | crash    | evicted for update | user stop |
-/// |----------------|-----------|----------|--------------------|-----------|
-/// | Always         | restart   | restart  | restart on target  | stays down|
-/// | RerunOnFailure | down      | restart  | restart on target  | down      |
-/// | Manual         | down      | down     | down               | down      |
-/// | Halted         | down      | down     | down               | down      |
-/// | Once           | down      | down     | down               | down      |
-///
-/// A `RerunOnFailure` VM evicted for an update is restarted (a deliberate difference from
-/// KubeVirt): the user did not ask it to stop. Exit 64 (migrated away) never restarts.
-pub fn after_exit(
-    status: &VmStatus,
-    spec: &VmSpec,
-    exit: &ExitKind,
-    ran_ms: Millis,
-    now: Millis,
-) -> VmStatus {
-    let mut next = status.clone();
-    next.pid = None;
-    next.api_socket = None;
-    next.launcher_version = None;
-    let restart = |next: &mut VmStatus, after_eviction: bool| {
-        next.state = VmState::Starting {
-            not_before: now + crash_restart_delay_ms(next.crash_restarts),
-            after_eviction,
-        };
-    };
-    match (&status.state, exit) {
-        (_, ExitKind::MigratedAway) => {
-            next.state = VmState::Stopped {
-                cause: StopCause::MigratedAway,
-            };
-        }
-        (VmState::Stopping { .. }, _) => {
-            next.state = VmState::Stopped {
-                cause: StopCause::UserStop,
-            };
-        }
-        (VmState::Evicting { .. }, _) => {
-            next.crash_restarts = 0;
-            if matches!(
-                spec.run_strategy,
-                RunStrategy::Always | RunStrategy::RerunOnFailure
-            ) {
-                restart(&mut next, true);
-            } else {
-                next.state = VmState::Stopped {
-                    cause: StopCause::Evicted,
-                };
-            }
-        }
-        (_, ExitKind::Clean) => {
-            next.crash_restarts = 0;
-            if spec.run_strategy == RunStrategy::Always {
-                restart(&mut next, false);
-            } else {
-                next.state = VmState::Stopped {
-                    cause: StopCause::PowerOff,
-                };
-            }
-        }
-        (_, ExitKind::Failure(why)) => {
-            next.last_error = Some(format!("launcher failed: {why}"));
-            if matches!(
-                spec.run_strategy,
-                RunStrategy::Always | RunStrategy::RerunOnFailure
-            ) {
-                next.crash_restarts = if ran_ms < QUICK_CRASH_MS {
-                    status.crash_restarts + 1
-                } else {
-                    0
-                };
-                restart(&mut next, false);
-            } else {
-                next.state = VmState::Stopped {
-                    cause: StopCause::Failed(why.clone()),
-                };
-            }
-        }
-    }
-    next
-}
+pub use super::vm_state::{
+    after_exit, crash_restart_delay_ms, ExitKind, Millis, StopCause, VmState, VmStatus,
+    QUICK_CRASH_MS,
+};
 
 /// Retry delay after `failures` failed migrations: base, 2·base, 4·base ... capped.
 pub fn migration_backoff_ms(settings: &NodeSettings, failures: u32) -> Millis {
@@ -327,13 +37,31 @@ pub struct BatchWindow {
     pub count: u32,
 }
 
-/// The launcher that outdated VMs should move to.
+/// An installed launcher as the planner sees it (the target is one of them).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     /// Its version.
     pub version: String,
     /// Machine types it offers.
     pub machine_types: Vec<String>,
+    /// The migration-protocol versions it speaks (as a source) and accepts (as a target).
+    pub migration_protocol: Range,
+    /// Whether it is on a channel this node follows (only those become targets).
+    pub on_channel: bool,
+}
+
+impl Target {
+    /// Why a VM on launcher `source` cannot live-migrate to this one, if it cannot: their
+    /// protocol windows do not overlap, so the attempt would be refused at the preamble.
+    pub fn protocol_gap(&self, source: &Target) -> Option<String> {
+        let (s, t) = (source.migration_protocol, self.migration_protocol);
+        (s.max < t.min || t.max < s.min).then(|| {
+            format!(
+                "launcher {} speaks migration protocol {}..{}, outside the {}..{} window target launcher {} accepts",
+                source.version, s.min, s.max, t.min, t.max, self.version
+            )
+        })
+    }
 }
 
 /// One VM as the planner sees it.
@@ -360,6 +88,11 @@ pub struct Inputs<'a> {
     pub approval_pending: bool,
     /// The eviction batch window.
     pub batch: BatchWindow,
+    /// Every installed launcher, oldest first (source protocol windows, and the launchers
+    /// a VM can restart on when the target lacks its machine type).
+    pub launchers: &'a [Target],
+    /// The channel the node follows (for reasons).
+    pub channel: &'a str,
     /// The VMs.
     pub vms: Vec<VmInput<'a>>,
 }
@@ -459,10 +192,13 @@ pub fn plan(inp: &Inputs) -> Plan {
                         st.last_error.as_deref().unwrap_or("a crash")
                     ))
                 }
-                Some(t) => out.actions.push(Action::Start {
-                    vm: name.clone(),
-                    version: t.version.clone(),
-                }),
+                Some(t) => match start_launcher(inp, t, vm) {
+                    Ok(version) => out.actions.push(Action::Start {
+                        vm: name.clone(),
+                        version,
+                    }),
+                    Err(reason) => verdict.reason = Some(reason),
+                },
             }
             out.verdicts.insert(name, verdict);
             continue;
@@ -472,6 +208,7 @@ pub fn plan(inp: &Inputs) -> Plan {
             continue;
         };
         if !st.state.has_launcher() || !older(st.launcher_version.as_deref(), newest) {
+            verdict.reason = off_channel(inp, st);
             out.verdicts.insert(name, verdict);
             continue;
         }
@@ -518,6 +255,43 @@ pub fn plan(inp: &Inputs) -> Plan {
     out
 }
 
+/// The launcher a VM (re)starts on: the target, or when the target does not offer the
+/// machine type it will start with (a forced install of a launcher that dropped it), the
+/// newest older launcher on the node's channel that does, so that it is never stranded.
+fn start_launcher(inp: &Inputs, target: &Target, vm: &VmInput) -> Result<String, String> {
+    let mt = vm
+        .status
+        .pending
+        .as_ref()
+        .map_or(&vm.spec.machine_type, |p| &p.machine_type);
+    if target.machine_types.contains(mt) {
+        return Ok(target.version.clone());
+    }
+    inp.launchers
+        .iter()
+        .rev()
+        .find(|l| {
+            l.on_channel
+                && compare_versions(&l.version, &target.version) != Ordering::Greater
+                && l.machine_types.contains(mt)
+        })
+        .map(|l| l.version.clone())
+        .ok_or_else(|| format!("no installed launcher offers machine type {mt}"))
+}
+
+/// The note for a VM that runs a launcher of a channel the node no longer follows (a
+/// node switched from candidate back to stable): not outdated, nothing is downgraded.
+fn off_channel(inp: &Inputs, st: &VmStatus) -> Option<String> {
+    let v = st.launcher_version.as_deref()?;
+    let l = inp.launchers.iter().find(|l| l.version == v)?;
+    (st.state.has_launcher() && !l.on_channel).then(|| {
+        format!(
+            "runs launcher {v}, which is not on this node's {} channel (untested update path); it moves when a newer {} launcher is installed",
+            inp.channel, inp.channel
+        )
+    })
+}
+
 /// For an outdated VM with a running launcher: the action to take, or why not.
 fn decide_update(
     inp: &Inputs,
@@ -560,7 +334,20 @@ fn decide_update(
             target.version, vm.spec.machine_type
         ));
     }
-    let m = vm.spec.migratability();
+    let mut m = vm.spec.migratability();
+    // Direct updates: whatever versions were installed in between, the VM moves in one
+    // migration, provided the target accepts the protocol its launcher speaks; otherwise
+    // it is treated as not migratable (evicted if allowed) instead of a doomed attempt.
+    let source = st
+        .launcher_version
+        .as_deref()
+        .and_then(|v| inp.launchers.iter().find(|l| l.version == v));
+    if let Some(gap) = source.and_then(|src| target.protocol_gap(src)) {
+        if m.migratable {
+            m.migratable = false;
+            m.reason = Some(gap);
+        }
+    }
     let live = s.allows(WorkloadUpdateMethod::LiveMigrate);
     let evict = s.allows(WorkloadUpdateMethod::Evict);
     // With Evict, a migratable VM whose evictionStrategy migrates is migrated, as an

@@ -21,6 +21,7 @@ fn running(version: &str) -> VmStatus {
         migration_failures: 0,
         crash_restarts: 0,
         last_error: None,
+        pending: None,
     }
 }
 
@@ -28,6 +29,8 @@ fn target(v: &str) -> Target {
     Target {
         version: v.into(),
         machine_types: vec!["q35-1.0".into()],
+        migration_protocol: crate::node::launchers::Range { min: 1, max: 1 },
+        on_channel: true,
     }
 }
 
@@ -40,6 +43,8 @@ struct World {
     statuses: Vec<VmStatus>,
     settings: NodeSettings,
     target: Target,
+    /// Every installed launcher, oldest first (the target is taken from here when listed).
+    launchers: Vec<Target>,
     batch: BatchWindow,
 }
 
@@ -50,6 +55,7 @@ impl World {
             statuses: vec![],
             settings: settings(settings_text),
             target: target("2.0.0"),
+            launchers: vec![target("1.0.0"), target("2.0.0")],
             batch: BatchWindow::default(),
         }
     }
@@ -66,6 +72,8 @@ impl World {
             target: Some(&self.target),
             approval_pending: false,
             batch: self.batch,
+            launchers: &self.launchers,
+            channel: "stable",
             vms: self
                 .specs
                 .iter()
@@ -256,6 +264,8 @@ fn manual_approval_waits() {
         target: Some(&approved),
         approval_pending: true,
         batch: BatchWindow::default(),
+        launchers: &[],
+        channel: "stable",
         vms: vec![VmInput {
             spec: &specs[0],
             status: &statuses[0],
@@ -339,6 +349,113 @@ fn starting_vms_start_on_target_after_their_delay() {
             version: "2.0.0".into()
         }]
     );
+}
+
+#[test]
+fn direct_update_skips_intermediate_versions() {
+    let mut w = World::new("{}").vm("a", "", running("1.0.0"));
+    w.launchers = vec![target("1.0.0"), target("1.5.0"), target("2.0.0")];
+    let p = w.plan(0);
+    assert_eq!(
+        p.actions,
+        vec![Action::Migrate {
+            vm: "a".into(),
+            attempt: 1,
+            version: "2.0.0".into()
+        }]
+    );
+}
+
+#[test]
+fn protocol_window_outside_target_means_evict_or_stay() {
+    let mut w = World::new("{}").vm("a", "runStrategy: Always\n", running("1.0.0"));
+    w.target.migration_protocol = crate::node::launchers::Range { min: 2, max: 3 };
+    w.launchers[1] = w.target.clone();
+    let p = w.plan(0);
+    assert!(p.actions.is_empty(), "no doomed migration: {:?}", p.actions);
+    assert_eq!(
+        p.verdicts["a"].reason.as_deref(),
+        Some("not migratable: launcher 1.0.0 speaks migration protocol 1..1, outside the 2..3 window target launcher 2.0.0 accepts and Evict is not enabled")
+    );
+    w.settings = settings("workloadUpdateStrategy: {workloadUpdateMethods: [LiveMigrate, Evict]}");
+    let p = w.plan(0);
+    assert_eq!(
+        p.actions,
+        vec![Action::Evict {
+            vm: "a".into(),
+            version: "2.0.0".into()
+        }]
+    );
+    // evictionStrategy LiveMigrate refuses the eviction: it stays, with the reason.
+    w.specs[0] = spec("a", "evictionStrategy: LiveMigrate\n");
+    let p = w.plan(0);
+    assert!(p.actions.is_empty());
+    assert!(p.verdicts["a"]
+        .reason
+        .as_deref()
+        .unwrap_or("")
+        .contains("refuses eviction"));
+    // Overlapping windows migrate.
+    w.target.migration_protocol = crate::node::launchers::Range { min: 1, max: 2 };
+    w.specs[0] = spec("a", "");
+    assert!(matches!(w.plan(0).actions[..], [Action::Migrate { .. }]));
+}
+
+#[test]
+fn a_vm_whose_machine_type_the_target_dropped_restarts_on_an_older_launcher() {
+    let mut st = running("1.0.0");
+    st.state = VmState::Starting {
+        not_before: 0,
+        after_eviction: false,
+    };
+    let mut w = World::new("{}").vm("a", "", st);
+    w.target.machine_types = vec!["q35-2.0".into()];
+    w.launchers[1] = w.target.clone();
+    let p = w.plan(0);
+    assert_eq!(
+        p.actions,
+        vec![Action::Start {
+            vm: "a".into(),
+            version: "1.0.0".into()
+        }]
+    );
+    // With a pending change to q35-2.0, the restart takes the target.
+    let mut pending = w.specs[0].clone();
+    pending.machine_type = "q35-2.0".into();
+    w.statuses[0].pending = Some(pending);
+    assert_eq!(
+        w.plan(0).actions,
+        vec![Action::Start {
+            vm: "a".into(),
+            version: "2.0.0".into()
+        }]
+    );
+    // No launcher offers it: it waits, with the reason.
+    if let Some(p) = w.statuses[0].pending.as_mut() {
+        p.machine_type = "pc-9".into();
+    }
+    let p = w.plan(0);
+    assert!(p.actions.is_empty());
+    assert_eq!(
+        p.verdicts["a"].reason.as_deref(),
+        Some("no installed launcher offers machine type pc-9")
+    );
+}
+
+#[test]
+fn a_vm_on_an_off_channel_launcher_is_not_downgraded() {
+    let mut w = World::new("{}").vm("a", "", running("3.0.0-rc.1"));
+    let mut rc = target("3.0.0-rc.1");
+    rc.on_channel = false;
+    w.launchers.push(rc);
+    let p = w.plan(0);
+    assert!(p.actions.is_empty());
+    assert!(!p.verdicts["a"].outdated);
+    assert!(p.verdicts["a"]
+        .reason
+        .as_deref()
+        .unwrap_or("")
+        .contains("untested update path"));
 }
 
 fn exit_state(strategy: &str, from: VmState, exit: ExitKind) -> VmState {

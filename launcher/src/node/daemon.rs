@@ -172,9 +172,14 @@ impl Daemon {
         })
     }
 
-    /// The newest installed launcher.
+    /// Whether a launcher is on a channel this node follows (only those become targets).
+    pub(crate) fn on_channel(&self, l: &InstalledLauncher) -> bool {
+        self.settings.channel.follows(l.channel)
+    }
+
+    /// The newest installed launcher of the node's channel: what VMs are measured against.
     pub(crate) fn newest(&self) -> Option<&InstalledLauncher> {
-        self.launchers.last()
+        self.launchers.iter().rev().find(|l| self.on_channel(l))
     }
 
     /// The launcher VMs are moved to and started on: the newest, or under Manual approval
@@ -185,7 +190,11 @@ impl Daemon {
             ApprovalStrategy::Manual => self
                 .approved
                 .as_ref()
-                .and_then(|v| self.launchers.iter().find(|l| &l.version == v))
+                .and_then(|v| {
+                    self.launchers
+                        .iter()
+                        .find(|l| &l.version == v && self.on_channel(l))
+                })
                 .or_else(|| self.newest()),
         }
     }
@@ -202,12 +211,24 @@ impl Daemon {
         self.launchers.iter().find(|l| l.version == version)
     }
 
-    /// The coordinator's plan for the current state (pure; nothing is executed).
-    pub(crate) fn plan(&self, now: Millis) -> Plan {
-        let target = self.effective().map(|l| Target {
+    /// The planner's view of an installed launcher.
+    pub(crate) fn planner_view(&self, l: &InstalledLauncher) -> Target {
+        Target {
             version: l.version.clone(),
             machine_types: l.capabilities.machine_types.clone(),
-        });
+            migration_protocol: l.capabilities.migration_protocol,
+            on_channel: self.on_channel(l),
+        }
+    }
+
+    /// The coordinator's plan for the current state (pure; nothing is executed).
+    pub(crate) fn plan(&self, now: Millis) -> Plan {
+        let target = self.effective().map(|l| self.planner_view(l));
+        let launchers: Vec<Target> = self
+            .launchers
+            .iter()
+            .map(|l| self.planner_view(l))
+            .collect();
         let newest = self.newest().map(|l| l.version.clone());
         let inp = Inputs {
             now,
@@ -216,6 +237,8 @@ impl Daemon {
             target: target.as_ref(),
             approval_pending: self.approval_pending(),
             batch: self.batch,
+            launchers: &launchers,
+            channel: self.settings.channel.as_str(),
             vms: self
                 .vms
                 .values()
@@ -298,6 +321,13 @@ impl Daemon {
         let Some(vm) = self.vms.get_mut(name) else {
             return;
         };
+        // A pending spec change (machine type, kernel, disks ...) takes effect now, at a
+        // start, and never during a migration.
+        let applied = vm.status.pending.take();
+        if let Some(p) = applied.clone() {
+            tracing::info!(vm = name, machine_type = %p.machine_type, "applying the pending spec change at restart");
+            vm.spec = p;
+        }
         vm.status.generation += 1;
         vm.status.migration_failures = 0;
         let g = vm.status.generation;
@@ -308,6 +338,15 @@ impl Daemon {
         vm.status.launcher_version = Some(version.to_string());
         vm.status.pid = None;
         let args = supervisor::run_args(&vm.spec, &vm.serial_log, &api_socket);
+        let spec = vm.spec.clone();
+        // Spec first, then status: a crash in between restarts with the new spec and a
+        // still-pending copy of it, which applies the same change again.
+        if applied.is_some() {
+            if let Err(e) = self.store.update_spec(&spec) {
+                tracing::error!(vm = name, error = %e, "cannot record the spec; not starting");
+                return;
+            }
+        }
         if !self.persist(name) {
             return;
         }

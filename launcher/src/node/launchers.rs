@@ -22,14 +22,14 @@ pub enum LauncherError {
         /// The error.
         source: std::io::Error,
     },
-    /// `launcher capabilities` did not answer in time.
-    #[error("{0}: `capabilities` did not answer within {1:?}")]
+    /// `launcher capabilities` or `--version` did not answer in time ("PATH: `ARG`").
+    #[error("{0} did not answer within {1:?}")]
     Timeout(String, Duration),
     /// This version is already installed (an installed binary is never replaced).
     #[error("launcher {0} is already installed")]
     AlreadyInstalled(String),
     /// `launcher capabilities` failed or printed something that is not a capabilities object.
-    #[error("{path}: `capabilities` {reason}")]
+    #[error("{path}: {reason}")]
     BadAnswer {
         /// The binary.
         path: String,
@@ -147,6 +147,45 @@ pub struct Capabilities {
     pub snapshot_format: Range,
 }
 
+/// A release channel (`nodectl launcher install --channel`, node setting `channel`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Channel {
+    /// Releases for everyone.
+    #[default]
+    Stable,
+    /// Release candidates: only nodes following `candidate` update to them.
+    Candidate,
+}
+
+impl Channel {
+    /// The accepted names.
+    pub const NAMES: &'static [&'static str] = &["stable", "candidate"];
+
+    /// Parses a channel name; `None` for anything else.
+    pub fn parse(s: &str) -> Option<Channel> {
+        match s {
+            "stable" => Some(Channel::Stable),
+            "candidate" => Some(Channel::Candidate),
+            _ => None,
+        }
+    }
+
+    /// The name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Stable => "stable",
+            Channel::Candidate => "candidate",
+        }
+    }
+
+    /// Whether a node following `self` takes launchers of channel `launcher`: a
+    /// candidate node also takes stable releases (they are what candidates become).
+    pub fn follows(self, launcher: Channel) -> bool {
+        self == Channel::Candidate || launcher == Channel::Stable
+    }
+}
+
 /// One installed launcher, as recorded.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -159,6 +198,9 @@ pub struct InstalledLauncher {
     pub installed_at: i64,
     /// What it reported.
     pub capabilities: Capabilities,
+    /// The channel it was installed on (records from before channels are stable).
+    #[serde(default)]
+    pub channel: Channel,
 }
 
 /// Parses and checks a capabilities answer.
@@ -175,26 +217,63 @@ pub fn parse_capabilities(path: &str, stdout: &[u8]) -> Result<Capabilities, Lau
     })?;
     if Version::parse(&caps.version).is_none() {
         return Err(bad(format!(
-            "reported version {:?}, which is not semver",
+            "`capabilities` reported version {:?}, which is not semver",
             caps.version
         )));
     }
     if caps.machine_types.is_empty() {
-        return Err(bad("lists no machine types".into()));
+        return Err(bad("`capabilities` lists no machine types".into()));
     }
     if caps.migration_protocol.min > caps.migration_protocol.max
         || caps.snapshot_format.min > caps.snapshot_format.max
     {
-        return Err(bad("reported an empty version range".into()));
+        return Err(bad("`capabilities` reported an empty version range".into()));
     }
     Ok(caps)
 }
 
-/// Runs `BIN capabilities` with a timeout and parses the answer.
+/// Runs `BIN capabilities` and `BIN --version` with a timeout and checks the answers.
 pub fn probe(bin: &Path, timeout: Duration) -> Result<Capabilities, LauncherError> {
     let shown = bin.display().to_string();
+    let out = run_bounded(bin, "capabilities", &shown, timeout)?;
+    let caps = parse_capabilities(&shown, &out)?;
+    check_version_answer(bin, &shown, &caps.version, timeout)?;
+    Ok(caps)
+}
+
+/// Runs `BIN --version` and checks that it names the version `capabilities` reported, so
+/// that a binary answering garbage to either question is refused at install.
+fn check_version_answer(
+    bin: &Path,
+    shown: &str,
+    version: &str,
+    timeout: Duration,
+) -> Result<(), LauncherError> {
+    let out = run_bounded(bin, "--version", shown, timeout)?;
+    let text = String::from_utf8_lossy(&out);
+    let text = text.trim();
+    let reported = text.strip_prefix("launcher ").unwrap_or(text).trim();
+    if reported != version {
+        return Err(LauncherError::BadAnswer {
+            path: shown.to_string(),
+            reason: format!(
+                "reported version {version} but `--version` printed {:.120?}",
+                text
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Runs `BIN ARG`, bounded in time and output, and returns its stdout when it succeeds.
+fn run_bounded(
+    bin: &Path,
+    arg: &str,
+    shown: &str,
+    timeout: Duration,
+) -> Result<Vec<u8>, LauncherError> {
     let io = |source| LauncherError::Io {
-        path: shown.clone(),
+        path: shown.to_string(),
         source,
     };
     // A freshly copied binary can be briefly "text file busy" when another thread forked
@@ -202,7 +281,7 @@ pub fn probe(bin: &Path, timeout: Duration) -> Result<Capabilities, LauncherErro
     let mut tries = 0;
     let mut child = loop {
         match Command::new(bin)
-            .arg("capabilities")
+            .arg(arg)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -232,7 +311,7 @@ pub fn probe(bin: &Path, timeout: Duration) -> Result<Capabilities, LauncherErro
             None if Instant::now() >= deadline => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(LauncherError::Timeout(shown, timeout));
+                return Err(LauncherError::Timeout(format!("{shown}: `{arg}`"), timeout));
             }
             None => std::thread::sleep(Duration::from_millis(20)),
         }
@@ -244,11 +323,11 @@ pub fn probe(bin: &Path, timeout: Duration) -> Result<Capabilities, LauncherErro
             let _ = (&mut e).take(4096).read_to_string(&mut err);
         }
         return Err(LauncherError::BadAnswer {
-            path: shown,
-            reason: format!("failed ({status}): {}", err.trim()),
+            path: shown.to_string(),
+            reason: format!("`{arg}` failed ({status}): {}", err.trim()),
         });
     }
-    parse_capabilities(&shown, &out)
+    Ok(out)
 }
 
 /// Copies `src` into `launchers_dir/.incoming-<pid>-<n>` and probes the copy. The caller
@@ -365,10 +444,20 @@ mod tests {
         let script = dir.join("fake");
         std::fs::write(
             &script,
-            "#!/bin/sh\necho '{\"version\":\"9.1.0\",\"machineTypes\":[\"q35-1.0\"],\"migrationProtocol\":{\"min\":1,\"max\":1},\"snapshotFormat\":{\"min\":1,\"max\":1}}'\n",
+            "#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'launcher 9.1.0'; exit 0; fi\necho '{\"version\":\"9.1.0\",\"machineTypes\":[\"q35-1.0\"],\"migrationProtocol\":{\"min\":1,\"max\":1},\"snapshotFormat\":{\"min\":1,\"max\":1}}'\n",
         )
         .unwrap();
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // A binary whose `--version` disagrees with its capabilities is refused.
+        let liar = dir.join("liar");
+        std::fs::write(
+            &liar,
+            "#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'garbage'; exit 0; fi\necho '{\"version\":\"9.1.0\",\"machineTypes\":[\"q35-1.0\"],\"migrationProtocol\":{\"min\":1,\"max\":1},\"snapshotFormat\":{\"min\":1,\"max\":1}}'\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&liar, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let e = stage_copy(&liar, &dir.join("launchers"), Duration::from_secs(5)).unwrap_err();
+        assert!(e.to_string().contains("`--version` printed"), "{e}");
         let (caps, staged) =
             stage_copy(&script, &dir.join("launchers"), Duration::from_secs(5)).unwrap();
         assert_eq!(caps.version, "9.1.0");

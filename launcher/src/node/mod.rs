@@ -1,9 +1,9 @@
 //! noded, the node daemon, and the pieces nodectl shares with it.
 //!
 //! Layout: [`spec`] (VM specs), [`settings`] (coordinator settings), [`launchers`]
-//! (installed launcher binaries), [`coordinator`] (pure decisions), [`store`] (SQLite),
+//! (installed launcher binaries), [`coordinator`] (pure decisions), [`vm_state`] (per-VM states, runStrategy), [`store`] (SQLite),
 //! [`supervisor`] (launcher processes), [`daemon`] (the reconciliation loop),
-//! [`requests`] (what the loop answers), [`api`] (the HTTP API), [`views`] (the JSON shapes the API returns), [`metrics`].
+//! [`requests`] (what the loop answers), [`status`] (node status and metrics), [`api`] (the HTTP API), [`views`] (the JSON shapes the API returns), [`metrics`].
 
 pub mod api;
 pub mod coordinator;
@@ -13,6 +13,8 @@ pub mod metrics;
 pub mod requests;
 pub mod settings;
 pub mod spec;
+pub mod status;
 pub mod store;
 pub mod supervisor;
 pub mod views;
+pub mod vm_state;

@@ -8,12 +8,11 @@ use serde_json::{json, Value};
 
 use super::coordinator::{StopCause, VmState, VmStatus};
 use super::daemon::{Daemon, Vm, MAX_SOCKET_PATH};
-use super::launchers::{commit_install, Capabilities, InstalledLauncher};
-use super::metrics::{render, Gauges};
-use super::settings::{ApprovalStrategy, WorkloadUpdateMethod};
-use super::spec::{parse_spec, resolve_machine_type, RunStrategy};
+use super::launchers::{commit_install, Capabilities, Channel, InstalledLauncher};
+use super::settings::ApprovalStrategy;
+use super::spec::{parse_spec, resolve_machine_type, RunStrategy, SpecError, VmSpec};
 use super::store::VmRow;
-use super::views::{now_ms, rfc3339, Condition, LauncherView, MigrationView, NodeStatus, VmView};
+use super::views::{now_ms, rfc3339, LauncherView, MigrationView, VmView};
 
 /// A request to the loop.
 #[derive(Debug)]
@@ -36,12 +35,19 @@ pub enum Req {
     Migrations(String),
     /// `GET /v1/launchers`.
     ListLaunchers,
+    /// `PUT /v1/vms/{name}` with a full spec: applied at once to a stopped VM, and to
+    /// a running one as far as it can be (the rest is pending until the next restart).
+    UpdateVm(String, Value),
     /// `POST /v1/launchers`, after the API task staged and probed the copy.
     RegisterLauncher {
         /// What the copy reported.
         caps: Capabilities,
         /// The staged copy.
         staged: PathBuf,
+        /// The channel it is installed on.
+        channel: Channel,
+        /// Install even if it drops a machine type in use.
+        force: bool,
     },
     /// `PUT /v1/update/approve`.
     Approve,
@@ -159,7 +165,13 @@ impl Daemon {
                     .map(|l| to_value(&self.launcher_view(l)))
                     .collect(),
             )),
-            Req::RegisterLauncher { caps, staged } => self.register_launcher(caps, staged),
+            Req::UpdateVm(name, spec) => self.update_vm(&name, &spec),
+            Req::RegisterLauncher {
+                caps,
+                staged,
+                channel,
+                force,
+            } => self.register_launcher(caps, staged, channel, force),
             Req::Approve => self.approve(),
             Req::GetConfig => ok(self.settings.to_json()),
             Req::SetConfig(patch) => self.set_config(patch),
@@ -196,7 +208,7 @@ impl Daemon {
             machine_type: vm.spec.machine_type.clone(),
             run_strategy: format!("{:?}", vm.spec.run_strategy),
             serial_log: vm.serial_log.display().to_string(),
-            migratable_reason: m.reason,
+            migratable_reason: m.reason.clone(),
             message,
             pid: if vm.status.state.has_launcher() {
                 vm.status.pid
@@ -204,7 +216,33 @@ impl Daemon {
                 None
             },
             created_at: rfc3339(vm.created_at),
+            restart_required: vm.status.pending.is_some(),
+            pending_changes: vm
+                .status
+                .pending
+                .as_ref()
+                .map(|p| {
+                    vm.spec
+                        .restart_changes(p)
+                        .into_iter()
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default(),
+            pending_machine_type: vm
+                .status
+                .pending
+                .as_ref()
+                .filter(|p| p.machine_type != vm.spec.machine_type)
+                .map(|p| p.machine_type.clone()),
+            cross_host_migratable: m.cross_host_reason.is_none(),
+            cross_host_reason: m.cross_host_reason,
             spec: with_spec.then(|| vm.spec.clone()),
+            pending_spec: if with_spec {
+                vm.status.pending.clone()
+            } else {
+                None
+            },
         }
     }
 
@@ -214,6 +252,7 @@ impl Daemon {
             path: l.path.clone(),
             installed_at: rfc3339(l.installed_at),
             machine_types: l.capabilities.machine_types.clone(),
+            channel: l.channel.as_str().to_string(),
             target: self
                 .newest()
                 .map(|n| n.version == l.version)
@@ -234,17 +273,16 @@ impl Daemon {
         if self.vms.contains_key(&spec.name) {
             return err(409, format!("VM {} already exists", spec.name));
         }
-        let Some(target) = self.effective() else {
+        if self.effective().is_none() {
             return err(
                 409,
                 "no launcher installed: run `nodectl launcher install --path PATH` first",
             );
+        }
+        spec.machine_type = match self.resolve_machine_type(&spec.machine_type) {
+            Ok(m) => m,
+            Err(e) => return err(400, e),
         };
-        spec.machine_type =
-            match resolve_machine_type(&spec.machine_type, &target.capabilities.machine_types) {
-                Ok(m) => m,
-                Err(e) => return err(400, e),
-            };
         let dir = self.vm_dir(&spec.name);
         if dir.join("migrate-999999.sock").as_os_str().len() > MAX_SOCKET_PATH {
             return err(
@@ -366,13 +404,38 @@ impl Daemon {
         self.handle(Req::GetVm(name.to_string()))
     }
 
-    fn register_launcher(&mut self, caps: Capabilities, staged: PathBuf) -> Reply {
+    fn register_launcher(
+        &mut self,
+        caps: Capabilities,
+        staged: PathBuf,
+        channel: Channel,
+        force: bool,
+    ) -> Reply {
         if self.launcher(&caps.version).is_some() {
             let _ = std::fs::remove_file(&staged);
             return err(
                 409,
                 format!("launcher {} is already installed", caps.version),
             );
+        }
+        let dropped = self.machine_types_in_use_missing(&caps.machine_types);
+        if !dropped.is_empty() {
+            let what = dropped
+                .iter()
+                .map(|(mt, vms)| format!("machine type {mt} (VMs {})", vms.join(", ")))
+                .collect::<Vec<_>>()
+                .join("; ");
+            if !force {
+                let _ = std::fs::remove_file(&staged);
+                return err(
+                    409,
+                    format!(
+                        "launcher {} does not support {what}: not installed (--force installs it anyway; those VMs then stay on their current launcher)",
+                        caps.version
+                    ),
+                );
+            }
+            tracing::warn!(version = %caps.version, dropped = %what, "installing a launcher that drops machine types in use (forced)");
         }
         let dest = match commit_install(&staged, &self.dir.join("launchers"), &caps.version) {
             Ok(d) => d,
@@ -386,6 +449,7 @@ impl Daemon {
             path: dest.display().to_string(),
             installed_at: now_ms(),
             capabilities: caps,
+            channel,
         };
         if let Err(e) = self.store.insert_launcher(&l) {
             return err(500, e);
@@ -398,7 +462,7 @@ impl Daemon {
         {
             self.set_approved();
         }
-        tracing::info!(version = %l.version, path = %l.path, pending = self.approval_pending(), "launcher installed");
+        tracing::info!(version = %l.version, channel = l.channel.as_str(), path = %l.path, pending = self.approval_pending(), "launcher installed");
         Reply {
             status: 201,
             body: Body::Json(to_value(&self.launcher_view(&l))),
@@ -437,174 +501,127 @@ impl Daemon {
         }
         let to_automatic = new.approval_strategy == ApprovalStrategy::Automatic
             && self.settings.approval_strategy == ApprovalStrategy::Manual;
+        let back_to_stable =
+            self.settings.channel == Channel::Candidate && new.channel == Channel::Stable;
         self.settings = new;
         if to_automatic {
             self.set_approved();
         }
         tracing::info!(settings = %self.settings.to_json(), "settings changed");
-        ok(self.settings.to_json())
-    }
-
-    pub(crate) fn node_status(&self) -> NodeStatus {
-        let now = now_ms();
-        let plan = self.plan(now);
-        let outdated: Vec<&String> = plan
-            .verdicts
-            .iter()
-            .filter(|(_, v)| v.outdated)
-            .map(|(n, _)| n)
-            .collect();
-        let count =
-            |f: &dyn Fn(&VmState) -> bool| self.vms.values().filter(|v| f(&v.status.state)).count();
-        let migrating = count(&|s| matches!(s, VmState::Migrating { .. }));
-        let evicting = count(&|s| matches!(s, VmState::Evicting { .. }));
-        let failing: Vec<&str> = self
-            .vms
-            .values()
-            .filter(|v| match &v.status.state {
-                VmState::Stopped {
-                    cause: StopCause::Failed(_) | StopCause::StartFailed(_),
-                } => true,
-                VmState::Starting { not_before, .. } => *not_before > now,
-                VmState::Backoff { .. } => true,
-                _ => false,
-            })
-            .map(|v| v.spec.name.as_str())
-            .collect();
-        let blocked: Vec<String> = plan
-            .verdicts
-            .iter()
-            .filter(|(_, v)| {
-                v.outdated
-                    && v.reason.as_deref().is_some_and(|r| {
-                        r.contains("Evict is not enabled")
-                            || r.contains("refuses eviction")
-                            || r.contains("does not offer")
-                    })
-            })
-            .map(|(n, v)| format!("{n}: {}", v.reason.as_deref().unwrap_or("")))
-            .collect();
-        let methods_empty = self
-            .settings
-            .workload_update_strategy
-            .workload_update_methods
-            .is_empty();
-        let mut conditions = Vec::new();
-        conditions.push(match self.newest() {
-            Some(l) => Condition::new(
-                "Available",
-                true,
-                "LauncherInstalled",
-                format!("launcher {} installed", l.version),
-            ),
-            None => Condition::new(
-                "Available",
-                false,
-                "NoLauncherInstalled",
-                "install one with nodectl launcher install --path PATH",
-            ),
-        });
-        conditions.push(if migrating + evicting > 0 {
-            Condition::new(
-                "Progressing",
-                true,
-                "UpdatingWorkloads",
-                format!(
-                    "{migrating} migrating, {evicting} evicting, {} outdated",
-                    outdated.len()
-                ),
-            )
-        } else if outdated.is_empty() {
-            Condition::new(
-                "Progressing",
-                false,
-                "UpToDate",
-                "every VM runs the target launcher",
-            )
-        } else if self.approval_pending() {
-            Condition::new(
-                "Progressing",
-                false,
-                "WaitingForApproval",
-                "run nodectl update approve",
-            )
-        } else if methods_empty {
-            Condition::new(
-                "Progressing",
-                false,
-                "WorkloadUpdatesDisabled",
-                "workloadUpdateMethods is empty",
-            )
-        } else if blocked.len() == outdated.len() {
-            Condition::new(
-                "Progressing",
-                false,
-                "OutdatedWorkloadsBlocked",
-                "every outdated VM is blocked; see Upgradeable",
-            )
-        } else {
-            Condition::new(
-                "Progressing",
-                true,
-                "UpdatingWorkloads",
-                format!("{} outdated", outdated.len()),
-            )
-        });
-        conditions.push(if failing.is_empty() {
-            Condition::new("Degraded", false, "AsExpected", "")
-        } else {
-            Condition::new(
-                "Degraded",
-                true,
-                "VMsFailing",
-                format!("failing or retrying: {}", failing.join(", ")),
-            )
-        });
-        conditions.push(if blocked.is_empty() {
-            Condition::new("Upgradeable", true, "AsExpected", "")
-        } else {
-            Condition::new(
-                "Upgradeable",
-                false,
-                "OutdatedWorkloadsBlocked",
-                blocked.join("; "),
-            )
-        });
-        NodeStatus {
-            target_launcher_version: self.newest().map(|l| l.version.clone()),
-            approval_pending: self.approval_pending(),
-            approved_launcher_version: self.effective().map(|l| l.version.clone()),
-            outdated_virtual_machine_instance_workloads: outdated.len(),
-            conditions,
-            virtual_machines: self.vms.len(),
-            approval_strategy: format!("{:?}", self.settings.approval_strategy),
-            workload_update_methods: self
-                .settings
-                .workload_update_strategy
-                .workload_update_methods
-                .iter()
-                .map(|m| match m {
-                    WorkloadUpdateMethod::LiveMigrate => "LiveMigrate".to_string(),
-                    WorkloadUpdateMethod::Evict => "Evict".to_string(),
-                })
-                .collect(),
+        let mut reply = self.settings.to_json();
+        if back_to_stable {
+            reply["warning"] = Value::from(
+                "switching from candidate back to stable is an untested update path; see nodectl status",
+            );
         }
+        ok(reply)
     }
 
-    fn metrics(&self) -> String {
-        let now = now_ms();
-        let plan = self.plan(now);
-        let mut g = Gauges {
-            outdated: plan.verdicts.values().filter(|v| v.outdated).count(),
-            launchers: self.launchers.len(),
-            approval_pending: self.approval_pending(),
-            ..Default::default()
+    /// Resolves a requested machine type against the installed launchers: the target's
+    /// list first, then the others newest first, so that an unversioned alias gets the
+    /// target's preferred name. Fails with every offered name when none offers it.
+    fn resolve_machine_type(&self, requested: &str) -> Result<String, SpecError> {
+        let mut order: Vec<&InstalledLauncher> = self.effective().into_iter().collect();
+        order.extend(self.launchers.iter().rev().filter(|l| self.on_channel(l)));
+        for l in &order {
+            if let Ok(m) = resolve_machine_type(requested, &l.capabilities.machine_types) {
+                return Ok(m);
+            }
+        }
+        let mut offered: Vec<String> = order
+            .iter()
+            .flat_map(|l| l.capabilities.machine_types.iter().cloned())
+            .collect();
+        offered.sort();
+        offered.dedup();
+        Err(SpecError::Field {
+            field: "machineType".into(),
+            reason: format!(
+                "{requested:?} is not offered by any installed launcher (offered: {})",
+                offered.join(", ")
+            ),
+        })
+    }
+
+    /// Machine types used by VMs (as created, or pending) that `offered` lacks, with the
+    /// VMs using each.
+    fn machine_types_in_use_missing(&self, offered: &[String]) -> Vec<(String, Vec<String>)> {
+        let mut out: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for vm in self.vms.values() {
+            let mut used = vec![&vm.spec.machine_type];
+            used.extend(vm.status.pending.as_ref().map(|p| &p.machine_type));
+            for mt in used {
+                if !offered.contains(mt) {
+                    let names = out.entry(mt.clone()).or_default();
+                    if !names.contains(&vm.spec.name) {
+                        names.push(vm.spec.name.clone());
+                    }
+                }
+            }
+        }
+        out.into_iter().collect()
+    }
+
+    /// Applies a new spec: at once to a VM without a launcher; to a running VM, the
+    /// strategy fields at once and the rest as a pending change for its next restart
+    /// (`restartRequired`), so that a running VM is never stopped by an edit.
+    fn update_vm(&mut self, name: &str, value: &Value) -> Reply {
+        let mut new = match parse_spec(value) {
+            Ok(s) => s,
+            Err(e) => return err(400, e),
         };
-        for v in self.vms.values() {
-            *g.phases
-                .entry(v.status.state.phase(now).to_string())
-                .or_default() += 1;
+        if new.name != name {
+            return err(
+                400,
+                format!(
+                    "invalid spec: name: {:?} does not match VM {name} (a VM cannot be renamed)",
+                    new.name
+                ),
+            );
         }
-        render(&self.counters, &g)
+        let Some(vm) = self.vms.get(name) else {
+            return not_found(name);
+        };
+        let running = vm.status.state.has_launcher();
+        // Keep the stored machine type when the request repeats it or its alias.
+        new.machine_type = if resolve_machine_type(
+            &new.machine_type,
+            std::slice::from_ref(&vm.spec.machine_type),
+        )
+        .is_ok()
+        {
+            vm.spec.machine_type.clone()
+        } else {
+            match self.resolve_machine_type(&new.machine_type) {
+                Ok(m) => m,
+                Err(e) => return err(400, e),
+            }
+        };
+        let Some(vm) = self.vms.get_mut(name) else {
+            return not_found(name);
+        };
+        let (spec, pending): (VmSpec, Option<VmSpec>) = if running {
+            let live = vm.spec.with_live_fields(&new);
+            let pending = (!vm.spec.restart_changes(&new).is_empty()).then_some(new);
+            (live, pending)
+        } else {
+            (new, None)
+        };
+        if let Err(e) = self.store.update_spec(&spec) {
+            return err(500, e);
+        }
+        vm.spec = spec;
+        vm.status.pending = pending;
+        if !self.persist(name) {
+            return err(500, "cannot record the state");
+        }
+        if let Some(vm) = self.vms.get(name) {
+            tracing::info!(
+                vm = name,
+                restart_required = vm.status.pending.is_some(),
+                "spec updated"
+            );
+        }
+        self.handle(Req::GetVm(name.to_string()))
     }
 }

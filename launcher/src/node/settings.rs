@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::time::Duration;
 
+use super::launchers::Channel;
+
 /// Why a settings document was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SettingsError {
@@ -171,6 +173,9 @@ pub struct NodeSettings {
     pub live_migration_config: LiveMigrationConfig,
     /// See [`ApprovalStrategy`].
     pub approval_strategy: ApprovalStrategy,
+    /// The release channel this node follows (settings from before channels: stable).
+    #[serde(default)]
+    pub channel: Channel,
 }
 
 impl Default for NodeSettings {
@@ -193,6 +198,7 @@ impl Default for NodeSettings {
                 target_ready_timeout_seconds: 30,
             },
             approval_strategy: ApprovalStrategy::Automatic,
+            channel: Channel::Stable,
         }
     }
 }
@@ -323,6 +329,13 @@ fn check_leaves(v: &Value) -> Result<(), SettingsError> {
             format!("{a} is not Automatic or Manual"),
         )
     })?;
+    let c = &v["channel"];
+    if c.as_str().and_then(Channel::parse).is_none() {
+        return Err(bad(
+            "channel",
+            format!("unknown channel {c} (use {})", Channel::NAMES.join(" or ")),
+        ));
+    }
     Ok(())
 }
 
@@ -379,6 +392,7 @@ mod tests {
         assert_eq!(j["liveMigrationConfig"]["progressTimeout"], 150);
         assert_eq!(j["liveMigrationConfig"]["allowAutoConverge"], false);
         assert_eq!(j["approvalStrategy"], "Automatic");
+        assert_eq!(j["channel"], "stable");
         let back: NodeSettings = serde_json::from_value(j).unwrap();
         assert_eq!(back, d);
     }
@@ -432,6 +446,15 @@ mod tests {
         assert!(e.to_string().contains("batchEvictionSize"), "{e}");
         let e = apply_text(&d, "approvalStrategy: Sometimes").unwrap_err();
         assert!(e.to_string().contains("approvalStrategy"), "{e}");
+        let e = apply_text(&d, "channel: beta").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid setting `channel`: unknown channel \"beta\" (use stable or candidate)"
+        );
+        assert_eq!(
+            apply_text(&d, "channel: candidate").unwrap().channel,
+            Channel::Candidate
+        );
         let e = apply_text(&d, "liveMigrationConfig: 3").unwrap_err();
         assert!(e.to_string().contains("must be a mapping"), "{e}");
         assert!(apply_text(&d, "[").is_err());

@@ -67,21 +67,38 @@ impl EvictionStrategy {
     const NAMES: &'static [&'static str] = &["None", "LiveMigrate", "LiveMigrateIfPossible"];
 }
 
-/// A disk (kept for the disk work; not attached by launchers yet).
+/// A data disk: a raw file attached as virtio-blk (`launcher run --disk`). The launcher
+/// takes an OFD lock on it and hands the lock over at a migration's switch-over, so the
+/// file is never written by two launchers at once.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
 pub struct Disk {
     /// Disk name, unique in the VM.
     pub name: String,
-    /// Backing file on the host.
-    #[serde(default)]
-    pub path: Option<String>,
-    /// Whether the storage is shared between hosts (matters only for cross-host moves).
+    /// Backing file on the host (absolute).
+    pub path: String,
+    /// Whether the storage is shared between hosts: a non-shared disk does not block an
+    /// update on this node (the new launcher reaches the same file), only moves to other
+    /// hosts (`DisksNotLiveMigratable`).
     #[serde(default)]
     pub shared: bool,
     /// Read-only attachment.
-    #[serde(default)]
-    pub read_only: bool,
+    #[serde(default, alias = "readOnly")]
+    pub readonly: bool,
+}
+
+impl Disk {
+    /// The `launcher run --disk` value.
+    pub fn launcher_arg(&self) -> String {
+        let mut a = format!("path={}", self.path);
+        if self.readonly {
+            a.push_str(",readonly=on");
+        }
+        if self.shared {
+            a.push_str(",shared=on");
+        }
+        a
+    }
 }
 
 /// A host device. Today only a marker: any host device makes the VM not live-migratable,
@@ -121,7 +138,7 @@ pub struct VmSpec {
     pub eviction_strategy: EvictionStrategy,
     /// Seconds between a graceful shutdown request and SIGKILL (KubeVirt's name).
     pub termination_grace_period_seconds: u64,
-    /// Disks (kept, unused).
+    /// Data disks, in PCI slot order.
     #[serde(default)]
     pub disks: Vec<Disk>,
     /// Host devices (marker only).
@@ -132,34 +149,64 @@ pub struct VmSpec {
 /// Whether a VM can be live-migrated, and why (KubeVirt's `LiveMigratable` condition).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Migratability {
-    /// Live migration possible.
+    /// Live migration to another launcher on this node possible.
     pub migratable: bool,
-    /// Reason code (when not migratable) or note.
+    /// Reason code when not migratable.
     pub reason: Option<String>,
+    /// Reason code a move to *another host* would be refused for (KubeVirt's names, e.g.
+    /// `DisksNotLiveMigratable`). Informational today: noded only updates in place.
+    pub cross_host_reason: Option<String>,
 }
 
 impl VmSpec {
     /// Derives migratability from the spec: host devices block live migration; local
-    /// (non-shared) disks do not, because on this node the new launcher reaches them.
+    /// (non-shared) disks do not, because on this node the new launcher reaches them
+    /// (local handover), but they would block a move to another host.
     pub fn migratability(&self) -> Migratability {
-        if !self.host_devices.is_empty() {
-            return Migratability {
-                migratable: false,
-                reason: Some("HostDevicesNotLiveMigratable".into()),
-            };
-        }
-        if let Some(d) = self.disks.iter().find(|d| !d.shared) {
-            return Migratability {
-                migratable: true,
-                reason: Some(format!(
-                    "disk {} is not shared, but reachable by the new launcher on this node (local handover)",
-                    d.name
-                )),
-            };
-        }
+        let host_devices =
+            (!self.host_devices.is_empty()).then(|| "HostDevicesNotLiveMigratable".to_string());
+        let cross_host_reason = host_devices.clone().or_else(|| {
+            self.disks
+                .iter()
+                .any(|d| !d.shared)
+                .then(|| "DisksNotLiveMigratable".to_string())
+        });
         Migratability {
-            migratable: true,
-            reason: None,
+            migratable: host_devices.is_none(),
+            reason: host_devices,
+            cross_host_reason,
+        }
+    }
+}
+
+impl VmSpec {
+    /// The fields that differ from `new` and only take effect when a launcher starts (the
+    /// machine a running guest sees cannot change under it); empty when none do.
+    pub fn restart_changes(&self, new: &VmSpec) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        let mut diff = |changed: bool, name: &'static str| {
+            if changed {
+                out.push(name);
+            }
+        };
+        diff(self.machine_type != new.machine_type, "machineType");
+        diff(self.kernel != new.kernel, "kernel");
+        diff(self.cmdline != new.cmdline, "cmdline");
+        diff(self.memory_bytes != new.memory_bytes, "memory");
+        diff(self.vcpus != new.vcpus, "vcpus");
+        diff(self.disks != new.disks, "disks");
+        diff(self.host_devices != new.host_devices, "hostDevices");
+        out
+    }
+
+    /// This spec with the fields that apply at once (strategies, grace period) taken from
+    /// `new`: they only matter when a launcher ends or an update is decided.
+    pub fn with_live_fields(&self, new: &VmSpec) -> VmSpec {
+        VmSpec {
+            run_strategy: new.run_strategy,
+            eviction_strategy: new.eviction_strategy,
+            termination_grace_period_seconds: new.termination_grace_period_seconds,
+            ..self.clone()
         }
     }
 }
@@ -317,15 +364,7 @@ pub fn parse_spec(value: &Value) -> Result<VmSpec, SpecError> {
         })?,
     };
     let disks: Vec<Disk> = list_field(map, "disks")?;
-    let mut seen = std::collections::BTreeSet::new();
-    for (i, d) in disks.iter().enumerate() {
-        if !seen.insert(d.name.clone()) {
-            return Err(field_err(
-                format!("disks[{i}].name"),
-                format!("duplicate disk {:?}", d.name),
-            ));
-        }
-    }
+    check_disks(&disks)?;
     let host_devices: Vec<HostDevice> = list_field(map, "hostDevices")?;
     Ok(VmSpec {
         name,
@@ -341,6 +380,52 @@ pub fn parse_spec(value: &Value) -> Result<VmSpec, SpecError> {
         disks,
         host_devices,
     })
+}
+
+/// Most data disks per VM (the launcher's limit: one PCI slot and IOAPIC pin each).
+pub const MAX_DISKS: usize = 8;
+
+fn check_disks(disks: &[Disk]) -> Result<(), SpecError> {
+    if disks.len() > MAX_DISKS {
+        return Err(field_err(
+            "disks",
+            format!("{} disks; at most {MAX_DISKS}", disks.len()),
+        ));
+    }
+    let mut names = std::collections::BTreeSet::new();
+    let mut paths = std::collections::BTreeSet::new();
+    for (i, d) in disks.iter().enumerate() {
+        if !names.insert(d.name.clone()) {
+            return Err(field_err(
+                format!("disks[{i}].name"),
+                format!("duplicate disk {:?}", d.name),
+            ));
+        }
+        let field = format!("disks[{i}].path");
+        if !std::path::Path::new(&d.path).is_absolute() {
+            return Err(field_err(
+                field,
+                format!("{:?} must be an absolute path", d.path),
+            ));
+        }
+        // The launcher's `--disk` syntax separates options with commas.
+        if d.path.contains(',') {
+            return Err(field_err(
+                field,
+                format!("{:?} must not contain ','", d.path),
+            ));
+        }
+        if !paths.insert(d.path.clone()) {
+            return Err(field_err(
+                field,
+                format!(
+                    "{:?} is attached twice (each disk is locked by its launcher)",
+                    d.path
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn list_field<T: for<'de> Deserialize<'de>>(
@@ -435,8 +520,24 @@ mod tests {
                 "disks[0]",
             ),
             (
-                "name: a\nkernel: /k\nmemory: 64Mi\ndisks: [{name: d}, {name: d}]",
+                "name: a\nkernel: /k\nmemory: 64Mi\ndisks: [{name: d, path: /a}, {name: d, path: /b}]",
                 "disks[1].name",
+            ),
+            (
+                "name: a\nkernel: /k\nmemory: 64Mi\ndisks: [{name: d}]",
+                "disks[0]: missing field `path`",
+            ),
+            (
+                "name: a\nkernel: /k\nmemory: 64Mi\ndisks: [{name: d, path: rel.img}]",
+                "disks[0].path: \"rel.img\" must be an absolute path",
+            ),
+            (
+                "name: a\nkernel: /k\nmemory: 64Mi\ndisks: [{name: d, path: \"/a,b\"}]",
+                "disks[0].path",
+            ),
+            (
+                "name: a\nkernel: /k\nmemory: 64Mi\ndisks: [{name: d, path: /a}, {name: e, path: /a}]",
+                "disks[1].path",
             ),
             (
                 "name: a\nkernel: /k\nmemory: 64Mi\nhostDevices: 3",
@@ -467,24 +568,59 @@ mod tests {
         let mut s = parse_spec_text(GOOD).unwrap();
         s.disks.push(Disk {
             name: "root".into(),
-            path: None,
+            path: "/img/root.raw".into(),
             shared: false,
-            read_only: false,
+            readonly: false,
         });
         let m = s.migratability();
-        assert!(m.migratable);
-        assert!(m.reason.unwrap().contains("local handover"));
+        assert!(
+            m.migratable,
+            "a local disk does not block an update on this node"
+        );
+        assert_eq!(m.reason, None);
+        assert_eq!(
+            m.cross_host_reason.as_deref(),
+            Some("DisksNotLiveMigratable")
+        );
+        s.disks[0].shared = true;
+        assert_eq!(s.migratability().cross_host_reason, None);
         s.host_devices.push(HostDevice {
             name: "gpu".into(),
             device_name: None,
         });
+        let m = s.migratability();
+        assert!(!m.migratable);
+        assert_eq!(m.reason.as_deref(), Some("HostDevicesNotLiveMigratable"));
+    }
+
+    #[test]
+    fn disks_parse_and_become_launcher_args() {
+        let s = parse_spec_text(
+            "name: a\nkernel: /k\nmemory: 64Mi\ndisks:\n- {name: j, path: /d/j.img}\n- {name: r, path: /d/r.img, readonly: true, shared: true}\n- {name: o, path: /d/o.img, readOnly: true}\n",
+        )
+        .unwrap();
+        let args: Vec<String> = s.disks.iter().map(Disk::launcher_arg).collect();
         assert_eq!(
-            s.migratability(),
-            Migratability {
-                migratable: false,
-                reason: Some("HostDevicesNotLiveMigratable".into())
-            }
+            args,
+            [
+                "path=/d/j.img",
+                "path=/d/r.img,readonly=on,shared=on",
+                "path=/d/o.img,readonly=on"
+            ]
         );
+    }
+
+    #[test]
+    fn restart_changes_and_live_fields() {
+        let a = parse_spec_text(GOOD).unwrap();
+        let mut b = a.clone();
+        assert!(a.restart_changes(&b).is_empty());
+        b.machine_type = "q35-2.0".into();
+        b.run_strategy = RunStrategy::Manual;
+        assert_eq!(a.restart_changes(&b), ["machineType"]);
+        let live = a.with_live_fields(&b);
+        assert_eq!(live.run_strategy, RunStrategy::Manual);
+        assert_eq!(live.machine_type, a.machine_type);
     }
 
     #[test]

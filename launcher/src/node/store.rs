@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 use super::coordinator::{Millis, VmState, VmStatus};
-use super::launchers::{Capabilities, InstalledLauncher};
+use super::launchers::{Capabilities, Channel, InstalledLauncher};
 use super::spec::VmSpec;
 
 /// Most recent finished migration records kept per VM (as KubeVirt keeps 5).
@@ -123,7 +123,8 @@ impl Store {
                 version TEXT PRIMARY KEY,
                 path TEXT NOT NULL,
                 installed_at INTEGER NOT NULL,
-                capabilities TEXT NOT NULL
+                capabilities TEXT NOT NULL,
+                channel TEXT NOT NULL DEFAULT 'stable'
             );
             CREATE TABLE IF NOT EXISTS migrations (
                 id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -138,6 +139,15 @@ impl Store {
             CREATE INDEX IF NOT EXISTS migrations_vm ON migrations(vm, id);
             CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
         )?;
+        // Databases from before channels: add the column (every launcher was stable).
+        let has_channel = conn
+            .prepare("SELECT channel FROM launchers LIMIT 0")
+            .is_ok();
+        if !has_channel {
+            conn.execute_batch(
+                "ALTER TABLE launchers ADD COLUMN channel TEXT NOT NULL DEFAULT 'stable'",
+            )?;
+        }
         Ok(Store { conn })
     }
 
@@ -239,8 +249,8 @@ impl Store {
     /// Records an installed launcher.
     pub fn insert_launcher(&self, l: &InstalledLauncher) -> Result<(), StoreError> {
         self.conn.execute(
-            "INSERT OR REPLACE INTO launchers (version, path, installed_at, capabilities) VALUES (?1, ?2, ?3, ?4)",
-            params![l.version, l.path, l.installed_at, to_json(&l.capabilities)],
+            "INSERT OR REPLACE INTO launchers (version, path, installed_at, capabilities, channel) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![l.version, l.path, l.installed_at, to_json(&l.capabilities), l.channel.as_str()],
         )?;
         Ok(())
     }
@@ -249,18 +259,25 @@ impl Store {
     pub fn launchers(&self) -> Result<Vec<InstalledLauncher>, StoreError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT version, path, installed_at, capabilities FROM launchers")?;
+            .prepare("SELECT version, path, installed_at, capabilities, channel FROM launchers")?;
         let rows = stmt.query_map([], |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, String>(1)?,
                 r.get::<_, i64>(2)?,
                 r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (version, path, installed_at, caps) = row?;
+            let (version, path, installed_at, caps, channel) = row?;
+            let channel = Channel::parse(&channel).ok_or_else(|| {
+                damaged(
+                    format!("launcher {version}"),
+                    format!("unknown channel {channel:?}"),
+                )
+            })?;
             let capabilities: Capabilities = serde_json::from_str(&caps)
                 .map_err(|e| damaged(format!("launcher {version}"), e))?;
             out.push(InstalledLauncher {
@@ -268,6 +285,7 @@ impl Store {
                 path,
                 installed_at,
                 capabilities,
+                channel,
             });
         }
         Ok(out)
@@ -415,6 +433,7 @@ mod tests {
                 migration_protocol: Range { min: 1, max: 2 },
                 snapshot_format: Range { min: 1, max: 1 },
             },
+            channel: Channel::Candidate,
         };
         s.insert_launcher(&l).unwrap();
         assert_eq!(s.launchers().unwrap(), vec![l]);

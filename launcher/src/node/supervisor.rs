@@ -111,6 +111,12 @@ pub fn run_args(spec: &VmSpec, serial: &Path, api_socket: &Path) -> Vec<String> 
         "--api-socket".into(),
         api_socket.display().to_string(),
     ]);
+    // Disks go to a fresh boot only: an incoming launcher gets them from the migration
+    // stream's state, with their locks handed over at the switch-over.
+    for d in &spec.disks {
+        a.push("--disk".into());
+        a.push(d.launcher_arg());
+    }
     a
 }
 

@@ -39,9 +39,24 @@ pub struct VmView {
     pub pid: Option<u32>,
     /// RFC 3339 creation time.
     pub created_at: String,
+    /// A spec change waits for the VM's next restart (KubeVirt's `RestartRequired`).
+    pub restart_required: bool,
+    /// The fields of that change (`machineType`, `memory`, ...).
+    #[serde(default)]
+    pub pending_changes: Vec<String>,
+    /// The machine type the VM gets at its next restart, when it changes.
+    pub pending_machine_type: Option<String>,
+    /// Whether a move to another host would be possible (informational: noded updates
+    /// in place, where local disks are reachable).
+    pub cross_host_migratable: bool,
+    /// Why not, as KubeVirt names it (`DisksNotLiveMigratable`, ...).
+    pub cross_host_reason: Option<String>,
     /// The stored spec (in `vm get` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spec: Option<VmSpec>,
+    /// The spec waiting for the next restart (in `vm get` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_spec: Option<VmSpec>,
 }
 
 /// A status condition, as on KubeVirt's operator.
@@ -90,6 +105,11 @@ pub struct NodeStatus {
     pub approval_strategy: String,
     /// The workload update methods in force.
     pub workload_update_methods: Vec<String>,
+    /// The release channel the node follows.
+    pub channel: String,
+    /// Set when VMs run launchers of a channel the node no longer follows (a switch from
+    /// candidate back to stable): an update path nobody tested.
+    pub untested_update_path: Option<String>,
 }
 
 /// A migration record as shown by `nodectl migrations NAME`.
@@ -135,7 +155,9 @@ pub struct LauncherView {
     pub installed_at: String,
     /// Machine types offered.
     pub machine_types: Vec<String>,
-    /// Whether this is the newest installed version.
+    /// `stable` or `candidate`.
+    pub channel: String,
+    /// Whether this is the newest installed version on the node's channel.
     pub target: bool,
     /// Whether VMs are moved to it (approved).
     pub approved: bool,
@@ -200,6 +222,8 @@ mod tests {
             virtual_machines: 0,
             approval_strategy: "Automatic".into(),
             workload_update_methods: vec![],
+            channel: "stable".into(),
+            untested_update_path: None,
         };
         let j = serde_json::to_value(n).unwrap();
         for k in [

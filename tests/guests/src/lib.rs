@@ -19,6 +19,37 @@ pub const TIMER_PATH: &str = concat!(env!("OUT_DIR"), "/timer.elf");
 /// Path of the `blkjournal` (virtio-blk journal) guest ELF.
 pub const BLKJOURNAL_PATH: &str = concat!(env!("OUT_DIR"), "/blkjournal.elf");
 
+/// Path of the `netecho` (virtio-net ARP/ICMP/UDP echo) guest ELF.
+pub const NETECHO_PATH: &str = concat!(env!("OUT_DIR"), "/netecho.elf");
+/// The `netecho` guest ELF.
+pub static NETECHO_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/netecho.elf"));
+
+/// Path of the `netecho` guest ELF.
+pub fn netecho_path() -> &'static Path {
+    Path::new(NETECHO_PATH)
+}
+
+/// Debug-exit value of `netecho` when no usable virtio-net device is found.
+pub const NETECHO_EXIT_NO_DEVICE: u8 = 2;
+/// Default UDP echo port of `netecho` (key `port=`).
+pub const NETECHO_DEFAULT_PORT: u16 = 7;
+/// Default IPv4 address of `netecho` (key `ip=`).
+pub const NETECHO_DEFAULT_IP: [u8; 4] = [10, 0, 0, 2];
+/// Bytes `netecho` puts before the echoed payload of a UDP answer: its running answer
+/// counter (u32, big endian, 1 for the first answer since boot) and a boot nonce (u32,
+/// big endian, from the TSC at boot).
+pub const NETECHO_ANSWER_PREFIX: usize = 8;
+
+/// A `netecho` UDP answer: (counter, boot nonce, echoed payload), or `None` if shorter
+/// than the prefix.
+pub fn netecho_answer(b: &[u8]) -> Option<(u32, u32, &[u8])> {
+    if b.len() < NETECHO_ANSWER_PREFIX {
+        return None;
+    }
+    let w = |i: usize| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    Some((w(0), w(4), &b[NETECHO_ANSWER_PREFIX..]))
+}
+
 /// The `hello` guest ELF.
 pub static HELLO_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hello.elf"));
 /// The `pattern` guest ELF.
@@ -249,6 +280,7 @@ mod tests {
             pvh_entry(BLKJOURNAL_ELF).is_some(),
             "blkjournal: no PVH note"
         );
+        assert!(pvh_entry(NETECHO_ELF).is_some(), "netecho: no PVH note");
     }
 
     #[test]

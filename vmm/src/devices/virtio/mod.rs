@@ -11,14 +11,23 @@
 //! * Requests are processed synchronously on the vCPU thread that writes the queue's notify
 //!   register. So when the VM is paused no request is in flight: a saved state holds only
 //!   queue addresses and indices, never a half-done request.
-//! * [`block::Block`] is the only device: virtio-blk on a raw file ([`disk::DiskFile`]).
+//! * [`block::Block`]: virtio-blk on a raw file ([`disk::DiskFile`]), slots from
+//!   [`FIRST_DISK_SLOT`].
+//! * [`net::Net`]: virtio-net on a TAP ([`tap::Tap`]), slots from [`FIRST_NET_SLOT`]. Its
+//!   receive side is the one exception to "requests on the vCPU thread": a thread per device
+//!   fills RX buffers when frames arrive (see the module), and is stopped at every pause.
 //!
 //! Every write the devices make into guest memory goes through vm-memory, which marks the
 //! VMM-side dirty bitmap that migration merges with KVM's dirty log.
 
 pub mod block;
 pub mod disk;
+pub mod net;
+pub mod netcfg;
+#[cfg(test)]
+mod net_tests;
 pub mod pci;
+pub mod tap;
 #[cfg(test)]
 mod tests;
 
@@ -41,6 +50,8 @@ use crate::vstate::memory::GuestMemoryMmap;
 
 /// PCI slot of the first disk; disk `i` sits in slot `FIRST_DISK_SLOT + i`.
 pub const FIRST_DISK_SLOT: u8 = 4;
+/// PCI slot of the first network interface; interface `i` sits in slot `FIRST_NET_SLOT + i`.
+pub const FIRST_NET_SLOT: u8 = 16;
 /// Base of the BAR0 windows: slot `s` decodes at `VIRTIO_MMIO_BASE + s * 64 KiB`.
 pub const VIRTIO_MMIO_BASE: u64 = 0xc000_0000;
 
@@ -81,6 +92,22 @@ pub enum VirtioError {
     /// eventfd or irqfd failure.
     #[error("virtio interrupt setup: {0}")]
     Irq(String),
+    /// A network interface's TAP cannot be used.
+    #[error("network interface {index}: {source}")]
+    Tap {
+        /// Index in `VmConfig::nets`.
+        index: usize,
+        /// Why.
+        source: tap::TapError,
+    },
+    /// Host resources of a network interface (eventfd, thread).
+    #[error("network interface {index}: {why}")]
+    Net {
+        /// Index in `VmConfig::nets`.
+        index: usize,
+        /// Why.
+        why: String,
+    },
 }
 
 /// A virtio device behind the PCI transport.
@@ -157,21 +184,33 @@ pub struct VirtioPciState {
 pub struct VirtioDevicesState {
     /// virtio-blk devices, in `VmConfig::disks` order.
     pub block: Vec<VirtioPciState>,
+    /// virtio-net devices, in `VmConfig::nets` order (the MAC is in the configuration).
+    #[serde(default)]
+    pub net: Vec<VirtioPciState>,
 }
 
 /// A virtio-blk device: its transport and the device behind it.
 type BlockPair = (Arc<Mutex<VirtioPciDevice>>, Arc<Mutex<Block>>);
 
+/// A virtio-net device: its RX thread (stopped first on drop), transport and device.
+struct NetDev {
+    _rx: net::RxThread,
+    pci: Arc<Mutex<VirtioPciDevice>>,
+    dev: Arc<Mutex<net::Net>>,
+}
+
 /// The virtio devices of a VM, plugged into its platform.
 #[derive(Default)]
 pub struct VirtioDevices {
     block: Vec<BlockPair>,
+    net: Vec<NetDev>,
 }
 
 impl std::fmt::Debug for VirtioDevices {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VirtioDevices")
             .field("block", &self.block.len())
+            .field("net", &self.net.len())
             .finish()
     }
 }
@@ -233,13 +272,126 @@ impl VirtioDevices {
             platform.insert_mmio(pci.clone(), bar0_address(slot), BAR0_SIZE)?;
             block.push((pci, dev));
         }
-        Ok(VirtioDevices { block })
+        Ok(VirtioDevices {
+            block,
+            net: Vec::new(),
+        })
+    }
+
+    /// Attach every interface of `nets` to its TAP (by `fd` if set, else by `tap` name),
+    /// create its virtio-net device and RX thread. With `saved`, the registers come from a
+    /// snapshot or migration. `paused`: a restored VM that does not run yet (the RX thread
+    /// leaves the TAP alone until [`VirtioDevices::resume_nets`]).
+    pub fn create_nets(
+        &mut self,
+        nets: &[crate::config::NetConfig],
+        saved: Option<&VirtioDevicesState>,
+        mem: &GuestMemoryMmap,
+        vm: &VmFd,
+        platform: &mut Platform,
+        paused: bool,
+    ) -> Result<(), VirtioError> {
+        if let Some(s) = saved {
+            if s.net.len() != nets.len() {
+                return Err(VirtioError::BadState(format!(
+                    "the state has {} network devices but the configuration lists {}",
+                    s.net.len(),
+                    nets.len()
+                )));
+            }
+        }
+        for (index, cfg) in nets.iter().enumerate() {
+            let slot = u8::try_from(index)
+                .ok()
+                .and_then(|i| FIRST_NET_SLOT.checked_add(i))
+                .filter(|s| *s < 32)
+                .ok_or_else(|| VirtioError::BadState(format!("no PCI slot for net {index}")))?;
+            let tap = match (cfg.fd, &cfg.tap) {
+                (Some(fd), _) => tap::Tap::from_fd(fd),
+                (None, Some(name)) => tap::Tap::open_named(name),
+                (None, None) => {
+                    return Err(VirtioError::Net {
+                        index,
+                        why: "no TAP given (tap=NAME or fd=N)".into(),
+                    })
+                }
+            }
+            .map_err(|source| VirtioError::Tap { index, source })?;
+            let host = |e: std::io::Error| VirtioError::Net {
+                index,
+                why: e.to_string(),
+            };
+            let name = tap.name().to_string();
+            let dev = Arc::new(Mutex::new(net::Net::new(tap, cfg.mac, paused).map_err(host)?));
+            let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VirtioError::Irq(e.to_string()))?;
+            vm.register_irqfd(&irq, intx_gsi(slot, 0))
+                .map_err(|e| VirtioError::Irq(e.to_string()))?;
+            let transport: Arc<Mutex<dyn VirtioDevice>> = dev.clone();
+            let mut pci = VirtioPciDevice::new(slot, transport, mem.clone(), irq);
+            if let Some(s) = saved {
+                pci.restore(&s.net[index])?;
+            }
+            let pci = Arc::new(Mutex::new(pci));
+            platform
+                .pci_bus()
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .add_device(slot, Box::new(pci::ConfigHandle(pci.clone())))?;
+            platform.insert_mmio(pci.clone(), bar0_address(slot), BAR0_SIZE)?;
+            let rx = net::RxThread::spawn(pci.clone(), dev.clone(), format!("net{index}-rx"))
+                .map_err(host)?;
+            tracing::info!(
+                tap = %name,
+                mac = %netcfg::format_mac(&cfg.mac),
+                slot,
+                "virtio-net attached"
+            );
+            self.net.push(NetDev {
+                _rx: rx,
+                pci,
+                dev,
+            });
+        }
+        Ok(())
+    }
+
+    /// Stop reading the TAPs (the vCPUs are paused or about to be). Returns once no RX
+    /// pass is in progress: frames are in guest memory or still in the TAP queue.
+    pub fn pause_nets(&self) {
+        for n in &self.net {
+            lock(&n.dev).set_paused(true);
+        }
+    }
+
+    /// Read the TAPs again.
+    pub fn resume_nets(&self) {
+        for n in &self.net {
+            lock(&n.dev).set_paused(false);
+        }
+    }
+
+    /// Announce every interface's MAC on its TAP (RARP), after a restore or migration.
+    pub fn announce_nets(&self) {
+        for n in &self.net {
+            lock(&n.dev).announce();
+        }
+    }
+
+    /// The TAP descriptors, in `VmConfig::nets` order (a local migration hands them over).
+    pub fn net_fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.net.iter().map(|n| lock(&n.dev).tap().raw_fd()).collect()
+    }
+
+    /// Frame counters of every interface.
+    pub fn net_counters(&self) -> Vec<net::NetCounters> {
+        self.net.iter().map(|n| lock(&n.dev).counters()).collect()
     }
 
     /// Save every device's registers. The vCPUs must be paused.
     pub fn state(&self) -> VirtioDevicesState {
         VirtioDevicesState {
             block: self.block.iter().map(|(p, _)| lock(p).state()).collect(),
+            net: self.net.iter().map(|n| lock(&n.pci).state()).collect(),
         }
     }
 

@@ -113,6 +113,9 @@ impl VirtioPciDevice {
         // Revision 1 (modern), class: mass storage / other for block, else "other".
         let class: [u8; 4] = if dtype == 2 {
             [0x01, 0x00, 0x80, 0x01]
+        } else if dtype == 1 {
+            // Network controller, Ethernet.
+            [0x01, 0x00, 0x00, 0x02]
         } else {
             [0x01, 0x00, 0x80, 0xff]
         };
@@ -424,6 +427,12 @@ impl VirtioPciDevice {
                 tracing::warn!(slot = self.slot, "virtio interrupt: {e}");
             }
         }
+    }
+
+    /// Process queue `queue` on behalf of the backend (a frame arrived), exactly as a
+    /// guest notify would: only once the driver is ready, with the interrupt if needed.
+    pub fn notify_from_backend(&mut self, queue: usize) {
+        self.notify(queue);
     }
 
     fn decodes_memory(&self) -> bool {

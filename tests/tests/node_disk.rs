@@ -1,0 +1,132 @@
+//! End to end: a VM with a data disk, run and live-updated by noded. The `blkjournal`
+//! guest appends one flushed record per interval to its disk and prints `J<seq>`; after
+//! the update the numbers continue with no gap or repeat, the guest did not boot again,
+//! and the disk image verifies up to the last record printed.
+
+use std::path::Path;
+
+use integration_tests::guests;
+use integration_tests::node::{processes_mentioning, Node};
+
+/// The `J<seq>` numbers in the complete lines of `console`.
+fn seqs(console: &str) -> Vec<u32> {
+    let complete = console.rfind('\n').map_or("", |i| &console[..=i]);
+    complete
+        .lines()
+        .filter_map(|l| l.strip_prefix('J'))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
+}
+
+fn last_seq(console: &str) -> u32 {
+    seqs(console).last().copied().unwrap_or(0)
+}
+
+fn assert_journal(console: &str, disk: &Path) {
+    assert!(
+        !console.contains("corrupt") && !console.contains("io error"),
+        "console:\n{console}"
+    );
+    assert_eq!(
+        console.matches("blkjournal: booted").count(),
+        1,
+        "the guest booted again:\n{console}"
+    );
+    let s = seqs(console);
+    for (i, n) in s.iter().enumerate() {
+        assert_eq!(
+            *n,
+            1 + i as u32,
+            "J markers have a gap or a repeat at index {i}; console:\n{console}"
+        );
+    }
+    let image = std::fs::read(disk).expect("read disk image");
+    let on_disk = guests::blkjournal_verify(&image)
+        .unwrap_or_else(|k| panic!("the disk image is corrupt at sector {k}"));
+    let last = s.last().copied().unwrap_or(0);
+    assert!(
+        on_disk == last || on_disk == last + 1,
+        "disk holds {on_disk} records, the guest printed up to J{last}"
+    );
+}
+
+#[test]
+fn a_vm_with_a_local_disk_is_live_updated_and_its_journal_has_no_gap() {
+    let node = Node::start("disk", "{}\n");
+    let va = node.install(&node.launcher_a())["version"]
+        .as_str()
+        .expect("version")
+        .to_string();
+    // 16 MiB: 32768 records, far more than the test writes (a full journal makes the
+    // guest exit, and runStrategy Always would boot it again).
+    let disk = node.dir.join("journal.img");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(16 << 20))
+        .expect("create disk image");
+    let spec = format!(
+        "name: jrnl\nkernel: {}\ncmdline: interval_ms=20\nmemory: 32Mi\ndisks:\n- name: journal\n  path: {}\n  shared: false\n",
+        guests::blkjournal_path().display(),
+        disk.display()
+    );
+    let f = node.file("jrnl.yaml", &spec);
+    let created = node.ctl(&["vm", "create", "-f", &f]);
+    assert_eq!(
+        created["spec"]["disks"][0]["path"],
+        disk.display().to_string()
+    );
+    let v = node.wait_vm("jrnl", "Running", Some(&va));
+    // A host-local disk does not block the update on this node; it is recorded as the
+    // reason a cross-host move would be refused.
+    assert_eq!(v["migratable"], true);
+    assert_eq!(v["crossHostMigratable"], false);
+    assert_eq!(v["crossHostReason"], "DisksNotLiveMigratable");
+    let before = node.wait_until("journal records", || {
+        let n = last_seq(&node.console("jrnl"));
+        (n >= 10).then_some(n)
+    });
+
+    node.install(&integration_tests::launcher_of_version("9.0.0"));
+    node.wait_vm("jrnl", "Running", Some("9.0.0"));
+    let recs = node.ctl(&["migrations", "jrnl"]);
+    assert_eq!(recs[0]["outcome"], "Succeeded", "{recs}");
+    node.wait_until("records written by the new launcher", || {
+        (last_seq(&node.console("jrnl")) > before + 20).then_some(())
+    });
+    // One launcher owns the disk.
+    assert_eq!(
+        processes_mentioning(&node.state().join("vms/jrnl/").display().to_string()).len(),
+        1
+    );
+    node.ctl(&["vm", "stop", "jrnl"]);
+    node.wait_vm("jrnl", "Stopped", None);
+    assert_journal(&node.console("jrnl"), &disk);
+}
+
+#[test]
+fn disk_specs_are_checked() {
+    let node = Node::start("diskspec", "{}\n");
+    node.install(&node.launcher_a());
+    for (disks, want) in [
+        ("[{name: d}]", "disks[0]: missing field `path`"),
+        (
+            "[{name: d, path: rel.img}]",
+            "disks[0].path: \"rel.img\" must be an absolute path",
+        ),
+        (
+            "[{name: d, path: /x, size: 1}]",
+            "disks[0]: unknown field `size`",
+        ),
+    ] {
+        let f = node.file(
+            "bad.yaml",
+            &format!(
+                "name: bad\nkernel: {}\nmemory: 32Mi\ndisks: {disks}\n",
+                guests::blkjournal_path().display()
+            ),
+        );
+        let e = node
+            .try_ctl(&["vm", "create", "-f", &f])
+            .expect_err("bad disk refused");
+        assert!(e.contains(want), "{disks}: {e}");
+    }
+}

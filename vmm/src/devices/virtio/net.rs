@@ -1,0 +1,457 @@
+//! virtio-net (virtio 1.x, section 5.1) on a TAP ([`super::tap::Tap`]).
+//!
+//! Two queues of [`QUEUE_SIZE`] entries: receive (0) and transmit (1). Features offered:
+//! `VIRTIO_NET_F_MAC` (the MAC in the configuration space), `VIRTIO_NET_F_STATUS` (link
+//! up) and nothing else: no checksum or segmentation offload (the TAP has them off too), no
+//! mergeable buffers, no control queue. Every frame is at most [`MAX_FRAME`] bytes.
+//!
+//! * **TX** runs on the vCPU thread at the notify write: each chain is header + frame; the
+//!   guest's header is replaced by a zero one (no offload was negotiated, so nothing in it
+//!   may reach the host), and the frame is written to the TAP. A chain that is malformed,
+//!   shorter than a header plus an Ethernet header, longer than [`MAX_FRAME`] or that the
+//!   TAP refuses is dropped (counted) and returned to the guest. TX never blocks.
+//! * **RX**: a thread per device ([`RxThread`]) polls the TAP and, when a frame is waiting
+//!   and the driver posted buffers, fills them through the transport (under its lock, as a
+//!   notify would), through vm-memory, so the VMM dirty bitmap sees every byte, then raises
+//!   the interrupt. A guest notify on the RX queue (new buffers) also drains the TAP on the
+//!   vCPU thread. A frame is read from the TAP only once a buffer chain is at hand; a frame
+//!   that does not fit the chain is dropped and the chain kept for the next one.
+//! * **Pause**: [`Net::set_paused`] takes the device lock, so it waits for an RX pass in
+//!   progress to complete; afterwards nothing is read from the TAP until resume. So at a
+//!   pause no frame is in flight inside the VMM: frames are either in guest memory (used
+//!   ring written) or still queued in the TAP. A local migration hands the TAP itself to
+//!   the next launcher, which reads the waiting frames after its resume.
+//! * **Announce**: after a restored VM starts, the device sends three RARP frames from the
+//!   guest's MAC (as QEMU's `announce-self`) so that bridges and switches learn where the
+//!   guest is now.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::pci::VirtioPciDevice;
+use super::tap::{Tap, VNET_HDR_LEN};
+use super::VirtioDevice;
+use crate::devices::bus::lock;
+use crate::vstate::memory::GuestMemoryMmap;
+
+/// Entries of each queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Index of the receive queue.
+pub const RX_QUEUE: usize = 0;
+/// Index of the transmit queue.
+pub const TX_QUEUE: usize = 1;
+/// Largest frame (Ethernet header included, no FCS) either way: 64 KiB, the most a TAP
+/// without offloads can deliver.
+pub const MAX_FRAME: usize = 65535;
+const ETH_HLEN: usize = 14;
+/// Bytes of device configuration: mac[6], status u16 (then zeros).
+const CONFIG_SIZE: usize = 8;
+/// RARP frames sent after a restore, and the gaps between them.
+const ANNOUNCE_ROUNDS: u8 = 3;
+const ANNOUNCE_GAP: Duration = Duration::from_millis(100);
+
+/// Frame counters of one device (for logs and tests).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct NetCounters {
+    /// Frames delivered to the guest.
+    pub rx_frames: u64,
+    /// Frames read from the TAP and dropped (no room in the guest's buffer).
+    pub rx_dropped: u64,
+    /// Frames sent to the TAP.
+    pub tx_frames: u64,
+    /// Chains from the guest dropped (malformed, too short, too long, refused).
+    pub tx_dropped: u64,
+    /// RARP announcements sent.
+    pub announces: u64,
+}
+
+/// A virtio-net device.
+pub struct Net {
+    tap: Tap,
+    mac: [u8; 6],
+    paused: bool,
+    /// RX found no buffer (or could not run): the RX thread waits for a kick.
+    rx_wait_buffers: bool,
+    kick: EventFd,
+    buf: Vec<u8>,
+    counters: NetCounters,
+    announce_left: u8,
+    next_announce: Instant,
+}
+
+impl std::fmt::Debug for Net {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Net")
+            .field("tap", &self.tap.name())
+            .field("mac", &super::netcfg::format_mac(&self.mac))
+            .field("counters", &self.counters)
+            .finish()
+    }
+}
+
+impl Net {
+    /// A device on `tap` with `mac`; `paused` for a restored VM that has not started.
+    pub fn new(tap: Tap, mac: [u8; 6], paused: bool) -> std::io::Result<Self> {
+        Ok(Net {
+            tap,
+            mac,
+            paused,
+            rx_wait_buffers: false,
+            kick: EventFd::new(EFD_NONBLOCK)?,
+            buf: vec![0; VNET_HDR_LEN + MAX_FRAME],
+            counters: NetCounters::default(),
+            announce_left: 0,
+            next_announce: Instant::now(),
+        })
+    }
+
+    /// The TAP.
+    pub fn tap(&self) -> &Tap {
+        &self.tap
+    }
+
+    /// The counters so far.
+    pub fn counters(&self) -> NetCounters {
+        self.counters
+    }
+
+    /// Stop (or restart) using the TAP. Pausing waits for an RX pass in progress (it holds
+    /// this device's lock), so afterwards nothing is in flight.
+    pub fn set_paused(&mut self, paused: bool) {
+        self.paused = paused;
+        self.rx_wait_buffers = false;
+        self.wake();
+    }
+
+    /// Send RARP announcements for the guest's MAC (now, then every 100 ms, three in all).
+    pub fn announce(&mut self) {
+        self.announce_left = ANNOUNCE_ROUNDS;
+        self.next_announce = Instant::now();
+        self.wake();
+    }
+
+    fn wake(&self) {
+        let _ = self.kick.write(1);
+    }
+
+    /// The RARP frame QEMU sends for a MAC: broadcast, ethertype 0x8035, "request reverse".
+    fn rarp_frame(&self) -> Vec<u8> {
+        let mut f = Vec::with_capacity(VNET_HDR_LEN + 60);
+        if self.tap.has_vnet_hdr() {
+            f.extend_from_slice(&[0; VNET_HDR_LEN]);
+        }
+        f.extend_from_slice(&[0xff; 6]);
+        f.extend_from_slice(&self.mac);
+        f.extend_from_slice(&[0x80, 0x35, 0, 1, 0x08, 0x00, 6, 4, 0, 3]);
+        f.extend_from_slice(&self.mac);
+        f.extend_from_slice(&[0; 4]);
+        f.extend_from_slice(&self.mac);
+        f.extend_from_slice(&[0; 4]);
+        f.resize(f.len() + 18, 0); // pad the 42-byte frame to the 60-byte minimum
+        f
+    }
+
+    /// Send a due announcement; returns how long until the next one.
+    fn announce_step(&mut self) -> Option<Duration> {
+        if self.announce_left == 0 || self.paused {
+            return None;
+        }
+        let now = Instant::now();
+        if now >= self.next_announce {
+            let f = self.rarp_frame();
+            match self.tap.write_frame(&f) {
+                Ok(_) => self.counters.announces += 1,
+                Err(e) => tracing::warn!(tap = self.tap.name(), "RARP announce: {e}"),
+            }
+            self.announce_left -= 1;
+            self.next_announce = now + ANNOUNCE_GAP;
+        }
+        (self.announce_left > 0).then(|| self.next_announce.saturating_duration_since(now))
+    }
+
+    fn process_rx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        self.rx_wait_buffers = false;
+        if self.paused {
+            return false;
+        }
+        let mut used = false;
+        for _ in 0..queue.size() {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                self.rx_wait_buffers = true;
+                break;
+            };
+            let head = chain.head_index();
+            let unpop = |q: &mut Queue| q.set_next_avail(q.next_avail().wrapping_sub(1));
+            let mut w = match chain.clone().writer(mem).ok().filter(|_| well_formed(&chain)) {
+                Some(w) => w,
+                None => {
+                    // Malformed chain: give it back empty, frames stay in the TAP.
+                    if queue.add_used(mem, head, 0).is_err() {
+                        break;
+                    }
+                    used = true;
+                    continue;
+                }
+            };
+            let hdr_in_frame = self.tap.has_vnet_hdr();
+            let start = if hdr_in_frame { 0 } else { VNET_HDR_LEN };
+            let n = match self.tap.read_frame(&mut self.buf[start..]) {
+                Ok(n) => n,
+                Err(e) => {
+                    if e.kind() != std::io::ErrorKind::WouldBlock {
+                        tracing::warn!(tap = self.tap.name(), "TAP read: {e}");
+                    }
+                    unpop(queue);
+                    break;
+                }
+            };
+            if !hdr_in_frame {
+                self.buf[..VNET_HDR_LEN].fill(0);
+            }
+            let total = start + n;
+            if total < VNET_HDR_LEN + ETH_HLEN {
+                unpop(queue);
+                self.counters.rx_dropped += 1;
+                continue;
+            }
+            // num_buffers: 1 (no mergeable buffers).
+            self.buf[10..12].copy_from_slice(&1u16.to_le_bytes());
+            if w.available_bytes() < total {
+                // Does not fit this chain: drop the frame, keep the chain for the next.
+                unpop(queue);
+                self.counters.rx_dropped += 1;
+                continue;
+            }
+            if std::io::Write::write_all(&mut w, &self.buf[..total]).is_err() {
+                self.counters.rx_dropped += 1;
+                if queue.add_used(mem, head, 0).is_err() {
+                    break;
+                }
+                used = true;
+                continue;
+            }
+            if queue.add_used(mem, head, total as u32).is_err() {
+                break;
+            }
+            self.counters.rx_frames += 1;
+            used = true;
+        }
+        used
+    }
+
+    fn process_tx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        let mut used = false;
+        for _ in 0..queue.size() {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            if !self.transmit(chain, mem) {
+                self.counters.tx_dropped += 1;
+            }
+            if queue.add_used(mem, head, 0).is_err() {
+                break;
+            }
+            used = true;
+        }
+        used
+    }
+
+    /// Send one chain to the TAP; false if it was dropped.
+    fn transmit(
+        &mut self,
+        chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+        mem: &GuestMemoryMmap,
+    ) -> bool {
+        if !well_formed(&chain) {
+            return false;
+        }
+        let Ok(mut r) = chain.reader(mem) else {
+            return false;
+        };
+        let len = r.available_bytes();
+        if len < VNET_HDR_LEN + ETH_HLEN || len > VNET_HDR_LEN + MAX_FRAME {
+            return false;
+        }
+        if std::io::Read::read_exact(&mut r, &mut self.buf[..len]).is_err() {
+            return false;
+        }
+        // No offload was negotiated: the host gets a zero header whatever the guest wrote.
+        self.buf[..VNET_HDR_LEN].fill(0);
+        let out = if self.tap.has_vnet_hdr() {
+            &self.buf[..len]
+        } else {
+            &self.buf[VNET_HDR_LEN..len]
+        };
+        match self.tap.write_frame(out) {
+            Ok(_) => {
+                self.counters.tx_frames += 1;
+                true
+            }
+            Err(e) => {
+                tracing::debug!(tap = self.tap.name(), "TAP write: {e}");
+                false
+            }
+        }
+    }
+}
+
+/// A chain that ends: virtio-queue stops following `next` after a queue's worth of
+/// descriptors (a loop) or at an out-of-range index, silently; such a chain is malformed.
+fn well_formed(chain: &virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> bool {
+    chain.clone().last().is_some_and(|d| !d.has_next())
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        (1u64 << VIRTIO_NET_F_MAC) | (1u64 << VIRTIO_NET_F_STATUS)
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let mut cfg = [0u8; CONFIG_SIZE];
+        cfg[..6].copy_from_slice(&self.mac);
+        cfg[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| cfg.get(o))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        match index {
+            RX_QUEUE => {
+                let used = self.process_rx(queue, mem);
+                // New buffers: let the RX thread watch the TAP again.
+                self.wake();
+                used
+            }
+            TX_QUEUE => self.process_tx(queue, mem),
+            _ => false,
+        }
+    }
+
+    fn backend_size(&self) -> u64 {
+        0
+    }
+}
+
+/// The thread that moves frames from the TAP into the guest.
+pub struct RxThread {
+    stop: Arc<AtomicBool>,
+    kick: EventFd,
+    join: Option<JoinHandle<()>>,
+}
+
+impl RxThread {
+    /// Start polling `net`'s TAP on behalf of `transport`.
+    pub fn spawn(
+        transport: Arc<Mutex<VirtioPciDevice>>,
+        net: Arc<Mutex<Net>>,
+        name: String,
+    ) -> std::io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let kick = lock(&net).kick.try_clone()?;
+        let (stop2, kick2) = (stop.clone(), kick.try_clone()?);
+        let join = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || rx_loop(&transport, &net, &stop2, &kick2))?;
+        Ok(RxThread {
+            stop,
+            kick,
+            join: Some(join),
+        })
+    }
+}
+
+impl Drop for RxThread {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.kick.write(1);
+        if let Some(j) = self.join.take() {
+            let _ = j.join();
+        }
+    }
+}
+
+/// When no kick comes, look again this often (a driver that posts buffers without
+/// notifying, a driver that became ready).
+const RX_IDLE_POLL: Duration = Duration::from_millis(100);
+
+fn rx_loop(
+    transport: &Arc<Mutex<VirtioPciDevice>>,
+    net: &Arc<Mutex<Net>>,
+    stop: &AtomicBool,
+    kick: &EventFd,
+) {
+    while !stop.load(Ordering::SeqCst) {
+        let (tap_fd, watch_tap, announce_in) = {
+            let mut n = lock(net);
+            let a = n.announce_step();
+            (n.tap.raw_fd(), !n.paused && !n.rx_wait_buffers, a)
+        };
+        let mut fds = [
+            libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(kick),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: tap_fd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let nfds = if watch_tap { 2 } else { 1 };
+        let timeout = announce_in.unwrap_or(RX_IDLE_POLL).min(RX_IDLE_POLL);
+        // SAFETY: `fds` is a live array of at least `nfds` pollfd structures.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), nfds, timeout.as_millis() as i32) };
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                tracing::error!("virtio-net RX poll: {e}; the RX thread stops");
+                return;
+            }
+            continue;
+        }
+        if fds[0].revents != 0 {
+            let _ = kick.read();
+        }
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        {
+            let mut n = lock(net);
+            if n.paused {
+                continue;
+            }
+            // Stays set unless an RX pass runs and finds buffers.
+            n.rx_wait_buffers = true;
+        }
+        if watch_tap && fds[1].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+            tracing::warn!("virtio-net: the TAP reports an error or hang-up");
+            std::thread::sleep(RX_IDLE_POLL);
+        }
+        lock(transport).notify_from_backend(RX_QUEUE);
+    }
+}

@@ -1,0 +1,290 @@
+//! virtio-net driven as a guest driver would (BAR0 writes, rings in guest memory), with a
+//! Unix datagram socket standing in for the TAP. Malformed chains and oversized frames
+//! from the guest must be dropped, never crash the device.
+
+use std::os::unix::net::UnixDatagram;
+use std::sync::{Arc, Mutex};
+
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::net::{Net, MAX_FRAME, RX_QUEUE, TX_QUEUE};
+use super::pci::VirtioPciDevice;
+use super::tap::{Tap, VNET_HDR_LEN};
+use crate::devices::bus::lock;
+use crate::devices::BusDevice;
+use crate::vstate::memory::GuestRam;
+
+const QSIZE: u16 = 8;
+/// Per queue q: descriptors, avail, used at these bases + q * 0x10000.
+const DESC: u64 = 0x1000;
+const AVAIL: u64 = 0x2000;
+const USED: u64 = 0x3000;
+const BUF: u64 = 0x40000;
+const WRITE: u16 = 2;
+const NEXT: u16 = 1;
+const MAC: [u8; 6] = [0x52, 0x54, 0, 1, 2, 3];
+
+struct Rig {
+    ram: GuestRam,
+    dev: VirtioPciDevice,
+    net: Arc<Mutex<Net>>,
+    host: UnixDatagram,
+    avail: [u16; 2],
+}
+
+impl Rig {
+    fn new() -> Rig {
+        let (host, guest) = UnixDatagram::pair().unwrap();
+        let ram = GuestRam::new(4 << 20).unwrap();
+        let net = Arc::new(Mutex::new(
+            Net::new(Tap::from_socket(guest), MAC, false).unwrap(),
+        ));
+        let dev = VirtioPciDevice::new(
+            16,
+            net.clone(),
+            ram.memory().clone(),
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+        );
+        let mut rig = Rig {
+            ram,
+            dev,
+            net,
+            host,
+            avail: [0; 2],
+        };
+        rig.init();
+        rig
+    }
+
+    fn w(&mut self, off: u64, v: u64, len: usize) {
+        self.dev.write(off, &v.to_le_bytes()[..len]);
+    }
+
+    fn r(&mut self, off: u64, len: usize) -> u64 {
+        let mut b = [0u8; 8];
+        self.dev.read(off, &mut b[..len]);
+        u64::from_le_bytes(b)
+    }
+
+    fn init(&mut self) {
+        self.w(0x14, 0, 1);
+        self.w(0x14, 1 | 2, 1);
+        self.w(0x08, 0, 4);
+        self.w(0x0c, (1 << 5) | (1 << 16), 4);
+        self.w(0x08, 1, 4);
+        self.w(0x0c, 1, 4);
+        self.w(0x14, 1 | 2 | 8, 1);
+        assert_ne!(self.r(0x14, 1) & 8, 0, "features refused");
+        for q in 0..2u64 {
+            self.w(0x16, q, 2);
+            self.w(0x18, u64::from(QSIZE), 2);
+            self.w(0x20, DESC + q * 0x10000, 8);
+            self.w(0x28, AVAIL + q * 0x10000, 8);
+            self.w(0x30, USED + q * 0x10000, 8);
+            self.w(0x1c, 1, 2);
+        }
+        self.w(0x14, 1 | 2 | 8 | 4, 1);
+        assert_eq!(self.r(0x14, 1) & 0x40, 0, "device needs reset");
+    }
+
+    fn mem(&self) -> &crate::vstate::memory::GuestMemoryMmap {
+        self.ram.memory()
+    }
+
+    /// Post a chain of (addr, len, flags) on queue `q` (descriptors from `first`), notify,
+    /// and return the used index afterwards.
+    fn post(&mut self, q: usize, first: u16, descs: &[(u64, u32, u16)], notify: bool) -> u16 {
+        let base = q as u64 * 0x10000;
+        for (i, (addr, len, flags)) in descs.iter().enumerate() {
+            let n = first + i as u16;
+            let mut flags = *flags;
+            if i + 1 < descs.len() {
+                flags |= NEXT;
+            }
+            let d = DESC + base + 16 * u64::from(n);
+            let m = self.mem();
+            m.write_obj(*addr, GuestAddress(d)).unwrap();
+            m.write_obj(*len, GuestAddress(d + 8)).unwrap();
+            m.write_obj(flags, GuestAddress(d + 12)).unwrap();
+            m.write_obj(n + 1, GuestAddress(d + 14)).unwrap();
+        }
+        let slot = AVAIL + base + 4 + 2 * u64::from(self.avail[q] % QSIZE);
+        self.mem().write_obj(first, GuestAddress(slot)).unwrap();
+        self.avail[q] = self.avail[q].wrapping_add(1);
+        self.mem()
+            .write_obj(self.avail[q], GuestAddress(AVAIL + base + 2))
+            .unwrap();
+        if notify {
+            self.w(0x3000 + 4 * q as u64, q as u64, 2);
+        }
+        self.used_idx(q)
+    }
+
+    fn used_idx(&self, q: usize) -> u16 {
+        self.mem()
+            .read_obj(GuestAddress(USED + q as u64 * 0x10000 + 2))
+            .unwrap()
+    }
+
+    fn used_len(&self, q: usize, i: u16) -> u32 {
+        let e = USED + q as u64 * 0x10000 + 4 + 8 * u64::from(i % QSIZE);
+        self.mem().read_obj(GuestAddress(e + 4)).unwrap()
+    }
+
+    fn host_recv(&self) -> Option<Vec<u8>> {
+        self.host.set_nonblocking(true).unwrap();
+        let mut b = vec![0u8; 70000];
+        self.host.recv(&mut b).ok().map(|n| b[..n].to_vec())
+    }
+}
+
+fn frame(len: usize) -> Vec<u8> {
+    let mut f: Vec<u8> = (0..len).map(|i| i as u8).collect();
+    f[..6].copy_from_slice(&[0xff; 6]);
+    f[6..12].copy_from_slice(&MAC);
+    f
+}
+
+#[test]
+fn config_space_has_mac_and_link_up() {
+    let mut rig = Rig::new();
+    let mac: Vec<u8> = (0..6).map(|i| rig.r(0x2000 + i, 1) as u8).collect();
+    assert_eq!(mac, MAC);
+    assert_eq!(rig.r(0x2006, 2), 1);
+    assert_eq!(rig.r(0x2000 + 64, 4), 0, "past the end reads zero");
+}
+
+#[test]
+fn tx_sends_frames_with_a_zero_header() {
+    let mut rig = Rig::new();
+    let f = frame(100);
+    // A header full of offload requests the device never offered.
+    rig.mem()
+        .write_slice(&[0xab; VNET_HDR_LEN], GuestAddress(BUF))
+        .unwrap();
+    rig.mem()
+        .write_slice(&f, GuestAddress(BUF + VNET_HDR_LEN as u64))
+        .unwrap();
+    // Header and frame in two descriptors.
+    let used = rig.post(
+        TX_QUEUE,
+        0,
+        &[
+            (BUF, VNET_HDR_LEN as u32, 0),
+            (BUF + VNET_HDR_LEN as u64, 100, 0),
+        ],
+        true,
+    );
+    assert_eq!(used, 1);
+    let got = rig.host_recv().expect("frame on the TAP");
+    assert_eq!(&got[..VNET_HDR_LEN], &[0; VNET_HDR_LEN]);
+    assert_eq!(&got[VNET_HDR_LEN..], &f[..]);
+    assert_eq!(lock(&rig.net).counters().tx_frames, 1);
+}
+
+#[test]
+fn malformed_and_oversized_tx_chains_are_dropped() {
+    let mut rig = Rig::new();
+    let mut expect_used = 0;
+    // Outside guest RAM.
+    expect_used += 1;
+    assert_eq!(
+        rig.post(TX_QUEUE, 0, &[(0xfff0_0000, 200, 0)], true),
+        expect_used
+    );
+    // Too short for a header and an Ethernet header.
+    expect_used += 1;
+    assert_eq!(rig.post(TX_QUEUE, 0, &[(BUF, 20, 0)], true), expect_used);
+    // Longer than the largest frame (spread over descriptors of guest RAM).
+    expect_used += 1;
+    let big = (VNET_HDR_LEN + MAX_FRAME + 1) as u32;
+    assert_eq!(rig.post(TX_QUEUE, 0, &[(BUF, big, 0)], true), expect_used);
+    // A descriptor loop: 0 -> 1 -> 0 ...
+    let d1 = DESC + 0x10000 + 16;
+    rig.post(TX_QUEUE, 0, &[(BUF, 64, 0), (BUF, 64, 0)], false);
+    rig.mem().write_obj(0u16, GuestAddress(d1 + 14)).unwrap();
+    rig.mem().write_obj(NEXT, GuestAddress(d1 + 12)).unwrap();
+    rig.w(0x3004, 1, 2);
+    expect_used += 1;
+    assert_eq!(rig.used_idx(TX_QUEUE), expect_used);
+    // A bogus avail index far ahead of the ring: nothing is processed, nothing crashes.
+    rig.mem()
+        .write_obj(0x7fffu16, GuestAddress(AVAIL + 0x10000 + 2))
+        .unwrap();
+    rig.w(0x3004, 1, 2);
+    assert!(rig.host_recv().is_none(), "nothing reached the TAP");
+    assert_eq!(lock(&rig.net).counters().tx_frames, 0);
+    assert_eq!(lock(&rig.net).counters().tx_dropped, 4);
+}
+
+#[test]
+fn rx_fills_posted_buffers_and_keeps_frames_while_paused() {
+    let mut rig = Rig::new();
+    let f = frame(60);
+    let mut with_hdr = vec![0u8; VNET_HDR_LEN];
+    with_hdr.extend_from_slice(&f);
+    // Paused: the frame stays in the "TAP" even though a buffer is posted.
+    lock(&rig.net).set_paused(true);
+    rig.host.send(&with_hdr).unwrap();
+    assert_eq!(rig.post(RX_QUEUE, 0, &[(BUF, 2048, WRITE)], true), 0);
+    // Resumed: the next RX pass delivers it.
+    lock(&rig.net).set_paused(false);
+    rig.dev.notify_from_backend(RX_QUEUE);
+    assert_eq!(rig.used_idx(RX_QUEUE), 1);
+    assert_eq!(rig.used_len(RX_QUEUE, 0) as usize, with_hdr.len());
+    let mut got = vec![0u8; with_hdr.len()];
+    rig.mem().read_slice(&mut got, GuestAddress(BUF)).unwrap();
+    assert_eq!(&got[VNET_HDR_LEN..], &f[..]);
+    assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1, "num_buffers");
+    // The device's writes are in the VMM dirty bitmap.
+    assert!(rig.ram.take_vmm_dirty(0).iter().any(|w| *w != 0));
+}
+
+#[test]
+fn rx_frames_too_big_for_the_buffer_are_dropped_and_the_buffer_kept() {
+    let mut rig = Rig::new();
+    let mut big = vec![0u8; VNET_HDR_LEN];
+    big.extend_from_slice(&frame(1500));
+    rig.host.send(&big).unwrap();
+    let mut small = vec![0u8; VNET_HDR_LEN];
+    small.extend_from_slice(&frame(60));
+    rig.host.send(&small).unwrap();
+    // A 512-byte buffer: the 1500-byte frame is dropped, the 60-byte one delivered in it.
+    assert_eq!(rig.post(RX_QUEUE, 0, &[(BUF, 512, WRITE)], true), 1);
+    assert_eq!(rig.used_len(RX_QUEUE, 0) as usize, small.len());
+    let c = lock(&rig.net).counters();
+    assert_eq!((c.rx_frames, c.rx_dropped), (1, 1));
+    // A read-only "buffer" outside RAM is handed back empty; the frame waits.
+    rig.host.send(&small).unwrap();
+    assert_eq!(rig.post(RX_QUEUE, 1, &[(0xfff0_0000, 512, WRITE)], true), 2);
+    assert_eq!(rig.used_len(RX_QUEUE, 1), 0);
+    assert_eq!(rig.post(RX_QUEUE, 2, &[(BUF, 2048, WRITE)], true), 3);
+    assert_eq!(rig.used_len(RX_QUEUE, 2) as usize, small.len());
+}
+
+#[test]
+fn announce_sends_rarp_from_the_mac() {
+    let rig = Rig::new();
+    let (t, n) = (rig.dev.state(), rig.net.clone());
+    assert_eq!(t.queues.len(), 2);
+    let rx = super::net::RxThread::spawn(
+        Arc::new(Mutex::new(rig.dev)),
+        n.clone(),
+        "test-rx".into(),
+    )
+    .unwrap();
+    lock(&n).announce();
+    rig.host.set_nonblocking(false).unwrap();
+    rig.host
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let mut b = vec![0u8; 2048];
+    let len = rig.host.recv(&mut b).unwrap();
+    let f = &b[VNET_HDR_LEN..len];
+    assert_eq!(&f[..6], &[0xff; 6]);
+    assert_eq!(&f[6..12], &MAC);
+    assert_eq!(&f[12..14], &[0x80, 0x35]);
+    assert_eq!(f.len(), 60);
+    drop(rx);
+}
