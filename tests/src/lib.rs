@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 pub use test_guests as guests;
 
+pub mod netns;
+
 /// How long any single wait may take before the test gives up (safety only).
 pub const SAFETY: Duration = Duration::from_secs(120);
 

@@ -123,6 +123,40 @@ fn clear_errors_for_common_mistakes() {
     assert!(e.contains("launcher 1.2.0 is already installed"), "{e}");
     let e = d.ctl_err(&["launcher", "install", "--path", "/bin/true"]);
     assert!(e.contains("capabilities"), "{e}");
+    // Garbage answers are refused with what was printed, and nothing is installed.
+    let garbage = d.file("garbage", "#!/bin/sh\necho 'hello world'\n");
+    std::fs::set_permissions(&garbage, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let e = d.ctl_err(&["launcher", "install", "--path", &garbage]);
+    assert!(
+        e.contains("`capabilities` printed something that is not a capabilities object")
+            && e.contains("hello world"),
+        "{e}"
+    );
+    let liar = d.file(
+        "liar",
+        "#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'launcher 7.0.0'; exit 0; fi\necho '{\"version\":\"1.3.0\",\"machineTypes\":[\"q35-1.0\"],\"migrationProtocol\":{\"min\":1,\"max\":1},\"snapshotFormat\":{\"min\":1,\"max\":1}}'\n",
+    );
+    std::fs::set_permissions(&liar, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let e = d.ctl_err(&["launcher", "install", "--path", &liar]);
+    assert!(
+        e.contains("reported version 1.3.0 but `--version` printed \"launcher 7.0.0\""),
+        "{e}"
+    );
+    let e = d.ctl_err(&[
+        "launcher",
+        "install",
+        "--path",
+        &fake,
+        "--channel",
+        "nightly",
+    ]);
+    assert!(
+        e.contains("unknown channel \"nightly\" (use stable or candidate)"),
+        "{e}"
+    );
+    let out = d.ctl(&["-o", "json", "launcher", "list"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
 
     let bad = d.file("bad.yaml", "name: a\nkernel: /guest.elf\nmemory: 32Q\n");
     let e = d.ctl_err(&["vm", "create", "-f", &bad]);

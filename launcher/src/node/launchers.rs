@@ -211,7 +211,7 @@ pub fn parse_capabilities(path: &str, stdout: &[u8]) -> Result<Capabilities, Lau
     };
     let caps: Capabilities = serde_json::from_slice(stdout).map_err(|e| {
         bad(format!(
-            "printed something that is not a capabilities object ({e}): {:.120}",
+            "`capabilities` printed something that is not a capabilities object ({e}): {:.120}",
             String::from_utf8_lossy(stdout).trim()
         ))
     })?;

@@ -1,10 +1,14 @@
 //! noded, the node daemon, and the pieces nodectl shares with it.
 //!
 //! Layout: [`spec`] (VM specs), [`settings`] (coordinator settings), [`launchers`]
-//! (installed launcher binaries), [`coordinator`] (pure decisions), [`vm_state`] (per-VM states, runStrategy), [`store`] (SQLite),
-//! [`supervisor`] (launcher processes), [`daemon`] (the reconciliation loop),
-//! [`requests`] (what the loop answers), [`status`] (node status and metrics), [`api`] (the HTTP API), [`views`] (the JSON shapes the API returns), [`metrics`].
+//! (installed launcher binaries, channels), [`coordinator`] (pure decisions),
+//! [`vm_state`] (per-VM states, runStrategy), [`store`] (SQLite), [`supervisor`]
+//! (launcher processes), [`daemon`] (the reconciliation loop), [`adopt`] (adoption after
+//! a restart), [`requests`] (what the loop answers), [`status`] (node status and
+//! metrics), [`api`] (the HTTP API), [`views`] (the JSON shapes the API returns),
+//! [`metrics`].
 
+pub mod adopt;
 pub mod api;
 pub mod coordinator;
 pub mod daemon;

@@ -1,0 +1,268 @@
+//! Scale: one node, many tiny VMs, one launcher version bump (issue 6).
+//!
+//! `scripts/bench-scale [VMS]` builds two launcher versions and runs this; or directly:
+//! `scale --bin-dir DIR --old-launcher PATH --new-launcher PATH [--vms 100] [--no-write]`
+//! (`DIR` holds `noded` and `nodectl`).
+//!
+//! Two scenarios, each on a fresh noded: (A) default settings, every VM migratable;
+//! (B) `workloadUpdateMethods: [LiveMigrate, Evict]` with every fifth VM carrying a host
+//! device (not migratable: evicted and restarted). Every VM runs `pattern` (64 MiB of RAM,
+//! a 2 MiB region it rewrites and verifies on every pass). After the update it checks
+//! that every VM runs the new version, that no guest printed `STALE`, and that migrated
+//! guests booted once; it reports the total update time and the pause distribution
+//! (median, p99, max) from noded's migration records, and writes docs/scale.md.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+struct Node {
+    bin_dir: PathBuf,
+    dir: PathBuf,
+    daemon: Child,
+}
+
+fn die(msg: impl std::fmt::Display) -> ! {
+    eprintln!("scale: {msg}");
+    std::process::exit(1);
+}
+
+impl Node {
+    fn start(bin_dir: &Path, name: &str, config: &str) -> Node {
+        let dir = std::env::temp_dir().join(format!("scale-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| die(e));
+        std::fs::write(dir.join("config.yaml"), config).unwrap_or_else(|e| die(e));
+        let log = std::fs::File::create(dir.join("noded.log")).unwrap_or_else(|e| die(e));
+        let daemon = Command::new(bin_dir.join("noded"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--config")
+            .arg(dir.join("config.yaml"))
+            .stdout(log.try_clone().unwrap_or_else(|e| die(e)))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| die(format!("noded: {e}")));
+        let n = Node {
+            bin_dir: bin_dir.to_path_buf(),
+            dir,
+            daemon,
+        };
+        n.wait("noded", Duration::from_secs(30), || n.try_ctl(&["status"]).is_some());
+        n
+    }
+
+    fn try_ctl(&self, args: &[&str]) -> Option<Value> {
+        let out = Command::new(self.bin_dir.join("nodectl"))
+            .arg("--socket")
+            .arg(self.dir.join("state/noded.sock"))
+            .args(["-o", "json"])
+            .args(args)
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        out.status.success().then(|| serde_json::from_slice(&out.stdout).unwrap_or(Value::Null))
+    }
+
+    fn ctl(&self, args: &[&str]) -> Value {
+        self.try_ctl(args)
+            .unwrap_or_else(|| die(format!("nodectl {} failed", args.join(" "))))
+    }
+
+    fn vms(&self) -> Vec<Value> {
+        self.ctl(&["vm", "list"]).as_array().cloned().unwrap_or_default()
+    }
+
+    fn console(&self, vm: &str) -> String {
+        std::fs::read_to_string(self.dir.join("state/vms").join(vm).join("console.log"))
+            .unwrap_or_default()
+    }
+
+    fn wait(&self, what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + limit;
+        while !f() {
+            if Instant::now() > deadline {
+                die(format!("gave up waiting for {what} (logs in {})", self.dir.display()));
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
+        let needle = self.dir.display().to_string();
+        if let Ok(entries) = std::fs::read_dir("/proc") {
+            for e in entries.flatten() {
+                let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                    continue;
+                };
+                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                if String::from_utf8_lossy(&cmd).contains(&needle) {
+                    // SAFETY: kill(2) on a launcher whose command line names our temp dir.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+struct Outcome {
+    name: &'static str,
+    vms: usize,
+    migrated: usize,
+    evicted: usize,
+    update_s: f64,
+    pauses_ms: Vec<f64>,
+    stale: usize,
+    rebooted_migrated: usize,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn scenario(
+    name: &'static str,
+    bin_dir: &Path,
+    old: &Path,
+    new: &Path,
+    vms: usize,
+    config: &str,
+    host_device_every: usize,
+) -> Outcome {
+    eprintln!("scale: scenario {name}: {vms} VMs");
+    let node = Node::start(bin_dir, name, config);
+    node.ctl(&["launcher", "install", "--path", &old.display().to_string()]);
+    let pattern = test_guests::pattern_path().display().to_string();
+    for i in 0..vms {
+        let hd = if host_device_every > 0 && i % host_device_every == 0 {
+            "hostDevices: [{name: dev0, deviceName: example.com/dev}]\n"
+        } else {
+            ""
+        };
+        let spec = format!(
+            "name: vm{i:03}\nkernel: {pattern}\ncmdline: \"mib=2 every=1000\"\nmemory: 64Mi\nrunStrategy: Always\nevictionStrategy: None\n{hd}"
+        );
+        let path = node.dir.join(format!("vm{i:03}.yaml"));
+        std::fs::write(&path, spec).unwrap_or_else(|e| die(e));
+        node.ctl(&["vm", "create", "-f", &path.display().to_string()]);
+    }
+    node.wait("every VM to run", Duration::from_secs(600), || {
+        node.vms().iter().filter(|v| v["phase"] == "Running").count() == vms
+    });
+    node.wait("every guest to pass its first check", Duration::from_secs(600), || {
+        (0..vms).all(|i| node.console(&format!("vm{i:03}")).contains("pass="))
+    });
+    let new_version = String::from_utf8_lossy(
+        &Command::new(new).arg("--version").output().unwrap_or_else(|e| die(e)).stdout,
+    )
+    .trim()
+    .trim_start_matches("launcher ")
+    .to_string();
+    let t0 = Instant::now();
+    node.ctl(&["launcher", "install", "--path", &new.display().to_string()]);
+    node.wait("every VM on the new version", Duration::from_secs(1800), || {
+        node.vms()
+            .iter()
+            .all(|v| v["phase"] == "Running" && v["launcherVersion"] == new_version.as_str())
+    });
+    let update_s = t0.elapsed().as_secs_f64();
+    let mut pauses = Vec::new();
+    let mut migrated = 0;
+    let mut stale = 0;
+    let mut rebooted_migrated = 0;
+    for i in 0..vms {
+        let vm = format!("vm{i:03}");
+        let console = node.console(&vm);
+        if console.contains("STALE") {
+            stale += 1;
+        }
+        let recs = node.ctl(&["migrations", &vm]);
+        if let Some(r) = recs
+            .as_array()
+            .and_then(|a| a.iter().find(|r| r["outcome"] == "Succeeded"))
+        {
+            migrated += 1;
+            pauses.push(r["report"]["downtime_ms"].as_f64().unwrap_or(0.0));
+            if console.matches("pattern: booted").count() != 1 {
+                rebooted_migrated += 1;
+            }
+        }
+    }
+    pauses.sort_by(|a, b| a.total_cmp(b));
+    Outcome {
+        name,
+        vms,
+        migrated,
+        evicted: vms - migrated,
+        update_s,
+        pauses_ms: pauses,
+        stale,
+        rebooted_migrated,
+    }
+}
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.windows(2).find(|w| w[0] == name).map(|w| w[1].clone())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let need = |n: &str| PathBuf::from(arg(&args, n).unwrap_or_else(|| die(format!("missing {n}; run scripts/bench-scale"))));
+    let bin_dir = need("--bin-dir");
+    let old = need("--old-launcher");
+    let new = need("--new-launcher");
+    let vms: usize = arg(&args, "--vms").and_then(|v| v.parse().ok()).unwrap_or(100);
+    let outcomes = [
+        scenario("default", &bin_dir, &old, &new, vms, "{}\n", 0),
+        scenario(
+            "migrate-and-evict",
+            &bin_dir,
+            &old,
+            &new,
+            vms,
+            "workloadUpdateStrategy:\n  workloadUpdateMethods: [LiveMigrate, Evict]\n  batchEvictionSize: 10\n  batchEvictionInterval: 5s\n",
+            5,
+        ),
+    ];
+    let mut table = String::from(
+        "| scenario | VMs | migrated | evicted+restarted | update time s | pause median ms | pause p99 ms | pause max ms | STALE guests | migrated guests rebooted |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let mut ok = true;
+    for o in &outcomes {
+        table.push_str(&format!(
+            "| {} | {} | {} | {} | {:.1} | {:.2} | {:.2} | {:.2} | {} | {} |\n",
+            o.name,
+            o.vms,
+            o.migrated,
+            o.evicted,
+            o.update_s,
+            percentile(&o.pauses_ms, 0.5),
+            percentile(&o.pauses_ms, 0.99),
+            o.pauses_ms.last().copied().unwrap_or(0.0),
+            o.stale,
+            o.rebooted_migrated
+        ));
+        ok &= o.stale == 0 && o.rebooted_migrated == 0;
+    }
+    println!("{table}");
+    if !args.iter().any(|a| a == "--no-write") {
+        let doc = format!(
+            "# Scale: {vms} VMs on one node, one launcher version bump\n\nWritten by `benches/src/bin/scale.rs`; regenerate with\n\n```\nscripts/bench-scale {vms}\n```\n\nEach VM: `pattern` guest, 64 MiB RAM, a 2 MiB region rewritten and verified on every pass, 1 vCPU; {vms} such vCPUs share this machine's 2 cores, so every guest runs at a small fraction of a core. Scenario *default*: noded's default settings (`[LiveMigrate]`, 2 parallel migrations), every VM migratable. Scenario *migrate-and-evict*: `[LiveMigrate, Evict]`, batches of 10 evictions per 5 s, every fifth VM has a host device (not migratable: evicted and restarted on the new launcher, a new boot by design). Pauses come from noded's migration records (`report.downtime_ms`, the source's pause until the destination runs the guest).\n\n{table}\n"
+        );
+        let _ = std::fs::write("docs/scale.md", doc);
+    }
+    if !ok {
+        die("a guest saw a stale page or a migrated guest rebooted");
+    }
+}
