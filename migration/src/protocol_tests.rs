@@ -185,12 +185,18 @@ fn receiver_phase_local() {
 #[test]
 fn receiver_phase_local_with_tap_fds() {
     let mut p = ReceiverPhase::accepted(MigrationMode::Local);
-    assert!(p.clone().advance(Incoming::NetFds).is_err(), "before MemoryFds");
+    assert!(
+        p.clone().advance(Incoming::NetFds).is_err(),
+        "before MemoryFds"
+    );
     p.advance(Incoming::MemoryFds).unwrap();
     p.advance(Incoming::NetFds).unwrap();
     assert!(p.clone().advance(Incoming::NetFds).is_err(), "twice");
     p.advance(Incoming::State).unwrap();
-    assert!(p.clone().advance(Incoming::NetFds).is_err(), "after the state");
+    assert!(
+        p.clone().advance(Incoming::NetFds).is_err(),
+        "after the state"
+    );
     p.advance(Incoming::Complete).unwrap();
     let mut c = ReceiverPhase::accepted(MigrationMode::Copy);
     assert!(c.advance(Incoming::NetFds).is_err(), "copy mode");

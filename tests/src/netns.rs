@@ -53,11 +53,33 @@ impl Netns {
     pub fn try_ip(&self, args: &str) -> Result<(), String> {
         let mut v = vec!["-n", self.name.as_str()];
         v.extend(args.split_whitespace());
-        let o = Command::new("ip").args(&v).output().map_err(|e| e.to_string())?;
+        let o = Command::new("ip")
+            .args(&v)
+            .output()
+            .map_err(|e| e.to_string())?;
         if o.status.success() {
             Ok(())
         } else {
             Err(String::from_utf8_lossy(&o.stderr).into_owned())
+        }
+    }
+
+    /// Wait (up to 10 s) until the bridge port `dev` forwards. A TAP's port forwards only
+    /// once the kernel's link watcher noticed its carrier (a launcher attached to it),
+    /// which can take up to a second; frames the guest sends before are dropped.
+    pub fn wait_bridge_port_forwarding(&self, dev: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let o = Command::new("ip")
+                .args(["-n", &self.name, "-d", "link", "show", "dev", dev])
+                .output()
+                .expect("run ip");
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            if text.contains("state forwarding") {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{dev} never forwards: {text}");
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -131,9 +153,13 @@ pub struct FlowReport {
 
 impl std::fmt::Display for FlowReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let range = match (self.lost.first(), self.lost.last()) {
+            (Some(a), Some(b)) => format!(" (seq {a}..={b})"),
+            _ => String::new(),
+        };
         write!(
             f,
-            "sent {}, answered {}, lost {}, longest gap {:.1} ms, duplicates {}, guest boots seen {}",
+            "sent {}, answered {}, lost {}{range}, longest gap {:.1} ms, duplicates {}, guest boots seen {}",
             self.sent,
             self.answered,
             self.lost.len(),
@@ -158,6 +184,7 @@ impl FlowReport {
 /// from inside a namespace to the guest's echo port, with the answers recorded.
 pub struct UdpFlow {
     stop: Arc<AtomicBool>,
+    sent: Arc<std::sync::atomic::AtomicU64>,
     sender: Option<JoinHandle<u64>>,
     receiver: Option<JoinHandle<()>>,
     answers: Arc<Mutex<BTreeMap<u64, Answer>>>,
@@ -209,12 +236,15 @@ impl UdpFlow {
             }
         });
         let stop3 = stop.clone();
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let sent2 = sent.clone();
         let sender = std::thread::spawn(move || {
             let start = Instant::now();
             let mut seq = 0u64;
             while !stop3.load(Ordering::SeqCst) {
                 let _ = sock.send(&seq.to_be_bytes());
                 seq += 1;
+                sent2.store(seq, Ordering::SeqCst);
                 // Paced against the start time, so a slow send does not stretch the rate.
                 let next = start + interval * seq as u32;
                 if let Some(d) = next.checked_duration_since(Instant::now()) {
@@ -225,11 +255,17 @@ impl UdpFlow {
         });
         UdpFlow {
             stop,
+            sent,
             sender: Some(sender),
             receiver: Some(receiver),
             answers,
             duplicates,
         }
+    }
+
+    /// Datagrams sent so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::SeqCst)
     }
 
     /// Answers so far.
@@ -331,8 +367,7 @@ pub fn ping(ns: &Netns, ip: Ipv4Addr, timeout: Duration) -> Option<Duration> {
             }
             let ihl = usize::from(buf[0] & 15) * 4;
             let icmp = &buf[ihl..n as usize];
-            if icmp.len() >= 8 && icmp[0] == 0 && icmp[4..8] == req[4..8] && icmp[8..] == req[8..]
-            {
+            if icmp.len() >= 8 && icmp[0] == 0 && icmp[4..8] == req[4..8] && icmp[8..] == req[8..] {
                 return Some(t.elapsed());
             }
         }

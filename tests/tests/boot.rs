@@ -137,7 +137,14 @@ fn a_guest_reset_reboots_the_vm_in_the_same_launcher() {
         let serial = dir.join("console.log");
         let cmdline = format!("reset={how}");
         let mut l = Launcher::run(
-            &["--kernel", path(guests::hello_path()), "--memory", "32M", "--cmdline", &cmdline],
+            &[
+                "--kernel",
+                path(guests::hello_path()),
+                "--memory",
+                "32M",
+                "--cmdline",
+                &cmdline,
+            ],
             &serial,
             None,
         );
@@ -145,7 +152,14 @@ fn a_guest_reset_reboots_the_vm_in_the_same_launcher() {
         let console = integration_tests::wait_console_until(&mut l, "three boots", |c| {
             c.matches("hello: booted").count() >= 3
         });
-        assert!(console.contains(&format!("hello: resetting through")), "{console}");
-        assert!(l.alive(), "the launcher must reboot the VM, not exit: {}", l.stderr());
+        assert!(
+            console.contains(&format!("hello: resetting through")),
+            "{console}"
+        );
+        assert!(
+            l.alive(),
+            "the launcher must reboot the VM, not exit: {}",
+            l.stderr()
+        );
     }
 }

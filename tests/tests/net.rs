@@ -138,7 +138,10 @@ fn local_handover_loses_no_datagram() {
         "datagrams lost across a local handover: {:?}",
         report.lost
     );
-    assert!(report.guest_continuous(), "guest restarted or skipped: {report}");
+    assert!(
+        report.guest_continuous(),
+        "guest restarted or skipped: {report}"
+    );
     assert!(
         ping(&ns, Ipv4Addr::new(10, 99, 0, 2), Duration::from_secs(5)).is_some(),
         "no ICMP echo after the handovers"
@@ -162,7 +165,10 @@ fn copy_migration_to_another_namespace_bounds_losses() {
     nb.ip("tuntap add dev tapb mode tap");
     na.ip("link add br0 type bridge");
     nb.ip("link add br0 type bridge");
-    na.ip(&format!("link add vetha type veth peer name vethb netns {}", nb.name()));
+    na.ip(&format!(
+        "link add vetha type veth peer name vethb netns {}",
+        nb.name()
+    ));
     for (ns, tap, veth) in [(&na, "tapa", "vetha"), (&nb, "tapb", "vethb")] {
         ns.ip(&format!("link set {tap} master br0"));
         ns.ip(&format!("link set {veth} master br0"));
@@ -188,7 +194,18 @@ fn copy_migration_to_another_namespace_bounds_losses() {
         &dir.join("b.sock"),
     );
     b.wait_api();
+    // The incoming launcher attached tapb at start-up. Bridge ports forward only once
+    // the kernel noticed their carrier (up to a second for new links): wait, or the
+    // announcement would be dropped on the way.
+    nb.wait_bridge_port_forwarding("tapb");
+    nb.wait_bridge_port_forwarding("vethb");
+    na.wait_bridge_port_forwarding("vetha");
+    let before = flow.sent();
     let out = MigrateJob::start(&dir.join("a.sock"), &mig, &[], dir.path()).finish();
+    eprintln!(
+        "migration ran while seq {before}..{} were sent",
+        flow.sent()
+    );
     assert!(
         out.status.success(),
         "copy migration failed: {}\n{}",
@@ -208,7 +225,10 @@ fn copy_migration_to_another_namespace_bounds_losses() {
         "{} datagrams lost, more than the {bound} the downtime explains: {report}",
         report.lost.len()
     );
-    assert!(report.guest_continuous(), "guest restarted or skipped: {report}");
+    assert!(
+        report.guest_continuous(),
+        "guest restarted or skipped: {report}"
+    );
     assert!(
         ping(&na, Ipv4Addr::new(10, 99, 1, 2), Duration::from_secs(5)).is_some(),
         "no ICMP echo from the guest on the other host"
@@ -238,6 +258,8 @@ fn bad_net_options_are_refused_clearly() {
     let ns = Netns::new("netbad");
     ns.ip("tuntap add dev tap0 mode tap");
     ns.ip("tuntap add dev tun0 mode tun");
+    ns.ip("tuntap add dev tap1 mode tap");
+    ns.ip("tuntap add dev tap2 mode tap");
     let e = run_fails(&ns, "tap=nosuch0", Stdio::null());
     assert!(e.contains("no network interface \"nosuch0\""), "{e}");
     let e = run_fails(&ns, "tap=tun0", Stdio::null());
@@ -246,10 +268,31 @@ fn bad_net_options_are_refused_clearly() {
     assert!(e.contains("not a MAC address"), "{e}");
     let e = run_fails(&ns, "tap=tap0,mac=01:00:5e:00:00:01", Stdio::null());
     assert!(e.contains("multicast"), "{e}");
-    let e = run_fails(&ns, "fd=0", Stdio::from(std::fs::File::open("/dev/null").unwrap()));
-    assert!(e.contains("fd=0: the file descriptor is not a TAP device"), "{e}");
+    let e = run_fails(
+        &ns,
+        "fd=0",
+        Stdio::from(std::fs::File::open("/dev/null").unwrap()),
+    );
+    assert!(
+        e.contains("fd=0: the file descriptor is not a TAP device"),
+        "{e}"
+    );
     let e = run_fails(&ns, "fd=77", Stdio::null());
     assert!(e.contains("file descriptor 77 is not open"), "{e}");
+    // An incoming launcher attaches its TAPs at start-up, so a bad one fails at once.
+    let out = ns
+        .command(bin("launcher"))
+        .args([
+            "run",
+            "--incoming",
+            "unix:/nonexistent/x.sock",
+            "--net",
+            "tap=nosuch0",
+        ])
+        .output()
+        .expect("run launcher");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no network interface \"nosuch0\""), "{err}");
     let e = run_fails(&ns, "tap=tap0,fd=3", Stdio::null());
     assert!(e.contains("not both"), "{e}");
 
@@ -264,7 +307,7 @@ fn bad_net_options_are_refused_clearly() {
     let mig = format!("unix:{}", path_str(&dir.join("b.mig")));
     let mut b = launcher_in(
         &ns,
-        &["--incoming", &mig, "--net", "tap=tap0", "--net", "tap=tun0"],
+        &["--incoming", &mig, "--net", "tap=tap1", "--net", "tap=tap2"],
         &dir.join("b-console.log"),
         &dir.join("b.sock"),
     );

@@ -99,7 +99,15 @@ fn a_vm_with_a_local_disk_is_live_updated_and_its_journal_has_no_gap() {
     );
     node.ctl(&["vm", "stop", "jrnl"]);
     node.wait_vm("jrnl", "Stopped", None);
-    assert_journal(&node.console("jrnl"), &disk);
+    let console = node.console("jrnl");
+    if console.matches("blkjournal: booted").count() != 1 {
+        panic!(
+            "the guest booted again; migrations: {}\nnoded log:\n{}",
+            node.ctl(&["migrations", "jrnl"]),
+            node.log()
+        );
+    }
+    assert_journal(&console, &disk);
 }
 
 #[test]

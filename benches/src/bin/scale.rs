@@ -50,7 +50,9 @@ impl Node {
             dir,
             daemon,
         };
-        n.wait("noded", Duration::from_secs(30), || n.try_ctl(&["status"]).is_some());
+        n.wait("noded", Duration::from_secs(30), || {
+            n.try_ctl(&["status"]).is_some()
+        });
         n
     }
 
@@ -63,7 +65,9 @@ impl Node {
             .stderr(Stdio::null())
             .output()
             .ok()?;
-        out.status.success().then(|| serde_json::from_slice(&out.stdout).unwrap_or(Value::Null))
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).unwrap_or(Value::Null))
     }
 
     fn ctl(&self, args: &[&str]) -> Value {
@@ -72,7 +76,10 @@ impl Node {
     }
 
     fn vms(&self) -> Vec<Value> {
-        self.ctl(&["vm", "list"]).as_array().cloned().unwrap_or_default()
+        self.ctl(&["vm", "list"])
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
     }
 
     fn console(&self, vm: &str) -> String {
@@ -84,7 +91,10 @@ impl Node {
         let deadline = Instant::now() + limit;
         while !f() {
             if Instant::now() > deadline {
-                die(format!("gave up waiting for {what} (logs in {})", self.dir.display()));
+                die(format!(
+                    "gave up waiting for {what} (logs in {})",
+                    self.dir.display()
+                ));
             }
             std::thread::sleep(Duration::from_millis(250));
         }
@@ -158,24 +168,38 @@ fn scenario(
         node.ctl(&["vm", "create", "-f", &path.display().to_string()]);
     }
     node.wait("every VM to run", Duration::from_secs(600), || {
-        node.vms().iter().filter(|v| v["phase"] == "Running").count() == vms
+        node.vms()
+            .iter()
+            .filter(|v| v["phase"] == "Running")
+            .count()
+            == vms
     });
-    node.wait("every guest to pass its first check", Duration::from_secs(600), || {
-        (0..vms).all(|i| node.console(&format!("vm{i:03}")).contains("pass="))
-    });
+    node.wait(
+        "every guest to pass its first check",
+        Duration::from_secs(600),
+        || (0..vms).all(|i| node.console(&format!("vm{i:03}")).contains("pass=")),
+    );
     let new_version = String::from_utf8_lossy(
-        &Command::new(new).arg("--version").output().unwrap_or_else(|e| die(e)).stdout,
+        &Command::new(new)
+            .arg("--version")
+            .output()
+            .unwrap_or_else(|e| die(e))
+            .stdout,
     )
     .trim()
     .trim_start_matches("launcher ")
     .to_string();
     let t0 = Instant::now();
     node.ctl(&["launcher", "install", "--path", &new.display().to_string()]);
-    node.wait("every VM on the new version", Duration::from_secs(1800), || {
-        node.vms()
-            .iter()
-            .all(|v| v["phase"] == "Running" && v["launcherVersion"] == new_version.as_str())
-    });
+    node.wait(
+        "every VM on the new version",
+        Duration::from_secs(1800),
+        || {
+            node.vms()
+                .iter()
+                .all(|v| v["phase"] == "Running" && v["launcherVersion"] == new_version.as_str())
+        },
+    );
     let update_s = t0.elapsed().as_secs_f64();
     let mut pauses = Vec::new();
     let mut migrated = 0;
@@ -218,11 +242,17 @@ fn arg(args: &[String], name: &str) -> Option<String> {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let need = |n: &str| PathBuf::from(arg(&args, n).unwrap_or_else(|| die(format!("missing {n}; run scripts/bench-scale"))));
+    let need = |n: &str| {
+        PathBuf::from(
+            arg(&args, n).unwrap_or_else(|| die(format!("missing {n}; run scripts/bench-scale"))),
+        )
+    };
     let bin_dir = need("--bin-dir");
     let old = need("--old-launcher");
     let new = need("--new-launcher");
-    let vms: usize = arg(&args, "--vms").and_then(|v| v.parse().ok()).unwrap_or(100);
+    let vms: usize = arg(&args, "--vms")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
     let outcomes = [
         scenario("default", &bin_dir, &old, &new, vms, "{}\n", 0),
         scenario(

@@ -132,12 +132,17 @@ fn run(args: RunArgs) -> Result<i32, LaunchError> {
         vmm::vstate::vcpu::set_thread_start_hook(launch::seccomp::vcpu_thread_start);
     }
     let serial = runtime::SerialTarget::parse(&args.serial);
-    let nets = args
+    let mut nets = args
         .nets
         .iter()
         .map(|n| vmm::config::NetConfig::parse_spec(n))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| usage(e.to_string()))?;
+    if args.incoming.is_some() {
+        // Attach this side's TAPs now: errors show at once, and the TAPs have a carrier
+        // before the VM arrives.
+        vmm::devices::virtio::netcfg::attach_early(&mut nets).map_err(|e| usage(e.to_string()))?;
+    }
     let mut reboot_files = None;
     let runtime_handle = if let Some(uri) = &args.incoming {
         let rt = runtime::Runtime::new(None, serial);

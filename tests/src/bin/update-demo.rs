@@ -43,7 +43,10 @@ impl Demo {
         if json {
             cmd.args(["-o", "json"]);
         }
-        let out = cmd.args(args).output().unwrap_or_else(|e| die(format!("nodectl: {e}")));
+        let out = cmd
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| die(format!("nodectl: {e}")));
         if !out.status.success() {
             die(format!(
                 "nodectl {} failed: {}",
@@ -69,14 +72,18 @@ impl Demo {
     }
 
     fn console(&self, vm: &str) -> String {
-        std::fs::read_to_string(self.state.join("vms").join(vm).join("console.log")).unwrap_or_default()
+        std::fs::read_to_string(self.state.join("vms").join(vm).join("console.log"))
+            .unwrap_or_default()
     }
 
     fn wait(&self, what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
         let deadline = Instant::now() + limit;
         while !f() {
             if Instant::now() > deadline {
-                die(format!("gave up waiting for {what}; noded log: {}", self.dir.join("noded.log").display()));
+                die(format!(
+                    "gave up waiting for {what}; noded log: {}",
+                    self.dir.join("noded.log").display()
+                ));
             }
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -107,7 +114,9 @@ impl Drop for Demo {
                     continue;
                 };
                 let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                if pid != std::process::id() as i32 && String::from_utf8_lossy(&cmd).contains(&needle) {
+                if pid != std::process::id() as i32
+                    && String::from_utf8_lossy(&cmd).contains(&needle)
+                {
                     // SAFETY: kill(2) on a process whose command line names our temp dir.
                     unsafe { libc::kill(pid, libc::SIGKILL) };
                 }
@@ -153,7 +162,10 @@ fn main() {
     )
     .unwrap_or_else(|e| die(e));
     let log = std::fs::File::create(dir.join("noded.log")).unwrap_or_else(|e| die(e));
-    println!("== Starting noded on a temporary state directory: {}", state.display());
+    println!(
+        "== Starting noded on a temporary state directory: {}",
+        state.display()
+    );
     let noded = Command::new(bin_dir.join("noded"))
         .arg("--state-dir")
         .arg(&state)
@@ -228,9 +240,15 @@ fn main() {
         let vms = demo.vms();
         vms.len() == specs.len() && vms.values().all(|v| v["phase"] == "Running")
     });
-    demo.wait("the guests to print their first passes", Duration::from_secs(60), || {
-        specs.iter().all(|(n, _, _)| !passes(&demo.console(n)).is_empty())
-    });
+    demo.wait(
+        "the guests to print their first passes",
+        Duration::from_secs(60),
+        || {
+            specs
+                .iter()
+                .all(|(n, _, _)| !passes(&demo.console(n)).is_empty())
+        },
+    );
     demo.show(&["vm", "list"]);
     let before: BTreeMap<&str, u64> = specs
         .iter()
@@ -248,7 +266,9 @@ fn main() {
             let name = v["name"].as_str().unwrap_or("");
             match name {
                 "batch" => phase == "Stopped",
-                "pinned" => v["outdated"] == true && v["reason"].as_str().is_some_and(|r| !r.is_empty()),
+                "pinned" => {
+                    v["outdated"] == true && v["reason"].as_str().is_some_and(|r| !r.is_empty())
+                }
                 _ => phase == "Running" && v["launcherVersion"] == new_version.as_str(),
             }
         })
@@ -289,7 +309,11 @@ fn main() {
         let boots = console.matches("pattern: booted").count();
         let after = passes(&console).last().copied().unwrap_or(0);
         let records = demo.json(&["migrations", name]);
-        let rec = records.as_array().and_then(|r| r.first()).cloned().unwrap_or(Value::Null);
+        let rec = records
+            .as_array()
+            .and_then(|r| r.first())
+            .cloned()
+            .unwrap_or(Value::Null);
         let what = if rec["outcome"] == "Succeeded" {
             format!(
                 "live-migrated {} -> {} in {:.1} ms, guest paused {:.2} ms, {} guest boot(s), pass counter {} -> {} (no reboot)",
@@ -302,9 +326,16 @@ fn main() {
                 after
             )
         } else if v["phase"] == "Stopped" {
-            format!("evicted and left stopped (runStrategy {})", v["runStrategy"].as_str().unwrap_or("?"))
+            format!(
+                "evicted and left stopped (runStrategy {})",
+                v["runStrategy"].as_str().unwrap_or("?")
+            )
         } else if v["outdated"] == true {
-            format!("left on launcher {}: {}", v["launcherVersion"].as_str().unwrap_or("?"), v["reason"].as_str().unwrap_or(""))
+            format!(
+                "left on launcher {}: {}",
+                v["launcherVersion"].as_str().unwrap_or("?"),
+                v["reason"].as_str().unwrap_or("")
+            )
         } else {
             format!(
                 "evicted and restarted on launcher {} ({} guest boots: the restart is a new boot)",

@@ -23,9 +23,9 @@
 pub mod block;
 pub mod disk;
 pub mod net;
-pub mod netcfg;
 #[cfg(test)]
 mod net_tests;
+pub mod netcfg;
 pub mod pci;
 pub mod tap;
 #[cfg(test)]
@@ -322,7 +322,9 @@ impl VirtioDevices {
                 why: e.to_string(),
             };
             let name = tap.name().to_string();
-            let dev = Arc::new(Mutex::new(net::Net::new(tap, cfg.mac, paused).map_err(host)?));
+            let dev = Arc::new(Mutex::new(
+                net::Net::new(tap, cfg.mac, paused).map_err(host)?,
+            ));
             let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VirtioError::Irq(e.to_string()))?;
             vm.register_irqfd(&irq, intx_gsi(slot, 0))
                 .map_err(|e| VirtioError::Irq(e.to_string()))?;
@@ -346,11 +348,7 @@ impl VirtioDevices {
                 slot,
                 "virtio-net attached"
             );
-            self.net.push(NetDev {
-                _rx: rx,
-                pci,
-                dev,
-            });
+            self.net.push(NetDev { _rx: rx, pci, dev });
         }
         Ok(())
     }
@@ -379,7 +377,10 @@ impl VirtioDevices {
 
     /// The TAP descriptors, in `VmConfig::nets` order (a local migration hands them over).
     pub fn net_fds(&self) -> Vec<std::os::fd::RawFd> {
-        self.net.iter().map(|n| lock(&n.dev).tap().raw_fd()).collect()
+        self.net
+            .iter()
+            .map(|n| lock(&n.dev).tap().raw_fd())
+            .collect()
     }
 
     /// Frame counters of every interface.

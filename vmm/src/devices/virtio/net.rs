@@ -22,7 +22,7 @@
 //!   ring written) or still queued in the TAP. A local migration hands the TAP itself to
 //!   the next launcher, which reads the waiting frames after its resume.
 //! * **Announce**: after a restored VM starts, the device sends three RARP frames from the
-//!   guest's MAC (as QEMU's `announce-self`) so that bridges and switches learn where the
+//!   guest's MAC (as QEMU's `announce-self`: five, 50 to 350 ms apart) so that bridges and switches learn where the
 //!   guest is now.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,9 +53,11 @@ pub const MAX_FRAME: usize = 65535;
 const ETH_HLEN: usize = 14;
 /// Bytes of device configuration: mac[6], status u16 (then zeros).
 const CONFIG_SIZE: usize = 8;
-/// RARP frames sent after a restore, and the gaps between them.
-const ANNOUNCE_ROUNDS: u8 = 3;
-const ANNOUNCE_GAP: Duration = Duration::from_millis(100);
+/// RARP frames sent after a restore, and the gaps between them (QEMU's announce-self
+/// defaults: 5 rounds, 50 ms then 100 ms more each time).
+const ANNOUNCE_ROUNDS: u8 = 5;
+const ANNOUNCE_FIRST_GAP: Duration = Duration::from_millis(50);
+const ANNOUNCE_STEP: Duration = Duration::from_millis(100);
 
 /// Frame counters of one device (for logs and tests).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -130,7 +132,7 @@ impl Net {
         self.wake();
     }
 
-    /// Send RARP announcements for the guest's MAC (now, then every 100 ms, three in all).
+    /// Send RARP announcements for the guest's MAC (now, then after 50, 150, 250, 350 ms).
     pub fn announce(&mut self) {
         self.announce_left = ANNOUNCE_ROUNDS;
         self.next_announce = Instant::now();
@@ -170,8 +172,9 @@ impl Net {
                 Ok(_) => self.counters.announces += 1,
                 Err(e) => tracing::warn!(tap = self.tap.name(), "RARP announce: {e}"),
             }
+            let done = u32::from(ANNOUNCE_ROUNDS - self.announce_left);
             self.announce_left -= 1;
-            self.next_announce = now + ANNOUNCE_GAP;
+            self.next_announce = now + ANNOUNCE_FIRST_GAP + ANNOUNCE_STEP * done;
         }
         (self.announce_left > 0).then(|| self.next_announce.saturating_duration_since(now))
     }
@@ -189,7 +192,12 @@ impl Net {
             };
             let head = chain.head_index();
             let unpop = |q: &mut Queue| q.set_next_avail(q.next_avail().wrapping_sub(1));
-            let mut w = match chain.clone().writer(mem).ok().filter(|_| well_formed(&chain)) {
+            let mut w = match chain
+                .clone()
+                .writer(mem)
+                .ok()
+                .filter(|_| well_formed(&chain))
+            {
                 Some(w) => w,
                 None => {
                     // Malformed chain: give it back empty, frames stay in the TAP.
@@ -277,7 +285,7 @@ impl Net {
             return false;
         };
         let len = r.available_bytes();
-        if len < VNET_HDR_LEN + ETH_HLEN || len > VNET_HDR_LEN + MAX_FRAME {
+        if !(VNET_HDR_LEN + ETH_HLEN..=VNET_HDR_LEN + MAX_FRAME).contains(&len) {
             return false;
         }
         if std::io::Read::read_exact(&mut r, &mut self.buf[..len]).is_err() {

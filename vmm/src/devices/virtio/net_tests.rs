@@ -268,12 +268,9 @@ fn announce_sends_rarp_from_the_mac() {
     let rig = Rig::new();
     let (t, n) = (rig.dev.state(), rig.net.clone());
     assert_eq!(t.queues.len(), 2);
-    let rx = super::net::RxThread::spawn(
-        Arc::new(Mutex::new(rig.dev)),
-        n.clone(),
-        "test-rx".into(),
-    )
-    .unwrap();
+    let rx =
+        super::net::RxThread::spawn(Arc::new(Mutex::new(rig.dev)), n.clone(), "test-rx".into())
+            .unwrap();
     lock(&n).announce();
     rig.host.set_nonblocking(false).unwrap();
     rig.host

@@ -104,11 +104,10 @@ impl NetConfig {
                     )))
                 }
                 "fd" => {
-                    let fd: i32 = v
-                        .parse()
-                        .ok()
-                        .filter(|n| *n >= 0)
-                        .ok_or_else(|| bad(format!("fd={v} is not a file descriptor number")))?;
+                    let fd: i32 =
+                        v.parse().ok().filter(|n| *n >= 0).ok_or_else(|| {
+                            bad(format!("fd={v} is not a file descriptor number"))
+                        })?;
                     net.fd = Some(fd);
                 }
                 "mac" => mac = Some(parse_mac(v).map_err(bad)?),
@@ -140,7 +139,9 @@ fn valid_ifname(s: &str) -> bool {
         && s.len() < 16
         && s != "."
         && s != ".."
-        && !s.bytes().any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0)
+        && !s
+            .bytes()
+            .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0)
 }
 
 /// Check a list of interfaces: count, backends, distinct MACs.
@@ -168,6 +169,26 @@ pub fn validate(nets: &[NetConfig]) -> Result<(), ConfigError> {
             if !valid_ifname(t) {
                 return Err(ConfigError::Net(format!("{i}: bad TAP name {t:?}")));
             }
+        }
+    }
+    Ok(())
+}
+
+/// Attach the TAPs of an incoming launcher's `--net` options now, at start-up, rather
+/// than when the VM arrives: a wrong name is reported at once, and the TAP has a carrier
+/// (its bridge port forwards) long before the switch-over. Without that, a bridge can
+/// take up to a second to notice the new carrier and drops what the guest sends first
+/// (the RARP announcement). Each `tap=NAME` gets the attached descriptor as its `fd`
+/// (kept open for the life of the process); an `fd=N` is checked.
+pub fn attach_early(nets: &mut [(NetConfig, bool)]) -> Result<(), super::tap::TapError> {
+    for (n, _) in nets.iter_mut() {
+        match (n.fd, &n.tap) {
+            (Some(fd), _) => drop(super::tap::Tap::from_fd(fd)?),
+            (None, Some(name)) => {
+                let tap = super::tap::Tap::open_named(name)?;
+                n.fd = Some(tap.into_fd().into_raw_fd());
+            }
+            (None, None) => {}
         }
     }
     Ok(())

@@ -220,6 +220,11 @@ impl Tap {
         Ok(())
     }
 
+    /// Give up the descriptor (it stays attached to the interface).
+    pub fn into_fd(self) -> std::os::fd::OwnedFd {
+        self.file.into()
+    }
+
     /// The interface name.
     pub fn name(&self) -> &str {
         &self.name
