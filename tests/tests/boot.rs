@@ -152,10 +152,7 @@ fn a_guest_reset_reboots_the_vm_in_the_same_launcher() {
         let console = integration_tests::wait_console_until(&mut l, "three boots", |c| {
             c.matches("hello: booted").count() >= 3
         });
-        assert!(
-            console.contains(&format!("hello: resetting through")),
-            "{console}"
-        );
+        assert!(console.contains("hello: resetting through"), "{console}");
         assert!(
             l.alive(),
             "the launcher must reboot the VM, not exit: {}",
