@@ -605,3 +605,37 @@ fn phases() {
         "Stopped"
     );
 }
+
+#[test]
+fn quick_power_offs_under_always_back_off_instead_of_looping() {
+    let s = spec("a", "runStrategy: Always\n");
+    let mut st = running("1.0.0");
+    // Powered off 100 ms after starting: restart, but not at once.
+    st = after_exit(&st, &s, &ExitKind::Clean, 100, 0);
+    assert_eq!(
+        st.state,
+        VmState::Starting {
+            not_before: 1_000,
+            after_eviction: false
+        }
+    );
+    st.state = VmState::Running { since: 0 };
+    st = after_exit(&st, &s, &ExitKind::Clean, 100, 0);
+    assert_eq!(
+        st.state,
+        VmState::Starting {
+            not_before: 2_000,
+            after_eviction: false
+        }
+    );
+    // A guest that ran a while before powering off is restarted immediately.
+    st.state = VmState::Running { since: 0 };
+    st = after_exit(&st, &s, &ExitKind::Clean, QUICK_CRASH_MS, 0);
+    assert_eq!(
+        st.state,
+        VmState::Starting {
+            not_before: 0,
+            after_eviction: false
+        }
+    );
+}

@@ -277,7 +277,13 @@ pub fn after_exit(
             }
         }
         (_, ExitKind::Clean) => {
-            next.crash_restarts = 0;
+            // A guest that powers off right after starting would otherwise be restarted
+            // in a hot loop under Always: quick power-offs back off like quick crashes.
+            next.crash_restarts = if ran_ms < QUICK_CRASH_MS {
+                status.crash_restarts.saturating_add(1)
+            } else {
+                0
+            };
             if spec.run_strategy == RunStrategy::Always {
                 restart(&mut next, false);
             } else {
