@@ -74,7 +74,7 @@ static u8 buf[READ_SECTORS * SECTOR] __attribute__((aligned(4096)));
 
 static uptr common, notify_addr, devcfg;
 static u16 last_used;
-static u32 count, interval_ms, disk_index;
+static u32 count, interval_ms, disk_index, bench_on;
 
 /* 64-bit TSS followed by the I/O permission bitmap (ports 0 to 0x60f). */
 #define IOMAP_BYTES (0x610 / 8 + 1)
@@ -294,6 +294,90 @@ static u32 virtio_init(u64 *capacity)
     return f;
 }
 
+/* Benchmark mode (`bench=seqw|seqr|randw|randr|all`): `count` 4 KiB requests (default
+ * 8192) per mode, one request in flight, over the whole disk (sequential: block i modulo
+ * the number of 4 KiB blocks; random: xorshift32 from a fixed seed). Write modes end with
+ * one FLUSH, inside the timed part. Each mode prints `blkbench: <mode> start`, then
+ * `blkbench: <mode> <n> requests <bytes> bytes tsc=<cycles>`; the host times the two
+ * lines (and may cross-check with the TSC delta). The journal is overwritten. */
+#define BENCH_BLOCK 4096u
+#define BENCH_DEFAULT_COUNT 8192u
+
+static void put_dec64(u64 v)
+{
+    char d[20];
+    int n = 0;
+    do {
+        d[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    while (n)
+        putc(d[--n]);
+}
+
+static inline u64 rdtsc(void)
+{
+    u32 lo, hi;
+    __asm__ volatile("lfence; rdtsc" : "=a"(lo), "=d"(hi)::"memory");
+    return (u64)hi << 32 | lo;
+}
+
+static void bench_mode(const char *name, u32 write, u32 random, u64 capacity, u32 flush)
+{
+    u32 blocks = (u32)(capacity / (BENCH_BLOCK / SECTOR));
+    u32 n = count ? count : BENCH_DEFAULT_COUNT;
+    u32 x = 0x2545f491u;
+    if (!blocks)
+        fail("bench: disk smaller than 4 KiB", EXIT_NO_DEVICE);
+    for (u32 i = 0; i < BENCH_BLOCK; i++)
+        buf[i] = (u8)(i * 7u + write);
+    puts("blkbench: ");
+    puts(name);
+    puts(" start\n");
+    u64 t0 = rdtsc();
+    for (u32 i = 0; i < n; i++) {
+        u32 b;
+        if (random) {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            b = x % blocks;
+        } else {
+            b = i % blocks;
+        }
+        blk_request(write ? VIRTIO_BLK_T_OUT : VIRTIO_BLK_T_IN, (u64)b * (BENCH_BLOCK / SECTOR), buf,
+                    BENCH_BLOCK);
+    }
+    if (write && flush)
+        blk_request(VIRTIO_BLK_T_FLUSH, 0, 0, 0);
+    u64 t1 = rdtsc();
+    puts("blkbench: ");
+    puts(name);
+    putc(' ');
+    put_dec(n);
+    puts(" requests ");
+    put_dec64((u64)n * BENCH_BLOCK);
+    puts(" bytes tsc=");
+    put_dec64(t1 - t0);
+    putc('\n');
+}
+
+NORETURN static void bench(u64 capacity, u32 features)
+{
+    u32 all = cmdline_has("bench=all");
+    u32 flush = (features & (1u << VIRTIO_BLK_F_FLUSH)) != 0;
+    if (all || cmdline_has("bench=seqw"))
+        bench_mode("seqw", 1, 0, capacity, flush);
+    if (all || cmdline_has("bench=seqr"))
+        bench_mode("seqr", 0, 0, capacity, flush);
+    if (all || cmdline_has("bench=randw"))
+        bench_mode("randw", 1, 1, capacity, flush);
+    if (all || cmdline_has("bench=randr"))
+        bench_mode("randr", 0, 1, capacity, flush);
+    puts("blkbench: done\n");
+    debug_exit(0);
+}
+
 /* Runs at CPL3, 64-bit mode, IF=0. */
 NORETURN void blkjournal_user_main(void)
 {
@@ -301,6 +385,8 @@ NORETURN void blkjournal_user_main(void)
     u32 features = virtio_init(&capacity);
     if (capacity > 0xffffffffu)
         capacity = 0xffffffffu;
+    if (bench_on)
+        bench(capacity, features);
 
     /* Read the whole disk: records from sector 0 with seq = sector + 1, then blank sectors. */
     u32 records = 0;
@@ -388,6 +474,8 @@ void guest_main(void)
     cmdline_u32("count", &count);
     cmdline_u32("interval_ms", &interval_ms);
     cmdline_u32("disk", &disk_index);
+    bench_on = cmdline_has("bench=seqw") || cmdline_has("bench=seqr") || cmdline_has("bench=randw") ||
+               cmdline_has("bench=randr") || cmdline_has("bench=all");
     puts("blkjournal: booted count=");
     put_dec(count);
     puts(" interval_ms=");
