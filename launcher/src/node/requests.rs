@@ -273,6 +273,10 @@ impl Daemon {
         if self.vms.contains_key(&spec.name) {
             return err(409, format!("VM {} already exists", spec.name));
         }
+        spec.assign_macs(None);
+        if let Some(e) = self.interface_conflict(&spec) {
+            return err(409, e);
+        }
         if self.effective().is_none() {
             return err(
                 409,
@@ -562,6 +566,16 @@ impl Daemon {
         out.into_iter().collect()
     }
 
+    /// Why `spec`'s interfaces clash with another VM's (stored or pending spec).
+    fn interface_conflict(&self, spec: &VmSpec) -> Option<super::spec::SpecError> {
+        let others = self
+            .vms
+            .values()
+            .filter(|v| v.spec.name != spec.name)
+            .flat_map(|v| std::iter::once(&v.spec).chain(v.status.pending.as_ref()));
+        spec.interface_conflict(others)
+    }
+
     /// Applies a new spec: at once to a VM without a launcher; to a running VM, the
     /// strategy fields at once and the rest as a pending change for its next restart
     /// (`restartRequired`), so that a running VM is never stopped by an edit.
@@ -578,6 +592,15 @@ impl Daemon {
                     new.name
                 ),
             );
+        }
+        let Some(vm) = self.vms.get(name) else {
+            return not_found(name);
+        };
+        // Interfaces given without a MAC keep the one they have (pending, else stored).
+        new.assign_macs(Some(vm.status.pending.as_ref().unwrap_or(&vm.spec)));
+        new.assign_macs(Some(&vm.spec));
+        if let Some(e) = self.interface_conflict(&new) {
+            return err(409, e);
         }
         let Some(vm) = self.vms.get(name) else {
             return not_found(name);

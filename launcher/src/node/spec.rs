@@ -101,6 +101,46 @@ impl Disk {
     }
 }
 
+/// Most network interfaces per VM: the launcher's limit (one PCI slot each).
+pub const MAX_INTERFACES: usize = vmm::config::MAX_NETS;
+
+/// A network interface: virtio-net on an existing persistent TAP device on this node
+/// (`launcher run --net tap=NAME,mac=MAC`). The TAP is created by the operator (`ip tuntap
+/// add dev NAME mode tap user USER`); noded needs no network privileges. The MAC is
+/// chosen once, at creation, when the spec gives none, and stored: the guest keeps it in
+/// every launcher it ever runs in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Interface {
+    /// Name of the TAP device (1 to 15 bytes); one VM per TAP.
+    pub tap: String,
+    /// Guest MAC (`aa:bb:cc:dd:ee:ff`, unicast); always set in a stored spec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+impl Interface {
+    /// The `launcher run --net` value.
+    pub fn launcher_arg(&self) -> String {
+        match &self.mac {
+            Some(mac) => format!("tap={},mac={mac}", self.tap),
+            None => format!("tap={}", self.tap),
+        }
+    }
+}
+
+/// Linux interface names: 1 to 15 bytes, no `/`, `:`, `,`, `=` or whitespace (the last
+/// two would break the launcher's `--net` syntax).
+fn valid_ifname(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() < 16
+        && s != "."
+        && s != ".."
+        && !s.bytes().any(|b| {
+            matches!(b, b'/' | b':' | b',' | b'=' | 0) || b.is_ascii_whitespace() || !b.is_ascii()
+        })
+}
+
 /// A host device. Today only a marker: any host device makes the VM not live-migratable,
 /// as in KubeVirt, which is how tests get non-migratable VMs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -144,6 +184,9 @@ pub struct VmSpec {
     /// Host devices (marker only).
     #[serde(default)]
     pub host_devices: Vec<HostDevice>,
+    /// Network interfaces, in PCI slot order.
+    #[serde(default)]
+    pub interfaces: Vec<Interface>,
 }
 
 /// Whether a VM can be live-migrated, and why (KubeVirt's `LiveMigratable` condition).
@@ -196,7 +239,73 @@ impl VmSpec {
         diff(self.vcpus != new.vcpus, "vcpus");
         diff(self.disks != new.disks, "disks");
         diff(self.host_devices != new.host_devices, "hostDevices");
+        diff(self.interfaces != new.interfaces, "interfaces");
         out
+    }
+
+    /// Gives every interface without a MAC one, once: the MAC of `previous`'s interface
+    /// on the same TAP when there is one (an edit that omits the MAC keeps it), else a new
+    /// random locally administered unicast address (`52:54:00:xx:xx:xx`) that no other
+    /// interface of this VM has. Called when a spec is created or replaced, so that the
+    /// stored spec always has MACs and a launcher never picks one.
+    pub fn assign_macs(&mut self, previous: Option<&VmSpec>) {
+        for i in 0..self.interfaces.len() {
+            if self.interfaces[i].mac.is_some() {
+                continue;
+            }
+            let taken =
+                |m: &str, s: &VmSpec| s.interfaces.iter().any(|o| o.mac.as_deref() == Some(m));
+            let kept = previous
+                .and_then(|p| {
+                    p.interfaces
+                        .iter()
+                        .find(|o| o.tap == self.interfaces[i].tap)
+                })
+                .and_then(|o| o.mac.clone())
+                .filter(|m| !taken(m, self));
+            let mac = kept.unwrap_or_else(|| loop {
+                let m = vmm::devices::virtio::netcfg::format_mac(
+                    &vmm::devices::virtio::netcfg::random_mac(),
+                );
+                if !taken(&m, self) {
+                    break m;
+                }
+            });
+            self.interfaces[i].mac = Some(mac);
+        }
+    }
+
+    /// Why this spec's interfaces cannot coexist with `others` (the other VMs' specs,
+    /// pending ones included): a TAP can only be attached to one VM, and two VMs with one
+    /// MAC would confuse the network.
+    pub fn interface_conflict<'a>(
+        &self,
+        others: impl IntoIterator<Item = &'a VmSpec>,
+    ) -> Option<SpecError> {
+        for o in others {
+            if o.name == self.name {
+                continue;
+            }
+            for (i, n) in self.interfaces.iter().enumerate() {
+                if o.interfaces.iter().any(|x| x.tap == n.tap) {
+                    return Some(field_err(
+                        format!("interfaces[{i}].tap"),
+                        format!("TAP {:?} is already used by VM {}", n.tap, o.name),
+                    ));
+                }
+                if n.mac.is_some() && o.interfaces.iter().any(|x| x.mac == n.mac) {
+                    return Some(field_err(
+                        format!("interfaces[{i}].mac"),
+                        format!(
+                            "{} is already the MAC of VM {}",
+                            n.mac.as_deref().unwrap_or_default(),
+                            o.name
+                        ),
+                    ));
+                }
+            }
+        }
+        None
     }
 
     /// This spec with the fields that apply at once (strategies, grace period) taken from
@@ -253,6 +362,7 @@ const KNOWN_FIELDS: &[&str] = &[
     "terminationGracePeriodSeconds",
     "disks",
     "hostDevices",
+    "interfaces",
 ];
 
 fn get_str(map: &Map<String, Value>, key: &str) -> Result<Option<String>, SpecError> {
@@ -366,6 +476,8 @@ pub fn parse_spec(value: &Value) -> Result<VmSpec, SpecError> {
     let disks: Vec<Disk> = list_field(map, "disks")?;
     check_disks(&disks)?;
     let host_devices: Vec<HostDevice> = list_field(map, "hostDevices")?;
+    let mut interfaces: Vec<Interface> = list_field(map, "interfaces")?;
+    check_interfaces(&mut interfaces)?;
     Ok(VmSpec {
         name,
         kernel,
@@ -379,7 +491,49 @@ pub fn parse_spec(value: &Value) -> Result<VmSpec, SpecError> {
         termination_grace_period_seconds,
         disks,
         host_devices,
+        interfaces,
     })
+}
+
+/// Checks the interfaces and normalizes their MACs to `aa:bb:cc:dd:ee:ff`.
+fn check_interfaces(interfaces: &mut [Interface]) -> Result<(), SpecError> {
+    if interfaces.len() > MAX_INTERFACES {
+        return Err(field_err(
+            "interfaces",
+            format!("{} interfaces; at most {MAX_INTERFACES}", interfaces.len()),
+        ));
+    }
+    for i in 0..interfaces.len() {
+        let tap = &interfaces[i].tap;
+        if !valid_ifname(tap) {
+            return Err(field_err(
+                format!("interfaces[{i}].tap"),
+                format!(
+                    "{tap:?} is not a TAP name (1 to 15 bytes, no '/', ':', ',', '=' or spaces)"
+                ),
+            ));
+        }
+        if interfaces[..i].iter().any(|o| &o.tap == tap) {
+            return Err(field_err(
+                format!("interfaces[{i}].tap"),
+                format!("TAP {tap:?} is given twice"),
+            ));
+        }
+        if let Some(mac) = &interfaces[i].mac {
+            let field = format!("interfaces[{i}].mac");
+            let parsed = vmm::devices::virtio::netcfg::parse_mac(mac.trim())
+                .map_err(|e| field_err(field.clone(), e.replacen("mac=", "", 1)))?;
+            let mac = vmm::devices::virtio::netcfg::format_mac(&parsed);
+            if interfaces[..i]
+                .iter()
+                .any(|o| o.mac.as_deref() == Some(mac.as_str()))
+            {
+                return Err(field_err(field, format!("{mac} is given twice")));
+            }
+            interfaces[i].mac = Some(mac);
+        }
+    }
+    Ok(())
 }
 
 /// Most data disks per VM (the launcher's limit: one PCI slot and IOAPIC pin each).
@@ -543,6 +697,46 @@ mod tests {
                 "name: a\nkernel: /k\nmemory: 64Mi\nhostDevices: 3",
                 "hostDevices: must be a list",
             ),
+            (
+                "name: a\nkernel: /k\nmemory: 64Mi\ninterfaces: [{tap: \"\"}]",
+                "interfaces[0].tap: \"\" is not a TAP name",
+            ),
+            (
+                "name: a\nkernel: /k\nmemory: 64Mi\ninterfaces: [{tap: a-very-long-tap-name}]",
+                "interfaces[0].tap",
+            ),
+            (
+                "name: a\nkernel: /k\nmemory: 64Mi\ninterfaces: [{tap: \"t,mac=x\"}]",
+                "interfaces[0].tap",
+            ),
+            (
+                "name: a\nkernel: /k\nmemory: 64Mi\ninterfaces: [{tap: t0, mac: \"52:54:00:12:34\"}]",
+                "interfaces[0].mac: 52:54:00:12:34 is not a MAC address",
+            ),
+            (
+                "name: a\nkernel: /k\nmemory: 64Mi\ninterfaces: [{tap: t0, mac: \"01:00:5e:00:00:01\"}]",
+                "interfaces[0].mac: 01:00:5e:00:00:01 is a multicast address",
+            ),
+            (
+                "name: a\nkernel: /k\nmemory: 64Mi\ninterfaces: [{tap: t0}, {tap: t0}]",
+                "interfaces[1].tap: TAP \"t0\" is given twice",
+            ),
+            (
+                "name: a\nkernel: /k\nmemory: 64Mi\ninterfaces: [{tap: t0, mac: \"52:54:00:00:00:01\"}, {tap: t1, mac: \"52-54-00-00-00-01\"}]",
+                "interfaces[1].mac: 52:54:00:00:00:01 is given twice",
+            ),
+            (
+                "name: a\nkernel: /k\nmemory: 64Mi\ninterfaces: [{tap: t0, model: e1000}]",
+                "interfaces[0]: unknown field `model`",
+            ),
+            (
+                "name: a\nkernel: /k\nmemory: 64Mi\ninterfaces: [{mac: \"52:54:00:00:00:01\"}]",
+                "interfaces[0]: missing field `tap`",
+            ),
+            (
+                "name: a\nkernel: /k\nmemory: 64Mi\ninterfaces: {tap: t0}",
+                "interfaces: must be a list",
+            ),
             ("- 1", "must be a mapping"),
             ("name: [", "invalid spec"),
         ];
@@ -621,6 +815,99 @@ mod tests {
         let live = a.with_live_fields(&b);
         assert_eq!(live.run_strategy, RunStrategy::Manual);
         assert_eq!(live.machine_type, a.machine_type);
+    }
+
+    #[test]
+    fn interfaces_parse_get_stable_macs_and_become_launcher_args() {
+        let mut s = parse_spec_text(
+            "name: a\nkernel: /k\nmemory: 64Mi\ninterfaces:\n- {tap: tap0}\n- {tap: tap1, mac: \"52:54:00:AB:CD:EF\"}\n",
+        )
+        .unwrap();
+        assert_eq!(s.interfaces[0].mac, None);
+        assert_eq!(
+            s.interfaces[1].mac.as_deref(),
+            Some("52:54:00:ab:cd:ef"),
+            "normalized"
+        );
+        s.assign_macs(None);
+        let mac0 = s.interfaces[0].mac.clone().expect("a MAC was chosen");
+        let parsed = vmm::devices::virtio::netcfg::parse_mac(&mac0).unwrap();
+        assert_eq!(
+            parsed[0] & 0b11,
+            0b10,
+            "locally administered unicast: {mac0}"
+        );
+        let args: Vec<String> = s.interfaces.iter().map(Interface::launcher_arg).collect();
+        assert_eq!(
+            args,
+            [
+                format!("tap=tap0,mac={mac0}"),
+                "tap=tap1,mac=52:54:00:ab:cd:ef".to_string()
+            ]
+        );
+        // The stored spec round-trips with its MACs; choosing again changes nothing.
+        let stored: VmSpec = serde_json::from_value(serde_json::to_value(&s).unwrap()).unwrap();
+        let mut again = stored.clone();
+        again.assign_macs(None);
+        assert_eq!(again, s);
+        // An edit that repeats the interfaces without MACs keeps them (no restart needed).
+        let mut edit = parse_spec_text(
+            "name: a\nkernel: /k\nmemory: 64Mi\ninterfaces: [{tap: tap0}, {tap: tap1}]",
+        )
+        .unwrap();
+        edit.assign_macs(Some(&s));
+        assert_eq!(edit.interfaces, s.interfaces);
+        assert!(s.restart_changes(&edit).is_empty());
+        // A new TAP is a restart change; a spec without interfaces stays without.
+        let mut other = edit.clone();
+        other.interfaces[0].tap = "tap9".into();
+        assert_eq!(s.restart_changes(&other), ["interfaces"]);
+        let plain = parse_spec_text(GOOD).unwrap();
+        assert!(plain.interfaces.is_empty());
+        // Older stored specs have no `interfaces` field.
+        let mut old = serde_json::to_value(&plain).unwrap();
+        old.as_object_mut().unwrap().remove("interfaces");
+        assert_eq!(serde_json::from_value::<VmSpec>(old).unwrap(), plain);
+    }
+
+    #[test]
+    fn interface_limits_and_conflicts() {
+        let list = |n: usize| {
+            (0..n)
+                .map(|i| format!("{{tap: t{i}}}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let spec = |name: &str, ifs: &str| {
+            parse_spec_text(&format!(
+                "name: {name}\nkernel: /k\nmemory: 64Mi\ninterfaces: [{ifs}]"
+            ))
+        };
+        assert!(spec("a", &list(MAX_INTERFACES)).is_ok());
+        let e = spec("a", &list(MAX_INTERFACES + 1))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at most"), "{e}");
+        assert!(spec("a", "{tap: abcdefghijklmno}").is_ok(), "15 bytes");
+
+        let mut a = spec("a", "{tap: t0}, {tap: t1}").unwrap();
+        a.assign_macs(None);
+        let b = spec("b", "{tap: t2}, {tap: t1}").unwrap();
+        let e = b.interface_conflict([&a]).unwrap().to_string();
+        assert!(
+            e.contains("interfaces[1].tap: TAP \"t1\" is already used by VM a"),
+            "{e}"
+        );
+        let mac = a.interfaces[0].mac.clone().unwrap();
+        let c = spec("c", &format!("{{tap: t3, mac: \"{mac}\"}}")).unwrap();
+        let e = c.interface_conflict([&a]).unwrap().to_string();
+        assert!(e.contains("is already the MAC of VM a"), "{e}");
+        assert!(spec("d", "{tap: t3}")
+            .unwrap()
+            .interface_conflict([&a])
+            .is_none());
+        // A VM does not conflict with (a pending spec of) itself.
+        assert!(a.interface_conflict([&a]).is_none());
     }
 
     #[test]

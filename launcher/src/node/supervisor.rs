@@ -117,10 +117,22 @@ pub fn run_args(spec: &VmSpec, serial: &Path, api_socket: &Path) -> Vec<String> 
         a.push("--disk".into());
         a.push(d.launcher_arg());
     }
+    // One `--net tap=NAME,mac=MAC` per interface; the MAC is always in a stored spec, so
+    // the guest has the same one in every launcher.
+    for n in &spec.interfaces {
+        a.push("--net".into());
+        a.push(n.launcher_arg());
+    }
     a
 }
 
 /// Arguments of `launcher run --incoming` for a migration target.
+///
+/// No `--net`: noded's migrations are local handovers (`"local": true`), in which the
+/// source launcher passes its TAP file descriptors along with the guest memory and the
+/// target uses those (its `--net` would be ignored). Giving `--net tap=NAME` here would
+/// even be harmful: the target opens named TAPs at start, before the VM arrives, and a
+/// single-queue TAP that the source still holds cannot be attached twice.
 pub fn incoming_args(incoming: &Path, serial: &Path, api_socket: &Path) -> Vec<String> {
     vec![
         "run".into(),
@@ -622,6 +634,21 @@ mod tests {
             Path::new("/s/a.sock"),
         );
         assert!(i.windows(2).any(|w| w == ["--incoming", "unix:/s/m.sock"]));
+        assert!(!i.contains(&"--net".to_string()));
+        assert!(!a.contains(&"--net".to_string()));
+        let spec = crate::node::spec::parse_spec_text(
+            "name: a\nkernel: /k\nmemory: 64Mi\ninterfaces: [{tap: tap0, mac: \"52:54:00:00:00:07\"}, {tap: tap1, mac: \"52:54:00:00:00:08\"}]",
+        )
+        .unwrap();
+        let a = run_args(&spec, Path::new("/s/c.log"), Path::new("/s/a.sock"));
+        let nets: Vec<&[String]> = a.windows(2).filter(|w| w[0] == "--net").collect();
+        assert_eq!(
+            nets,
+            [
+                ["--net", "tap=tap0,mac=52:54:00:00:00:07"],
+                ["--net", "tap=tap1,mac=52:54:00:00:00:08"]
+            ]
+        );
     }
 
     #[test]
