@@ -114,50 +114,67 @@ impl Vm {
         config.validate()?;
         let ram = GuestRam::new(config.memory_bytes)?;
         let mut kvm = KvmVm::new()?;
-        kvm.register_memory(&ram)?;
-        let irq = serial_irq()?;
-        kvm.fd()
-            .register_irqfd(&irq, layout::COM1_IRQ)
-            .map_err(|e| MachineError::Host(format!("irqfd: {e}")))?;
-        let mut platform = Platform::new(irq, serial_out)?;
-        let mut virtio =
-            VirtioDevices::create(&config.disks, None, ram.memory(), kvm.fd(), &mut platform)?;
-        virtio.create_nets(
-            &config.nets,
-            None,
-            ram.memory(),
-            kvm.fd(),
-            &mut platform,
-            false,
-        )?;
-        virtio.lock_disks()?;
-        let rsdp = crate::acpi::create_acpi_tables(ram.memory(), config.vcpus)
-            .map_err(|e| MachineError::Acpi(e.to_string()))?;
-        let entry = boot::load(
-            ram.memory(),
-            &BootSource {
-                kernel,
-                initrd,
-                cmdline: &config.cmdline,
-            },
-            vm_memory::Address::raw_value(&rsdp),
-        )?;
-        // Boot-time writes are not guest writes: start with a clean VMM-side bitmap.
-        for i in 0..ram.regions().len() {
-            ram.take_vmm_dirty(i);
-        }
+        kvm.record_slots(&ram)?;
         let (stop_tx, stop_rx) = channel();
-        let mut fds = Vec::new();
-        for id in 0..config.vcpus {
-            let fd = vcpu::create(kvm.fd(), id)?;
-            let cpuid = vcpu::build_cpuid(kvm.kvm(), id, config.vcpus)?;
-            vcpu::configure(&fd, id, &cpuid)?;
-            if id == 0 {
-                boot::regs::setup_boot_cpu(&fd, ram.memory(), entry)?;
-            }
-            fds.push((fd, cpuid));
-        }
-        let msr_list = vcpu::saveable_msrs(kvm.kvm(), &fds[0].0);
+        // KVM_SET_USER_MEMORY_REGION runs on a helper thread meanwhile (see `map_slots`).
+        let (platform, virtio, fds, msr_list) = std::thread::scope(|s| {
+            let mapping = s.spawn(|| kvm.map_slots());
+            let setup = (|| -> Result<_, MachineError> {
+                let irq = serial_irq()?;
+                kvm.fd()
+                    .register_irqfd(&irq, layout::COM1_IRQ)
+                    .map_err(|e| MachineError::Host(format!("irqfd: {e}")))?;
+                let mut platform = Platform::new(irq, serial_out)?;
+                let mut virtio = VirtioDevices::create(
+                    &config.disks,
+                    None,
+                    ram.memory(),
+                    kvm.fd(),
+                    &mut platform,
+                )?;
+                virtio.create_nets(
+                    &config.nets,
+                    None,
+                    ram.memory(),
+                    kvm.fd(),
+                    &mut platform,
+                    false,
+                )?;
+                virtio.lock_disks()?;
+                let rsdp = crate::acpi::create_acpi_tables(ram.memory(), config.vcpus)
+                    .map_err(|e| MachineError::Acpi(e.to_string()))?;
+                let entry = boot::load(
+                    ram.memory(),
+                    &BootSource {
+                        kernel,
+                        initrd,
+                        cmdline: &config.cmdline,
+                    },
+                    vm_memory::Address::raw_value(&rsdp),
+                )?;
+                // Boot-time writes are not guest writes: start with a clean VMM-side bitmap.
+                for i in 0..ram.regions().len() {
+                    ram.take_vmm_dirty(i);
+                }
+                let mut fds = Vec::new();
+                for id in 0..config.vcpus {
+                    let fd = vcpu::create(kvm.fd(), id)?;
+                    let cpuid = vcpu::build_cpuid(kvm.kvm(), id, config.vcpus)?;
+                    vcpu::configure(&fd, id, &cpuid)?;
+                    if id == 0 {
+                        boot::regs::setup_boot_cpu(&fd, ram.memory(), entry)?;
+                    }
+                    fds.push((fd, cpuid));
+                }
+                let msr_list = vcpu::saveable_msrs(kvm.kvm(), &fds[0].0);
+                Ok((platform, virtio, fds, msr_list))
+            })();
+            let mapped = mapping
+                .join()
+                .map_err(|_| MachineError::Host("the memory-slot thread panicked".into()))?;
+            mapped?;
+            setup
+        })?;
         let mut vcpus = Vec::new();
         for (id, (fd, cpuid)) in fds.into_iter().enumerate() {
             vcpus.push(VcpuHandle::spawn(

@@ -248,19 +248,28 @@ pub fn saveable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Vec<u32> {
     let Ok(list) = kvm.get_msr_index_list() else {
         return Vec::new();
     };
-    list.as_slice()
-        .iter()
-        .copied()
-        .filter(|&index| {
-            let Ok(mut msrs) = Msrs::from_entries(&[kvm_msr_entry {
+    // KVM_GET_MSRS reads entries in order and stops at the first it cannot read, so one
+    // call usually settles the whole list; on a short read, drop the refused index and
+    // go on from the next one (a boot pays for one ioctl, not one per MSR).
+    let mut remaining: Vec<u32> = list.as_slice().to_vec();
+    let mut ok = Vec::with_capacity(remaining.len());
+    while !remaining.is_empty() {
+        let entries: Vec<kvm_msr_entry> = remaining
+            .iter()
+            .map(|&index| kvm_msr_entry {
                 index,
                 ..Default::default()
-            }]) else {
-                return false;
-            };
-            matches!(vcpu.get_msrs(&mut msrs), Ok(1))
-        })
-        .collect()
+            })
+            .collect();
+        let Ok(mut msrs) = Msrs::from_entries(&entries) else {
+            break;
+        };
+        let n = vcpu.get_msrs(&mut msrs).unwrap_or(0).min(remaining.len());
+        ok.extend_from_slice(&remaining[..n]);
+        // Skip the refused MSR at position n.
+        remaining.drain(..(n + 1).min(remaining.len()));
+    }
+    ok
 }
 
 /// Read every piece of a paused vCPU's state.

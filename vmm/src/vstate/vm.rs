@@ -166,12 +166,25 @@ impl KvmVm {
 
     /// Register every RAM region as a KVM memory slot.
     pub fn register_memory(&mut self, ram: &GuestRam) -> Result<(), VmError> {
+        self.record_slots(ram)?;
+        self.map_slots()
+    }
+
+    /// Note the RAM regions as memory slots without telling KVM yet (see [`KvmVm::map_slots`]).
+    pub fn record_slots(&mut self, ram: &GuestRam) -> Result<(), VmError> {
         for (i, r) in ram.regions().iter().enumerate() {
             let host = ram
                 .host_address(i)
                 .ok_or(VmError::MissingCap("host mapping of guest RAM"))?;
             self.slots.push((i as u32, r.gpa, r.size, host));
         }
+        Ok(())
+    }
+
+    /// Hand the recorded slots to KVM. This ioctl costs several milliseconds on a nested
+    /// KVM whatever the size, so a boot runs it on a helper thread while it sets up the
+    /// devices and vCPUs.
+    pub fn map_slots(&self) -> Result<(), VmError> {
         self.update_slots(0)
     }
 
