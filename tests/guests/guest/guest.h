@@ -69,6 +69,26 @@ static inline u8 inb(u16 port)
 }
 static inline u32 mmio_read32(uptr addr) { return *(volatile u32 *)addr; }
 static inline void mmio_write32(uptr addr, u32 v) { *(volatile u32 *)addr = v; }
+static inline u8 mmio_read8(uptr a) { return *(volatile u8 *)a; }
+static inline u16 mmio_read16(uptr a) { return *(volatile u16 *)a; }
+static inline void mmio_write8(uptr a, u8 v) { *(volatile u8 *)a = v; }
+static inline void mmio_write16(uptr a, u16 v) { *(volatile u16 *)a = v; }
+static inline void barrier(void) { __asm__ volatile("" ::: "memory"); }
+
+/* 64-bit TSS followed by the I/O permission bitmap (ports 0 to 0x60f), shared by the
+ * guests that drop to CPL3; each fills in the ports its user code may touch. Ports past
+ * the end of the bitmap (beyond the TSS limit) are denied. */
+#define IOMAP_BYTES (0x610 / 8 + 1)
+struct tss {
+    u32 reserved0;
+    u64 rsp0, rsp1, rsp2;
+    u64 reserved1;
+    u64 ist[7];
+    u64 reserved2;
+    u16 reserved3;
+    u16 iomap_base;
+    u8 iomap[IOMAP_BYTES];
+} __attribute__((packed));
 static inline void cpu_relax(void) { __asm__ volatile("pause" ::: "memory"); }
 static inline u32 current_cpl(void)
 {

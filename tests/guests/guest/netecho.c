@@ -71,17 +71,6 @@ static u32 nonce;
 static u32 n_rx, n_arp, n_icmp, n_udp, n_tx, n_flood;
 
 /* 64-bit TSS followed by the I/O permission bitmap (ports 0 to 0x60f). */
-#define IOMAP_BYTES (0x610 / 8 + 1)
-struct tss {
-    u32 reserved0;
-    u64 rsp0, rsp1, rsp2;
-    u64 reserved1;
-    u64 ist[7];
-    u64 reserved2;
-    u16 reserved3;
-    u16 iomap_base;
-    u8 iomap[IOMAP_BYTES];
-} __attribute__((packed));
 
 static u8 kstack[4096] __attribute__((aligned(16), section(".stack")));
 static u8 ustack[16384] __attribute__((aligned(16), section(".stack")));
@@ -103,12 +92,7 @@ extern u64 gdt[];
 void user_entry(void);
 NORETURN void netecho_user_main(void);
 
-static inline void barrier(void) { __asm__ volatile("" ::: "memory"); }
 static inline void mb(void) { __asm__ volatile("mfence" ::: "memory"); }
-static inline u8 mmio_read8(uptr a) { return *(volatile u8 *)a; }
-static inline u16 mmio_read16(uptr a) { return *(volatile u16 *)a; }
-static inline void mmio_write8(uptr a, u8 v) { *(volatile u8 *)a = v; }
-static inline void mmio_write16(uptr a, u16 v) { *(volatile u16 *)a = v; }
 
 static void prefix(void) { puts("netecho: "); }
 

@@ -29,17 +29,6 @@ static u32 every;
 
 /* 64-bit TSS followed by the I/O permission bitmap (ports 0 to 0x60f). Ports past the end of
  * the bitmap (beyond the TSS limit) are denied. */
-#define IOMAP_BYTES (0x610 / 8 + 1)
-struct tss {
-    u32 reserved0;
-    u64 rsp0, rsp1, rsp2;
-    u64 reserved1;
-    u64 ist[7];
-    u64 reserved2;
-    u16 reserved3;
-    u16 iomap_base;
-    u8 iomap[IOMAP_BYTES];
-} __attribute__((packed));
 
 static u8 kstack[4096] __attribute__((aligned(16), section(".stack")));
 static u8 ustack[8192] __attribute__((aligned(16), section(".stack")));
