@@ -20,6 +20,7 @@
 //! It prints a Markdown table of medians with the ratio ours/QEMU and, unless
 //! `--no-write`, writes it to `docs/benchmarks.md` together with the command.
 
+use benches::{median, workspace_root};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -73,41 +74,6 @@ fn parse_args() -> Opts {
         }
     }
     o
-}
-
-fn fail(msg: &str) -> ! {
-    eprintln!("boot: {msg}");
-    std::process::exit(1);
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
-
-/// Our launcher: `--launcher`, else a fresh `cargo build --release -p launcher`.
-fn launcher_path(o: &Opts) -> PathBuf {
-    if let Some(p) = &o.launcher {
-        return p.clone();
-    }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    eprintln!("boot: building the launcher (cargo build --release -p launcher --bin launcher)");
-    let st = Command::new(cargo)
-        .args(["build", "--release", "-p", "launcher", "--bin", "launcher"])
-        .current_dir(workspace_root())
-        .status()
-        .unwrap_or_else(|e| fail(&format!("cannot run cargo: {e}")));
-    if !st.success() {
-        fail("building the launcher failed");
-    }
-    let exe = std::env::current_exe().expect("current_exe");
-    let p = exe.parent().expect("target dir").join("launcher");
-    if !p.exists() {
-        fail(&format!("{} is missing after the build", p.display()));
-    }
-    p
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -334,16 +300,6 @@ fn memory_once(vmm: Vmm, o: &Opts, launcher: &Path) -> MemSample {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -498,4 +454,12 @@ fn main() {
             .unwrap_or_else(|e| fail(&format!("cannot write {}: {e}", path.display())));
         eprintln!("boot: wrote {}", path.display());
     }
+}
+
+fn fail(msg: &str) -> ! {
+    benches::fail("boot", msg)
+}
+
+fn launcher_path(o: &Opts) -> PathBuf {
+    benches::launcher_path("boot", o.launcher.as_ref())
 }

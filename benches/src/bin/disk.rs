@@ -24,6 +24,7 @@
 //! both cases. The table shows medians over the runs and, unless `--no-write`, is written to
 //! `docs/disk-benchmarks.md` (hand-written notes below the marker are kept).
 
+use benches::{median, workspace_root};
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -41,11 +42,6 @@ struct Opts {
     dir: PathBuf,
     launcher: Option<PathBuf>,
     write: bool,
-}
-
-fn fail(msg: &str) -> ! {
-    eprintln!("disk: {msg}");
-    std::process::exit(1)
 }
 
 fn parse_args() -> Opts {
@@ -77,29 +73,6 @@ fn parse_args() -> Opts {
         fail("--runs, --count and --disk-mib must be positive");
     }
     o
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace")
-        .to_path_buf()
-}
-
-/// `--launcher`, else the launcher next to this binary (build it with the same profile).
-fn launcher_path(o: &Opts) -> PathBuf {
-    if let Some(p) = &o.launcher {
-        return p.clone();
-    }
-    let exe = std::env::current_exe().expect("current_exe");
-    let p = exe.parent().expect("target dir").join("launcher");
-    if !p.exists() {
-        fail(&format!(
-            "{} is missing: cargo build --release -p launcher (or pass --launcher)",
-            p.display()
-        ));
-    }
-    p
 }
 
 fn fresh_image(path: &Path, mib: u64) {
@@ -238,11 +211,6 @@ fn tsc_hz() -> f64 {
     (c1 - c0) as f64 / (i1 - i0).as_secs_f64()
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() {
     let o = parse_args();
     let launcher = launcher_path(&o);
@@ -319,4 +287,12 @@ fn main() {
         std::fs::write(&path, doc).unwrap_or_else(|e| fail(&format!("{}: {e}", path.display())));
         eprintln!("disk: wrote {}", path.display());
     }
+}
+
+fn fail(msg: &str) -> ! {
+    benches::fail("disk", msg)
+}
+
+fn launcher_path(o: &Opts) -> PathBuf {
+    benches::launcher_path("disk", o.launcher.as_ref())
 }

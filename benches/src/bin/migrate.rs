@@ -25,6 +25,7 @@
 //! Markdown table of medians with the ratios ours/QEMU and, unless `--no-write`, writes
 //! it to `docs/migration-benchmarks.md` together with the command.
 
+use benches::{median, workspace_root};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -81,41 +82,6 @@ fn parse_args() -> Opts {
     o
 }
 
-fn fail(msg: &str) -> ! {
-    eprintln!("migrate: {msg}");
-    std::process::exit(1);
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
-
-/// Our launcher: `--launcher`, else a fresh `cargo build --release -p launcher`.
-fn launcher_path(o: &Opts) -> PathBuf {
-    if let Some(p) = &o.launcher {
-        return p.clone();
-    }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    eprintln!("migrate: building the launcher (cargo build --release -p launcher --bin launcher)");
-    let st = Command::new(cargo)
-        .args(["build", "--release", "-p", "launcher", "--bin", "launcher"])
-        .current_dir(workspace_root())
-        .status()
-        .unwrap_or_else(|e| fail(&format!("cannot run cargo: {e}")));
-    if !st.success() {
-        fail("building the launcher failed");
-    }
-    let exe = std::env::current_exe().expect("current_exe");
-    let p = exe.parent().expect("target dir").join("launcher");
-    if !p.exists() {
-        fail(&format!("{} is missing after the build", p.display()));
-    }
-    p
-}
-
 fn first_line(cmd: &str, args: &[&str]) -> String {
     Command::new(cmd)
         .args(args)
@@ -130,19 +96,6 @@ fn first_line(cmd: &str, args: &[&str]) -> String {
                 .to_string()
         })
         .unwrap_or_else(|| "unknown".into())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 // ---------------------------------------------------------------------------------
@@ -829,4 +782,12 @@ each of the 8192 pages of its 32 MiB region on every pass and checks them all).
             .unwrap_or(0),
         kernel = kernel.trim(),
     )
+}
+
+fn fail(msg: &str) -> ! {
+    benches::fail("migrate", msg)
+}
+
+fn launcher_path(o: &Opts) -> PathBuf {
+    benches::launcher_path("migrate", o.launcher.as_ref())
 }

@@ -18,6 +18,7 @@
 //! It prints a Markdown table of medians over the runs and, unless `--no-write`, writes it
 //! to `docs/net-benchmarks.md` (hand-written notes below the marker are kept).
 
+use benches::{median, workspace_root};
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -36,11 +37,6 @@ struct Opts {
     write: bool,
     launcher: Option<PathBuf>,
     qemu: String,
-}
-
-fn fail(msg: &str) -> ! {
-    eprintln!("net: {msg}");
-    std::process::exit(1)
 }
 
 fn parse_args() -> Opts {
@@ -65,29 +61,6 @@ fn parse_args() -> Opts {
         }
     }
     o
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace")
-        .to_path_buf()
-}
-
-/// `--launcher`, else the launcher next to this binary (build it with the same profile).
-fn launcher_path(o: &Opts) -> PathBuf {
-    if let Some(p) = &o.launcher {
-        return p.clone();
-    }
-    let exe = std::env::current_exe().expect("current_exe");
-    let p = exe.parent().expect("target dir").join("launcher");
-    if !p.exists() {
-        fail(&format!(
-            "{} is missing: cargo build --release -p launcher (or pass --launcher)",
-            p.display()
-        ));
-    }
-    p
 }
 
 /// A VM process in the namespace, killed on drop.
@@ -227,11 +200,6 @@ fn measure(ns: &Netns) -> Sample {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
 fn summarize(s: &[Sample]) -> Sample {
     Sample {
         rtt_median_us: median(s.iter().map(|x| x.rtt_median_us).collect()),
@@ -325,4 +293,12 @@ fn main() {
         std::fs::write(&path, doc).unwrap_or_else(|e| fail(&format!("{}: {e}", path.display())));
         eprintln!("net: wrote {}", path.display());
     }
+}
+
+fn fail(msg: &str) -> ! {
+    benches::fail("net", msg)
+}
+
+fn launcher_path(o: &Opts) -> PathBuf {
+    benches::launcher_path("net", o.launcher.as_ref())
 }
