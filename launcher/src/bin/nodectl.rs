@@ -87,6 +87,38 @@ enum VmCmd {
     Stop { name: String },
     /// Stop and delete a VM.
     Delete { name: String },
+    /// Wait for a VM from another node: start an incoming launcher listening on
+    /// `--listen` with mutual TLS (phase Receiving); the VM runs here once the source node
+    /// migrated it (`nodectl vm migrate` there).
+    Receive {
+        /// The VM's spec (as on the source node; `-` for stdin).
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Where the incoming launcher listens: `tcp:IP:PORT` (an address of this node).
+        #[arg(long)]
+        listen: String,
+        /// TLS directory (ca.pem, cert.pem, key.pem) of this node.
+        #[arg(long)]
+        tls_dir: PathBuf,
+    },
+    /// Live-migrate a running VM to another node that waits for it (`nodectl vm
+    /// receive` there), over TCP with mutual TLS; waits for the outcome. On success the
+    /// VM is MovedAway here (never restarted); on failure it keeps running here.
+    Migrate {
+        name: String,
+        /// The destination: `tcp:IP:PORT` (the other node's `--listen`).
+        #[arg(long)]
+        to: String,
+        /// TLS directory (ca.pem, cert.pem, key.pem) of this node.
+        #[arg(long)]
+        tls_dir: PathBuf,
+        /// Name the destination's certificate must carry (default: the address's host).
+        #[arg(long)]
+        tls_server_name: Option<String>,
+        /// Return at once instead of waiting for the outcome.
+        #[arg(long)]
+        no_wait: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -319,6 +351,43 @@ fn run(cli: Cli) -> Result<(), String> {
             VmCmd::Start { name } => c.call("PUT", &format!("/v1/vms/{name}/start"), None)?,
             VmCmd::Stop { name } => c.call("PUT", &format!("/v1/vms/{name}/stop"), None)?,
             VmCmd::Delete { name } => c.call("DELETE", &format!("/v1/vms/{name}"), None)?,
+            VmCmd::Receive {
+                file,
+                listen,
+                tls_dir,
+            } => {
+                let abs = std::path::absolute(tls_dir)
+                    .map_err(|e| format!("{}: {e}", tls_dir.display()))?;
+                let body = json!({ "spec": read_doc(file)?, "listen": listen, "tlsDir": abs });
+                c.call("POST", "/v1/vms/receive", Some(&body))?
+            }
+            VmCmd::Migrate {
+                name,
+                to,
+                tls_dir,
+                tls_server_name,
+                no_wait,
+            } => {
+                let abs = std::path::absolute(tls_dir)
+                    .map_err(|e| format!("{}: {e}", tls_dir.display()))?;
+                let mut body = json!({ "to": to, "tlsDir": abs });
+                if let Some(n) = tls_server_name {
+                    body["tlsServerName"] = json!(n);
+                }
+                let mut v = c.call("PUT", &format!("/v1/vms/{name}/migrate"), Some(&body))?;
+                while !no_wait && v["phase"] == "MigratingOut" {
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                    v = c.call("GET", &format!("/v1/vms/{name}"), None)?;
+                }
+                if !no_wait && v["phase"] != "MovedAway" {
+                    return Err(format!(
+                        "VM {name} did not move (phase {}): {}",
+                        s(&v["phase"]),
+                        s(&v["message"])
+                    ));
+                }
+                v
+            }
         },
         Cmd::Launcher { command } => match command {
             LauncherCmd::Install {
@@ -364,7 +433,8 @@ fn run(cli: Cli) -> Result<(), String> {
             command: VmCmd::Get { .. } | VmCmd::Create { .. } | VmCmd::Update { .. },
         } => print_yaml(&v),
         Cmd::Vm {
-            command: VmCmd::Start { .. } | VmCmd::Stop { .. },
+            command:
+                VmCmd::Start { .. } | VmCmd::Stop { .. } | VmCmd::Receive { .. } | VmCmd::Migrate { .. },
         } => table(VM_HEADERS, &[vm_row(&v)]),
         Cmd::Vm {
             command: VmCmd::Delete { name },

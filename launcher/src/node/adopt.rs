@@ -72,6 +72,9 @@ impl Daemon {
                     }
                     None => self.apply_exit(&name, &ExitKind::from_status(None, None), now),
                 },
+                VmState::Receiving { .. } | VmState::MigratingOut { .. } => {
+                    self.adopt_remote(&name, pid)
+                }
                 VmState::Migrating {
                     target_pid,
                     target_api_socket,

@@ -198,6 +198,8 @@ fn route(method: &str, path: &str, req: &http::Request) -> Result<Routed, Reply>
             "POST" => loop_req(Req::CreateVm(json_body(req)?)),
             _ => Err(allow("GET, POST")),
         },
+        // Only POST: other methods on /v1/vms/receive reach a VM named "receive".
+        ["v1", "vms", "receive"] if method == "POST" => loop_req(Req::Receive(json_body(req)?)),
         ["v1", "vms", name] => match method {
             "GET" => loop_req(Req::GetVm(name.to_string())),
             "PUT" => loop_req(Req::UpdateVm(name.to_string(), json_body(req)?)),
@@ -208,6 +210,8 @@ fn route(method: &str, path: &str, req: &http::Request) -> Result<Routed, Reply>
             ("PUT", "start") => loop_req(Req::StartVm(name.to_string())),
             ("PUT", "stop") => loop_req(Req::StopVm(name.to_string())),
             ("GET", "migrations") => loop_req(Req::Migrations(name.to_string())),
+            ("PUT", "migrate") => loop_req(Req::MigrateOut(name.to_string(), json_body(req)?)),
+            (_, "migrate") => Err(allow("PUT")),
             (_, "start" | "stop") => Err(allow("PUT")),
             (_, "migrations") => Err(allow("GET")),
             _ => Err(err(404, format!("no route {path}"))),
@@ -278,6 +282,18 @@ mod tests {
         assert!(matches!(
             r("PUT", "/v1/vms/a", "{\"name\":\"a\"}"),
             Ok(Routed::Loop(Req::UpdateVm(n, _))) if n == "a"
+        ));
+        assert!(matches!(
+            r("POST", "/v1/vms/receive", "{}"),
+            Ok(Routed::Loop(Req::Receive(_)))
+        ));
+        assert!(matches!(
+            r("GET", "/v1/vms/receive", ""),
+            Ok(Routed::Loop(Req::GetVm(n))) if n == "receive"
+        ));
+        assert!(matches!(
+            r("PUT", "/v1/vms/a/migrate", "{}"),
+            Ok(Routed::Loop(Req::MigrateOut(n, _))) if n == "a"
         ));
         assert!(matches!(
             r("PUT", "/v1/config", "{\"a\":1}"),

@@ -223,6 +223,8 @@ pub fn plan(inp: &Inputs) -> Plan {
                 format!("evicting for the update to {target_version}")
             }
             VmState::Stopping { .. } => "stopping".into(),
+            VmState::Receiving { .. } => "receiving a migration from another node".into(),
+            VmState::MigratingOut { to, .. } => format!("migrating to another node ({to})"),
             _ => match decide_update(
                 inp,
                 vm,

@@ -504,6 +504,7 @@ impl Daemon {
             Event::MigrationDone { vm, record, result } => {
                 self.on_migration_done(&vm, record, result)
             }
+            Event::RemoteDone { vm, record, result } => self.on_remote_done(&vm, record, result),
         }
     }
 
@@ -521,6 +522,13 @@ impl Daemon {
             return;
         }
         if vm.status.pid != Some(pid) {
+            return;
+        }
+        // During a migration to another node, only exit 64 is conclusive; any other end
+        // waits for the migration job's verdict (see remote.rs).
+        if matches!(vm.status.state, VmState::MigratingOut { .. }) && kind != ExitKind::MigratedAway
+        {
+            vm.source_exit = Some(kind);
             return;
         }
         tracing::info!(vm = name, pid, exit = ?kind, "launcher ended");

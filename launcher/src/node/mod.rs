@@ -6,7 +6,7 @@
 //! (launcher processes), [`daemon`] (the reconciliation loop), [`adopt`] (adoption after
 //! a restart), [`requests`] (what the loop answers), [`status`] (node status and
 //! metrics), [`api`] (the HTTP API), [`views`] (the JSON shapes the API returns),
-//! [`metrics`].
+//! [`metrics`], [`remote`] (live migration to and from another node).
 
 pub mod adopt;
 pub mod api;
@@ -14,6 +14,7 @@ pub mod coordinator;
 pub mod daemon;
 pub mod launchers;
 pub mod metrics;
+pub mod remote;
 pub mod requests;
 pub mod settings;
 pub mod spec;

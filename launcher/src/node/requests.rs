@@ -57,6 +57,10 @@ pub enum Req {
     SetConfig(Value),
     /// `GET /metrics`.
     Metrics,
+    /// `POST /v1/vms/receive`: `{"spec", "listen", "tlsDir"}` (see remote.rs).
+    Receive(Value),
+    /// `PUT /v1/vms/{name}/migrate`: `{"to", "tlsDir", "tlsServerName"}` (see remote.rs).
+    MigrateOut(String, Value),
 }
 
 /// A reply body.
@@ -120,6 +124,12 @@ fn stop_message(cause: &StopCause, strategy: RunStrategy) -> String {
             "migrated away outside noded (exit 64); not restarted here".into()
         }
         StopCause::StartFailed(why) => format!("could not start: {why}"),
+        StopCause::MovedAway(to) => {
+            format!("moved to another node ({to}); not restarted here (nodectl vm delete)")
+        }
+        StopCause::ReceiveFailed(why) => format!(
+            "incoming migration failed: {why}; the VM still runs on the source node (nodectl vm delete)"
+        ),
     }
 }
 
@@ -179,6 +189,8 @@ impl Daemon {
                 status: 200,
                 body: Body::Text(self.metrics()),
             },
+            Req::Receive(body) => self.receive_request(&body),
+            Req::MigrateOut(name, body) => self.migrate_out_request(&name, &body),
         }
     }
 
@@ -336,6 +348,15 @@ impl Daemon {
         let Some(vm) = self.vms.get_mut(name) else {
             return not_found(name);
         };
+        if let VmState::Stopped {
+            cause: StopCause::MovedAway(_) | StopCause::ReceiveFailed(_),
+        } = &vm.status.state
+        {
+            return err(
+                409,
+                format!("VM {name} runs on another node; starting it here would run it twice"),
+            );
+        }
         if let VmState::Stopped { .. } = vm.status.state {
             if vm.spec.run_strategy == RunStrategy::Halted {
                 // As `virtctl start` does: a started Halted VM becomes Always.
@@ -363,7 +384,7 @@ impl Daemon {
             return not_found(name);
         };
         match &vm.status.state {
-            VmState::Migrating { .. } => {
+            VmState::Migrating { .. } | VmState::MigratingOut { .. } => {
                 return err(
                     409,
                     format!("VM {name} is migrating; retry when the migration has ended"),
@@ -381,7 +402,10 @@ impl Daemon {
             VmState::Stopping { .. } => {
                 vm.status.state = VmState::Stopping { since: now, delete };
             }
-            VmState::Running { .. } | VmState::Backoff { .. } | VmState::Evicting { .. } => {
+            VmState::Running { .. }
+            | VmState::Backoff { .. }
+            | VmState::Evicting { .. }
+            | VmState::Receiving { .. } => {
                 let was_evicting = matches!(vm.status.state, VmState::Evicting { .. });
                 vm.status.state = VmState::Stopping { since: now, delete };
                 let grace =
@@ -524,7 +548,7 @@ impl Daemon {
     /// Resolves a requested machine type against the installed launchers: the target's
     /// list first, then the others newest first, so that an unversioned alias gets the
     /// target's preferred name. Fails with every offered name when none offers it.
-    fn resolve_machine_type(&self, requested: &str) -> Result<String, SpecError> {
+    pub(crate) fn resolve_machine_type(&self, requested: &str) -> Result<String, SpecError> {
         let mut order: Vec<&InstalledLauncher> = self.effective().into_iter().collect();
         order.extend(self.launchers.iter().rev().filter(|l| self.on_channel(l)));
         for l in &order {
@@ -567,7 +591,7 @@ impl Daemon {
     }
 
     /// Why `spec`'s interfaces clash with another VM's (stored or pending spec).
-    fn interface_conflict(&self, spec: &VmSpec) -> Option<super::spec::SpecError> {
+    pub(crate) fn interface_conflict(&self, spec: &VmSpec) -> Option<super::spec::SpecError> {
         let others = self
             .vms
             .values()

@@ -62,6 +62,15 @@ pub enum Event {
         /// How.
         kind: ExitKind,
     },
+    /// A cross-node migration job (`nodectl vm receive` / `vm migrate`) finished.
+    RemoteDone {
+        /// VM name.
+        vm: String,
+        /// Migration record id.
+        record: i64,
+        /// Result.
+        result: MigrationResult,
+    },
     /// A migration job finished.
     MigrationDone {
         /// VM name.

@@ -31,6 +31,12 @@ pub enum StopCause {
     MigratedAway,
     /// The launcher could not be started.
     StartFailed(String),
+    /// Live-migrated to another node (`nodectl vm migrate`), to this destination; it runs
+    /// there now and is never restarted here.
+    MovedAway(String),
+    /// An incoming migration from another node (`nodectl vm receive`) failed: nothing
+    /// runs here; the VM still runs on the source node.
+    ReceiveFailed(String),
 }
 
 /// The recorded state of one VM (stored as JSON, written before acting).
@@ -100,6 +106,28 @@ pub enum VmState {
         /// Delete the VM once stopped.
         delete: bool,
     },
+    /// Waiting for the VM from another node: an incoming launcher listens on `listen`
+    /// (`nodectl vm receive`); it becomes `Running` when that launcher runs the VM.
+    #[serde(rename_all = "camelCase")]
+    Receiving {
+        /// When the incoming launcher was started.
+        since: Millis,
+        /// The `tcp:IP:PORT` it listens on.
+        listen: String,
+        /// Migration record id.
+        record: i64,
+    },
+    /// Being live-migrated to another node (`nodectl vm migrate`); the VM keeps running
+    /// here until the launcher reports the migration completed (and exits 64).
+    #[serde(rename_all = "camelCase")]
+    MigratingOut {
+        /// When the migration was asked for.
+        since: Millis,
+        /// The destination (`tcp:IP:PORT`).
+        to: String,
+        /// Migration record id.
+        record: i64,
+    },
 }
 
 impl VmState {
@@ -112,13 +140,20 @@ impl VmState {
                 | VmState::Backoff { .. }
                 | VmState::Evicting { .. }
                 | VmState::Stopping { .. }
+                | VmState::Receiving { .. }
+                | VmState::MigratingOut { .. }
         )
     }
 
     /// The phase users see.
     pub fn phase(&self, now: Millis) -> &'static str {
         match self {
+            VmState::Stopped {
+                cause: StopCause::MovedAway(_),
+            } => "MovedAway",
             VmState::Stopped { .. } => "Stopped",
+            VmState::Receiving { .. } => "Receiving",
+            VmState::MigratingOut { .. } => "MigratingOut",
             VmState::Starting { not_before, .. } if *not_before > now => "CrashLoopBackOff",
             VmState::Starting { .. } => "Starting",
             VmState::Running { .. } | VmState::Backoff { .. } => "Running",
@@ -253,6 +288,24 @@ pub fn after_exit(
         };
     };
     match (&status.state, exit) {
+        // An incoming launcher that ends before it runs the VM: the migration failed and
+        // the VM still runs on the source node; starting it here would run it twice.
+        (VmState::Receiving { .. }, _) => {
+            let why = match exit {
+                ExitKind::Failure(w) => w.clone(),
+                ExitKind::Clean => "exit status 0".into(),
+                ExitKind::MigratedAway => "exit status 64".into(),
+            };
+            next.last_error = Some(format!("incoming migration failed: {why}"));
+            next.state = VmState::Stopped {
+                cause: StopCause::ReceiveFailed(why),
+            };
+        }
+        (VmState::MigratingOut { to, .. }, ExitKind::MigratedAway) => {
+            next.state = VmState::Stopped {
+                cause: StopCause::MovedAway(to.clone()),
+            };
+        }
         (_, ExitKind::MigratedAway) => {
             next.state = VmState::Stopped {
                 cause: StopCause::MigratedAway,

@@ -1,0 +1,650 @@
+//! Live migration between two nodes, driven by the operator (docs/update-flow.md, "Moving
+//! a VM to another node"):
+//!
+//! - on the target node, `nodectl vm receive -f SPEC --listen tcp:IP:PORT --tls-dir DIR`
+//!   (`POST /v1/vms/receive`) records the VM as `Receiving` (write-ahead), starts
+//!   `launcher run --incoming tcp:IP:PORT --tls-dir DIR` on the node's target launcher
+//!   and adopts the VM as `Running` once that launcher's `/v1/status` says `running`. An
+//!   incoming launcher that ends before then (a failed migration) leaves the VM stopped
+//!   (`ReceiveFailed`), never started here: it still runs on the source node.
+//! - on the source node, `nodectl vm migrate NAME --to tcp:IP:PORT --tls-dir DIR`
+//!   (`PUT /v1/vms/{name}/migrate`) records the VM as `MigratingOut` (write-ahead) and
+//!   sends `PUT /v1/migrate` (TCP with mutual TLS, no local handover) to its launcher.
+//!   When the migration completes (the launcher exits 64) the VM is recorded as
+//!   `MovedAway` and never restarted here; when it fails the VM keeps running here with
+//!   the error shown. A launcher that ends in any other way during the migration leaves
+//!   the VM stopped (`Failed`), not restarted: where it runs must be checked on the
+//!   destination node first, so that it never runs twice.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use super::coordinator::{ExitKind, Millis, StopCause, VmState, VmStatus};
+use super::daemon::{Daemon, Vm, MAX_SOCKET_PATH};
+use super::requests::{err, Body, Reply};
+use super::spec::parse_spec;
+use super::store::VmRow;
+use super::supervisor::{self, Event, MigrationResult};
+use super::views::now_ms;
+
+fn reply(status: u16, v: Value) -> Reply {
+    Reply {
+        status,
+        body: Body::Json(v),
+    }
+}
+
+/// A `tcp:HOST:PORT` address.
+fn tcp_address(field: &str, v: Option<&Value>) -> Result<String, Reply> {
+    match v.and_then(Value::as_str) {
+        Some(s) if s.strip_prefix("tcp:").is_some_and(|a| a.contains(':')) => Ok(s.to_string()),
+        Some(s) => Err(err(400, format!("{field}: {s:?} is not tcp:HOST:PORT"))),
+        None => Err(err(400, format!("{field}: required (tcp:HOST:PORT)"))),
+    }
+}
+
+/// An absolute TLS directory (mutual TLS is mandatory between nodes).
+fn tls_dir(v: Option<&Value>) -> Result<String, Reply> {
+    match v.and_then(Value::as_str) {
+        Some(s) if Path::new(s).is_absolute() => Ok(s.to_string()),
+        Some(s) => Err(err(400, format!("tlsDir: {s:?} must be an absolute path"))),
+        None => Err(err(
+            400,
+            "tlsDir: required (ca.pem, cert.pem, key.pem; migrations between nodes use mutual TLS)",
+        )),
+    }
+}
+
+fn only_fields(body: &Value, allowed: &[&str]) -> Result<(), Reply> {
+    let Some(obj) = body.as_object() else {
+        return Err(err(400, "body must be a JSON object"));
+    };
+    match obj.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(err(
+            400,
+            format!("unknown field {k:?} (allowed: {})", allowed.join(", ")),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// `launcher run --incoming` arguments for a VM coming from another node. Unlike a local
+/// handover, no TAP descriptor travels with the guest: the target opens its own TAPs
+/// (`--net`, same MACs); disks come with the migration stream's state.
+pub fn remote_incoming_args(
+    listen: &str,
+    tls_dir: &str,
+    serial: &Path,
+    api_socket: &Path,
+    spec: &super::spec::VmSpec,
+) -> Vec<String> {
+    let mut a = vec![
+        "run".to_string(),
+        "--incoming".into(),
+        listen.to_string(),
+        "--tls-dir".into(),
+        tls_dir.to_string(),
+        "--serial".into(),
+        serial.display().to_string(),
+        "--api-socket".into(),
+        api_socket.display().to_string(),
+    ];
+    for n in &spec.interfaces {
+        a.push("--net".into());
+        a.push(n.launcher_arg());
+    }
+    a
+}
+
+impl Daemon {
+    /// `POST /v1/vms/receive` `{"spec": {...}, "listen": "tcp:IP:PORT", "tlsDir": DIR}`.
+    pub(crate) fn receive_request(&mut self, body: &Value) -> Reply {
+        if let Err(r) = only_fields(body, &["spec", "listen", "tlsDir"]) {
+            return r;
+        }
+        let listen = match tcp_address("listen", body.get("listen")) {
+            Ok(l) => l,
+            Err(r) => return r,
+        };
+        let tls = match tls_dir(body.get("tlsDir")) {
+            Ok(t) => t,
+            Err(r) => return r,
+        };
+        let mut spec = match parse_spec(body.get("spec").unwrap_or(&Value::Null)) {
+            Ok(s) => s,
+            Err(e) => return err(400, e),
+        };
+        if self.vms.contains_key(&spec.name) {
+            return err(409, format!("VM {} already exists", spec.name));
+        }
+        // The source's spec carries the MACs; keep them (the guest must not notice).
+        spec.assign_macs(None);
+        if let Some(e) = self.interface_conflict(&spec) {
+            return err(409, e);
+        }
+        let Some(launcher) = self.effective().cloned() else {
+            return err(
+                409,
+                "no launcher installed: run `nodectl launcher install --path PATH` first",
+            );
+        };
+        spec.machine_type = match self.resolve_machine_type(&spec.machine_type) {
+            Ok(m) => m,
+            Err(e) => return err(400, e),
+        };
+        let name = spec.name.clone();
+        let dir = self.vm_dir(&name);
+        if dir.join("migrate-999999.sock").as_os_str().len() > MAX_SOCKET_PATH {
+            return err(
+                400,
+                "the state directory path is too long for the VM's unix sockets",
+            );
+        }
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            return err(500, format!("{}: {e}", dir.display()));
+        }
+        let now = now_ms();
+        let record = match self.store.migration_started(
+            &name,
+            &format!("remote {listen}"),
+            &launcher.version,
+            now,
+        ) {
+            Ok(r) => r,
+            Err(e) => return err(500, e),
+        };
+        let api_socket = dir.join("api-1.sock");
+        let _ = std::fs::remove_file(&api_socket);
+        let mut status = VmStatus::new(&spec, now);
+        status.state = VmState::Receiving {
+            since: now,
+            listen: listen.clone(),
+            record,
+        };
+        status.generation = 1;
+        status.api_socket = Some(api_socket.display().to_string());
+        status.launcher_version = Some(launcher.version.clone());
+        let serial = dir.join("console.log");
+        let row = VmRow {
+            status,
+            serial_log: serial.display().to_string(),
+            created_at: now,
+            spec,
+        };
+        // Write-ahead: the record exists before the launcher does.
+        if let Err(e) = self.store.insert_vm(&row) {
+            return err(500, e);
+        }
+        let args = remote_incoming_args(&listen, &tls, &serial, &api_socket, &row.spec);
+        self.vms.insert(
+            name.clone(),
+            Vm {
+                spec: row.spec,
+                status: row.status,
+                serial_log: serial,
+                created_at: now,
+                launched_at: now,
+                source_exit: None,
+                target_exit: None,
+            },
+        );
+        tracing::info!(vm = %name, listen = %listen, version = %launcher.version, "receiving a VM from another node");
+        let spawned = supervisor::spawn(
+            Path::new(&launcher.path),
+            &args,
+            &dir.join("launcher-1.log"),
+        );
+        let Some(vm) = self.vms.get_mut(&name) else {
+            return err(500, "VM vanished");
+        };
+        match spawned {
+            Ok(child) => {
+                let pid = child.id().unwrap_or(0);
+                vm.status.pid = Some(pid);
+                self.persist(&name);
+                supervisor::watch_child(child, name.clone(), pid, self.events.clone());
+                watch_receive(
+                    name.clone(),
+                    record,
+                    pid,
+                    api_socket,
+                    None,
+                    self.events.clone(),
+                );
+            }
+            Err(e) => {
+                tracing::error!(vm = %name, error = %e, "cannot start the incoming launcher");
+                vm.status.state = VmState::Stopped {
+                    cause: StopCause::ReceiveFailed(e.to_string()),
+                };
+                vm.status.last_error = Some(e.to_string());
+                vm.status.api_socket = None;
+                vm.status.launcher_version = None;
+                self.persist(&name);
+                let _ = self.store.migration_finished(
+                    record,
+                    now_ms(),
+                    "Failed",
+                    &json!({ "error": e.to_string() }),
+                );
+                return err(500, e);
+            }
+        }
+        self.vm_reply(&name, 202)
+    }
+
+    /// `PUT /v1/vms/{name}/migrate` `{"to": "tcp:IP:PORT", "tlsDir": DIR,
+    /// "tlsServerName": NAME}`.
+    pub(crate) fn migrate_out_request(&mut self, name: &str, body: &Value) -> Reply {
+        if let Err(r) = only_fields(body, &["to", "tlsDir", "tlsServerName"]) {
+            return r;
+        }
+        let to = match tcp_address("to", body.get("to")) {
+            Ok(t) => t,
+            Err(r) => return r,
+        };
+        let tls = match tls_dir(body.get("tlsDir")) {
+            Ok(t) => t,
+            Err(r) => return r,
+        };
+        let server_name = match body.get("tlsServerName") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(other) => return err(400, format!("tlsServerName: {other} must be a string")),
+        };
+        let now = now_ms();
+        let Some(vm) = self.vms.get(name) else {
+            return err(404, format!("VM {name} not found"));
+        };
+        if !matches!(
+            vm.status.state,
+            VmState::Running { .. } | VmState::Backoff { .. }
+        ) {
+            return err(
+                409,
+                format!(
+                    "VM {name} is {}; only a running VM can migrate to another node",
+                    vm.status.state.phase(now)
+                ),
+            );
+        }
+        if let Some(why) = vm.spec.migratability().cross_host_reason {
+            return err(409, format!("VM {name} cannot move to another node: {why}"));
+        }
+        let (Some(pid), Some(socket)) = (vm.status.pid, vm.status.api_socket.clone()) else {
+            return err(409, format!("VM {name} has no launcher"));
+        };
+        let source_version = vm.status.launcher_version.clone().unwrap_or_default();
+        let memory_bytes = vm.spec.memory_bytes;
+        let record = match self
+            .store
+            .migration_started(name, &source_version, &to, now)
+        {
+            Ok(r) => r,
+            Err(e) => return err(500, e),
+        };
+        let c = self.settings.live_migration_config.clone();
+        let Some(vm) = self.vms.get_mut(name) else {
+            return err(404, format!("VM {name} not found"));
+        };
+        vm.status.state = VmState::MigratingOut {
+            since: now,
+            to: to.clone(),
+            record,
+        };
+        vm.source_exit = None;
+        if !self.persist(name) {
+            return err(500, "cannot record the state");
+        }
+        let mut req = supervisor::migrate_body(Path::new(""), &c);
+        if let Some(o) = req.as_object_mut() {
+            o.remove("local");
+        }
+        req["to"] = json!(to);
+        req["tlsDir"] = json!(tls);
+        if let Some(n) = server_name {
+            req["tlsServerName"] = json!(n);
+        }
+        let gib = memory_bytes.div_ceil(1 << 30).max(1);
+        let timeout =
+            Duration::from_secs(c.completion_timeout_per_gib * gib + c.progress_timeout + 60);
+        tracing::info!(vm = name, to = %to, "migrating to another node");
+        let (vm, tx) = (name.to_string(), self.events.clone());
+        tokio::spawn(async move {
+            let result = migrate_out(
+                &PathBuf::from(socket),
+                pid,
+                Some(req),
+                timeout,
+                c.progress_timeout,
+            )
+            .await;
+            let _ = tx.send(Event::RemoteDone { vm, record, result });
+        });
+        self.vm_reply(name, 202)
+    }
+
+    fn vm_reply(&self, name: &str, status: u16) -> Reply {
+        match self.vms.get(name) {
+            Some(vm) => reply(
+                status,
+                serde_json::to_value(self.view(vm, &self.plan(now_ms()), true))
+                    .unwrap_or(Value::Null),
+            ),
+            None => err(500, "VM vanished"),
+        }
+    }
+
+    /// The end of a cross-node migration job.
+    pub(crate) fn on_remote_done(&mut self, name: &str, record: i64, result: MigrationResult) {
+        let now = now_ms();
+        let (outcome, report, error) = match &result {
+            MigrationResult::Completed { report } => {
+                ("Succeeded".to_string(), report.clone(), None)
+            }
+            MigrationResult::Failed {
+                outcome,
+                error,
+                report,
+            } => {
+                let mut r = if report.is_object() {
+                    report.clone()
+                } else {
+                    json!({})
+                };
+                r["error"] = Value::from(error.clone());
+                (outcome.clone(), r, Some(error.clone()))
+            }
+        };
+        if let Err(e) = self
+            .store
+            .migration_finished(record, now, &outcome, &report)
+        {
+            tracing::error!(vm = name, error = %e, "cannot record migration outcome");
+        }
+        let Some(vm) = self.vms.get_mut(name) else {
+            return;
+        };
+        match vm.status.state.clone() {
+            VmState::Receiving { record: r, .. } if r == record => {
+                // A failure is decided by the incoming launcher's exit (after_exit).
+                if error.is_none() {
+                    tracing::info!(vm = name, "VM received from another node; running");
+                    vm.status.state = VmState::Running { since: now };
+                    vm.status.last_error = None;
+                    vm.launched_at = now;
+                }
+            }
+            VmState::MigratingOut { record: r, to, .. } if r == record => match error {
+                None => {
+                    tracing::info!(vm = name, to = %to, "VM moved to another node");
+                    if let Some(s) = vm.status.api_socket.take() {
+                        let _ = std::fs::remove_file(s);
+                    }
+                    vm.status.pid = None;
+                    vm.status.launcher_version = None;
+                    vm.status.last_error = None;
+                    vm.source_exit = None;
+                    vm.status.state = VmState::Stopped {
+                        cause: StopCause::MovedAway(to),
+                    };
+                }
+                Some(error) => {
+                    tracing::warn!(vm = name, to = %to, error = %error, "migration to another node failed");
+                    vm.status.last_error = Some(format!("migration to {to} failed: {error}"));
+                    match vm.source_exit.take() {
+                        // The launcher ended too: where the VM runs is unknown here, so it
+                        // is not restarted (it may run on the destination).
+                        Some(kind) => {
+                            let why = format!(
+                                "launcher ended ({kind:?}) during the migration to {to}: {error}; check the destination node before starting it here"
+                            );
+                            vm.status.pid = None;
+                            vm.status.api_socket = None;
+                            vm.status.launcher_version = None;
+                            vm.status.state = VmState::Stopped {
+                                cause: StopCause::Failed(why),
+                            };
+                        }
+                        None => {
+                            vm.status.state = VmState::Running {
+                                since: vm.launched_at,
+                            }
+                        }
+                    }
+                }
+            },
+            _ => return,
+        }
+        self.persist(name);
+    }
+
+    /// After a noded restart, a VM that was `Receiving` or `MigratingOut`.
+    pub(crate) fn adopt_remote(&mut self, name: &str, pid: Option<u32>) {
+        let now = now_ms();
+        let Some(vm) = self.vms.get_mut(name) else {
+            return;
+        };
+        let state = vm.status.state.clone();
+        let socket = PathBuf::from(vm.status.api_socket.clone().unwrap_or_default());
+        match (state, pid) {
+            (VmState::Receiving { record, .. }, Some(pid)) => {
+                vm.status.pid = Some(pid);
+                self.persist(name);
+                supervisor::watch_pid(name.to_string(), pid, self.events.clone());
+                watch_receive(
+                    name.to_string(),
+                    record,
+                    pid,
+                    socket,
+                    None,
+                    self.events.clone(),
+                );
+            }
+            (VmState::Receiving { .. }, None) => {
+                self.apply_exit(name, &ExitKind::from_status(None, None), now)
+            }
+            (VmState::MigratingOut { record, .. }, Some(pid)) => {
+                vm.status.pid = Some(pid);
+                self.persist(name);
+                supervisor::watch_pid(name.to_string(), pid, self.events.clone());
+                let (vm, tx) = (name.to_string(), self.events.clone());
+                tokio::spawn(async move {
+                    let result = migrate_out(&socket, pid, None, Duration::ZERO, 600).await;
+                    let _ = tx.send(Event::RemoteDone { vm, record, result });
+                });
+            }
+            (VmState::MigratingOut { record, to, .. }, None) => {
+                vm.source_exit = Some(ExitKind::from_status(None, None));
+                self.on_remote_done(
+                    name,
+                    record,
+                    failed(format!(
+                        "noded restarted and the launcher is gone (migrated to {to}?)"
+                    )),
+                );
+            }
+            _ => {}
+        }
+    }
+}
+
+fn failed(error: impl Into<String>) -> MigrationResult {
+    MigrationResult::Failed {
+        outcome: "Failed".into(),
+        error: error.into(),
+        report: Value::Null,
+    }
+}
+
+/// Polls an incoming launcher until it runs the VM (`Completed`) or ends (`Failed`).
+fn watch_receive(
+    vm: String,
+    record: i64,
+    pid: u32,
+    socket: PathBuf,
+    deadline: Option<Millis>,
+    tx: mpsc::UnboundedSender<Event>,
+) {
+    tokio::spawn(async move {
+        let result = loop {
+            if !supervisor::pid_alive(pid) {
+                break failed("the incoming launcher ended before the VM arrived");
+            }
+            if deadline.is_some_and(|d| now_ms() > d) {
+                break failed("timed out");
+            }
+            if let Some(s) = supervisor::status(&socket).await {
+                if s["state"].as_str() == Some("running") {
+                    break MigrationResult::Completed { report: s };
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let _ = tx.send(Event::RemoteDone { vm, record, result });
+    });
+}
+
+/// Sends `PUT /v1/migrate` to the source launcher (or, with `body` None after a noded
+/// restart, only waits for the migration in progress to end) and reports the outcome.
+async fn migrate_out(
+    socket: &Path,
+    pid: u32,
+    body: Option<Value>,
+    timeout: Duration,
+    progress_timeout_s: u64,
+) -> MigrationResult {
+    let answer = match body {
+        Some(b) => {
+            Some(supervisor::api_raw(socket, "PUT", "/v1/migrate", Some(b), Some(timeout)).await)
+        }
+        None => None,
+    };
+    match answer {
+        Some(Ok((code, report))) => {
+            let status = report["status"].as_str().map(str::to_string);
+            let error = report["error"].as_str().map(str::to_string);
+            match status.as_deref() {
+                Some("completed") if (200..300).contains(&code) => {
+                    // The launcher exits 64 by itself; make sure it does: the VM runs on
+                    // the destination now.
+                    if !supervisor::wait_gone(pid, Duration::from_secs(10)).await {
+                        tracing::warn!(
+                            pid,
+                            "source still running after a completed migration; SIGKILL"
+                        );
+                        supervisor::signal(pid, libc::SIGKILL);
+                        supervisor::wait_gone(pid, Duration::from_secs(5)).await;
+                    }
+                    MigrationResult::Completed { report }
+                }
+                Some(st) => MigrationResult::Failed {
+                    outcome: if st == "cancelled" {
+                        "Cancelled"
+                    } else {
+                        "Failed"
+                    }
+                    .into(),
+                    error: error.unwrap_or_else(|| format!("migration {st}")),
+                    report,
+                },
+                None => failed(format!(
+                    "the launcher refused the migration ({code}): {}",
+                    error.unwrap_or_else(|| report.to_string())
+                )),
+            }
+        }
+        // The answer was lost (or noded restarted): let a migration in progress end, then
+        // judge by whether the launcher still runs the VM.
+        lost => {
+            let why = match lost {
+                Some(Err(e)) => e.to_string(),
+                _ => "interrupted by a noded restart".to_string(),
+            };
+            let deadline = Instant::now() + Duration::from_secs(progress_timeout_s + 600);
+            loop {
+                if !supervisor::pid_alive(pid) {
+                    break;
+                }
+                let st = supervisor::status(socket).await;
+                let state = st.as_ref().and_then(|s| s["state"].as_str()).unwrap_or("");
+                if state != "migrating" || Instant::now() >= deadline {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            failed(why)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::coordinator::after_exit;
+    use crate::node::spec::parse_spec_text;
+
+    #[test]
+    fn ends_during_cross_node_migrations_never_restart() {
+        let spec = parse_spec_text("name: a\nkernel: /k\nmemory: 64Mi").unwrap();
+        let mut st = VmStatus::new(&spec, 0);
+        st.state = VmState::Receiving {
+            since: 0,
+            listen: "tcp:10.0.0.2:4000".into(),
+            record: 1,
+        };
+        assert_eq!(st.state.phase(0), "Receiving");
+        assert!(st.state.has_launcher());
+        let n = after_exit(&st, &spec, &ExitKind::Failure("exit status 1".into()), 5, 5);
+        assert_eq!(
+            n.state,
+            VmState::Stopped {
+                cause: StopCause::ReceiveFailed("exit status 1".into())
+            }
+        );
+        st.state = VmState::MigratingOut {
+            since: 0,
+            to: "tcp:10.0.0.2:4000".into(),
+            record: 2,
+        };
+        assert_eq!(st.state.phase(0), "MigratingOut");
+        let n = after_exit(&st, &spec, &ExitKind::MigratedAway, 5, 5);
+        assert_eq!(n.state.phase(5), "MovedAway");
+        assert_eq!(
+            n.state,
+            VmState::Stopped {
+                cause: StopCause::MovedAway("tcp:10.0.0.2:4000".into())
+            }
+        );
+    }
+
+    #[test]
+    fn request_checks() {
+        assert!(tcp_address("to", Some(&json!("tcp:10.0.0.2:4000"))).is_ok());
+        assert!(tcp_address("to", Some(&json!("unix:/x"))).is_err());
+        assert!(tcp_address("to", None).is_err());
+        assert!(tls_dir(Some(&json!("/etc/tls"))).is_ok());
+        assert!(tls_dir(Some(&json!("tls"))).is_err());
+        assert!(only_fields(&json!({"to": 1, "local": true}), &["to"]).is_err());
+        let spec =
+            parse_spec_text("name: a\nkernel: /k\nmemory: 64Mi\ninterfaces: [{tap: t0, mac: \"52:54:00:00:00:01\"}]")
+                .unwrap();
+        let a = remote_incoming_args(
+            "tcp:10.0.0.2:4000",
+            "/tls",
+            Path::new("/c.log"),
+            Path::new("/a.sock"),
+            &spec,
+        );
+        assert!(a
+            .windows(2)
+            .any(|w| w == ["--incoming", "tcp:10.0.0.2:4000"]));
+        assert!(a.windows(2).any(|w| w == ["--tls-dir", "/tls"]));
+        assert!(a
+            .windows(2)
+            .any(|w| w == ["--net", "tap=t0,mac=52:54:00:00:00:01"]));
+    }
+}
