@@ -55,8 +55,9 @@ pub fn find_pvh_note(notes: &[u8]) -> Option<u64> {
     None
 }
 
-/// Load the PT_LOAD segments of a 32-bit ELF into guest memory; return the PVH entry.
-pub fn load(mem: &GuestMemoryMmap, image: &[u8]) -> Result<u64, BootError> {
+/// Load the PT_LOAD segments of a 32-bit ELF into guest memory; return the PVH entry and
+/// the end of the highest segment (where an initrd may start).
+pub fn load(mem: &GuestMemoryMmap, image: &[u8]) -> Result<(u64, u64), BootError> {
     let bad = |why: &str| BootError::InvalidKernel(format!("32-bit ELF: {why}"));
     if !is_elf32(image) {
         return Err(bad("not a 32-bit little-endian ELF file"));
@@ -72,6 +73,7 @@ pub fn load(mem: &GuestMemoryMmap, image: &[u8]) -> Result<u64, BootError> {
         return Err(bad("program header entries are too small"));
     }
     let mut entry = None;
+    let mut end = 0u64;
     for i in 0..phnum {
         let ph = phoff
             .checked_add(
@@ -99,6 +101,7 @@ pub fn load(mem: &GuestMemoryMmap, image: &[u8]) -> Result<u64, BootError> {
                 if p_memsz < p_filesz as u64 {
                     return Err(bad("segment memory size smaller than file size"));
                 }
+                end = end.max(p_paddr.saturating_add(p_memsz));
                 mem.write_slice(data, GuestAddress(p_paddr)).map_err(|_| {
                     BootError::KernelTooBig(format!(
                         "segment at {p_paddr:#x} (+{p_memsz:#x}) is outside guest RAM"
@@ -122,9 +125,10 @@ pub fn load(mem: &GuestMemoryMmap, image: &[u8]) -> Result<u64, BootError> {
             _ => {}
         }
     }
-    entry.ok_or_else(|| {
+    let entry = entry.ok_or_else(|| {
         bad("no PVH entry note (Xen ELF note 18); only PVH 32-bit kernels can be booted")
-    })
+    })?;
+    Ok((entry, end))
 }
 
 #[cfg(test)]

@@ -161,8 +161,7 @@ pub fn load(
     let k = src.kernel;
     let is_elf = k.len() >= 4 && k[..4] == *b"\x7fELF";
     if is_elf && elf32::is_elf32(k) {
-        let entry = elf32::load(mem, k)?;
-        let end = elf32_end(k);
+        let (entry, end) = elf32::load(mem, k)?;
         write_pvh(mem, src, rsdp, end)?;
         return Ok(BootEntry::Pvh { entry });
     }
@@ -191,11 +190,6 @@ pub fn load(
     Err(BootError::InvalidKernel(
         "not an ELF file with a PVH note and not a Linux bzImage".into(),
     ))
-}
-
-fn elf32_end(_k: &[u8]) -> u64 {
-    // Tiny PVH guests are loaded at 1 MiB; keep an initrd clear of the first 16 MiB.
-    16 << 20
 }
 
 fn map_loader_error(e: linux_loader::loader::Error, what: &str) -> BootError {

@@ -8,7 +8,7 @@
 //! next one return at once, so no kick is lost between the check and the entry.
 
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Once};
+use std::sync::Once;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -668,6 +668,3 @@ fn run_once(id: u8, vcpu: &mut VcpuFd, ctx: &VcpuContext) -> Option<VmStop> {
         VmEvent::DebugExit(v) => Some(VmStop::DebugExit(v)),
     }
 }
-
-/// Shared handle list type used by the VM.
-pub type VcpuHandles = Arc<Vec<VcpuHandle>>;
