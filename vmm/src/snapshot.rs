@@ -16,7 +16,6 @@
 //! A missing End record means the file was truncated.
 
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 
 use vm_memory::{Bytes, GuestAddress};
 
@@ -90,42 +89,6 @@ fn write_record(w: &mut impl Write, kind: u32, parts: &[&[u8]]) -> std::io::Resu
     Ok(())
 }
 
-/// Data ranges `[start, end)` of a memfd (never-written ranges are holes).
-pub fn data_ranges(file: &std::fs::File, size: u64) -> Vec<(u64, u64)> {
-    let fd = file.as_raw_fd();
-    let mut out = Vec::new();
-    let mut pos: i64 = 0;
-    while (pos as u64) < size {
-        // SAFETY: lseek on a valid fd with SEEK_DATA/SEEK_HOLE only moves the file offset of
-        // our own duplicate-free fd; no memory is touched.
-        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-        if data < 0 {
-            break; // ENXIO: no data after pos
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        let end = if hole < 0 {
-            size as i64
-        } else {
-            hole.min(size as i64)
-        };
-        if end <= data {
-            break;
-        }
-        out.push((data as u64, end as u64));
-        pos = end;
-    }
-    if out.is_empty() && size > 0 {
-        // A filesystem without SEEK_DATA support reports errors: fall back to everything.
-        // SAFETY: lseek with SEEK_DATA at offset 0 on a valid fd.
-        let probe = unsafe { libc::lseek(fd, 0, libc::SEEK_DATA) };
-        if probe < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO) {
-            out.push((0, size));
-        }
-    }
-    out
-}
-
 /// Write a snapshot of a paused VM.
 pub fn write(
     w: &mut impl Write,
@@ -144,7 +107,7 @@ pub fn write(
     let chunk = (MAX_MEMORY_RECORD - 8) as usize;
     let mut buf = vec![0u8; chunk];
     for r in ram.regions() {
-        for (start, end) in data_ranges(&r.file, r.size) {
+        for (start, end) in r.data_ranges() {
             let mut off = start;
             while off < end {
                 let len = ((end - off) as usize).min(chunk);

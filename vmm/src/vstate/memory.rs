@@ -67,6 +67,46 @@ pub struct RamRegion {
     pub file: File,
 }
 
+impl RamRegion {
+    /// Data ranges `[start, end)` of this region's memfd (never-written ranges are holes).
+    pub fn data_ranges(&self) -> Vec<(u64, u64)> {
+        let size = self.size;
+        let fd = self.file.as_raw_fd();
+        let mut out = Vec::new();
+        let mut pos: i64 = 0;
+        while (pos as u64) < size {
+            // SAFETY: lseek on a valid fd with SEEK_DATA/SEEK_HOLE touches no memory. It moves
+            // the file offset, which a local handover shares with the other process; nobody
+            // reads the memfd through that offset (all access is through the mapping).
+            let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+            if data < 0 {
+                break; // ENXIO: no data after pos
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+            let end = if hole < 0 {
+                size as i64
+            } else {
+                hole.min(size as i64)
+            };
+            if end <= data {
+                break;
+            }
+            out.push((data as u64, end as u64));
+            pos = end;
+        }
+        if out.is_empty() && size > 0 {
+            // A filesystem without SEEK_DATA support reports errors: fall back to everything.
+            // SAFETY: lseek with SEEK_DATA at offset 0 on a valid fd.
+            let probe = unsafe { libc::lseek(fd, 0, libc::SEEK_DATA) };
+            if probe < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO) {
+                out.push((0, size));
+            }
+        }
+        out
+    }
+}
+
 /// Guest RAM: the mapping plus the memfds behind it.
 pub struct GuestRam {
     memory: GuestMemoryMmap,
@@ -285,7 +325,7 @@ impl GuestRam {
             };
             let mut rc = 0;
             // Only ranges that hold data: populating holes would allocate the whole guest.
-            for (start, end) in crate::snapshot::data_ranges(&r.file, r.size) {
+            for (start, end) in r.data_ranges() {
                 // SAFETY: madvise on a sub-range of a mapping we own; MADV_POPULATE_WRITE only
                 // populates page tables (it changes no byte) and fails harmlessly on kernels
                 // that lack it.
