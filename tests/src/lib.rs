@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 pub use test_guests as guests;
 
+pub mod tls_ca;
+
 pub mod netns;
 
 /// How long any single wait may take before the test gives up (safety only).

@@ -20,13 +20,10 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use integration_tests::netns::{ip_available, Netns};
+use integration_tests::tls_ca::Ca;
 use integration_tests::{
     assert_pattern_consistent, bin, guests, last_pass, migrate, path_str, shutdown, vm_state,
     wait_console_until, wait_new_pass, wait_pass_beyond, Launcher, TempDir,
-};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose,
 };
 
 /// `pass=` line period of the `pattern` guest.
@@ -46,45 +43,6 @@ fn skip_without_ip() -> bool {
         "SKIPPED: the `ip` tool (iproute2) is missing; install it to run the cross-host tests"
     );
     true
-}
-
-/// A certificate authority for the test.
-struct Ca {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let key = KeyPair::generate().expect("CA key");
-        let mut p = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.distinguished_name.push(DnType::CommonName, name);
-        p.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let cert = p.self_signed(&key).expect("self-sign CA");
-        Ca { cert, key }
-    }
-
-    /// A TLS directory `dir` for the host at `ip`: this CA's certificate, and a
-    /// certificate (SAN = the IP) and key issued by it.
-    fn tls_dir(&self, dir: &Path, ip: &str) {
-        std::fs::create_dir_all(dir).expect("tls dir");
-        let key = KeyPair::generate().expect("key");
-        let mut p = CertificateParams::new(vec![ip.to_string()]).expect("params");
-        p.distinguished_name.push(DnType::CommonName, ip);
-        p.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let cert = p.signed_by(&key, &self.cert, &self.key).expect("sign");
-        std::fs::write(dir.join("ca.pem"), self.cert.pem()).expect("ca.pem");
-        std::fs::write(dir.join("cert.pem"), cert.pem()).expect("cert.pem");
-        std::fs::write(dir.join("key.pem"), key.serialize_pem()).expect("key.pem");
-    }
 }
 
 /// Two test hosts. Fields drop in order: the launchers are killed (and reaped) first,
@@ -252,8 +210,8 @@ fn vm_migrates_between_two_hosts_over_tls_and_back() {
     let mut h = Hosts::new("xh");
     let ca = Ca::new("cross-host CA");
     let (tls_a, tls_b) = (h.dir.join("tls-a"), h.dir.join("tls-b"));
-    ca.tls_dir(&tls_a, IP_A);
-    ca.tls_dir(&tls_b, IP_B);
+    ca.tls_dir(&tls_a, &[IP_A]);
+    ca.tls_dir(&tls_b, &[IP_B]);
 
     let a1 = h.boot_pattern('a', "a1");
     let (b1, to_b) = h.incoming('b', "b1", &tls_b);
@@ -288,11 +246,11 @@ fn host_with_a_certificate_from_another_ca_is_refused() {
     let ca = Ca::new("cross-host CA");
     let rogue = Ca::new("rogue CA");
     let (tls_a, tls_b) = (h.dir.join("tls-a"), h.dir.join("tls-b"));
-    ca.tls_dir(&tls_a, IP_A);
+    ca.tls_dir(&tls_a, &[IP_A]);
     // Host B's certificate (for its right address) comes from another CA; B even trusts
     // the real CA, so only A's check of B's certificate can refuse it.
-    rogue.tls_dir(&tls_b, IP_B);
-    std::fs::write(tls_b.join("ca.pem"), ca.cert.pem()).expect("ca.pem");
+    rogue.tls_dir(&tls_b, &[IP_B]);
+    std::fs::write(tls_b.join("ca.pem"), ca.pem()).expect("ca.pem");
 
     let a1 = h.boot_pattern('a', "a1");
     let (b1, to_b) = h.incoming('b', "b1", &tls_b);

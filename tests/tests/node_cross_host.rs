@@ -10,53 +10,18 @@
 //! migrated A→B: it runs on B with its pass numbers continuing (one boot, no STALE page),
 //! and A records it as MovedAway and never restarts it.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use integration_tests::netns::{ip_available, Netns};
 use integration_tests::node::{last_pass, processes_mentioning, Node};
+use integration_tests::tls_ca::Ca;
 use integration_tests::{assert_pattern_consistent, guests, vm_state};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose,
-};
 
 const EVERY: u64 = 200;
 const IP_A: &str = "10.123.1.1";
 const IP_B: &str = "10.123.1.2";
 const PORT: u16 = 4792;
-
-/// Writes a TLS directory for `ip` (CA certificate, certificate with SAN = ip, key).
-fn tls_dir(ca: &(rcgen::Certificate, KeyPair), dir: &Path, ip: &str) -> String {
-    std::fs::create_dir_all(dir).expect("tls dir");
-    let key = KeyPair::generate().expect("key");
-    let mut p = CertificateParams::new(vec![ip.to_string()]).expect("params");
-    p.distinguished_name.push(DnType::CommonName, ip);
-    p.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    let cert = p.signed_by(&key, &ca.0, &ca.1).expect("sign");
-    std::fs::write(dir.join("ca.pem"), ca.0.pem()).expect("ca.pem");
-    std::fs::write(dir.join("cert.pem"), cert.pem()).expect("cert.pem");
-    std::fs::write(dir.join("key.pem"), key.serialize_pem()).expect("key.pem");
-    dir.display().to_string()
-}
-
-fn test_ca() -> (rcgen::Certificate, KeyPair) {
-    let key = KeyPair::generate().expect("CA key");
-    let mut p = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.distinguished_name
-        .push(DnType::CommonName, "node test CA");
-    p.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let cert = p.self_signed(&key).expect("self-sign CA");
-    (cert, key)
-}
 
 /// The node's launcher, whose `run` happens inside `ns`.
 fn launcher_in_ns(node: &Node, ns: &Netns) -> PathBuf {
@@ -91,9 +56,9 @@ fn noded_moves_a_vm_to_another_node_over_tls() {
     }
     let a = Node::start("xhost-a", "{}\n");
     let b = Node::start("xhost-b", "{}\n");
-    let ca = test_ca();
-    let tls_a = tls_dir(&ca, &a.dir.join("tls"), IP_A);
-    let tls_b = tls_dir(&ca, &b.dir.join("tls"), IP_B);
+    let ca = Ca::new("node test CA");
+    let tls_a = ca.tls_dir(&a.dir.join("tls"), &[IP_A]);
+    let tls_b = ca.tls_dir(&b.dir.join("tls"), &[IP_B]);
     let va = a.install(&launcher_in_ns(&a, &a_ns))["version"]
         .as_str()
         .expect("version")

@@ -7,57 +7,14 @@
 
 use std::path::Path;
 
+use integration_tests::tls_ca::Ca;
 use integration_tests::{
     assert_pattern_consistent, free_tcp_port, guests, last_pass, launcher_cmd, migrate, path_str,
     vm_state, wait_console_until, wait_new_pass, wait_pass_beyond, Launcher, TempDir,
 };
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose,
-};
 
 /// `pass=` line period of the `pattern` guest.
 const EVERY: u64 = 200;
-
-/// A certificate authority for the test.
-struct Ca {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let key = KeyPair::generate().expect("CA key");
-        let mut p = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.distinguished_name.push(DnType::CommonName, name);
-        p.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let cert = p.self_signed(&key).expect("self-sign CA");
-        Ca { cert, key }
-    }
-
-    /// A TLS directory `dir` for a host named `names`: this CA's certificate, and a
-    /// certificate and key issued by it.
-    fn tls_dir(&self, dir: &Path, names: &[&str]) {
-        std::fs::create_dir_all(dir).expect("tls dir");
-        let key = KeyPair::generate().expect("key");
-        let mut p = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-            .expect("params");
-        p.distinguished_name.push(DnType::CommonName, names[0]);
-        p.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let cert = p.signed_by(&key, &self.cert, &self.key).expect("sign");
-        std::fs::write(dir.join("ca.pem"), self.cert.pem()).expect("ca.pem");
-        std::fs::write(dir.join("cert.pem"), cert.pem()).expect("cert.pem");
-        std::fs::write(dir.join("key.pem"), key.serialize_pem()).expect("key.pem");
-    }
-}
 
 fn api_of(l: &Launcher) -> &Path {
     l.api.as_deref().expect("API socket")
@@ -110,8 +67,8 @@ fn tls_copy_migration_of_a_running_guest() {
     let dir = TempDir::new("tls-ok");
     let ca = Ca::new("migration CA");
     let (src_tls, dst_tls) = (dir.join("src-tls"), dir.join("dst-tls"));
-    ca.tls_dir(&src_tls, &["source.test"]);
-    ca.tls_dir(&dst_tls, &["localhost", "127.0.0.1"]);
+    let _ = ca.tls_dir(&src_tls, &["source.test"]);
+    let _ = ca.tls_dir(&dst_tls, &["localhost", "127.0.0.1"]);
     let mut src = boot_source(&dir);
     let uri = format!("tcp:127.0.0.1:{}", free_tcp_port());
     let mut dst = destination(&dir, &uri, &["--tls-dir", path_str(&dst_tls)], 1);
@@ -140,8 +97,8 @@ fn tls_server_name_is_verified() {
     let dir = TempDir::new("tls-name");
     let ca = Ca::new("migration CA");
     let (src_tls, dst_tls) = (dir.join("src-tls"), dir.join("dst-tls"));
-    ca.tls_dir(&src_tls, &["source.test"]);
-    ca.tls_dir(&dst_tls, &["dest.test"]);
+    let _ = ca.tls_dir(&src_tls, &["source.test"]);
+    let _ = ca.tls_dir(&dst_tls, &["dest.test"]);
     let mut src = boot_source(&dir);
     let uri = format!("tcp:127.0.0.1:{}", free_tcp_port());
     let mut dst = destination(&dir, &uri, &["--tls-dir", path_str(&dst_tls)], 1);
@@ -186,11 +143,11 @@ fn sender_with_a_certificate_from_another_ca_is_refused() {
     let ca = Ca::new("migration CA");
     let rogue = Ca::new("rogue CA");
     let (rogue_tls, dst_tls, src_tls) = (dir.join("rogue"), dir.join("dst"), dir.join("src"));
-    rogue.tls_dir(&rogue_tls, &["source.test"]);
+    let _ = rogue.tls_dir(&rogue_tls, &["source.test"]);
     // The rogue sender even trusts the real CA (so it accepts the destination).
-    std::fs::write(rogue_tls.join("ca.pem"), ca.cert.pem()).expect("ca.pem");
-    ca.tls_dir(&dst_tls, &["127.0.0.1"]);
-    ca.tls_dir(&src_tls, &["source.test"]);
+    std::fs::write(rogue_tls.join("ca.pem"), ca.pem()).expect("ca.pem");
+    let _ = ca.tls_dir(&dst_tls, &["127.0.0.1"]);
+    let _ = ca.tls_dir(&src_tls, &["source.test"]);
     let mut src = boot_source(&dir);
     let uri = format!("tcp:127.0.0.1:{}", free_tcp_port());
     let mut dst = destination(&dir, &uri, &["--tls-dir", path_str(&dst_tls)], 1);
