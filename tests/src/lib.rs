@@ -606,3 +606,36 @@ pub fn launcher_of_version_with(version: &str, env: &[(&str, &str)]) -> PathBuf 
 }
 
 pub mod node;
+
+/// SIGKILL a child process by pid (one the caller spawned and has not reaped yet).
+pub fn kill_pid(pid: u32) {
+    // SAFETY: kill(2) on the pid of a child the caller spawned and has not reaped yet.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+}
+
+/// The API socket of a launcher started with one.
+pub fn api_of(l: &Launcher) -> &Path {
+    l.api.as_deref().expect("API socket")
+}
+
+/// Boot the `pattern` guest (64 MiB, a 4 MiB region, a `pass=` line every `every`
+/// passes) with its console in `serial` and its API on `api`, and wait for two
+/// `pass=` lines: the usual source of a migration test.
+pub fn boot_pattern_source(serial: &Path, api: &Path, every: u64) -> Launcher {
+    let cmdline = format!("mib=4 every={every}");
+    let mut l = Launcher::run(
+        &[
+            "--kernel",
+            path_str(guests::pattern_path()),
+            "--memory",
+            "64M",
+            "--cmdline",
+            &cmdline,
+        ],
+        serial,
+        Some(api),
+    );
+    l.wait_api();
+    wait_console_until(&mut l, "two pass= lines", |c| last_pass(c) >= 2 * every);
+    l
+}

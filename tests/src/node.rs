@@ -231,13 +231,7 @@ impl Drop for Node {
         self.kill_daemon();
         // Kill every process started for this state directory (launchers carry their
         // socket paths, inside it, on their command lines).
-        let needle = self.state().display().to_string();
-        for pid in processes_mentioning(&needle) {
-            // SAFETY: plain kill(2) on a pid whose command line names our temp directory.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-            }
-        }
+        kill_processes_mentioning(&self.state().display().to_string());
     }
 }
 
@@ -262,6 +256,21 @@ pub fn processes_mentioning(needle: &str) -> Vec<i32> {
         }
     }
     out
+}
+
+/// SIGKILL every live process (other than this one) whose command line contains
+/// `needle`: the launchers a test, demo or benchmark started under its own temp directory.
+pub fn kill_processes_mentioning(needle: &str) {
+    let me = std::process::id() as i32;
+    for pid in processes_mentioning(needle)
+        .into_iter()
+        .filter(|&p| p != me)
+    {
+        // SAFETY: plain kill(2) on a pid whose command line names the caller's directory.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
 }
 
 /// The last `pass=` number of a pattern guest's console.

@@ -27,15 +27,17 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use integration_tests::kill_pid;
 use integration_tests::{
-    api, assert_pattern_consistent, guests, last_pass, path_str, vm_state, wait_console_until,
-    Launcher, MigrateJob, TempDir, SAFETY,
+    api, assert_pattern_consistent, last_pass, path_str, vm_state, Launcher, MigrateJob, TempDir,
+    SAFETY,
 };
+use integration_tests::{api_of, boot_pattern_source};
 use migration::frame::{self, FrameType, HEADER_LEN};
 use migration::protocol::{ReceiverMessage, SenderMessage, PREAMBLE_LEN};
 
@@ -114,11 +116,6 @@ impl Rng {
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
     }
-}
-
-fn kill_pid(pid: u32) {
-    // SAFETY: kill(2) on the pid of a child this test spawned and has not reaped yet.
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
 }
 
 // ---------------------------------------------------------------------------------
@@ -438,26 +435,7 @@ fn back(ends: &Ends, plan: Plan) {
 // ---------------------------------------------------------------------------------
 
 fn boot_source(dir: &TempDir) -> Launcher {
-    let cmdline = format!("mib=4 every={EVERY}");
-    let mut l = Launcher::run(
-        &[
-            "--kernel",
-            path_str(guests::pattern_path()),
-            "--memory",
-            "64M",
-            "--cmdline",
-            &cmdline,
-        ],
-        &dir.join("src.log"),
-        Some(&dir.join("src.sock")),
-    );
-    l.wait_api();
-    wait_console_until(&mut l, "two pass= lines", |c| last_pass(c) >= 2 * EVERY);
-    l
-}
-
-fn api_of(l: &Launcher) -> &Path {
-    l.api.as_deref().expect("API socket")
+    boot_pattern_source(&dir.join("src.log"), &dir.join("src.sock"), EVERY)
 }
 
 /// Wait for `l` to exit (safety deadline); its status code (None if killed).

@@ -15,16 +15,17 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use integration_tests::kill_pid;
 use integration_tests::{
-    api, assert_pattern_consistent, guests, incoming, kill_hard, last_pass, migrate, path_str,
-    vm_state, wait_console_until, wait_new_pass, wait_progress, Launcher, MigrateJob,
-    MigrateOutcome, TempDir, SAFETY,
+    api, assert_pattern_consistent, incoming, kill_hard, last_pass, migrate, path_str, vm_state,
+    wait_new_pass, wait_progress, Launcher, MigrateJob, MigrateOutcome, TempDir, SAFETY,
 };
+use integration_tests::{api_of, boot_pattern_source};
 use migration::frame::{self, FrameReader, FrameType, FrameWriter, HEADER_LEN};
 use migration::protocol::{
     self, Hello, MemoryLayout, MemoryRegion, MigrationMode, ReceiverMessage, RefuseReason,
@@ -47,30 +48,8 @@ const CAPPED: &[&str] = &[
     "0",
 ];
 
-fn api_of(l: &Launcher) -> &Path {
-    l.api.as_deref().expect("API socket")
-}
-
-/// Boot the source `pattern` guest (4 MiB region) in `dir`.
 fn boot_source(dir: &TempDir) -> Launcher {
-    let serial = dir.join("console.log");
-    let sock = dir.join("src.sock");
-    let cmdline = format!("mib=4 every={EVERY}");
-    let mut l = Launcher::run(
-        &[
-            "--kernel",
-            path_str(guests::pattern_path()),
-            "--memory",
-            "64M",
-            "--cmdline",
-            &cmdline,
-        ],
-        &serial,
-        Some(&sock),
-    );
-    l.wait_api();
-    wait_console_until(&mut l, "two pass= lines", |c| last_pass(c) >= 2 * EVERY);
-    l
+    boot_pattern_source(&dir.join("console.log"), &dir.join("src.sock"), EVERY)
 }
 
 /// A real destination `n` listening on `unix:<dir>/mig-<n>.sock`, console in its own
@@ -191,11 +170,6 @@ impl Ends {
         let _ = self.src.shutdown(std::net::Shutdown::Both);
         let _ = self.dst.shutdown(std::net::Shutdown::Both);
     }
-}
-
-fn kill_pid(pid: u32) {
-    // SAFETY: kill(2) on the pid of a child this test spawned and has not reaped yet.
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
 }
 
 impl Proxy {

@@ -5,39 +5,18 @@
 //!
 //! The CA and certificates are generated here with `rcgen`.
 
-use std::path::Path;
-
 use integration_tests::tls_ca::Ca;
+use integration_tests::{api_of, boot_pattern_source};
 use integration_tests::{
-    assert_pattern_consistent, free_tcp_port, guests, last_pass, launcher_cmd, migrate, path_str,
-    vm_state, wait_console_until, wait_new_pass, wait_pass_beyond, Launcher, TempDir,
+    assert_pattern_consistent, free_tcp_port, last_pass, launcher_cmd, migrate, path_str, vm_state,
+    wait_new_pass, wait_pass_beyond, Launcher, TempDir,
 };
 
 /// `pass=` line period of the `pattern` guest.
 const EVERY: u64 = 200;
 
-fn api_of(l: &Launcher) -> &Path {
-    l.api.as_deref().expect("API socket")
-}
-
-/// Boot the `pattern` guest (4 MiB region) as the source.
 fn boot_source(dir: &TempDir) -> Launcher {
-    let cmdline = format!("mib=4 every={EVERY}");
-    let mut l = Launcher::run(
-        &[
-            "--kernel",
-            path_str(guests::pattern_path()),
-            "--memory",
-            "64M",
-            "--cmdline",
-            &cmdline,
-        ],
-        &dir.join("console.log"),
-        Some(&dir.join("src.sock")),
-    );
-    l.wait_api();
-    wait_console_until(&mut l, "two pass= lines", |c| last_pass(c) >= 2 * EVERY);
-    l
+    boot_pattern_source(&dir.join("console.log"), &dir.join("src.sock"), EVERY)
 }
 
 /// `launcher run --incoming URI <extra>` appending to the VM's console log.

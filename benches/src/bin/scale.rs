@@ -105,19 +105,7 @@ impl Drop for Node {
     fn drop(&mut self) {
         let _ = self.daemon.kill();
         let _ = self.daemon.wait();
-        let needle = self.dir.display().to_string();
-        if let Ok(entries) = std::fs::read_dir("/proc") {
-            for e in entries.flatten() {
-                let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                    continue;
-                };
-                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                if String::from_utf8_lossy(&cmd).contains(&needle) {
-                    // SAFETY: kill(2) on a launcher whose command line names our temp dir.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
-        }
+        integration_tests::node::kill_processes_mentioning(&self.dir.display().to_string());
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

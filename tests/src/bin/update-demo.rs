@@ -107,21 +107,7 @@ impl Drop for Demo {
             let _ = d.wait();
         }
         // Anything still running from our state directory (a launcher mid-exit).
-        if let Ok(entries) = std::fs::read_dir("/proc") {
-            let needle = self.state.display().to_string();
-            for e in entries.flatten() {
-                let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                    continue;
-                };
-                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                if pid != std::process::id() as i32
-                    && String::from_utf8_lossy(&cmd).contains(&needle)
-                {
-                    // SAFETY: kill(2) on a process whose command line names our temp dir.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
-        }
+        integration_tests::node::kill_processes_mentioning(&self.state.display().to_string());
         if std::env::var_os("DEMO_KEEP").is_none() && !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {
