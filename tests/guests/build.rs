@@ -22,7 +22,7 @@ const GUESTS: &[(&str, &[&str])] = &[
 const COMMON: &[&str] = &["entry.S", "common.c"];
 
 /// Other inputs that must trigger a rebuild.
-const EXTRA_INPUTS: &[&str] = &["guest.h", "link.ld"];
+const EXTRA_INPUTS: &[&str] = &["guest.h", "virtio.h", "link.ld"];
 
 const CFLAGS: &[&str] = &[
     "-m64",

@@ -11,7 +11,6 @@
 
 const char guest_name[] = "blkjournal";
 
-#define ECAM_BASE 0xb0000000u
 #define EXIT_NO_DEVICE 2
 #define EXIT_CORRUPT 3
 #define EXIT_IO 5
@@ -27,39 +26,7 @@ const char guest_name[] = "blkjournal";
 #define VIRTIO_BLK_F_FLUSH 9u
 
 #define QSIZE 8u
-#define VRING_DESC_F_NEXT 1u
-#define VRING_DESC_F_WRITE 2u
-
-/* Common configuration structure offsets. */
-#define C_DFSEL 0x00
-#define C_DF 0x04
-#define C_GFSEL 0x08
-#define C_GF 0x0c
-#define C_STATUS 0x14
-#define C_QSEL 0x16
-#define C_QSIZE 0x18
-#define C_QENABLE 0x1c
-#define C_QNOTIFY_OFF 0x1e
-#define C_QDESC 0x20
-#define C_QDRIVER 0x28
-#define C_QDEVICE 0x30
-
-struct vring_desc {
-    u64 addr;
-    u32 len;
-    u16 flags;
-    u16 next;
-};
-
-struct rings {
-    struct vring_desc desc[QSIZE];
-    u16 avail_flags, avail_idx, avail_ring[QSIZE], used_event;
-    u8 pad[4096 - 16 * QSIZE - 2 * (QSIZE + 3)];
-    u16 used_flags, used_idx;
-    struct {
-        u32 id, len;
-    } used_ring[QSIZE];
-};
+#include "virtio.h"
 
 struct blk_req_hdr {
     u32 type;
@@ -201,7 +168,6 @@ static void blk_request(u32 type, u64 sector, void *data, u32 len)
     }
 }
 
-static u32 ecam_read32(u32 dev, u32 off) { return mmio_read32(ECAM_BASE + (dev << 15) + off); }
 
 /* Finds the disk_index-th virtio-blk on bus 0, maps its capabilities, initialises queue 0.
  * Returns the device features (low 32 bits). */

@@ -12,7 +12,6 @@
 
 const char guest_name[] = "netecho";
 
-#define ECAM_BASE 0xb0000000u
 #define EXIT_NO_DEVICE 2
 
 #define VIRTIO_NET_F_MAC 5u
@@ -21,40 +20,10 @@ const char guest_name[] = "netecho";
 #define QSIZE 32u
 #define BUFSZ 2048u
 #define HDR 12u /* virtio_net_hdr_v1 */
-#define VRING_DESC_F_WRITE 2u
 #define VRING_AVAIL_F_NO_INTERRUPT 1u
+#include "virtio.h"
 #define TX_BATCH 16u
 
-/* Common configuration structure offsets. */
-#define C_DFSEL 0x00
-#define C_DF 0x04
-#define C_GFSEL 0x08
-#define C_GF 0x0c
-#define C_STATUS 0x14
-#define C_QSEL 0x16
-#define C_QSIZE 0x18
-#define C_QENABLE 0x1c
-#define C_QNOTIFY_OFF 0x1e
-#define C_QDESC 0x20
-#define C_QDRIVER 0x28
-#define C_QDEVICE 0x30
-
-struct vring_desc {
-    u64 addr;
-    u32 len;
-    u16 flags;
-    u16 next;
-};
-
-struct rings {
-    struct vring_desc desc[QSIZE];
-    u16 avail_flags, avail_idx, avail_ring[QSIZE], used_event;
-    u8 pad[4096 - 16 * QSIZE - 2 * (QSIZE + 3)];
-    u16 used_flags, used_idx;
-    struct {
-        u32 id, len;
-    } used_ring[QSIZE];
-};
 
 /* Rings are zero at load (they live in .data); buffers need no initial contents. */
 static struct rings rxq __attribute__((aligned(4096)));
@@ -380,7 +349,6 @@ static void handle_frame(const u8 *f, u32 len)
         handle_udp(f, len, ihl, tot);
 }
 
-static u32 ecam_read32(u32 dev, u32 off) { return mmio_read32(ECAM_BASE + (dev << 15) + off); }
 
 /* The address a capability's (bar, offset) names; 64-bit memory BARs included. */
 static uptr cap_addr(u32 slot, u32 cap)
