@@ -209,11 +209,6 @@ pub fn worth_another_iteration(stats: &MigrationStats, limits: &MigrationLimits)
 
 /// Whether the final transfer fits the downtime target, computed exactly.
 pub fn fits_target(stats: &MigrationStats, limits: &MigrationLimits) -> bool {
-    fits(stats, limits)
-}
-
-/// Whether the final transfer fits the downtime target, computed exactly.
-fn fits(stats: &MigrationStats, limits: &MigrationLimits) -> bool {
     let bw = effective_bandwidth(stats, limits);
     if bw == 0 {
         // No measurement yet: only switch when no memory is left to send.
@@ -227,7 +222,7 @@ fn fits(stats: &MigrationStats, limits: &MigrationLimits) -> bool {
 /// apply: a migration that can finish within the target should not be
 /// abandoned.
 pub fn decide(stats: &MigrationStats, limits: &MigrationLimits) -> Decision {
-    if fits(stats, limits) {
+    if fits_target(stats, limits) {
         if worth_another_iteration(stats, limits) {
             return Decision::Continue;
         }

@@ -391,9 +391,13 @@ pub fn send(vm: &Arc<Vm>, stream: Stream, opts: &SendOptions) -> Report {
         buf_ranges: Vec::new(),
         copy_buf: Vec::with_capacity(FRAME_DATA_BYTES as usize),
     };
-    let throttler = Throttler::start(vm.clone());
-    let result = run(&mut s, unix.as_ref(), start, &throttler);
-    s.report.guest_stall_ms = ms(throttler.stalled());
+    // The throttle thread exists only when auto-converge may use it.
+    let throttler = opts
+        .limits
+        .auto_converge
+        .then(|| Throttler::start(vm.clone()));
+    let result = run(&mut s, unix.as_ref(), start, throttler.as_ref());
+    s.report.guest_stall_ms = throttler.as_ref().map_or(0.0, |t| ms(t.stalled()));
     drop(throttler);
     s.report.transferred_bytes = s.w.bytes_written();
     s.report.total_ms = ms(start.elapsed());
@@ -456,7 +460,7 @@ fn run(
     s: &mut Sender<'_>,
     unix: Option<&std::os::unix::net::UnixStream>,
     start: Instant,
-    throttler: &Throttler,
+    throttler: Option<&Throttler>,
 ) -> Result<(), SendError> {
     let vm = s.vm;
     let layout = layout_of(vm);
@@ -610,7 +614,9 @@ fn run(
                 }
                 if limits.auto_converge {
                     throttle = policy::auto_converge(throttle, period_sent, dirty_bytes);
-                    throttler.set(throttle.percent);
+                    if let Some(t) = throttler {
+                        t.set(throttle.percent);
+                    }
                     s.report.throttle_percent = s.report.throttle_percent.max(throttle.percent);
                 }
                 period_start = Instant::now();
@@ -637,7 +643,9 @@ fn run(
     let pause_at = Instant::now();
     let pause_realtime = realtime_ns();
     let guard = vm.pause().map_err(|e| SendError::Vm(e.to_string()))?;
-    throttler.set(0);
+    if let Some(t) = throttler {
+        t.set(0);
+    }
     // No bandwidth cap for the final transfer: the guest is stopped.
     s.opts.rate.set(0);
     if logging.is_some() {

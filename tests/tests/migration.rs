@@ -281,6 +281,36 @@ fn copy_over_unix_socket() {
     shutdown(&mut dst);
 }
 
+/// A guest that dirties memory faster than a capped link drains it only converges once
+/// auto-converge throttles its vCPU; the report says how hard and what it cost the guest.
+#[test]
+fn auto_converge_throttles_a_guest_that_outruns_the_link() {
+    let dir = TempDir::new("mig-autoconverge");
+    let mut src = boot_pattern(&dir, "256M", 16, 1);
+    let (mut dst, uri) = destination(&dir, 1);
+    // 16 MiB rewritten on every pass against 16 MB/s: no pass fits the 300 ms target
+    // until the guest is slowed down.
+    let out = migrate_once(
+        &dir,
+        &mut src,
+        &mut dst,
+        &uri,
+        &["--max-bandwidth", "16000000", "--auto-converge"],
+    );
+    assert!(
+        out.u64("throttle_percent") >= 20,
+        "auto-converge never throttled: {}",
+        out.report
+    );
+    assert!(
+        out.report["guest_stall_ms"].as_f64().unwrap_or(0.0) > 0.0,
+        "a throttled guest lost no time? {}",
+        out.report
+    );
+    assert!(out.u64("iterations") > 2, "report: {}", out.report);
+    shutdown(&mut dst);
+}
+
 #[test]
 fn copy_over_tcp() {
     let dir = TempDir::new("mig-tcp");
