@@ -1,12 +1,12 @@
 //! The HTTP request parsing of the launcher's and noded's API sockets
-//! (`launcher::http`): `parse_request_head` on the bytes, `read_request` (the
+//! (`contracts::http`): `parse_request_head` on the bytes, `read_request` (the
 //! launcher's blocking reader) and `read_request_async` (noded's) on a stream
 //! of them; both readers must agree.
 //!
 //! Shared by `fuzz/fuzz_targets/http_request.rs` (cargo-fuzz) and
-//! `launcher/tests/fuzz_standin.rs` (seeded mutations in `cargo test`).
+//! `contracts/tests/fuzz_standin.rs` (seeded mutations in `cargo test`).
 
-use launcher::http;
+use contracts::http;
 
 /// Parse `data` every way the API servers do. `Ok(body length)` for a request
 /// that parses, else the error's message, which must never be empty.

@@ -1,11 +1,10 @@
-//! The launcher crate: the `launcher` process (one VM), `noded` (node daemon and
-//! update coordinator) and `nodectl` (its CLI).
+//! The launcher crate: the `launcher` process, one VM per process. It links neither
+//! tokio nor SQLite; the node daemon (`noded`, `nodectl`) lives in the `node` crate, and
+//! the two share only the typed contracts of the `contracts` crate.
 
-pub mod http;
 pub mod launch;
 pub mod migrate_cli;
 pub mod migrate_glue;
-pub mod node;
 
 fn knob_list(v: &'static str) -> impl Iterator<Item = &'static str> {
     v.split(',').map(str::trim).filter(|s| !s.is_empty())

@@ -8,8 +8,8 @@ use std::time::Duration;
 use clap::Args;
 use serde_json::{json, Value};
 
-use crate::http;
 use crate::launch::LaunchError;
+use contracts::http;
 
 /// Arguments of `launcher migrate`.
 #[derive(Args, Debug)]

@@ -258,7 +258,7 @@ fn snapshot(
         source,
     })?;
     let body = serde_json::json!({"path": file.display().to_string(), "stop": stop});
-    let (status, reply) = launcher::http::request_with_timeout(
+    let (status, reply) = contracts::http::request_with_timeout(
         api_socket,
         "PUT",
         "/v1/snapshot",

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use super::runtime::{Phase, Runtime};
 use super::{LaunchError, VERSION};
-use crate::http;
+use contracts::http;
 
 /// Handles `PUT /v1/migrate` and `PUT /v1/migrate/cancel`; provided by the
 /// migration glue so that this module does not depend on it.

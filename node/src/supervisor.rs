@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use super::coordinator::ExitKind;
 use super::settings::LiveMigrationConfig;
 use super::spec::VmSpec;
-use crate::http;
+use contracts::http;
 
 /// Process and API failures.
 #[derive(Debug, thiserror::Error)]
@@ -625,10 +625,9 @@ mod tests {
     fn args_and_memory() {
         assert_eq!(memory_arg(64 << 20), "64M");
         assert_eq!(memory_arg(4096 * 3), "12288");
-        let spec = crate::node::spec::parse_spec_text(
-            "name: a\nkernel: /k\nmemory: 64Mi\ncmdline: every=5",
-        )
-        .unwrap();
+        let spec =
+            crate::spec::parse_spec_text("name: a\nkernel: /k\nmemory: 64Mi\ncmdline: every=5")
+                .unwrap();
         let a = run_args(
             &spec,
             Path::new("/s/console.log"),
@@ -645,7 +644,7 @@ mod tests {
         assert!(i.windows(2).any(|w| w == ["--incoming", "unix:/s/m.sock"]));
         assert!(!i.contains(&"--net".to_string()));
         assert!(!a.contains(&"--net".to_string()));
-        let spec = crate::node::spec::parse_spec_text(
+        let spec = crate::spec::parse_spec_text(
             "name: a\nkernel: /k\nmemory: 64Mi\ninterfaces: [{tap: tap0, mac: \"52:54:00:00:00:07\"}, {tap: tap1, mac: \"52:54:00:00:00:08\"}]",
         )
         .unwrap();

@@ -1,8 +1,8 @@
 //! Unit tests of the coordinator's pure decisions.
 
 use super::*;
-use crate::node::settings::{apply_text, NodeSettings};
-use crate::node::spec::parse_spec_text;
+use crate::settings::{apply_text, NodeSettings};
+use crate::spec::parse_spec_text;
 
 fn spec(name: &str, extra: &str) -> VmSpec {
     let mut s =
@@ -29,7 +29,7 @@ fn target(v: &str) -> Target {
     Target {
         version: v.into(),
         machine_types: vec!["q35-1.0".into()],
-        migration_protocol: crate::node::launchers::Range { min: 1, max: 1 },
+        migration_protocol: crate::launchers::Range { min: 1, max: 1 },
         on_channel: true,
     }
 }
@@ -369,7 +369,7 @@ fn direct_update_skips_intermediate_versions() {
 #[test]
 fn protocol_window_outside_target_means_evict_or_stay() {
     let mut w = World::new("{}").vm("a", "runStrategy: Always\n", running("1.0.0"));
-    w.target.migration_protocol = crate::node::launchers::Range { min: 2, max: 3 };
+    w.target.migration_protocol = crate::launchers::Range { min: 2, max: 3 };
     w.launchers[1] = w.target.clone();
     let p = w.plan(0);
     assert!(p.actions.is_empty(), "no doomed migration: {:?}", p.actions);
@@ -396,7 +396,7 @@ fn protocol_window_outside_target_means_evict_or_stay() {
         .unwrap_or("")
         .contains("refuses eviction"));
     // Overlapping windows migrate.
-    w.target.migration_protocol = crate::node::launchers::Range { min: 1, max: 2 };
+    w.target.migration_protocol = crate::launchers::Range { min: 1, max: 2 };
     w.specs[0] = spec("a", "");
     assert!(matches!(w.plan(0).actions[..], [Action::Migrate { .. }]));
 }

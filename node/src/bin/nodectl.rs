@@ -6,13 +6,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use launcher::http::{self, HttpError};
+use contracts::http::{self, HttpError};
 use serde_json::{json, Value};
 
 const DEFAULT_SOCKET: &str = "/var/lib/noded/noded.sock";
 
 #[derive(Parser)]
-#[command(name = "nodectl", version = env!("LAUNCHER_VERSION"), about = "Control noded: VMs, launchers, updates")]
+#[command(name = "nodectl", version = env!("CARGO_PKG_VERSION"), about = "Control noded: VMs, launchers, updates")]
 struct Cli {
     /// noded's API socket [env: NODED_SOCKET; default /var/lib/noded/noded.sock].
     #[arg(long, global = true)]

@@ -383,8 +383,8 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::node::launchers::Range;
-    use crate::node::spec::parse_spec_text;
+    use crate::launchers::Range;
+    use crate::spec::parse_spec_text;
 
     fn row(name: &str) -> VmRow {
         let spec = parse_spec_text(&format!("name: {name}\nkernel: /k\nmemory: 64Mi")).unwrap();

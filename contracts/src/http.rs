@@ -17,6 +17,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
+#[cfg(feature = "async")]
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Largest accepted header section (request/status line plus headers, including the
@@ -499,6 +500,7 @@ pub fn request_raw(
 }
 
 /// Reads one request from an async stream, with the same limits as [`read_request`].
+#[cfg(feature = "async")]
 pub async fn read_request_async<R: AsyncRead + Unpin>(r: &mut R) -> Result<Request, HttpError> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
@@ -542,6 +544,7 @@ pub async fn read_request_async<R: AsyncRead + Unpin>(r: &mut R) -> Result<Reque
 }
 
 /// Writes a complete, already encoded response to an async stream.
+#[cfg(feature = "async")]
 pub async fn write_response_async<W: AsyncWrite + Unpin>(
     w: &mut W,
     response: &[u8],
@@ -689,6 +692,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    #[cfg(feature = "async")]
     #[test]
     fn async_reader_matches_blocking() {
         let rt = tokio::runtime::Builder::new_current_thread()

@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::daemon::{Command, DaemonError};
 use super::launchers::Channel;
 use super::requests::{err, Body, Reply, Req};
-use crate::http::{self, HttpError};
+use contracts::http::{self, HttpError};
 
 /// How long a client may take to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);

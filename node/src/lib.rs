@@ -1,4 +1,5 @@
-//! noded, the node daemon, and the pieces nodectl shares with it.
+//! noded, the node daemon, and the pieces nodectl shares with it. The launcher is a
+//! separate program: noded starts it and talks to it only through the `contracts` crate.
 //!
 //! Layout: [`spec`] (VM specs), [`settings`] (coordinator settings), [`launchers`]
 //! (installed launcher binaries, channels), [`coordinator`] (pure decisions),

@@ -584,8 +584,8 @@ async fn migrate_out(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::node::coordinator::after_exit;
-    use crate::node::spec::parse_spec_text;
+    use crate::coordinator::after_exit;
+    use crate::spec::parse_spec_text;
 
     #[test]
     fn ends_during_cross_node_migrations_never_restart() {

@@ -5,10 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use launcher::node::daemon::{run, Options};
+use node::daemon::{run, Options};
 
 #[derive(Parser)]
-#[command(name = "noded", version = env!("LAUNCHER_VERSION"), about = "Node daemon and launcher update coordinator")]
+#[command(name = "noded", version = env!("CARGO_PKG_VERSION"), about = "Node daemon and launcher update coordinator")]
 struct Cli {
     /// State directory (database, installed launchers, VM logs and sockets).
     #[arg(long)]
