@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::daemon::{Command, DaemonError};
 use super::launchers::Channel;
 use super::requests::{err, Body, Reply, Req};
+use crate::cluster::Cluster;
 use contracts::http::{self, HttpError};
 
 /// How long a client may take to send its request.
@@ -42,13 +43,19 @@ pub fn bind(path: &Path) -> Result<UnixListener, DaemonError> {
 }
 
 /// Accepts connections forever.
-pub async fn serve(listener: UnixListener, cmds: mpsc::Sender<Command>, launchers_dir: PathBuf) {
+pub async fn serve(
+    listener: UnixListener,
+    cmds: mpsc::Sender<Command>,
+    launchers_dir: PathBuf,
+    cluster: Option<Cluster>,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
                 let cmds = cmds.clone();
                 let dir = launchers_dir.clone();
-                tokio::spawn(async move { connection(stream, cmds, dir).await });
+                let cluster = cluster.clone();
+                tokio::spawn(async move { connection(stream, cmds, dir, cluster).await });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
@@ -58,7 +65,12 @@ pub async fn serve(listener: UnixListener, cmds: mpsc::Sender<Command>, launcher
     }
 }
 
-async fn connection(mut stream: UnixStream, cmds: mpsc::Sender<Command>, launchers_dir: PathBuf) {
+async fn connection(
+    mut stream: UnixStream,
+    cmds: mpsc::Sender<Command>,
+    launchers_dir: PathBuf,
+    cluster: Option<Cluster>,
+) {
     let reply =
         match tokio::time::timeout(READ_TIMEOUT, http::read_request_async(&mut stream)).await {
             Err(_) => err(408, "request not received in time"),
@@ -66,7 +78,15 @@ async fn connection(mut stream: UnixStream, cmds: mpsc::Sender<Command>, launche
             Ok(Err(e)) => err(e.status(), e),
             Ok(Ok(req)) => {
                 tracing::debug!(method = %req.method, path = %req.path, "request");
-                match route(&req.method, &req.path, &req) {
+                let cluster_reply = match &cluster {
+                    Some(c) => cluster_route(c, &req).await,
+                    None => None,
+                };
+                match cluster_reply
+                    .map(Ok)
+                    .unwrap_or_else(|| route(&req.method, &req.path, &req))
+                {
+                    Ok(Routed::Reply(r)) => r,
                     Ok(Routed::Loop(r)) => ask(&cmds, r).await,
                     Ok(Routed::Install(i)) => install(&cmds, i, launchers_dir).await,
                     Err(reply) => reply,
@@ -122,6 +142,23 @@ async fn install(cmds: &mpsc::Sender<Command>, i: Install, launchers_dir: PathBu
 enum Routed {
     Loop(Req),
     Install(Install),
+    Reply(Reply),
+}
+
+/// A cluster route (`crate::cluster::api`), answered from etcd.
+async fn cluster_route(c: &Cluster, req: &http::Request) -> Option<Routed> {
+    let parts: Vec<&str> = req.path.trim_end_matches('/').split('/').skip(1).collect();
+    let body = if req.body.is_empty() {
+        None
+    } else {
+        match req.json() {
+            Ok(v) => Some(v),
+            Err(e) => return Some(Routed::Reply(err(400, e))),
+        }
+    };
+    crate::cluster::api::route(c, &req.method, &parts, body)
+        .await
+        .map(Routed::Reply)
 }
 
 /// `POST /v1/launchers` body.

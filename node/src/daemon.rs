@@ -6,7 +6,7 @@
 //! reconcile ([`Daemon::adopt`]).
 
 use std::cmp::Ordering;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -64,6 +64,8 @@ pub struct Options {
     pub socket: PathBuf,
     /// Settings file merged over the stored settings at startup.
     pub config: Option<PathBuf>,
+    /// Join an etcd cluster (`--cluster-endpoints` and the options that go with it).
+    pub cluster: Option<crate::cluster::ClusterOptions>,
 }
 
 /// A request from the API, with the channel for its reply.
@@ -100,6 +102,11 @@ pub struct Daemon {
     pub(crate) vms: BTreeMap<String, Vm>,
     pub(crate) counters: Counters,
     pub(crate) events: mpsc::UnboundedSender<Event>,
+    /// In a cluster, the VMs the leader allows to be updated now (same-node handover or
+    /// eviction for an update); `None` on a single node, where the node decides alone.
+    pub(crate) grants: Option<BTreeSet<String>>,
+    /// In a cluster, what the node last knew of it (`/v1/status`, metrics).
+    pub(crate) cluster_status: Option<serde_json::Value>,
 }
 
 /// Longest path a unix socket may have.
@@ -170,6 +177,8 @@ impl Daemon {
             vms,
             counters: Counters::default(),
             events,
+            grants: None,
+            cluster_status: None,
         })
     }
 
@@ -307,6 +316,18 @@ impl Daemon {
             self.persist(&name);
         }
         for action in p.actions {
+            // In a cluster, updates wait for the leader's grant (cluster-wide limits,
+            // canary, waves); starts are the node's own business.
+            if let (
+                Some(grants),
+                super::coordinator::Action::Migrate { vm, .. }
+                | super::coordinator::Action::Evict { vm, .. },
+            ) = (&self.grants, &action)
+            {
+                if !grants.contains(vm) {
+                    continue;
+                }
+            }
             match action {
                 super::coordinator::Action::Start { vm, version } => self.start_vm(&vm, &version),
                 super::coordinator::Action::Migrate {
@@ -672,6 +693,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     }
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<Command>(64);
+    let (call_tx, mut call_rx) = mpsc::channel::<crate::cluster::local::LocalCall>(64);
     // Bind first: a second noded on the same socket must not touch the state.
     let listener = api::bind(&opts.socket)?;
     let mut d = match Daemon::open(&opts, ev_tx) {
@@ -682,9 +704,18 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         }
     };
     d.adopt().await;
+    // In a cluster, no update runs before the leader grants it.
+    let cluster = match opts.cluster.clone() {
+        Some(c) => {
+            d.grants = Some(BTreeSet::new());
+            tracing::info!(node = %c.node_name, endpoints = ?c.endpoints, "joining the cluster");
+            Some(crate::cluster::Cluster::start(c, call_tx).await)
+        }
+        None => None,
+    };
     tracing::info!(socket = %opts.socket.display(), state_dir = %opts.state_dir.display(), "noded serving");
     let launchers_dir = opts.state_dir.join("launchers");
-    tokio::spawn(api::serve(listener, cmd_tx, launchers_dir));
+    tokio::spawn(api::serve(listener, cmd_tx, launchers_dir, cluster));
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -701,6 +732,10 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
             }
             Some(ev) = ev_rx.recv() => {
                 d.on_event(ev);
+                d.reconcile();
+            }
+            Some(call) = call_rx.recv() => {
+                d.on_local_call(call);
                 d.reconcile();
             }
             _ = tick.tick() => d.reconcile(),

@@ -11,6 +11,7 @@
 
 pub mod adopt;
 pub mod api;
+pub mod cluster;
 pub mod coordinator;
 pub mod daemon;
 pub mod launchers;

@@ -137,7 +137,13 @@ impl Daemon {
     /// Answers one request.
     pub fn handle(&mut self, req: Req) -> Reply {
         match req {
-            Req::Status => ok(to_value(&self.node_status())),
+            Req::Status => {
+                let mut v = to_value(&self.node_status());
+                if let Some(c) = &self.cluster_status {
+                    v["cluster"] = c.clone();
+                }
+                ok(v)
+            }
             Req::ListVms => {
                 let plan = self.plan(now_ms());
                 ok(Value::Array(

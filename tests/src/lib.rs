@@ -607,6 +607,8 @@ pub fn launcher_of_version_with(version: &str, env: &[(&str, &str)]) -> PathBuf 
 
 pub mod node;
 
+pub mod cluster;
+
 /// SIGKILL a child process by pid (one the caller spawned and has not reaped yet).
 pub fn kill_pid(pid: u32) {
     // SAFETY: kill(2) on the pid of a child the caller spawned and has not reaped yet.

@@ -14,6 +14,10 @@ pub struct Node {
     /// The temporary directory (state in `state/`, noded's log in `noded.log`).
     pub dir: TempDir,
     daemon: Option<Child>,
+    /// Run noded inside this network namespace (`ip netns exec`), with these extra
+    /// arguments (the cluster tests' hosts).
+    netns: Option<String>,
+    extra_args: Vec<String>,
 }
 
 impl Node {
@@ -21,9 +25,35 @@ impl Node {
     pub fn start(name: &str, config: &str) -> Node {
         let dir = TempDir::new(&format!("node-{name}"));
         std::fs::write(dir.join("config.yaml"), config).expect("write config");
-        let mut n = Node { dir, daemon: None };
+        let mut n = Node {
+            dir,
+            daemon: None,
+            netns: None,
+            extra_args: Vec::new(),
+        };
         n.spawn_daemon();
         n
+    }
+
+    /// A noded that runs inside network namespace `netns` with `args` added to its
+    /// command line; `args` may use `{dir}` for the test directory.
+    pub fn start_in(name: &str, config: &str, netns: &str, args: &[String]) -> Node {
+        let dir = TempDir::new(&format!("node-{name}"));
+        std::fs::write(dir.join("config.yaml"), config).expect("write config");
+        let d = dir.path().display().to_string();
+        let mut n = Node {
+            extra_args: args.iter().map(|a| a.replace("{dir}", &d)).collect(),
+            dir,
+            daemon: None,
+            netns: Some(netns.to_string()),
+        };
+        n.spawn_daemon();
+        n
+    }
+
+    /// noded's pid, while it runs.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(Child::id)
     }
 
     /// This test's copy of `target/debug/launcher` (version A), so that a concurrent
@@ -55,7 +85,16 @@ impl Node {
             .append(true)
             .open(self.dir.join("noded.log"))
             .expect("log");
-        let child = Command::new(bin("noded"))
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("noded"));
+                c
+            }
+            None => Command::new(bin("noded")),
+        };
+        let child = cmd
+            .args(&self.extra_args)
             .arg("--state-dir")
             .arg(self.state())
             .arg("--config")

@@ -9,6 +9,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use contracts::http::{self, HttpError};
 use serde_json::{json, Value};
 
+#[path = "../ctl/cluster.rs"]
+mod cluster_ctl;
+
 const DEFAULT_SOCKET: &str = "/var/lib/noded/noded.sock";
 
 #[derive(Parser)]
@@ -58,6 +61,16 @@ enum Cmd {
     Migrations {
         /// VM name.
         name: String,
+    },
+    /// Cluster nodes: list, cordon, uncordon, drain (noded joined to a cluster).
+    Node {
+        #[command(subcommand)]
+        command: cluster_ctl::NodeCmd,
+    },
+    /// The cluster: status, VMs of every node, migrations, configuration.
+    Cluster {
+        #[command(subcommand)]
+        command: cluster_ctl::ClusterCmd,
     },
 }
 
@@ -335,7 +348,13 @@ fn run(cli: Cli) -> Result<(), String> {
         from_default,
     };
     let json_out = cli.output == Output::Json;
+    match &cli.command {
+        Cmd::Node { command } => return cluster_ctl::node(&c, command, json_out),
+        Cmd::Cluster { command } => return cluster_ctl::cluster(&c, command, json_out),
+        _ => {}
+    }
     let v = match &cli.command {
+        Cmd::Node { .. } | Cmd::Cluster { .. } => Value::Null,
         Cmd::Vm { command } => match command {
             VmCmd::Create { file } => c.call("POST", "/v1/vms", Some(&read_doc(file)?))?,
             VmCmd::List => c.call("GET", "/v1/vms", None)?,
@@ -487,6 +506,7 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             print_yaml(&v)
         }
+        Cmd::Node { .. } | Cmd::Cluster { .. } => {}
         Cmd::Migrations { .. } => {
             let rows: Vec<_> = v
                 .as_array()

@@ -19,6 +19,86 @@ struct Cli {
     /// Settings file (YAML or JSON), merged over the stored settings at startup.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Join an etcd cluster: its members' client URLs, comma-separated
+    /// (http://A:2379,http://B:2379,http://C:2379). Without it noded is a single node.
+    #[arg(long, value_delimiter = ',')]
+    cluster_endpoints: Vec<String>,
+    /// This node's name in the cluster [default: the host name].
+    #[arg(long)]
+    node_name: Option<String>,
+    /// IP:PORT where VMs migrating to this node from other nodes arrive (ports from
+    /// PORT up); peers must reach this IP.
+    #[arg(long)]
+    migration_address: Option<std::net::SocketAddr>,
+    /// ca.pem, cert.pem and key.pem for mutual TLS between launchers of different nodes.
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+    /// Node lease TTL in seconds: a node that stops renewing it for this long is NotReady.
+    #[arg(long, default_value_t = 10)]
+    lease_ttl: u64,
+    /// Memory offered to VMs [default: the host's MemTotal], as a quantity (16Gi).
+    #[arg(long)]
+    capacity_memory: Option<String>,
+    /// vCPUs offered to VMs [default: 10 × host CPUs, KubeVirt's cpuAllocationRatio].
+    #[arg(long)]
+    capacity_vcpus: Option<u32>,
+}
+
+fn host_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
+fn cluster_options(cli: &Cli) -> Result<Option<node::cluster::ClusterOptions>, String> {
+    if cli.cluster_endpoints.is_empty() {
+        for (set, flag) in [
+            (cli.node_name.is_some(), "--node-name"),
+            (cli.migration_address.is_some(), "--migration-address"),
+            (cli.tls_dir.is_some(), "--tls-dir"),
+        ] {
+            if set {
+                return Err(format!("{flag} only applies with --cluster-endpoints"));
+            }
+        }
+        return Ok(None);
+    }
+    let node_name = match &cli.node_name {
+        Some(n) => n.clone(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map_err(|e| format!("--node-name not given and no host name: {e}"))?
+            .trim()
+            .to_lowercase(),
+    };
+    let migration_address = cli
+        .migration_address
+        .ok_or("--migration-address IP:PORT is required in a cluster (where peers send VMs)")?;
+    let tls_dir = cli
+        .tls_dir
+        .clone()
+        .ok_or("--tls-dir DIR is required in a cluster (mutual TLS between nodes)")?;
+    let memory_total = match &cli.capacity_memory {
+        Some(q) => node::spec::parse_quantity(q)
+            .ok_or_else(|| format!("--capacity-memory {q:?} is not a quantity (e.g. 16Gi)"))?,
+        None => host_memory(),
+    };
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let opts = node::cluster::ClusterOptions {
+        node_name,
+        endpoints: cli.cluster_endpoints.clone(),
+        migration_address,
+        tls_dir,
+        lease_ttl: cli.lease_ttl,
+        memory_total,
+        vcpus_total: cli.capacity_vcpus.unwrap_or(cpus * 10),
+    };
+    opts.validate().map_err(|e| e.to_string())?;
+    Ok(Some(opts))
 }
 
 fn main() -> ExitCode {
@@ -38,11 +118,19 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let cluster = match cluster_options(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("noded: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let socket = cli.socket.unwrap_or_else(|| state_dir.join("noded.sock"));
     let opts = Options {
         state_dir,
         socket,
         config: cli.config,
+        cluster,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -1,0 +1,759 @@
+//! This node's side of the cluster: the lease, the node object, the VM reports, and the
+//! execution of what the leader assigned to this node.
+//!
+//! Each round reads this node's local state (from the reconciliation loop) and the
+//! cluster's (from etcd), then converges the two one step. Facts this node learns are
+//! written by it (its VMs' phases, a migration's outcome, an eviction done), each write
+//! compared against the revision it read; decisions are the leader's.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::etcd::{EtcdError, Versioned, Write};
+use super::local::{LocalCall, LocalSnapshot, LocalVm};
+use super::model::{
+    self, spec_input, ClusterConfig, ClusterVm, MigrationPhase, MigrationReason, MigrationRecord,
+    NodeConfig, NodeObject, UpdateGrant, VmStatusReport,
+};
+use super::Cluster;
+use crate::requests::Req;
+
+/// How often a round runs without a wake-up.
+const ROUND: Duration = Duration::from_millis(500);
+
+/// Incoming migrations take ports from the migration address's port up to this many.
+const PORT_RANGE: u16 = 64;
+
+/// The agent's memory between rounds (what it already wrote, to write only changes).
+#[derive(Default)]
+struct Memory {
+    node_object: Option<Vec<u8>>,
+    statuses: BTreeMap<String, Vec<u8>>,
+    config_revision: i64,
+    published_updates: BTreeSet<String>,
+    grants: Option<BTreeSet<String>>,
+    /// Local update records that ended before this agent started are not published
+    /// (they were, by the agent before, or are older than the cluster's memory).
+    started: u64,
+}
+
+/// What the agent read from etcd this round.
+struct Cluster2 {
+    vms: BTreeMap<String, Versioned<ClusterVm>>,
+    migrations: Vec<Versioned<MigrationRecord>>,
+    grants: BTreeMap<String, UpdateGrant>,
+    my_config: NodeConfig,
+    config: Option<Versioned<ClusterConfig>>,
+}
+
+/// Runs forever: the lease keeper and the rounds.
+pub async fn run(c: Cluster) {
+    tokio::spawn(keep_lease(c.clone()));
+    let mut mem = Memory {
+        started: model::now(),
+        ..Memory::default()
+    };
+    loop {
+        if let Err(e) = round(&c, &mut mem).await {
+            tracing::warn!(error = %e, "cluster round failed; running VMs are left as they are");
+            c.update(|s| {
+                s.connected = false;
+                s.error = Some(e.to_string());
+            });
+            mem.node_object = None;
+            mem.statuses.clear();
+        }
+        push_state(&c).await;
+        tokio::select! {
+            _ = c.wake.notified() => {}
+            _ = tokio::time::sleep(ROUND) => {}
+        }
+    }
+}
+
+/// Tells the loop what the cluster looks like (for `nodectl status` and the metrics).
+async fn push_state(c: &Cluster) {
+    let st = serde_json::to_value(c.state()).unwrap_or_default();
+    let _ = c.calls.send(LocalCall::ClusterStatus(st)).await;
+}
+
+/// Grants a lease and keeps it alive; grants a new one when it was lost (after an
+/// outage longer than the TTL), after which the node object is written again.
+async fn keep_lease(c: Cluster) {
+    let ttl = c.opts.lease_ttl;
+    let every = Duration::from_millis(ttl * 1000 / 3);
+    loop {
+        let id = match c.etcd.grant(ttl as i64).await {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::debug!(error = %e, "lease grant failed");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        c.update(|s| {
+            s.lease = Some(id);
+            s.renewed = Some(Instant::now());
+        });
+        tracing::info!(lease = id, ttl, "node lease granted");
+        let mut client = c.etcd.client();
+        let Ok(Ok((mut keeper, mut stream))) =
+            tokio::time::timeout(super::etcd::CALL_TIMEOUT, client.lease_keep_alive(id)).await
+        else {
+            continue;
+        };
+        loop {
+            let sent = Instant::now();
+            let ok = tokio::time::timeout(super::etcd::CALL_TIMEOUT, async {
+                keeper.keep_alive().await?;
+                stream.message().await
+            })
+            .await;
+            match ok {
+                Ok(Ok(Some(resp))) if resp.ttl() > 0 => {
+                    c.update(|s| s.renewed = Some(sent));
+                }
+                Ok(Ok(Some(_))) => {
+                    tracing::warn!(lease = id, "node lease expired; granting a new one");
+                    break;
+                }
+                other => {
+                    tracing::debug!(lease = id, ok = other.is_ok(), "lease renewal failed");
+                    c.etcd.stream_failed();
+                    let valid = c.state().lease_valid(Duration::from_secs(ttl));
+                    if !valid {
+                        // It may have expired in etcd meanwhile: probe with a fresh stream.
+                        if let Ok(Ok(r)) = tokio::time::timeout(
+                            super::etcd::CALL_TIMEOUT,
+                            c.etcd.client().lease_time_to_live(id, None),
+                        )
+                        .await
+                        {
+                            if r.ttl() <= 0 {
+                                break;
+                            }
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    match tokio::time::timeout(
+                        super::etcd::CALL_TIMEOUT,
+                        c.etcd.client().lease_keep_alive(id),
+                    )
+                    .await
+                    {
+                        Ok(Ok((k, s))) => {
+                            keeper = k;
+                            stream = s;
+                        }
+                        _ => continue,
+                    }
+                    continue;
+                }
+            }
+            tokio::time::sleep(every.saturating_sub(sent.elapsed())).await;
+        }
+    }
+}
+
+async fn read_cluster(c: &Cluster) -> Result<Cluster2, EtcdError> {
+    let snap = c.etcd.snapshot().await?;
+    let vms = snap.list::<ClusterVm>("vms")?;
+    let migrations = snap.list::<MigrationRecord>("migrations")?;
+    let grants = snap.list::<UpdateGrant>("updates")?;
+    let my_config = snap
+        .get::<NodeConfig>(&model::key("nodeconfig", &c.opts.node_name))?
+        .map(|v| v.value)
+        .unwrap_or_default();
+    let config = snap.get::<ClusterConfig>(&model::config_key())?;
+    let controller = snap
+        .get::<model::ControllerStatus>(&model::controller_key())?
+        .map(|v| v.value);
+    c.update(|s| {
+        s.leader = controller.as_ref().map(|x| x.leader.clone());
+        s.controller = controller;
+    });
+    Ok(Cluster2 {
+        vms: vms.into_iter().map(|v| (v.name.clone(), v)).collect(),
+        migrations,
+        grants: grants.into_iter().map(|g| (g.name, g.value)).collect(),
+        my_config,
+        config,
+    })
+}
+
+async fn round(c: &Cluster, mem: &mut Memory) -> Result<(), EtcdError> {
+    let Some(local) = c.ask(LocalCall::Snapshot).await else {
+        return Ok(());
+    };
+    let cl = read_cluster(c).await?;
+    let lease = c.state().lease;
+    c.update(|s| {
+        s.connected = true;
+        s.error = None;
+    });
+    let Some(lease) = lease else {
+        return Ok(());
+    };
+    publish_node(c, mem, &local, &cl, lease).await?;
+    publish_statuses(c, mem, &local, &cl, lease).await?;
+    follow_config(c, mem, &cl).await;
+    follow_grants(c, mem, &cl).await;
+    adopt_local(c, &local, &cl).await?;
+    converge_vms(c, &local, &cl).await?;
+    migrations(c, &local, &cl).await?;
+    publish_updates(c, mem, &local).await?;
+    Ok(())
+}
+
+async fn publish_node(
+    c: &Cluster,
+    mem: &mut Memory,
+    local: &LocalSnapshot,
+    cl: &Cluster2,
+    lease: i64,
+) -> Result<(), EtcdError> {
+    let me = &c.opts.node_name;
+    let (mut memory, mut vcpus) = (0, 0);
+    for vm in local.vms.iter().filter(|v| v.active) {
+        memory += vm.spec.memory_bytes;
+        vcpus += vm.spec.vcpus;
+    }
+    let obj = NodeObject {
+        name: me.clone(),
+        ready: true,
+        migration_address: c.opts.migration_address.to_string(),
+        memory_total: c.opts.memory_total,
+        vcpus_total: c.opts.vcpus_total,
+        memory_allocated: memory,
+        vcpus_allocated: vcpus,
+        launchers: local.launchers.clone(),
+        channel: local.channel.clone(),
+        noded_version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let _ = &cl.my_config;
+    let bytes = serde_json::to_vec(&obj).unwrap_or_default();
+    if mem.node_object.as_ref() == Some(&bytes) {
+        return Ok(());
+    }
+    let key = model::key("nodes", me);
+    let cur = c.etcd.get::<serde_json::Value>(&key).await?;
+    let w = Write::put(key, &obj, cur.map_or(0, |v| v.revision))?.with_lease(lease);
+    if c.etcd.commit(vec![w], None).await? {
+        mem.node_object = Some(bytes);
+    }
+    Ok(())
+}
+
+async fn publish_statuses(
+    c: &Cluster,
+    mem: &mut Memory,
+    local: &LocalSnapshot,
+    cl: &Cluster2,
+    lease: i64,
+) -> Result<(), EtcdError> {
+    let me = &c.opts.node_name;
+    let mut seen = BTreeSet::new();
+    for vm in &local.vms {
+        let name = &vm.spec.name;
+        let mine = cl
+            .vms
+            .get(name)
+            .is_some_and(|v| v.value.node_name.as_deref() == Some(me.as_str()));
+        if !vm.active && !mine {
+            continue;
+        }
+        seen.insert(name.clone());
+        let report = VmStatusReport {
+            node: me.clone(),
+            phase: vm.phase.clone(),
+            launcher_version: vm.launcher_version.clone(),
+            message: vm.message.clone(),
+            outdated: vm.outdated,
+        };
+        let bytes = serde_json::to_vec(&report).unwrap_or_default();
+        if mem.statuses.get(name) == Some(&bytes) {
+            continue;
+        }
+        let key = model::key("vmstatus", name);
+        let cur = c.etcd.get::<VmStatusReport>(&key).await?;
+        if let Some(cur) = &cur {
+            // Another node reports it too (it is arriving or leaving): the node it is
+            // assigned to wins the key.
+            if cur.value.node != *me && !mine {
+                continue;
+            }
+        }
+        let w = Write::put(key, &report, cur.map_or(0, |v| v.revision))?.with_lease(lease);
+        if c.etcd.commit(vec![w], None).await? {
+            mem.statuses.insert(name.clone(), bytes);
+        }
+    }
+    let gone: Vec<String> = mem
+        .statuses
+        .keys()
+        .filter(|n| !seen.contains(*n))
+        .cloned()
+        .collect();
+    for name in gone {
+        mem.statuses.remove(&name);
+        let key = model::key("vmstatus", &name);
+        if let Some(cur) = c.etcd.get::<VmStatusReport>(&key).await? {
+            if cur.value.node == *me {
+                c.etcd
+                    .commit(
+                        vec![Write::Delete {
+                            key,
+                            expect: cur.revision,
+                        }],
+                        None,
+                    )
+                    .await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Copies the cluster's migration limits and update methods into this node's settings,
+/// so that one configuration governs every node.
+async fn follow_config(c: &Cluster, mem: &mut Memory, cl: &Cluster2) {
+    let (cfg, rev) = match &cl.config {
+        Some(v) => (v.value.clone(), v.revision),
+        None => (ClusterConfig::default(), -1),
+    };
+    if rev == mem.config_revision {
+        return;
+    }
+    let l = &cfg.live_migration_config;
+    let patch = json!({
+        "liveMigrationConfig": {
+            "bandwidthPerMigration": l.bandwidth_per_migration,
+            "completionTimeoutPerGiB": l.completion_timeout_per_gib,
+            "progressTimeout": l.progress_timeout,
+            "parallelMigrationsPerNode": l.parallel_outbound_migrations_per_node,
+        },
+        "workloadUpdateStrategy": {
+            "workloadUpdateMethods": cfg.workload_update_strategy.workload_update_methods,
+        },
+    });
+    let r = c.request(Req::SetConfig(patch)).await;
+    if (200..300).contains(&r.status) {
+        mem.config_revision = rev;
+    } else {
+        tracing::warn!(status = r.status, body = ?r.body, "cannot apply the cluster configuration to this node");
+    }
+}
+
+async fn follow_grants(c: &Cluster, mem: &mut Memory, cl: &Cluster2) {
+    let me = &c.opts.node_name;
+    let set: BTreeSet<String> = cl
+        .grants
+        .iter()
+        .filter(|(_, g)| g.node == *me)
+        .map(|(n, _)| n.clone())
+        .collect();
+    if mem.grants.as_ref() != Some(&set) {
+        mem.grants = Some(set.clone());
+        let _ = c.calls.send(LocalCall::SetGrants(Some(set))).await;
+    }
+}
+
+/// VMs this node ran before it joined the cluster (or created while etcd was away)
+/// become cluster VMs assigned to this node, so that nothing local is ever orphaned.
+async fn adopt_local(c: &Cluster, local: &LocalSnapshot, cl: &Cluster2) -> Result<(), EtcdError> {
+    let me = &c.opts.node_name;
+    for vm in local
+        .vms
+        .iter()
+        .filter(|v| v.active && v.moved_to.is_none())
+    {
+        let name = &vm.spec.name;
+        if cl.vms.contains_key(name) || migration_active_for(cl, name) {
+            continue;
+        }
+        if vm.phase == "Receiving" {
+            continue;
+        }
+        let cvm = ClusterVm {
+            spec: vm.spec.clone(),
+            node_name: Some(me.clone()),
+            host_affinity: None,
+            evict: None,
+            message: None,
+            deletion_requested: false,
+            created_at: model::now(),
+        };
+        if c.etcd
+            .commit(vec![Write::put(model::key("vms", name), &cvm, 0)?], None)
+            .await?
+        {
+            tracing::info!(vm = %name, "local VM adopted into the cluster");
+        }
+    }
+    Ok(())
+}
+
+fn migration_active_for(cl: &Cluster2, vm: &str) -> bool {
+    cl.migrations
+        .iter()
+        .any(|m| m.value.vm == vm && m.value.phase.active())
+}
+
+/// Creates, stops and removes local VMs as the cluster says.
+async fn converge_vms(c: &Cluster, local: &LocalSnapshot, cl: &Cluster2) -> Result<(), EtcdError> {
+    let me = &c.opts.node_name;
+    let by_name: BTreeMap<&str, &LocalVm> = local
+        .vms
+        .iter()
+        .map(|v| (v.spec.name.as_str(), v))
+        .collect();
+    for (name, v) in &cl.vms {
+        let cvm = &v.value;
+        if cvm.node_name.as_deref() != Some(me.as_str()) {
+            continue;
+        }
+        let l = by_name.get(name.as_str()).copied();
+        if cvm.deletion_requested {
+            match l {
+                Some(_) => {
+                    c.request(Req::DeleteVm(name.clone())).await;
+                }
+                None => {
+                    let key = model::key("vms", name);
+                    c.etcd
+                        .commit(
+                            vec![Write::Delete {
+                                key,
+                                expect: v.revision,
+                            }],
+                            None,
+                        )
+                        .await?;
+                }
+            }
+            continue;
+        }
+        if let Some(order) = cvm.evict.as_ref().filter(|o| o.node == *me) {
+            match l {
+                Some(l) if l.active => {
+                    if l.phase != "Stopping" && l.phase != "Evicting" {
+                        tracing::info!(vm = %name, reason = %order.reason, "evicting for the cluster");
+                        c.request(Req::StopVm(name.clone())).await;
+                    }
+                }
+                _ => {
+                    // Stopped here: hand it back to the cluster, which places it again as
+                    // its runStrategy says.
+                    let mut next = cvm.clone();
+                    next.node_name = None;
+                    next.evict = None;
+                    next.message = Some(order.reason.clone());
+                    let w = Write::put(model::key("vms", name), &next, v.revision)?;
+                    if c.etcd.commit(vec![w], None).await? && l.is_some() {
+                        c.request(Req::DeleteVm(name.clone())).await;
+                    }
+                }
+            }
+            continue;
+        }
+        if l.is_none() && !migration_active_for(cl, name) {
+            let r = c.request(Req::CreateVm(spec_input(&cvm.spec))).await;
+            if (200..300).contains(&r.status) {
+                tracing::info!(vm = %name, "VM placed on this node; created");
+                if cvm.message.is_some() {
+                    let mut next = cvm.clone();
+                    next.message = None;
+                    let w = Write::put(model::key("vms", name), &next, v.revision)?;
+                    c.etcd.commit(vec![w], None).await?;
+                }
+            } else {
+                tracing::warn!(vm = %name, status = r.status, body = ?r.body, "cannot create the VM placed here");
+            }
+        }
+    }
+    // Local VMs the cluster put elsewhere, or deleted.
+    for l in &local.vms {
+        let name = &l.spec.name;
+        let assigned = cl.vms.get(name).and_then(|v| v.value.node_name.clone());
+        if assigned.as_deref() == Some(me.as_str()) || migration_active_for(cl, name) {
+            continue;
+        }
+        if !cl.vms.contains_key(name) && l.active {
+            continue; // adopt_local records it
+        }
+        if !l.active || l.phase == "Receiving" {
+            c.request(Req::DeleteVm(name.clone())).await;
+        } else {
+            // Runs here but the cluster says it runs elsewhere (or nowhere): stop it, so
+            // that it never runs twice.
+            tracing::warn!(vm = %name, assigned = ?assigned, "VM runs here but is assigned elsewhere; stopping it");
+            c.request(Req::StopVm(name.clone())).await;
+        }
+    }
+    Ok(())
+}
+
+/// A free port for an incoming migration.
+fn free_port(base: SocketAddr, taken: &BTreeSet<u16>) -> Option<u16> {
+    (0..PORT_RANGE)
+        .map(|i| base.port().saturating_add(i))
+        .filter(|p| !taken.contains(p))
+        .find(|p| TcpListener::bind(SocketAddr::new(base.ip(), *p)).is_ok())
+}
+
+async fn set_phase(
+    c: &Cluster,
+    rec: &Versioned<MigrationRecord>,
+    f: impl FnOnce(&mut MigrationRecord),
+    also: Vec<Write>,
+) -> Result<bool, EtcdError> {
+    let mut next = rec.value.clone();
+    f(&mut next);
+    let key = model::migration_key(&next.vm, &next.id);
+    let mut writes = vec![Write::put(key, &next, rec.revision)?];
+    writes.extend(also);
+    c.etcd.commit(writes, None).await
+}
+
+/// Carries out cross-node migrations where this node is the target or the source.
+async fn migrations(c: &Cluster, local: &LocalSnapshot, cl: &Cluster2) -> Result<(), EtcdError> {
+    let me = &c.opts.node_name;
+    let by_name: BTreeMap<&str, &LocalVm> = local
+        .vms
+        .iter()
+        .map(|v| (v.spec.name.as_str(), v))
+        .collect();
+    let taken: BTreeSet<u16> = cl
+        .migrations
+        .iter()
+        .filter(|m| m.value.phase.active() && m.value.target == *me)
+        .filter_map(|m| m.value.listen.as_deref()?.rsplit(':').next()?.parse().ok())
+        .collect();
+    let tls = c.opts.tls_dir.display().to_string();
+    for rec in cl.migrations.iter().filter(|m| m.value.phase.active()) {
+        let m = &rec.value;
+        if m.reason != MigrationReason::Drain {
+            continue;
+        }
+        let l = by_name.get(m.vm.as_str()).copied();
+        if m.target == *me && m.phase == MigrationPhase::Scheduled {
+            target_step(c, cl, rec, l, &taken, &tls).await?;
+            continue;
+        }
+        if m.source != *me {
+            continue;
+        }
+        let Some(l) = l else {
+            set_phase(
+                c,
+                rec,
+                |r| fail(r, "the VM is not on its source node"),
+                vec![],
+            )
+            .await?;
+            continue;
+        };
+        match m.phase {
+            MigrationPhase::TargetReady => {
+                let listen = m.listen.clone().unwrap_or_default();
+                if l.phase != "MigratingOut" && l.moved_to.is_none() {
+                    let body = json!({"to": listen, "tlsDir": tls});
+                    let r = c.request(Req::MigrateOut(m.vm.clone(), body)).await;
+                    if !(200..300).contains(&r.status) {
+                        let why = format!("the source refused: {:?}", r.body);
+                        set_phase(c, rec, |r| fail(r, &why), vec![]).await?;
+                        continue;
+                    }
+                    tracing::info!(vm = %m.vm, to = %m.target, "migrating to another node for the cluster");
+                }
+                let from = l.launcher_version.clone();
+                set_phase(
+                    c,
+                    rec,
+                    |r| {
+                        r.phase = MigrationPhase::Running;
+                        r.from_version = from;
+                    },
+                    vec![],
+                )
+                .await?;
+            }
+            MigrationPhase::Running => {
+                let report = l.last_migration.as_ref().map(|x| x.report.clone());
+                if l.moved_to.is_some() && l.moved_to == m.listen {
+                    let Some(vm) = cl.vms.get(&m.vm) else {
+                        continue;
+                    };
+                    let mut moved = vm.value.clone();
+                    moved.node_name = Some(m.target.clone());
+                    let w = Write::put(model::key("vms", &m.vm), &moved, vm.revision)?;
+                    let now = model::now();
+                    if set_phase(
+                        c,
+                        rec,
+                        |r| {
+                            r.phase = MigrationPhase::Succeeded;
+                            r.finished_at = Some(now);
+                            r.report = report;
+                        },
+                        vec![w],
+                    )
+                    .await?
+                    {
+                        tracing::info!(vm = %m.vm, to = %m.target, "VM moved to another node");
+                    }
+                } else if l.phase != "MigratingOut" {
+                    let why = l
+                        .message
+                        .clone()
+                        .unwrap_or_else(|| "the migration failed".into());
+                    set_phase(
+                        c,
+                        rec,
+                        |r| {
+                            fail(r, &why);
+                            r.report = report;
+                        },
+                        vec![],
+                    )
+                    .await?;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The target's side of a `Scheduled` migration: start the incoming launcher (the
+/// record then carries its address), and once that launcher listens, say
+/// `TargetReady` so that the source starts sending.
+async fn target_step(
+    c: &Cluster,
+    cl: &Cluster2,
+    rec: &Versioned<MigrationRecord>,
+    l: Option<&LocalVm>,
+    taken: &BTreeSet<u16>,
+    tls: &str,
+) -> Result<(), EtcdError> {
+    let m = &rec.value;
+    let timeout = u64::from(READY_TIMEOUT_S) * 1000;
+    if let (Some(listen), Some(l)) = (&m.listen, l) {
+        let listening = match &l.api_socket {
+            Some(s) if l.active => crate::supervisor::status(std::path::Path::new(s))
+                .await
+                .is_some_and(|v| v["state"] == "incoming"),
+            _ => false,
+        };
+        if listening {
+            tracing::info!(vm = %m.vm, from = %m.source, %listen, "incoming launcher ready");
+            set_phase(c, rec, |r| r.phase = MigrationPhase::TargetReady, vec![]).await?;
+        } else if !l.active || model::now() > m.created_at + timeout {
+            set_phase(
+                c,
+                rec,
+                |r| fail(r, "the incoming launcher on the target did not get ready"),
+                vec![],
+            )
+            .await?;
+        }
+        return Ok(());
+    }
+    if let Some(l) = l {
+        if !l.active {
+            c.request(Req::DeleteVm(m.vm.clone())).await; // a stale record
+        }
+        return Ok(());
+    }
+    let Some(cvm) = cl.vms.get(&m.vm) else {
+        return Ok(());
+    };
+    let Some(port) = free_port(c.opts.migration_address, taken) else {
+        set_phase(
+            c,
+            rec,
+            |r| fail(r, "no free port for an incoming migration"),
+            vec![],
+        )
+        .await?;
+        return Ok(());
+    };
+    let listen = format!("tcp:{}:{port}", c.opts.migration_address.ip());
+    // The address first (write-ahead): a restarted agent finds the launcher it started.
+    if !set_phase(c, rec, |r| r.listen = Some(listen.clone()), vec![]).await? {
+        return Ok(());
+    }
+    let body = json!({"spec": spec_input(&cvm.value.spec), "listen": listen, "tlsDir": tls});
+    let r = c.request(Req::Receive(body)).await;
+    if (200..300).contains(&r.status) {
+        tracing::info!(vm = %m.vm, from = %m.source, %listen, "receiving a VM for the cluster");
+    } else {
+        let why = format!("the target refused: {:?}", r.body);
+        if let Some(now) = c
+            .etcd
+            .get::<MigrationRecord>(&model::migration_key(&m.vm, &m.id))
+            .await?
+        {
+            set_phase(c, &now, |r| fail(r, &why), vec![]).await?;
+        }
+    }
+    Ok(())
+}
+
+/// How long an incoming launcher may take to listen.
+const READY_TIMEOUT_S: u32 = 60;
+
+fn fail(r: &mut MigrationRecord, why: &str) {
+    r.phase = MigrationPhase::Failed;
+    r.error = Some(why.to_string());
+    r.finished_at = Some(model::now());
+}
+
+/// Same-node update migrations become cluster records (the leader counts their
+/// failures for `maxFailures`).
+async fn publish_updates(
+    c: &Cluster,
+    mem: &mut Memory,
+    local: &LocalSnapshot,
+) -> Result<(), EtcdError> {
+    let me = &c.opts.node_name;
+    for u in &local.updates {
+        let id = format!("{:013}-{me}-{}", u.started_at.max(0), u.id);
+        if mem.published_updates.contains(&id)
+            || u.finished_at.unwrap_or(0).max(0) as u64 <= mem.started
+        {
+            continue;
+        }
+        let rec = MigrationRecord {
+            id: id.clone(),
+            vm: u.vm.clone(),
+            reason: MigrationReason::Update,
+            source: me.clone(),
+            target: me.clone(),
+            phase: if u.outcome == "Succeeded" {
+                MigrationPhase::Succeeded
+            } else {
+                MigrationPhase::Failed
+            },
+            listen: None,
+            from_version: Some(u.source_version.clone()),
+            to_version: Some(u.target_version.clone()),
+            created_at: u.started_at.max(0) as u64,
+            finished_at: u.finished_at.map(|t| t.max(0) as u64),
+            error: u
+                .report
+                .get("error")
+                .and_then(|e| e.as_str())
+                .map(str::to_string),
+            report: Some(u.report.clone()),
+        };
+        let key = model::migration_key(&u.vm, &id);
+        // Written once: an existing record (an earlier round, or before a restart) stays.
+        c.etcd.commit(vec![Write::put(key, &rec, 0)?], None).await?;
+        mem.published_updates.insert(id);
+    }
+    Ok(())
+}

@@ -1,0 +1,260 @@
+//! The cluster layer end to end: a real 3-member etcd cluster and noded "hosts" in network
+//! namespaces (tests/src/cluster.rs), driven only through `nodectl`, with `pattern` guests
+//! that check their own memory (a stale page prints `STALE`; a reboot prints a second
+//! banner).
+//!
+//! The scenarios share the machine's two cores, so they run one at a time.
+
+use std::process::Command;
+use std::sync::Mutex;
+
+use integration_tests::cluster::{etcd_available, ClusterNode, Fabric};
+use integration_tests::netns::ip_available;
+use integration_tests::node::{boots, last_pass};
+use integration_tests::{bin, guests};
+use serde_json::Value;
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn tools() -> bool {
+    let ok = ip_available() && etcd_available();
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the cluster tests need `ip` (iproute2) and etcd (etcd-server); .ci/run installs them"
+        );
+        eprintln!("SKIPPED: iproute2 or etcd-server is missing");
+    }
+    ok
+}
+
+fn spec(name: &str, extra: &str) -> String {
+    format!(
+        "name: {name}\nkernel: {}\ncmdline: mib=2 every=50\nmemory: 64Mi\n{extra}",
+        guests::pattern_path().display()
+    )
+}
+
+fn create(n: &ClusterNode, name: &str, extra: &str) -> Value {
+    let f = n.node.file(&format!("{name}.yaml"), &spec(name, extra));
+    n.node.ctl(&["vm", "create", "-f", &f])
+}
+
+/// `nodectl ARGS` in table mode: (success, stdout + stderr).
+fn ctl_text(n: &ClusterNode, args: &[&str]) -> (bool, String) {
+    let out = Command::new(bin("nodectl"))
+        .arg("--socket")
+        .arg(n.node.socket())
+        .args(args)
+        .output()
+        .expect("run nodectl");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The node a VM runs on, once the cluster says it runs; on the safety deadline, the
+/// logs of `all` nodes.
+fn running_on_any(all: &[&ClusterNode], vm: &str) -> String {
+    let n = all[0];
+    let deadline = std::time::Instant::now() + integration_tests::SAFETY;
+    loop {
+        let vms = n.node.try_ctl(&["cluster", "vms"]).unwrap_or_default();
+        let found = vms.as_array().and_then(|a| {
+            a.iter()
+                .find(|v| v["name"] == vm && v["phase"] == "Running" && v["node"].is_string())
+        });
+        if let Some(v) = found {
+            return v["node"].as_str().unwrap_or("").to_string();
+        }
+        if std::time::Instant::now() > deadline {
+            let logs: Vec<String> = all
+                .iter()
+                .map(|x| format!("--- {}:\n{}", x.name, x.log_tail(60)))
+                .collect();
+            panic!("{vm} never runs: {vms:#}\n{}", logs.join("\n"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+fn logs(all: &[&ClusterNode]) -> String {
+    all.iter()
+        .map(|x| format!("--- {}:\n{}", x.name, x.log_tail(80)))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn running_on(n: &ClusterNode, vm: &str) -> String {
+    running_on_any(&[n], vm)
+}
+
+fn node_by_name<'a>(nodes: &'a [&'a ClusterNode], name: &str) -> &'a ClusterNode {
+    nodes.iter().find(|n| n.name == name).expect("node")
+}
+
+#[test]
+fn placement_puts_vms_on_nodes_with_capacity() {
+    if !tools() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let mut f = Fabric::new("pl", 21, 3);
+    let launcher = integration_tests::bin("launcher");
+    // Room for two 64 MiB VMs each.
+    let n1 = f.node("n1", 1, "150Mi", &launcher);
+    let n2 = f.node("n2", 2, "150Mi", &launcher);
+    let nodes = n1.wait_cluster("two nodes", |_| {
+        n1.node
+            .try_ctl(&["node", "list"])
+            .ok()
+            .and_then(|v| v.as_array().map(|a| a.len() == 2))
+            .unwrap_or(false)
+    });
+    assert!(nodes.is_empty());
+    // All five are created through n1; four fit, two per node.
+    for i in 1..=5 {
+        create(&n1, &format!("v{i}"), "");
+    }
+    let mut per_node = std::collections::BTreeMap::<String, Vec<String>>::new();
+    for i in 1..=4 {
+        let vm = format!("v{i}");
+        let _ = running_on(&n1, &vm);
+    }
+    let vms = n1.cluster_vms();
+    for v in &vms {
+        if let Some(node) = v["node"].as_str() {
+            per_node
+                .entry(node.to_string())
+                .or_default()
+                .push(v["name"].as_str().unwrap_or("").to_string());
+        }
+    }
+    assert_eq!(per_node.len(), 2, "{vms:?}");
+    assert!(per_node.values().all(|v| v.len() == 2), "{per_node:?}");
+    let pending: Vec<&Value> = vms.iter().filter(|v| v["node"].is_null()).collect();
+    assert_eq!(pending.len(), 1, "{vms:?}");
+    let st = n2.node.ctl(&["cluster", "status"]);
+    let why = serde_json::to_string(&st["controller"]["unschedulable"]).unwrap_or_default();
+    assert!(why.contains("not enough memory"), "{st}");
+    // Each node runs its VMs itself: its local list has them, and the guests run.
+    let both = [&n1, &n2];
+    for (node, names) in &per_node {
+        let n = node_by_name(&both, node);
+        for vm in names {
+            let v = n.node.wait_vm(vm, "Running", None);
+            assert_eq!(v["name"], vm.as_str());
+            n.node.wait_pass_above(vm, 50);
+        }
+    }
+    // A third node joins: the pending VM lands there.
+    let n3 = f.node("n3", 3, "150Mi", &launcher);
+    let pend = pending[0]["name"].as_str().unwrap_or("").to_string();
+    assert_eq!(running_on(&n1, &pend), "n3");
+    n3.node.wait_pass_above(&pend, 50);
+    // Deleting through any node removes it from its node.
+    n2.node.ctl(&["vm", "delete", &pend]);
+    n1.wait_cluster("deleted", |vms| {
+        !vms.iter().any(|v| v["name"] == pend.as_str())
+    });
+    n3.node.wait_until("local VM gone", || {
+        n3.node
+            .try_ctl(&["vm", "list"])
+            .ok()
+            .filter(|v| v.as_array().is_some_and(|a| a.is_empty()))
+    });
+}
+
+#[test]
+fn drain_moves_vms_as_their_eviction_strategy_says() {
+    if !tools() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let mut f = Fabric::new("dr", 22, 3);
+    let launcher = integration_tests::bin("launcher");
+    let n1 = f.node("n1", 1, "1Gi", &launcher);
+    let n2 = f.node("n2", 2, "1Gi", &launcher);
+    let n3 = f.node("n3", 3, "1Gi", &launcher);
+    let nodes = [&n1, &n2, &n3];
+    // Everything lands on n1 while the others are cordoned.
+    for n in ["n2", "n3"] {
+        n1.node.ctl(&["node", "cordon", n]);
+    }
+    let disk = n1.node.dir.join("local.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk");
+    create(&n1, "lm", "evictionStrategy: LiveMigrate\n");
+    create(&n1, "lmip", "evictionStrategy: LiveMigrateIfPossible\n");
+    create(&n1, "none", "evictionStrategy: None\nrunStrategy: Always\n");
+    create(
+        &n1,
+        "local",
+        &format!(
+            "evictionStrategy: LiveMigrate\ndisks:\n- name: data\n  path: {}\n",
+            disk.display()
+        ),
+    );
+    for vm in ["lm", "lmip", "none", "local"] {
+        assert_eq!(running_on(&n1, vm), "n1");
+        n1.node.wait_pass_above(vm, 100);
+    }
+    for n in ["n2", "n3"] {
+        n1.node.ctl(&["node", "uncordon", n]);
+    }
+    // Drain through another node's nodectl, following it to its end.
+    let (ok, out) = ctl_text(&n2, &["node", "drain", "n1", "--wait"]);
+    assert!(
+        !ok && out.contains("blocked: local"),
+        "a VM with a host-local disk must block the drain:\n{out}\n{}",
+        logs(&nodes)
+    );
+    assert!(out.contains("lm: live-migrated to"), "{out}");
+    assert!(out.contains("lmip: live-migrated to"), "{out}");
+    assert!(out.contains("none: stopped"), "{out}");
+    assert!(
+        out.contains("blocked: local") && out.contains("DisksNotLiveMigratable"),
+        "{out}"
+    );
+    assert!(out.contains("2 live-migrated, 1 stopped"), "{out}");
+    // The migrated guests continue where they were: no new boot, no stale page.
+    for vm in ["lm", "lmip"] {
+        let at = running_on(&n1, vm);
+        assert_ne!(at, "n1");
+        let n = node_by_name(&nodes, &at);
+        let before = last_pass(&n.node.console(vm)).unwrap_or(0);
+        n.node.wait_pass_above(vm, before);
+        let console = n.node.console(vm);
+        assert_eq!(boots(&console), 0, "{vm} rebooted on {at}:\n{console}");
+        assert!(!console.contains("STALE"), "{console}");
+    }
+    // evictionStrategy None under runStrategy Always: stopped, then started elsewhere.
+    let at = running_on_any(&nodes, "none");
+    assert_ne!(at, "n1");
+    let n = node_by_name(&nodes, &at);
+    n.node.wait_pass_above("none", 50);
+    assert_eq!(boots(&n.node.console("none")), 1);
+    // The blocked VM still runs on n1; the node stays cordoned until uncordoned, which
+    // cancels the drain.
+    assert_eq!(running_on(&n1, "local"), "n1");
+    let node = n1.node.ctl(&["node", "get", "n1"]);
+    assert_eq!(node["draining"], true, "{node}");
+    n1.node.ctl(&["node", "uncordon", "n1"]);
+    let node = n1.node.ctl(&["node", "get", "n1"]);
+    assert_eq!(node["draining"], false, "{node}");
+    assert_eq!(node["schedulable"], true, "{node}");
+    n1.node
+        .wait_pass_above("local", last_pass(&n1.node.console("local")).unwrap_or(0));
+    // Records: two drain migrations succeeded, with the launcher's report.
+    let recs = n3.node.ctl(&["cluster", "migrations"]);
+    let ok: Vec<&Value> = recs
+        .as_array()
+        .map(|a| a.iter().filter(|r| r["phase"] == "Succeeded").collect())
+        .unwrap_or_default();
+    assert_eq!(ok.len(), 2, "{recs:#}");
+    assert!(ok.iter().all(|r| r["report"].is_object()), "{recs:#}");
+}
