@@ -258,3 +258,139 @@ fn drain_moves_vms_as_their_eviction_strategy_says() {
     assert_eq!(ok.len(), 2, "{recs:#}");
     assert!(ok.iter().all(|r| r["report"].is_object()), "{recs:#}");
 }
+
+fn leader(n: &ClusterNode) -> Option<String> {
+    let st = n.node.try_ctl(&["cluster", "status"]).ok()?;
+    st["controller"]["leader"].as_str().map(str::to_string)
+}
+
+#[test]
+fn a_new_leader_finishes_the_drain_when_the_leader_dies() {
+    if !tools() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let mut f = Fabric::new("lf", 23, 3);
+    let launcher = integration_tests::bin("launcher");
+    let mut all = vec![
+        f.node("n1", 1, "1Gi", &launcher),
+        f.node("n2", 2, "1Gi", &launcher),
+        f.node("n3", 3, "1Gi", &launcher),
+    ];
+    let first = all[0].node.wait_until("a leader", || leader(&all[0]));
+    let li = all.iter().position(|n| n.name == first).expect("leader node");
+    let (si, ti) = match li {
+        0 => (1, 2),
+        1 => (0, 2),
+        _ => (0, 1),
+    };
+    let (l, s, t) = (all[li].name.clone(), all[si].name.clone(), all[ti].name.clone());
+    // Three VMs on the source; the leader's node is never a target.
+    all[ti].node.ctl(&["node", "cordon", &l]);
+    all[ti].node.ctl(&["node", "cordon", &t]);
+    for vm in ["m1", "m2", "m3"] {
+        create(&all[si], vm, "evictionStrategy: LiveMigrate\n");
+    }
+    for vm in ["m1", "m2", "m3"] {
+        assert_eq!(running_on(&all[ti], vm), s);
+        all[si].node.wait_pass_above(vm, 50);
+    }
+    let cfg = all[ti].node.file(
+        "cluster.yaml",
+        "liveMigrationConfig:\n  parallelMigrationsPerCluster: 1\n",
+    );
+    all[ti].node.ctl(&["cluster", "config", "set", "-f", &cfg]);
+    all[ti].node.ctl(&["node", "uncordon", &t]);
+    all[ti].node.ctl(&["node", "drain", &s]);
+    // Once the first move is under way, the leader's noded dies.
+    all[ti].node.wait_until("a drain migration", || {
+        let recs = all[ti].node.try_ctl(&["cluster", "migrations"]).ok()?;
+        (!recs.as_array()?.is_empty()).then_some(())
+    });
+    all[li].node.kill_daemon();
+    let (ok, out) = ctl_text(&all[ti], &["node", "drain", &s, "--wait"]);
+    let refs: Vec<&ClusterNode> = all.iter().collect();
+    assert!(ok, "the drain must finish under the new leader:\n{out}\n{}", logs(&refs));
+    for vm in ["m1", "m2", "m3"] {
+        assert_eq!(running_on(&all[ti], vm), t);
+        let n = &all[ti].node;
+        let before = last_pass(&n.console(vm)).unwrap_or(0);
+        n.wait_pass_above(vm, before);
+        assert_eq!(boots(&n.console(vm)), 0, "{vm} rebooted");
+    }
+    let now = leader(&all[ti]).expect("leader");
+    assert_ne!(now, l, "a live node leads now");
+    // No two migrations overlapped (parallelMigrationsPerCluster 1), across the failover.
+    let recs = all[ti].node.ctl(&["cluster", "migrations"]);
+    let mut spans: Vec<(u64, u64)> = recs
+        .as_array()
+        .expect("records")
+        .iter()
+        .filter(|r| r["phase"] == "Succeeded")
+        .map(|r| {
+            (
+                r["createdAt"].as_u64().unwrap_or(0),
+                r["finishedAt"].as_u64().unwrap_or(u64::MAX),
+            )
+        })
+        .collect();
+    spans.sort();
+    assert_eq!(spans.len(), 3, "{recs:#}");
+    for w in spans.windows(2) {
+        assert!(w[0].1 <= w[1].0, "two migrations in flight at once: {recs:#}");
+    }
+    all.clear();
+}
+
+#[test]
+fn losing_etcd_quorum_stops_decisions_but_no_vm() {
+    if !tools() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let mut f = Fabric::new("eq", 24, 3);
+    let launcher = integration_tests::bin("launcher");
+    let n1 = f.node("n1", 1, "1Gi", &launcher);
+    let n2 = f.node("n2", 2, "1Gi", &launcher);
+    let nodes = [&n1, &n2];
+    create(&n1, "a1", "");
+    let a1 = running_on(&n1, "a1");
+    // One member down: the cluster goes on deciding.
+    f.kill_member(0);
+    create(&n2, "a2", "");
+    let a2 = running_on_any(&nodes, "a2");
+    // Two down: no quorum. Nothing running stops; nothing new is decided; status says why.
+    f.kill_member(1);
+    for n in nodes {
+        n.node.wait_until("the outage seen", || {
+            let st = n.node.try_ctl(&["status"]).ok()?;
+            (st["cluster"]["connected"] == false).then_some(())
+        });
+    }
+    let (ok, out) = ctl_text(&n1, &["cluster", "status"]);
+    assert!(ok && out.contains("ClusterUnavailable"), "{out}");
+    let f3 = n1.node.file("a3.yaml", &spec("a3", ""));
+    let e = n1
+        .node
+        .try_ctl(&["vm", "create", "-f", &f3])
+        .expect_err("no VM can be created without quorum");
+    assert!(e.contains("cannot be reached"), "{e}");
+    for (vm, at) in [("a1", &a1), ("a2", &a2)] {
+        let n = node_by_name(&nodes, at);
+        let before = last_pass(&n.node.console(vm)).unwrap_or(0);
+        n.node.wait_pass_above(vm, before + 100);
+        assert_eq!(n.node.vm(vm)["phase"], "Running");
+    }
+    // Quorum back: decisions resume.
+    f.start_member(0);
+    f.start_member(1);
+    f.wait_healthy(3);
+    n1.node.wait_until("the cluster reachable again", || {
+        n1.node.try_ctl(&["vm", "create", "-f", &f3]).ok()
+    });
+    running_on_any(&nodes, "a3");
+    for (vm, at) in [("a1", &a1), ("a2", &a2)] {
+        let n = node_by_name(&nodes, at);
+        assert_eq!(boots(&n.node.console(vm)), 1, "{vm} restarted");
+    }
+}

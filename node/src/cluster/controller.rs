@@ -101,6 +101,16 @@ pub enum Decision {
         /// VM.
         vm: String,
     },
+    /// Fail a migration that never started moving data because its source or target
+    /// node is gone (`Scheduled` only: from `TargetReady` on, the source decides).
+    Abandon {
+        /// VM.
+        vm: String,
+        /// Record id.
+        id: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// The leader's decisions for one round, and the status it publishes.
@@ -132,6 +142,7 @@ struct Planner<'a> {
 /// The whole round. Pure.
 pub fn plan(v: &View) -> Plan {
     let mut p = Planner::new(v);
+    p.abandon();
     p.place();
     p.drain();
     p.update();
@@ -257,6 +268,34 @@ impl<'a> Planner<'a> {
         }
     }
 
+    fn abandon(&mut self) {
+        for m in &self.v.migrations {
+            if m.phase != MigrationPhase::Scheduled {
+                continue;
+            }
+            let gone = [&m.source, &m.target]
+                .into_iter()
+                .find(|n| !self.v.nodes.contains_key(n.as_str()));
+            if let Some(n) = gone {
+                self.out.decisions.push(Decision::Abandon {
+                    vm: m.vm.clone(),
+                    id: m.id.clone(),
+                    reason: format!("node {n} is not ready"),
+                });
+                self.in_flight = self.in_flight.saturating_sub(1);
+                if let Some(o) = self.outbound.get_mut(&m.source) {
+                    *o = o.saturating_sub(1);
+                }
+                if let Some(vm) = self.v.vms.get(&m.vm) {
+                    if let Some(u) = self.usage.get_mut(&m.target) {
+                        u.memory = u.memory.saturating_sub(vm.spec.memory_bytes);
+                        u.vcpus = u.vcpus.saturating_sub(vm.spec.vcpus);
+                    }
+                }
+            }
+        }
+    }
+
     fn place(&mut self) {
         let vms: Vec<(&String, &ClusterVm)> = self
             .v
@@ -303,10 +342,16 @@ impl<'a> Planner<'a> {
     }
 
     fn migrating(&self, vm: &str) -> bool {
+        let abandoned = |id: &str| {
+            self.out
+                .decisions
+                .iter()
+                .any(|d| matches!(d, Decision::Abandon { id: x, .. } if x == id))
+        };
         self.v
             .migrations
             .iter()
-            .any(|m| m.vm == vm && m.phase.active())
+            .any(|m| m.vm == vm && m.phase.active() && !abandoned(&m.id))
     }
 
     fn drain(&mut self) {

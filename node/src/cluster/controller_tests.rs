@@ -440,3 +440,39 @@ fn a_vm_under_an_eviction_order_is_not_moved_again() {
     drain(&mut v, "a");
     assert!(plan(&v).decisions.is_empty());
 }
+
+#[test]
+fn a_scheduled_migration_to_a_node_that_is_gone_is_abandoned_and_the_vm_moves_elsewhere() {
+    let mut v = view(&[node("a", 8, &["1.0.0"]), node("c", 8, &["1.0.0"])]);
+    v.vms.insert("x".into(), vm("x", "evictionStrategy: LiveMigrate\n", Some("a")));
+    v.statuses.insert("x".into(), running("a", "1.0.0"));
+    drain(&mut v, "a");
+    let rec = |phase| MigrationRecord {
+        id: "1-0".into(),
+        vm: "x".into(),
+        reason: MigrationReason::Drain,
+        source: "a".into(),
+        target: "b".into(),
+        phase,
+        listen: None,
+        from_version: None,
+        to_version: None,
+        created_at: 1,
+        finished_at: None,
+        error: None,
+        report: None,
+    };
+    v.migrations.push(rec(MigrationPhase::Scheduled));
+    let p = plan(&v);
+    assert!(p.decisions.contains(&Decision::Abandon {
+        vm: "x".into(),
+        id: "1-0".into(),
+        reason: "node b is not ready".into()
+    }));
+    assert_eq!(migrations(&p), vec![("x".into(), "a".into(), "c".into())]);
+    // Once the source sends (TargetReady and later), only it decides the outcome.
+    v.migrations = vec![rec(MigrationPhase::TargetReady)];
+    let p = plan(&v);
+    assert!(!p.decisions.iter().any(|d| matches!(d, Decision::Abandon { .. })));
+    assert!(migrations(&p).is_empty());
+}

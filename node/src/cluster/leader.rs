@@ -247,6 +247,21 @@ fn writes_for(d: &Decision, r: &Read) -> Result<Option<Vec<Write>>, EtcdError> {
             grant,
             r.grants.get(vm).copied().unwrap_or(0),
         )?]),
+        Decision::Abandon { vm, id, reason } => {
+            let Some(rec) = r.records.iter().find(|x| x.value.id == *id && x.value.vm == *vm)
+            else {
+                return Ok(None);
+            };
+            let mut next = rec.value.clone();
+            next.phase = MigrationPhase::Failed;
+            next.error = Some(format!("abandoned before it started: {reason}"));
+            next.finished_at = Some(model::now());
+            Some(vec![Write::put(
+                model::migration_key(vm, id),
+                &next,
+                rec.revision,
+            )?])
+        }
         Decision::Revoke { vm } => r.grants.get(vm).map(|rev| {
             vec![Write::Delete {
                 key: model::key("updates", vm),
