@@ -326,6 +326,15 @@ impl ClusterNode {
         })
     }
 
+    /// Waits until the cluster keeps at least `n` migration records; returns them.
+    pub fn wait_until_records(&self, n: usize) -> Vec<Value> {
+        self.node.wait_until(&format!("{n} migration records"), || {
+            let recs = self.node.try_ctl(&["cluster", "migrations"]).ok()?;
+            let a = recs.as_array()?.clone();
+            (a.len() >= n).then_some(a)
+        })
+    }
+
     /// `nodectl cluster status`.
     pub fn status(&self) -> Value {
         self.node.ctl(&["cluster", "status"])

@@ -246,6 +246,21 @@ impl Node {
         self.launcher_script(&real, "echo 'broken launcher' >&2\nexit 1")
     }
 
+    /// A wrapper around launcher `real` whose every `run` fails (so every migration to
+    /// it fails), named after `real`'s directory so that several can coexist.
+    pub fn launcher_version_script(&self, real: &Path) -> PathBuf {
+        let tag = real
+            .parent()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        self.launcher_script_named(
+            &format!("launcher-broken-{tag}"),
+            real,
+            "echo 'broken launcher' >&2\nexit 1",
+        )
+    }
+
     /// A wrapper around `real` whose `run` executes `run` (other commands go to `real`).
     pub fn launcher_script(&self, real: &Path, run: &str) -> PathBuf {
         self.launcher_script_named("launcher-broken", real, run)

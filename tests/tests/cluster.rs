@@ -278,13 +278,20 @@ fn a_new_leader_finishes_the_drain_when_the_leader_dies() {
         f.node("n3", 3, "1Gi", &launcher),
     ];
     let first = all[0].node.wait_until("a leader", || leader(&all[0]));
-    let li = all.iter().position(|n| n.name == first).expect("leader node");
+    let li = all
+        .iter()
+        .position(|n| n.name == first)
+        .expect("leader node");
     let (si, ti) = match li {
         0 => (1, 2),
         1 => (0, 2),
         _ => (0, 1),
     };
-    let (l, s, t) = (all[li].name.clone(), all[si].name.clone(), all[ti].name.clone());
+    let (l, s, t) = (
+        all[li].name.clone(),
+        all[si].name.clone(),
+        all[ti].name.clone(),
+    );
     // Three VMs on the source; the leader's node is never a target.
     all[ti].node.ctl(&["node", "cordon", &l]);
     all[ti].node.ctl(&["node", "cordon", &t]);
@@ -310,7 +317,11 @@ fn a_new_leader_finishes_the_drain_when_the_leader_dies() {
     all[li].node.kill_daemon();
     let (ok, out) = ctl_text(&all[ti], &["node", "drain", &s, "--wait"]);
     let refs: Vec<&ClusterNode> = all.iter().collect();
-    assert!(ok, "the drain must finish under the new leader:\n{out}\n{}", logs(&refs));
+    assert!(
+        ok,
+        "the drain must finish under the new leader:\n{out}\n{}",
+        logs(&refs)
+    );
     for vm in ["m1", "m2", "m3"] {
         assert_eq!(running_on(&all[ti], vm), t);
         let n = &all[ti].node;
@@ -337,7 +348,10 @@ fn a_new_leader_finishes_the_drain_when_the_leader_dies() {
     spans.sort();
     assert_eq!(spans.len(), 3, "{recs:#}");
     for w in spans.windows(2) {
-        assert!(w[0].1 <= w[1].0, "two migrations in flight at once: {recs:#}");
+        assert!(
+            w[0].1 <= w[1].0,
+            "two migrations in flight at once: {recs:#}"
+        );
     }
     all.clear();
 }
@@ -392,5 +406,136 @@ fn losing_etcd_quorum_stops_decisions_but_no_vm() {
     for (vm, at) in [("a1", &a1), ("a2", &a2)] {
         let n = node_by_name(&nodes, at);
         assert_eq!(boots(&n.node.console(vm)), 1, "{vm} restarted");
+    }
+}
+
+/// The most migrations of `recs` in flight at one instant, over all and per source node.
+fn peak_in_flight(recs: &[&Value]) -> (usize, usize) {
+    let span = |r: &Value| {
+        (
+            r["createdAt"].as_u64().unwrap_or(0),
+            r["finishedAt"].as_u64().unwrap_or(u64::MAX),
+        )
+    };
+    let mut all = 0;
+    let mut node = 0;
+    for r in recs {
+        let (start, _) = span(r);
+        let live: Vec<&&Value> = recs
+            .iter()
+            .filter(|o| {
+                let (s, e) = span(o);
+                s <= start && start < e
+            })
+            .collect();
+        all = all.max(live.len());
+        node = node.max(live.iter().filter(|o| o["source"] == r["source"]).count());
+    }
+    (all, node)
+}
+
+#[test]
+fn a_fleet_update_goes_canary_first_within_the_limits_and_pauses_on_failures() {
+    if !tools() {
+        return;
+    }
+    let v9 = integration_tests::launcher_of_version("9.0.0");
+    let v91 = integration_tests::launcher_of_version("9.1.0");
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let mut f = Fabric::new("up", 25, 3);
+    let launcher = integration_tests::bin("launcher");
+    let nodes = [
+        f.node("n1", 1, "1Gi", &launcher),
+        f.node("n2", 2, "1Gi", &launcher),
+        f.node("n3", 3, "1Gi", &launcher),
+    ];
+    let refs: Vec<&ClusterNode> = nodes.iter().collect();
+    let cfg = nodes[0].node.file(
+        "cluster.yaml",
+        "liveMigrationConfig:\n  parallelMigrationsPerCluster: 2\n  parallelOutboundMigrationsPerNode: 1\nworkloadUpdateStrategy:\n  workloadUpdateMethods: [LiveMigrate]\n  batchSize: 4\n  maxFailures: 2\n",
+    );
+    nodes[0].node.ctl(&["cluster", "config", "set", "-f", &cfg]);
+    let vms: Vec<String> = (1..=6).map(|i| format!("u{i}")).collect();
+    for vm in &vms {
+        create(&nodes[0], vm, "");
+    }
+    let mut at = std::collections::BTreeMap::new();
+    for vm in &vms {
+        let node = running_on_any(&refs, vm);
+        node_by_name(&refs, &node).node.wait_pass_above(vm, 50);
+        at.insert(vm.clone(), node);
+    }
+    // The new version everywhere: the cluster moves every VM to it, in place.
+    for n in &nodes {
+        n.node.install(&v9);
+    }
+    let done = nodes[0].wait_cluster("every VM on 9.0.0", |list| {
+        list.len() == 6 && list.iter().all(|v| v["launcherVersion"] == "9.0.0")
+    });
+    for v in &done {
+        let vm = v["name"].as_str().unwrap_or("");
+        assert_eq!(
+            v["node"].as_str(),
+            at.get(vm).map(String::as_str),
+            "updates stay on their node"
+        );
+        let n = node_by_name(&refs, &at[vm]);
+        let before = last_pass(&n.node.console(vm)).unwrap_or(0);
+        n.node.wait_pass_above(vm, before);
+        let console = n.node.console(vm);
+        assert_eq!(boots(&console), 1, "{vm} rebooted:\n{console}");
+        assert!(!console.contains("STALE"), "{console}");
+    }
+    let recs = nodes[0].wait_until_records(6);
+    let updates: Vec<&Value> = recs
+        .iter()
+        .filter(|r| {
+            r["reason"] == "Update" && r["toVersion"] == "9.0.0" && r["phase"] == "Succeeded"
+        })
+        .collect();
+    assert_eq!(updates.len(), 6, "{recs:#?}");
+    let (all, per_node) = peak_in_flight(&updates);
+    assert!(
+        all <= 2 && per_node <= 1,
+        "limits exceeded ({all} in flight, {per_node} from one node): {updates:#?}"
+    );
+    // The canary ended before any other update began.
+    let mut by_start = updates.clone();
+    by_start.sort_by_key(|r| r["createdAt"].as_u64());
+    let canary_end = by_start[0]["finishedAt"].as_u64().unwrap_or(u64::MAX);
+    assert!(
+        by_start[1..]
+            .iter()
+            .all(|r| r["createdAt"].as_u64().unwrap_or(0) >= canary_end),
+        "the canary did not go first: {by_start:#?}"
+    );
+    // A release whose launcher fails every migration: the rollout pauses itself after
+    // maxFailures (2) failed canaries, and says why; every VM keeps running on 9.0.0.
+    for n in &nodes {
+        n.node.install(&n.node.launcher_version_script(&v91));
+    }
+    let st = nodes[1].node.wait_until("the rollout paused", || {
+        let st = nodes[1].node.try_ctl(&["cluster", "status"]).ok()?;
+        st["controller"]["updatePaused"]
+            .as_str()
+            .map(str::to_string)
+    });
+    assert!(st.contains("maxFailures"), "{st}");
+    let failed = |recs: &Value| {
+        recs.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|r| r["toVersion"] == "9.1.0" && r["phase"] == "Failed")
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let recs = nodes[1].node.ctl(&["cluster", "migrations"]);
+    assert_eq!(failed(&recs), 2, "{recs:#}");
+    for vm in &vms {
+        let n = node_by_name(&refs, &at[vm]);
+        let v = n.node.vm(vm);
+        assert_eq!(v["phase"], "Running", "{v}");
+        assert_eq!(v["launcherVersion"], "9.0.0", "{v}");
     }
 }

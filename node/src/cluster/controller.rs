@@ -548,12 +548,13 @@ impl<'a> Planner<'a> {
             self.out.status.wave = wave;
             return;
         }
-        // A canary first: until one VM runs a target version, only one at a time.
-        let any_updated = self.v.statuses.iter().any(|(_, s)| {
-            targets
-                .get(s.node.as_str())
-                .is_some_and(|t| s.launcher_version.as_deref() == Some(*t))
-        });
+        // A canary first: until one VM runs the rollout's version (nodes that have not
+        // installed it yet do not count), only one at a time.
+        let any_updated = self
+            .v
+            .statuses
+            .values()
+            .any(|s| s.launcher_version.as_deref() == Some(target.as_str()));
         let size = if any_updated {
             strategy.batch_size.max(1)
         } else {
