@@ -11,7 +11,6 @@ pub mod config;
 pub mod devices;
 pub mod layout;
 pub mod machine;
-pub mod persist;
 pub mod snapshot;
 pub mod state;
 pub mod vstate;

@@ -4,7 +4,7 @@
 //! ```text
 //! header : magic "LVMSNAP\0" (8 bytes) | format version u32 LE | flags u32 LE
 //! record : kind u32 | payload length u64 | CRC32 of payload u32 | payload
-//!          kind 1 = State   payload: bincode VmState (at most 64 MiB)
+//!          kind 1 = State   payload: the encoded VmState (at most 64 MiB)
 //!          kind 2 = Memory  payload: guest-physical address u64 | page bytes (at most 16 MiB)
 //!          kind 3 = End     payload: record count u64 | memory bytes u64
 //! ```
@@ -25,8 +25,11 @@ use crate::vstate::memory::{GuestRam, PAGE_SIZE};
 
 /// File magic.
 pub const MAGIC: &[u8; 8] = b"LVMSNAP\0";
-/// The format this build writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format this build writes: 2, whose state record holds versioned sections
+/// (`crate::state`). Format 1 held the unsectioned state of earlier launchers; both decode
+/// through `VmState::from_bytes`. The bump makes an older launcher refuse a new file by
+/// its header ("newer than this launcher reads") rather than by a state it cannot decode.
+pub const FORMAT_VERSION: u32 = 2;
 /// The oldest format this build reads.
 pub const MIN_FORMAT_VERSION: u32 = 1;
 /// Largest memory record payload.

@@ -24,7 +24,6 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use super::{BusDevice, VmEvent};
-use crate::persist::Persist;
 
 /// Ports decoded at [`crate::layout::ACPI_PM_BASE`] (the ICH9 PMBASE block).
 pub const ACPI_PM_PORT_COUNT: u64 = 0x80;
@@ -243,20 +242,6 @@ impl BusDevice for AcpiPm {
     }
 }
 
-impl Persist for AcpiPm {
-    type State = AcpiPmState;
-    type ConstructorArgs = ();
-    type Error = std::convert::Infallible;
-
-    fn save(&self) -> AcpiPmState {
-        self.state()
-    }
-
-    fn restore(_: (), state: &AcpiPmState) -> Result<Self, Self::Error> {
-        Ok(Self::from_state(state))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -344,11 +329,11 @@ mod tests {
         assert!(delta < 0x80_0000, "delta {delta}");
         assert_eq!(t1 & !PM_TIMER_MASK, 0);
 
-        let state = pm.save();
-        let mut r = AcpiPm::restore((), &state).unwrap();
+        let state = pm.state();
+        let mut r = AcpiPm::from_state(&state);
         let t2 = rd32(&mut r, PM_TMR);
         assert!(t2.wrapping_sub(state.pm_timer) & PM_TIMER_MASK < 0x40_0000);
-        let mut s2 = r.save();
+        let mut s2 = r.state();
         s2.pm_timer = state.pm_timer;
         assert_eq!(s2, state);
     }

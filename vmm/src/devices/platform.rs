@@ -29,7 +29,6 @@ use super::pci::{
 use super::serial::{SerialDevice, SerialError, SerialOut, SerialState, SERIAL_PORT_COUNT};
 use super::{Bus, BusError};
 use crate::layout;
-use crate::persist::Persist;
 
 /// Errors while building or restoring the platform.
 #[derive(Debug, thiserror::Error)]
@@ -171,7 +170,7 @@ impl Platform {
     }
 
     /// Capture every device's registers. The vCPUs must be paused (no exit
-    /// half-handled), as [`Persist::save`] requires.
+    /// half-handled), as a saved state requires.
     pub fn state(&self) -> PlatformState {
         let pci_io = lock(&self.pci_io);
         PlatformState {
@@ -183,24 +182,6 @@ impl Platform {
                 reset_control: pci_io.reset_control(),
             },
         }
-    }
-}
-
-impl Persist for Platform {
-    type State = PlatformState;
-    /// The same as [`Platform::new`]: COM1's interrupt eventfd and output.
-    type ConstructorArgs = (EventFd, SerialOut);
-    type Error = PlatformError;
-
-    fn save(&self) -> PlatformState {
-        self.state()
-    }
-
-    fn restore(
-        (serial_irq, serial_out): Self::ConstructorArgs,
-        state: &PlatformState,
-    ) -> Result<Self, PlatformError> {
-        Self::from_state(serial_irq, serial_out, state)
     }
 }
 
@@ -260,7 +241,7 @@ mod tests {
         pio.write(0xcf8, &0x8000_003cu32.to_le_bytes());
         pio.write(0xcfc, &[0x0a]);
         pio.write(0xcf9, &[0x02]);
-        let state = p.save();
+        let state = p.state();
         assert_eq!(state.serial.line_control, 0x03);
         assert_eq!(state.pci.config_address, 0x8000_003c);
 
@@ -269,8 +250,8 @@ mod tests {
         let back: PlatformState = bincode::deserialize(&bytes).unwrap();
         assert_eq!(back, state);
 
-        let r = Platform::restore((efd(), Box::new(std::io::sink())), &back).unwrap();
-        let mut s2 = r.save();
+        let r = Platform::from_state(efd(), Box::new(std::io::sink()), &back).unwrap();
+        let mut s2 = r.state();
         s2.acpi_pm.pm_timer = state.acpi_pm.pm_timer;
         assert_eq!(s2, state);
         let mut d = [0u8];

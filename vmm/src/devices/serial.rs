@@ -15,7 +15,6 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{BusDevice, VmEvent};
-use crate::persist::Persist;
 
 /// Number of ports the UART decodes (THR/RBR .. SCR).
 pub const SERIAL_PORT_COUNT: u64 = 8;
@@ -223,23 +222,6 @@ impl BusDevice for SerialDevice {
     }
 }
 
-impl Persist for SerialDevice {
-    type State = SerialState;
-    type ConstructorArgs = (EventFd, SerialOut);
-    type Error = SerialError;
-
-    fn save(&self) -> SerialState {
-        self.state()
-    }
-
-    fn restore(
-        (irq, out): Self::ConstructorArgs,
-        state: &SerialState,
-    ) -> Result<Self, SerialError> {
-        Self::from_state(irq, out, state)
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -308,14 +290,14 @@ pub(crate) mod tests {
         s.write(IER, &[0x01]);
         s.write(SCR, &[0x5a]);
         s.enqueue_raw_bytes(b"ab").unwrap();
-        let state = s.save();
+        let state = s.state();
         assert_eq!(state.line_control, 0x03);
         assert_eq!(state.interrupt_enable, 0x01);
         assert_eq!(state.baud_divisor_low, 0x0c);
         assert_eq!(state.in_buffer, b"ab");
 
-        let mut r = SerialDevice::restore((efd(), Box::new(std::io::sink())), &state).unwrap();
-        assert_eq!(r.save(), state);
+        let mut r = SerialDevice::from_state(efd(), Box::new(std::io::sink()), &state).unwrap();
+        assert_eq!(r.state(), state);
         let mut d = [0u8];
         r.read(LCR, &mut d);
         assert_eq!(d[0], 0x03);
