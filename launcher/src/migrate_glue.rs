@@ -13,6 +13,7 @@ use migration::sender::{self, SendOptions};
 use migration::tls::TlsConfig;
 use migration::transport::{self, Listener, MigrationUri, RateLimit, TcpSecurity, TransportError};
 use serde_json::{json, Value};
+use vmm::sync::lock;
 
 use crate::launch::api::MigrationHandler;
 use crate::launch::runtime::{Phase, Runtime};
@@ -32,10 +33,6 @@ struct Active {
 #[derive(Default)]
 pub struct Handler {
     active: Mutex<Option<Active>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn err(status: u16, msg: impl std::fmt::Display) -> (u16, Value) {

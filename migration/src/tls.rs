@@ -67,7 +67,7 @@ use std::fs;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustls::client::WebPkiServerVerifier;
@@ -79,6 +79,7 @@ use rustls::{
     ServerConfig, ServerConnection,
 };
 use thiserror::Error;
+use vmm::sync::lock;
 
 /// The CA file in a TLS directory.
 pub const CA_FILE: &str = "ca.pem";
@@ -508,10 +509,6 @@ struct Shared {
     writer: Mutex<Vec<u8>>,
     /// Serializes readers; holds the incoming ciphertext not yet given to rustls.
     reader: Mutex<ReadState>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn tls_io_error(e: rustls::Error) -> io::Error {

@@ -13,6 +13,7 @@ pub mod layout;
 pub mod machine;
 pub mod snapshot;
 pub mod state;
+pub mod sync;
 pub mod vstate;
 
 pub use config::VmConfig;

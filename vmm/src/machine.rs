@@ -3,7 +3,7 @@
 //! Field order matters for teardown: vCPU threads stop first, then the KVM VM
 //! goes, and guest memory is unmapped last.
 
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -99,6 +99,30 @@ impl Drop for PauseGuard<'_> {
     }
 }
 
+/// Start one thread per vCPU (index order), each with the buses, the stop channel, its
+/// CPUID and the MSRs to save. Booting starts them running, a restore paused.
+fn spawn_vcpus(
+    fds: Vec<(kvm_ioctls::VcpuFd, Vec<kvm_bindings::kvm_cpuid_entry2>)>,
+    platform: &Platform,
+    stop: &Sender<VmStop>,
+    msr_list: &[u32],
+    start_paused: bool,
+) -> Result<Vec<VcpuHandle>, MachineError> {
+    let mut vcpus = Vec::with_capacity(fds.len());
+    for (id, (fd, cpuid)) in fds.into_iter().enumerate() {
+        let ctx = VcpuContext {
+            pio: platform.pio_bus().clone(),
+            mmio: platform.mmio_bus().clone(),
+            stop: stop.clone(),
+            cpuid,
+            msr_list: msr_list.to_vec(),
+            start_paused,
+        };
+        vcpus.push(VcpuHandle::spawn(id as u8, fd, ctx)?);
+    }
+    Ok(vcpus)
+}
+
 fn serial_irq() -> Result<EventFd, MachineError> {
     EventFd::new(EFD_NONBLOCK).map_err(|e| MachineError::Host(format!("eventfd: {e}")))
 }
@@ -175,21 +199,7 @@ impl Vm {
             mapped?;
             setup
         })?;
-        let mut vcpus = Vec::new();
-        for (id, (fd, cpuid)) in fds.into_iter().enumerate() {
-            vcpus.push(VcpuHandle::spawn(
-                id as u8,
-                fd,
-                VcpuContext {
-                    pio: platform.pio_bus().clone(),
-                    mmio: platform.mmio_bus().clone(),
-                    stop: stop_tx.clone(),
-                    cpuid,
-                    msr_list: msr_list.clone(),
-                    start_paused: false,
-                },
-            )?);
-        }
+        let vcpus = spawn_vcpus(fds, &platform, &stop_tx, &msr_list, false)?;
         tracing::info!(
             memory = config.memory_bytes,
             vcpus = config.vcpus,
@@ -451,21 +461,7 @@ impl PreparedVm {
         // Irqchip after the vCPUs' LAPICs exist, as KVM requires for consistent routing.
         kvm.restore(&state.kvm)?;
         let msr_list: Vec<u32> = state.vcpus[0].msrs.iter().map(|m| m.index).collect();
-        let mut vcpus = Vec::new();
-        for (id, (fd, cpuid)) in ready.into_iter().enumerate() {
-            vcpus.push(VcpuHandle::spawn(
-                id as u8,
-                fd,
-                VcpuContext {
-                    pio: platform.pio_bus().clone(),
-                    mmio: platform.mmio_bus().clone(),
-                    stop: stop_tx.clone(),
-                    cpuid,
-                    msr_list: msr_list.clone(),
-                    start_paused: true,
-                },
-            )?);
-        }
+        let vcpus = spawn_vcpus(ready, &platform, &stop_tx, &msr_list, true)?;
         Ok(Vm {
             vcpus,
             platform,

@@ -4,6 +4,7 @@ use std::fs::OpenOptions;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use vmm::sync::lock;
 use vmm::{Vm, VmConfig, VmStop};
 
 use super::{LaunchError, EXIT_MIGRATED};
@@ -216,8 +217,4 @@ pub fn read_boot_files(config: &VmConfig) -> Result<(Vec<u8>, Option<Vec<u8>>), 
         None => None,
     };
     Ok((kernel, initrd))
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

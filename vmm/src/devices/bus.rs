@@ -107,9 +107,7 @@ impl Bus {
 
 /// Lock a device, recovering from a poisoned lock: a device whose handler panicked
 /// still holds consistent register state for the next access.
-pub(crate) fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+pub(crate) use crate::sync::lock;
 
 #[cfg(test)]
 mod tests {

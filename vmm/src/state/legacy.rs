@@ -40,14 +40,11 @@ struct DisksShape {
     devices: DisksDevices,
 }
 
+/// The fields of `PlainConfig`, then the disks (bincode is positional: a nested struct
+/// encodes exactly as its fields in line).
 #[derive(Deserialize)]
 struct DisksConfig {
-    memory_bytes: u64,
-    vcpus: u8,
-    machine_type: String,
-    kernel: String,
-    initrd: Option<String>,
-    cmdline: String,
+    base: PlainConfig,
     disks: Vec<DiskConfig>,
 }
 
@@ -87,20 +84,25 @@ impl From<NetsShape> for VmState {
     }
 }
 
+impl PlainConfig {
+    fn with_disks(self, disks: Vec<DiskConfig>) -> VmConfig {
+        VmConfig {
+            memory_bytes: self.memory_bytes,
+            vcpus: self.vcpus,
+            machine_type: self.machine_type,
+            kernel: self.kernel,
+            initrd: self.initrd,
+            cmdline: self.cmdline,
+            disks,
+            nets: Vec::new(),
+        }
+    }
+}
+
 impl From<DisksShape> for VmState {
     fn from(s: DisksShape) -> Self {
-        let c = s.config;
         VmState {
-            config: VmConfig {
-                memory_bytes: c.memory_bytes,
-                vcpus: c.vcpus,
-                machine_type: c.machine_type,
-                kernel: c.kernel,
-                initrd: c.initrd,
-                cmdline: c.cmdline,
-                disks: c.disks,
-                nets: Vec::new(),
-            },
+            config: s.config.base.with_disks(s.config.disks),
             vcpus: s.vcpus,
             kvm: s.kvm,
             platform: s.platform,
@@ -114,23 +116,13 @@ impl From<DisksShape> for VmState {
 
 impl From<PlainShape> for VmState {
     fn from(s: PlainShape) -> Self {
-        let c = s.config;
-        DisksShape {
-            config: DisksConfig {
-                memory_bytes: c.memory_bytes,
-                vcpus: c.vcpus,
-                machine_type: c.machine_type,
-                kernel: c.kernel,
-                initrd: c.initrd,
-                cmdline: c.cmdline,
-                disks: Vec::new(),
-            },
+        VmState {
+            config: s.config.with_disks(Vec::new()),
             vcpus: s.vcpus,
             kvm: s.kvm,
             platform: s.platform,
-            devices: DisksDevices { block: Vec::new() },
+            devices: VirtioDevicesState::default(),
         }
-        .into()
     }
 }
 
