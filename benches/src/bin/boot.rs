@@ -2,7 +2,7 @@
 //! the same run, interleaved.
 //!
 //! ```text
-//! cargo run --release -p benches --bin boot [-- --runs N] [--no-write]
+//! cargo run --release -p benches --bin boot [-- --runs N] [--write-docs]
 //!                                           [--launcher PATH] [--qemu PATH]
 //! ```
 //!
@@ -17,10 +17,10 @@
 //!   the resident part of the guest-RAM mapping (from `/proc/PID/smaps`), i.e. what the
 //!   VMM process costs beyond the guest memory the guest (and firmware) touched.
 //!
-//! It prints a Markdown table of medians with the ratio ours/QEMU and, unless
-//! `--no-write`, writes it to `docs/benchmarks.md` together with the command.
+//! It prints a Markdown table of medians with the ratio ours/QEMU and, with
+//! `--write-docs`, writes it to `docs/benchmarks.md` together with the command.
 
-use benches::{median, workspace_root};
+use benches::median;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -31,49 +31,19 @@ const GUEST_MIB: u64 = 64;
 /// Safety deadline for one boot (kills a hung child; never part of a result).
 const SAFETY: Duration = Duration::from_secs(60);
 
+/// Boots the hello guest N times under our launcher and under QEMU q35 and prints
+/// medians; with --write-docs also writes docs/benchmarks.md.
+#[derive(clap::Parser)]
+#[command(name = "boot")]
 struct Opts {
+    #[command(flatten)]
+    common: benches::CommonArgs,
+    /// Boots per VMM.
+    #[arg(long, default_value_t = 20, value_parser = benches::positive)]
     runs: usize,
-    write: bool,
-    launcher: Option<PathBuf>,
+    /// The QEMU binary.
+    #[arg(long, value_name = "PATH", default_value = benches::QEMU)]
     qemu: String,
-}
-
-fn parse_args() -> Opts {
-    let mut o = Opts {
-        runs: 20,
-        write: true,
-        launcher: None,
-        qemu: "qemu-system-x86_64".into(),
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let mut val = |name: &str| {
-            args.next()
-                .unwrap_or_else(|| fail(&format!("{name} needs a value")))
-        };
-        match a.as_str() {
-            "--runs" => {
-                o.runs = val("--runs")
-                    .parse()
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .unwrap_or_else(|| fail("--runs takes a positive number"))
-            }
-            "--no-write" => o.write = false,
-            "--launcher" => o.launcher = Some(PathBuf::from(val("--launcher"))),
-            "--qemu" => o.qemu = val("--qemu"),
-            "-h" | "--help" => {
-                println!(
-                    "usage: boot [--runs N] [--no-write] [--launcher PATH] [--qemu PATH]\n\
-                     Boots the hello guest N times (default 20) under our launcher and under QEMU q35,\n\
-                     prints medians and writes docs/benchmarks.md unless --no-write."
-                );
-                std::process::exit(0);
-            }
-            other => fail(&format!("unknown argument {other:?} (try --help)")),
-        }
-    }
-    o
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -321,7 +291,7 @@ fn first_line(cmd: &str, args: &[&str]) -> String {
 }
 
 fn main() {
-    let o = parse_args();
+    let o = <Opts as clap::Parser>::parse();
     if !Path::new("/dev/kvm").exists() {
         fail("/dev/kvm is missing: this benchmark boots KVM guests");
     }
@@ -417,12 +387,12 @@ fn main() {
     );
     println!("{table}\n{host}; {} runs each", o.runs);
 
-    if o.write {
+    {
         let doc = format!(
             "# Benchmarks\n\n\
              ## Boot: our launcher against QEMU q35\n\n\
              Measured with\n\n\
-             ```\ncargo run --release -p benches --bin boot -- --runs {runs}\n```\n\n\
+             ```\ncargo run --release -p benches --bin boot -- --runs {runs} --write-docs\n```\n\n\
              Both VMMs boot the same tiny PVH guest ELF (`tests/guests`, `hello` for the times,\n\
              the idle `timer` guest for memory) with {GUEST_MIB} MiB of guest memory, interleaved in one\n\
              run ({runs} runs each, after one warm-up boot each):\n\
@@ -442,17 +412,13 @@ fn main() {
                `/proc/PID/status` minus the resident size of the guest-RAM mapping (the\n  \
                mapping of about {GUEST_MIB} MiB in `/proc/PID/smaps`).\n\n\
              The machines here run on a nested, shadow-paging KVM where guest code at CPL0 is\n\
-             emulated (see `/work/shared/PLATFORM.md`), so absolute times are rough; the ratios\n\
+             emulated (see the platform notes, PLATFORM.md), so absolute times are rough; the ratios\n\
              are the meaningful part. Anchors from the project brief: Firecracker starts its VMM\n\
              within 8 ms of CPU and keeps its overhead under 5 MiB; a minimal C VMM here reaches\n\
              the first guest port write 1.5 ms after spawn.\n",
             runs = o.runs,
         );
-        let path = workspace_root().join("docs").join("benchmarks.md");
-        std::fs::create_dir_all(path.parent().expect("docs dir")).expect("create docs/");
-        std::fs::write(&path, doc)
-            .unwrap_or_else(|e| fail(&format!("cannot write {}: {e}", path.display())));
-        eprintln!("boot: wrote {}", path.display());
+        o.common.docs.write("boot", "docs/benchmarks.md", &doc);
     }
 }
 
@@ -461,5 +427,5 @@ fn fail(msg: &str) -> ! {
 }
 
 fn launcher_path(o: &Opts) -> PathBuf {
-    benches::launcher_path("boot", o.launcher.as_ref())
+    o.common.launcher("boot")
 }

@@ -1,7 +1,7 @@
 //! Scale: one node, many tiny VMs, one launcher version bump (issue 6).
 //!
 //! `scripts/bench-scale [VMS]` builds two launcher versions and runs this; or directly:
-//! `scale --bin-dir DIR --old-launcher PATH --new-launcher PATH [--vms 100] [--no-write]`
+//! `scale --bin-dir DIR --old-launcher PATH --new-launcher PATH [--vms 100] [--write-docs]`
 //! (`DIR` holds `noded` and `nodectl`).
 //!
 //! Two scenarios, each on a fresh noded: (A) default settings, every VM migratable;
@@ -10,7 +10,8 @@
 //! a 2 MiB region it rewrites and verifies on every pass). After the update it checks
 //! that every VM runs the new version, that no guest printed `STALE`, and that migrated
 //! guests booted once; it reports the total update time and the pause distribution
-//! (median, p99, max) from noded's migration records, and writes docs/scale.md.
+//! (median, p99, max) from noded's migration records, and with `--write-docs` writes
+//! docs/scale.md.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -224,30 +225,41 @@ fn scenario(
     }
 }
 
-fn arg(args: &[String], name: &str) -> Option<String> {
-    args.windows(2).find(|w| w[0] == name).map(|w| w[1].clone())
+/// Runs one node through a launcher update with many VMs; see the module comment.
+#[derive(clap::Parser)]
+#[command(name = "scale")]
+struct Opts {
+    #[command(flatten)]
+    docs: benches::DocsArg,
+    /// Directory holding `noded` and `nodectl`.
+    #[arg(long, value_name = "DIR")]
+    bin_dir: PathBuf,
+    /// The launcher the VMs start on.
+    #[arg(long, value_name = "PATH")]
+    old_launcher: PathBuf,
+    /// The launcher they are updated to.
+    #[arg(long, value_name = "PATH")]
+    new_launcher: PathBuf,
+    /// VMs per scenario.
+    #[arg(long, default_value_t = 100, value_parser = benches::positive)]
+    vms: usize,
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let need = |n: &str| {
-        PathBuf::from(
-            arg(&args, n).unwrap_or_else(|| die(format!("missing {n}; run scripts/bench-scale"))),
-        )
-    };
-    let bin_dir = need("--bin-dir");
-    let old = need("--old-launcher");
-    let new = need("--new-launcher");
-    let vms: usize = arg(&args, "--vms")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100);
+    let opts = <Opts as clap::Parser>::parse();
+    let (bin_dir, old, new, vms) = (
+        &opts.bin_dir,
+        &opts.old_launcher,
+        &opts.new_launcher,
+        opts.vms,
+    );
     let outcomes = [
-        scenario("default", &bin_dir, &old, &new, vms, "{}\n", 0),
+        scenario("default", bin_dir, old, new, vms, "{}\n", 0),
         scenario(
             "migrate-and-evict",
-            &bin_dir,
-            &old,
-            &new,
+            bin_dir,
+            old,
+            new,
             vms,
             "workloadUpdateStrategy:\n  workloadUpdateMethods: [LiveMigrate, Evict]\n  batchEvictionSize: 10\n  batchEvictionInterval: 5s\n",
             5,
@@ -274,11 +286,11 @@ fn main() {
         ok &= o.stale == 0 && o.rebooted_migrated == 0;
     }
     println!("{table}");
-    if !args.iter().any(|a| a == "--no-write") {
+    {
         let doc = format!(
-            "# Scale: {vms} VMs on one node, one launcher version bump\n\nWritten by `benches/src/bin/scale.rs`; regenerate with\n\n```\nscripts/bench-scale {vms}\n```\n\nEach VM: `pattern` guest, 64 MiB RAM, a 2 MiB region rewritten and verified on every pass, 1 vCPU; {vms} such vCPUs share this machine's 2 cores, so every guest runs at a small fraction of a core. Scenario *default*: noded's default settings (`[LiveMigrate]`, 2 parallel migrations), every VM migratable. Scenario *migrate-and-evict*: `[LiveMigrate, Evict]`, batches of 10 evictions per 5 s, every fifth VM has a host device (not migratable: evicted and restarted on the new launcher, a new boot by design). Pauses come from noded's migration records (`report.downtime_ms`, the source's pause until the destination runs the guest).\n\n{table}\n"
+            "# Scale: {vms} VMs on one node, one launcher version bump\n\nWritten by `benches/src/bin/scale.rs`; regenerate with\n\n```\nscripts/bench-scale {vms} --write-docs\n```\n\nEach VM: `pattern` guest, 64 MiB RAM, a 2 MiB region rewritten and verified on every pass, 1 vCPU; {vms} such vCPUs share this machine's 2 cores, so every guest runs at a small fraction of a core. Scenario *default*: noded's default settings (`[LiveMigrate]`, 2 parallel migrations), every VM migratable. Scenario *migrate-and-evict*: `[LiveMigrate, Evict]`, batches of 10 evictions per 5 s, every fifth VM has a host device (not migratable: evicted and restarted on the new launcher, a new boot by design). Pauses come from noded's migration records (`report.downtime_ms`, the source's pause until the destination runs the guest).\n\n{table}\n"
         );
-        let _ = std::fs::write("docs/scale.md", doc);
+        opts.docs.write("scale", "docs/scale.md", &doc);
     }
     if !ok {
         die("a guest saw a stale page or a migrated guest rebooted");
