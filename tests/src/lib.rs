@@ -12,6 +12,8 @@ pub use test_guests as guests;
 
 pub mod tls_ca;
 
+pub mod proxy;
+
 pub mod netns;
 
 /// How long any single wait may take before the test gives up (safety only).

@@ -25,21 +25,17 @@
 //! stall timeout (`LAUNCHER_MIGRATION_STALL_TIMEOUT_MS`), so a stall costs ~3 s.
 //! The table of results is printed at the end (docs/fault-matrix.md).
 
-use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use integration_tests::kill_pid;
+use integration_tests::proxy::{Callback, Frame, Link, Proxy, Verdict};
 use integration_tests::{
     api, assert_pattern_consistent, last_pass, path_str, vm_state, Launcher, MigrateJob, TempDir,
     SAFETY,
 };
 use integration_tests::{api_of, boot_pattern_source};
-use migration::frame::{self, FrameType, HEADER_LEN};
-use migration::protocol::{ReceiverMessage, SenderMessage, PREAMBLE_LEN};
+use migration::frame::FrameType;
+use migration::protocol::{ReceiverMessage, SenderMessage};
 
 const EVERY: u64 = 100;
 /// The launchers' stall timeout in these trials.
@@ -136,298 +132,103 @@ struct Plan {
     dst_pid: u32,
 }
 
-#[derive(Clone)]
-struct Ends {
-    src: Arc<UnixStream>,
-    dst: Arc<UnixStream>,
-    /// Set when the fault is a stall: pumps stop forwarding and wait for `release`.
-    stalled: Arc<AtomicBool>,
-    release: Arc<AtomicBool>,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Ends {
-    fn close(&self) {
-        let _ = self.src.shutdown(std::net::Shutdown::Both);
-        let _ = self.dst.shutdown(std::net::Shutdown::Both);
-    }
-
-    fn note(&self, s: String) {
-        self.log.lock().unwrap().push(s);
-    }
-
-    /// Stall: forward nothing more until released (then close).
-    fn stall(&self) {
-        self.stalled.store(true, Ordering::SeqCst);
-        let deadline = Instant::now() + SAFETY;
-        while !self.release.load(Ordering::SeqCst) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        self.close();
-    }
-}
-
-struct Proxy {
-    path: PathBuf,
-    release: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Proxy {
-    fn start(path: PathBuf, to: PathBuf, plan: Plan) -> Proxy {
-        let listener = UnixListener::bind(&path).expect("bind proxy");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let release = Arc::new(AtomicBool::new(false));
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (rel, lg) = (release.clone(), log.clone());
-        let thread = std::thread::spawn(move || {
-            let deadline = Instant::now() + SAFETY;
-            let src = loop {
-                match listener.accept() {
-                    Ok((s, _)) => break s,
-                    Err(_) if !rel.load(Ordering::SeqCst) && Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(2))
-                    }
-                    Err(_) => return,
-                }
-            };
-            src.set_nonblocking(false).expect("blocking");
-            let Ok(dst) = UnixStream::connect(&to) else {
-                return;
-            };
-            let ends = Ends {
-                src: Arc::new(src),
-                dst: Arc::new(dst),
-                stalled: Arc::new(AtomicBool::new(false)),
-                release: rel,
-                log: lg,
-            };
-            let e1 = ends.clone();
-            let fwd = std::thread::spawn(move || forward(&e1, plan));
-            back(&ends, plan);
-            let _ = fwd.join();
-            ends.close();
-        });
-        Proxy {
-            path,
-            release,
-            thread: Some(thread),
-            log,
-        }
-    }
-
-    fn uri(&self) -> String {
-        format!("unix:{}", path_str(&self.path))
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.release.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> bool {
-    r.read_exact(buf).is_ok()
-}
-
-/// Reads one frame (header and payload) into `buf`; returns its type.
-fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> Option<u16> {
-    let mut h = [0u8; HEADER_LEN];
-    if !read_full(r, &mut h) {
-        return None;
-    }
-    let len = u32::from_le_bytes([h[8], h[9], h[10], h[11]]) as usize;
-    let ty = u16::from_le_bytes([h[4], h[5]]);
-    buf.clear();
-    buf.extend_from_slice(&h);
-    buf.resize(HEADER_LEN + len, 0);
-    if !read_full(r, &mut buf[HEADER_LEN..]) {
-        return None;
-    }
-    Some(ty)
-}
-
-fn sender_msg(ty: u16, buf: &[u8]) -> Option<SenderMessage> {
-    (ty == FrameType::Control as u16)
-        .then(|| frame::decode_control(&buf[HEADER_LEN..]).ok())
-        .flatten()
-}
-
-fn receiver_msg(ty: u16, buf: &[u8]) -> Option<ReceiverMessage> {
-    (ty == FrameType::Control as u16)
-        .then(|| frame::decode_control(&buf[HEADER_LEN..]).ok())
-        .flatten()
-}
-
-/// Applies an offset fault (close, flip, truncate) or a process/stall fault to the
-/// frame in `buf` going to `w`. Returns false when forwarding must stop.
-fn act(ends: &Ends, plan: Plan, buf: &mut [u8], w: &mut &UnixStream, towards_dst: bool) -> bool {
-    let at = (plan.offset % buf.len() as u64) as usize;
+/// Applies the fault of `plan` to the frame `f` going through `link`.
+fn act(link: &Link, plan: Plan, f: &mut Frame) -> Verdict {
+    let len = f.bytes.len();
+    let at = (plan.offset % len as u64) as usize;
     match plan.fault {
         Fault::KillSource => {
             kill_pid(plan.src_pid);
-            ends.note("killed the source".into());
             // The destination sees the source's end of stream.
-            false
+            link.note("killed the source");
         }
         Fault::KillDest => {
             kill_pid(plan.dst_pid);
-            ends.note("killed the destination".into());
-            ends.close();
-            false
+            link.note("killed the destination");
+            link.close();
         }
         Fault::Stall => {
-            ends.note("stalled".into());
-            ends.stall();
-            false
+            link.note("stalled");
+            link.stall();
         }
         Fault::Close => {
-            let _ = w.write_all(&buf[..at]);
-            ends.note(format!("closed after {at} of {} bytes", buf.len()));
-            ends.close();
-            false
+            link.write(&f.bytes[..at]);
+            link.note(format!("closed after {at} of {len} bytes"));
+            link.close();
         }
         Fault::Truncate => {
-            let _ = w.write_all(&buf[..at]);
-            ends.note(format!("truncated after {at} of {} bytes", buf.len()));
-            let target = if towards_dst { &ends.dst } else { &ends.src };
-            let _ = target.shutdown(std::net::Shutdown::Write);
-            false
+            link.write(&f.bytes[..at]);
+            link.note(format!("truncated after {at} of {len} bytes"));
+            link.end_way();
         }
         Fault::FlipBit => {
-            buf[at] ^= 1 << plan.bit;
-            ends.note(format!(
-                "flipped bit {} of byte {at}/{}",
-                plan.bit,
-                buf.len()
-            ));
-            w.write_all(buf).is_ok()
+            f.bytes[at] ^= 1 << plan.bit;
+            link.note(format!("flipped bit {} of byte {at}/{len}", plan.bit));
+            return Verdict::Forward;
         }
     }
+    Verdict::Stop
 }
 
-/// Source → destination.
-fn forward(ends: &Ends, plan: Plan) {
-    let mut r = &*ends.src;
-    let mut w = &*ends.dst;
-    let mut pre = [0u8; PREAMBLE_LEN];
-    if !read_full(&mut r, &mut pre) || w.write_all(&pre).is_err() {
-        ends.close();
-        return;
-    }
-    let mut buf = Vec::new();
+/// Source → destination: the fault strikes at the first frame of `plan.phase`.
+fn forward_fault(plan: Plan) -> Callback {
     let mut precopy_seen = 0u64;
     let mut in_iter0 = false;
     let mut done = false;
-    while let Some(ty) = read_frame(&mut r, &mut buf) {
-        let msg = sender_msg(ty, &buf);
-        if ends.stalled.load(Ordering::SeqCst) {
-            break;
+    Box::new(move |f, link| {
+        if done || f.ty.is_none() {
+            return Verdict::Forward;
         }
-        if done {
-            if w.write_all(&buf).is_err() {
-                break;
-            }
-            continue;
-        }
+        let msg = f.sender_msg();
         let is_hello = matches!(msg, Some(SenderMessage::Hello(_)));
-        if is_hello {
-            in_iter0 = true;
-        }
+        in_iter0 |= is_hello;
         let trigger = match plan.phase {
             Phase::Setup => is_hello,
             Phase::Precopy => {
-                let candidate = in_iter0
-                    && (ty == FrameType::Memory as u16
-                        || matches!(msg, Some(SenderMessage::IterationDone { .. })));
-                if candidate {
-                    precopy_seen += 1;
-                }
                 let last = matches!(msg, Some(SenderMessage::IterationDone { .. }));
-                if last {
-                    in_iter0 = false;
-                }
+                let candidate = in_iter0 && (f.is(FrameType::Memory) || last);
+                precopy_seen += u64::from(candidate);
+                in_iter0 &= !last;
                 candidate && (precopy_seen > plan.nth || last)
             }
-            Phase::Switchover => ty == FrameType::State as u16,
+            Phase::Switchover => f.is(FrameType::State),
             Phase::StateLoad => matches!(msg, Some(SenderMessage::Complete)),
             Phase::AfterGo => {
-                let go = matches!(msg, Some(SenderMessage::Go));
-                if go && matches!(plan.fault, Fault::KillSource | Fault::KillDest) {
+                if matches!(msg, Some(SenderMessage::Go))
+                    && matches!(plan.fault, Fault::KillSource | Fault::KillDest)
+                {
                     // The go reaches the destination, then the process dies.
-                    let _ = w.write_all(&buf);
+                    link.write(&f.bytes);
                     done = true;
-                    let keep = act(ends, plan, &mut buf, &mut w, true);
-                    if !keep {
-                        break;
-                    }
-                    continue;
+                    act(link, plan, f);
+                    return Verdict::Stop;
                 }
                 false
             }
         };
-        if trigger {
-            done = true;
-            if !act(ends, plan, &mut buf, &mut w, true) {
-                break;
-            }
-            continue;
+        if !trigger {
+            return Verdict::Forward;
         }
-        if w.write_all(&buf).is_err() {
-            break;
-        }
-    }
-    if !ends.stalled.load(Ordering::SeqCst) {
-        ends.close();
-    }
+        done = true;
+        act(link, plan, f)
+    })
 }
 
 /// Destination → source; in `aftergo`, the offset faults and the stall hit `Started`.
-fn back(ends: &Ends, plan: Plan) {
-    let mut r = &*ends.dst;
-    let mut w = &*ends.src;
-    let mut pre = [0u8; PREAMBLE_LEN];
-    if !read_full(&mut r, &mut pre) || w.write_all(&pre).is_err() {
-        if !ends.stalled.load(Ordering::SeqCst) {
-            ends.close();
+fn back_fault(plan: Plan) -> Callback {
+    Box::new(move |f, link| {
+        let started = matches!(f.receiver_msg(), Some(ReceiverMessage::Started { .. }));
+        if plan.phase != Phase::AfterGo || !started {
+            return Verdict::Forward;
         }
-        return;
-    }
-    let mut buf = Vec::new();
-    while let Some(ty) = read_frame(&mut r, &mut buf) {
-        let msg = receiver_msg(ty, &buf);
-        if ends.stalled.load(Ordering::SeqCst) {
-            return;
+        if matches!(plan.fault, Fault::KillSource | Fault::KillDest) {
+            // A process is being killed between the go and the source hearing
+            // `Started`: the source must not see it (else the kill would come after a
+            // completed handover, which is not this cell).
+            return Verdict::Handled;
         }
-        if plan.phase == Phase::AfterGo && matches!(plan.fault, Fault::KillSource | Fault::KillDest)
-        {
-            if matches!(msg, Some(ReceiverMessage::Started { .. })) {
-                // A process is being killed between the go and the source hearing
-                // `Started`: the source must not see it (else the kill would come after
-                // a completed handover, which is not this cell).
-                continue;
-            }
-        } else if plan.phase == Phase::AfterGo
-            && matches!(msg, Some(ReceiverMessage::Started { .. }))
-        {
-            if !act(ends, plan, &mut buf, &mut w, false) {
-                return;
-            }
-            continue;
-        }
-        if w.write_all(&buf).is_err() {
-            break;
-        }
-    }
-    if !ends.stalled.load(Ordering::SeqCst) {
-        ends.close();
-    }
+        act(link, plan, f)
+    })
 }
 
 // ---------------------------------------------------------------------------------
@@ -496,10 +297,15 @@ fn trial(plan_phase: Phase, fault: Fault, rng: &mut Rng) -> String {
         src_pid: src.child.id(),
         dst_pid: dst.child.id(),
     };
-    let proxy = Proxy::start(dir.join("proxy.sock"), mig.clone(), plan);
+    let proxy = Proxy::start(
+        dir.join("proxy.sock"),
+        mig.clone(),
+        forward_fault(plan),
+        back_fault(plan),
+    );
     let job = MigrateJob::start(api_of(&src), &proxy.uri(), &[], dir.path());
     let out = job.finish();
-    let log = proxy.log.lock().unwrap().clone();
+    let log = proxy.log();
     drop(proxy);
     let ctx = format!(
         "{}/{}: proxy {log:?}\nreport {}\nsrc stderr: {}\ndst stderr: {}",

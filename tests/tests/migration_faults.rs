@@ -16,20 +16,19 @@
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use integration_tests::kill_pid;
+use integration_tests::proxy::{Callback, Proxy, Verdict};
 use integration_tests::{
     api, assert_pattern_consistent, incoming, kill_hard, last_pass, migrate, path_str, vm_state,
     wait_new_pass, wait_progress, Launcher, MigrateJob, MigrateOutcome, TempDir, SAFETY,
 };
 use integration_tests::{api_of, boot_pattern_source};
-use migration::frame::{self, FrameReader, FrameType, FrameWriter, HEADER_LEN};
+use migration::frame::{FrameReader, FrameType, FrameWriter};
 use migration::protocol::{
     self, Hello, MemoryLayout, MemoryRegion, MigrationMode, ReceiverMessage, RefuseReason,
-    SenderMessage, VersionRange, PREAMBLE_LEN,
+    SenderMessage, VersionRange,
 };
 
 /// `pass=` line period of the `pattern` guests here.
@@ -127,7 +126,7 @@ fn assert_migrates_afterwards(dir: &TempDir, src: &mut Launcher, n: usize) {
 }
 
 // ---------------------------------------------------------------------------------
-// A frame-aware man-in-the-middle proxy
+// Faults, applied by the frame-aware proxy of `integration_tests::proxy`
 // ---------------------------------------------------------------------------------
 
 /// What the proxy does to the stream.
@@ -150,199 +149,67 @@ enum Fault {
     KillOnGo,
 }
 
-struct Proxy {
-    path: PathBuf,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-    /// What happened, for failure messages.
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-/// Both ends of a proxied connection, to end them from either pump.
-#[derive(Clone)]
-struct Ends {
-    src: Arc<UnixStream>,
-    dst: Arc<UnixStream>,
-}
-
-impl Ends {
-    fn close(&self) {
-        let _ = self.src.shutdown(std::net::Shutdown::Both);
-        let _ = self.dst.shutdown(std::net::Shutdown::Both);
-    }
-}
-
-impl Proxy {
-    /// Listen on `path`; forward one connection to the Unix socket `to`, applying `fault`.
-    /// `dst_pid` is the receiver's process (for the kill faults).
-    fn start(path: PathBuf, to: PathBuf, dst_pid: u32, fault: Fault) -> Self {
-        let listener = UnixListener::bind(&path).expect("bind proxy");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let stop = Arc::new(AtomicBool::new(false));
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (st, lg) = (stop.clone(), log.clone());
-        let thread = std::thread::spawn(move || {
-            let deadline = Instant::now() + SAFETY;
-            let src = loop {
-                match listener.accept() {
-                    Ok((s, _)) => break s,
-                    Err(_) if !st.load(Ordering::SeqCst) && Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(5))
-                    }
-                    Err(_) => return,
-                }
+impl Fault {
+    /// The proxy's callbacks for this fault, sender → receiver and back; `dst_pid` is
+    /// the receiver's process (for the kill faults).
+    fn callbacks(self, dst_pid: u32) -> (Callback, Callback) {
+        let mut truncated = false;
+        let forward: Callback = Box::new(move |f, link| {
+            if truncated {
+                return Verdict::Handled; // swallow: the receiver's side is closed
+            }
+            let (start, len) = (f.offset, f.bytes.len() as u64);
+            let kill = match self {
+                Fault::KillOnState => f.is(FrameType::State),
+                Fault::KillOnGo => matches!(f.sender_msg(), Some(SenderMessage::Go)),
+                _ => false,
             };
-            src.set_nonblocking(false).expect("blocking");
-            let dst = UnixStream::connect(&to).expect("proxy: connect to the receiver");
-            let ends = Ends {
-                src: Arc::new(src),
-                dst: Arc::new(dst),
-            };
-            let (e1, l1) = (ends.clone(), lg.clone());
-            let forward = std::thread::spawn(move || pump_forward(&e1, dst_pid, fault, &l1));
-            pump_back(&ends, dst_pid, fault, &lg);
-            let _ = forward.join();
-            ends.close();
-        });
-        Self {
-            path,
-            stop,
-            thread: Some(thread),
-            log,
-        }
-    }
-
-    fn uri(&self) -> String {
-        format!("unix:{}", path_str(&self.path))
-    }
-
-    fn log(&self) -> Vec<String> {
-        self.log.lock().map(|l| l.clone()).unwrap_or_default()
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-/// Read exactly `buf.len()` bytes; false on end of stream or error.
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> bool {
-    r.read_exact(buf).is_ok()
-}
-
-/// Sender → receiver: preamble, then whole frames (header and payload), each inspected
-/// and forwarded, with the fault applied.
-fn pump_forward(ends: &Ends, dst_pid: u32, fault: Fault, log: &Mutex<Vec<String>>) {
-    let mut r = &*ends.src;
-    let mut w = &*ends.dst;
-    let mut offset = 0u64;
-    let mut buf = vec![0u8; PREAMBLE_LEN];
-    let mut first = true;
-    let mut truncated = false;
-    loop {
-        if first {
-            first = false;
-            if !read_full(&mut r, &mut buf) {
-                break;
-            }
-        } else {
-            let mut h = [0u8; HEADER_LEN];
-            if !read_full(&mut r, &mut h) {
-                break;
-            }
-            let len = u32::from_le_bytes([h[8], h[9], h[10], h[11]]) as usize;
-            let ty = u16::from_le_bytes([h[4], h[5]]);
-            buf.clear();
-            buf.extend_from_slice(&h);
-            buf.resize(HEADER_LEN + len, 0);
-            if !read_full(&mut r, &mut buf[HEADER_LEN..]) {
-                break;
-            }
-            let go = ty == FrameType::Control as u16
-                && matches!(
-                    frame::decode_control::<SenderMessage>(&buf[HEADER_LEN..]),
-                    Ok(SenderMessage::Go)
-                );
-            if (ty == FrameType::State as u16 && matches!(fault, Fault::KillOnState))
-                || (go && matches!(fault, Fault::KillOnGo))
-            {
+            if kill {
                 kill_pid(dst_pid);
-                log.lock().unwrap().push(format!(
-                    "frame type {ty} ({len} bytes) at offset {offset}: killed the receiver"
+                link.note(format!(
+                    "frame type {:?} ({len} bytes) at offset {start}: killed the receiver",
+                    f.ty
                 ));
-                ends.close();
-                return;
+                link.close();
+                return Verdict::Stop;
             }
-        }
-        let start = offset;
-        let end = offset + buf.len() as u64;
-        offset = end;
-        if truncated {
-            continue; // swallow: the receiver's side is closed
-        }
-        match fault {
-            Fault::FlipBit { at, bit } if (start..end).contains(&at) => {
-                buf[(at - start) as usize] ^= 1 << bit;
-                log.lock()
-                    .unwrap()
-                    .push(format!("flipped bit {bit} of byte {at}"));
+            match self {
+                Fault::FlipBit { at, bit } if (start..start + len).contains(&at) => {
+                    f.bytes[(at - start) as usize] ^= 1 << bit;
+                    link.note(format!("flipped bit {bit} of byte {at}"));
+                    Verdict::Forward
+                }
+                Fault::Truncate { at } if (start..start + len).contains(&at) => {
+                    link.write(&f.bytes[..(at - start) as usize]);
+                    link.end_way();
+                    link.note(format!("truncated at byte {at}"));
+                    truncated = true;
+                    Verdict::Handled
+                }
+                _ => Verdict::Forward,
             }
-            Fault::Truncate { at } if (start..end).contains(&at) => {
-                let _ = w.write_all(&buf[..(at - start) as usize]);
-                let _ = ends.dst.shutdown(std::net::Shutdown::Write);
-                log.lock().unwrap().push(format!("truncated at byte {at}"));
-                truncated = true;
-                continue;
+        });
+        let back: Callback = Box::new(move |f, link| {
+            if f.ty.is_none() {
+                return Verdict::Forward;
             }
-            _ => {}
-        }
-        if w.write_all(&buf).is_err() {
-            break;
-        }
+            let msg = f.receiver_msg();
+            link.note(format!("receiver said {msg:?}"));
+            if matches!(self, Fault::KillOnReady) && matches!(msg, Some(ReceiverMessage::Ready)) {
+                kill_pid(dst_pid);
+                link.note("killed the receiver after Ready");
+                return Verdict::Stop;
+            }
+            Verdict::Forward
+        });
+        (forward, back)
     }
-    // The sender is gone (or the receiver is): end both sides.
-    ends.close();
 }
 
-/// Receiver → sender: preamble, then control frames, decoded to act on `Ready`.
-fn pump_back(ends: &Ends, dst_pid: u32, fault: Fault, log: &Mutex<Vec<String>>) {
-    let mut r = &*ends.dst;
-    let mut w = &*ends.src;
-    let mut pre = [0u8; PREAMBLE_LEN];
-    if !read_full(&mut r, &mut pre) || w.write_all(&pre).is_err() {
-        ends.close();
-        return;
-    }
-    loop {
-        let mut h = [0u8; HEADER_LEN];
-        if !read_full(&mut r, &mut h) {
-            break;
-        }
-        let len = u32::from_le_bytes([h[8], h[9], h[10], h[11]]) as usize;
-        let mut payload = vec![0u8; len];
-        if !read_full(&mut r, &mut payload) {
-            break;
-        }
-        let msg = frame::decode_control::<ReceiverMessage>(&payload);
-        log.lock().unwrap().push(format!("receiver said {msg:?}"));
-        if matches!(fault, Fault::KillOnReady) && matches!(msg, Ok(ReceiverMessage::Ready)) {
-            kill_pid(dst_pid);
-            log.lock()
-                .unwrap()
-                .push("killed the receiver after Ready".into());
-            break;
-        }
-        if w.write_all(&h).is_err() || w.write_all(&payload).is_err() {
-            break;
-        }
-    }
-    ends.close();
+/// Start a proxy on `path` in front of the receiver socket `to`, applying `fault`.
+fn proxy(path: PathBuf, to: PathBuf, dst_pid: u32, fault: Fault) -> Proxy {
+    let (forward, back) = fault.callbacks(dst_pid);
+    Proxy::start(path, to, forward, back)
 }
 
 /// Migrate the source through a proxy applying `fault` to a fresh destination `n`, and
@@ -356,7 +223,7 @@ fn migrate_through_proxy(
 ) -> (MigrateOutcome, String) {
     let (mut dst, uri) = destination(dir, n);
     let to = PathBuf::from(uri.strip_prefix("unix:").expect("unix uri"));
-    let proxy = Proxy::start(
+    let proxy = proxy(
         dir.join(&format!("proxy-{n}.sock")),
         to,
         dst.child.id(),
@@ -422,7 +289,7 @@ fn destination_killed_after_go_leaves_source_paused_until_resumed() {
     let mut src = boot_source(&dir);
     let (mut dst, uri) = destination(&dir, 1);
     let to = PathBuf::from(uri.strip_prefix("unix:").expect("unix uri"));
-    let proxy = Proxy::start(dir.join("proxy.sock"), to, dst.child.id(), Fault::KillOnGo);
+    let proxy = proxy(dir.join("proxy.sock"), to, dst.child.id(), Fault::KillOnGo);
     let out = migrate(api_of(&src), &proxy.uri(), &[], dir.path());
     eprintln!("proxy {:?}\nreport {}", proxy.log(), out.report);
     drop(proxy);

@@ -15,6 +15,7 @@ fn check_common(s: &VmState) {
     assert_eq!(s.config.memory_bytes, 32 << 20);
     assert_eq!(s.config.vcpus, 2);
     assert_eq!(s.config.machine_type, "q35-1.0");
+    assert_eq!(s.config.kernel, "pattern.elf");
     assert_eq!(s.config.cmdline, "mib=1 every=50");
     assert_eq!(s.vcpus.len(), 2);
     assert_eq!(s.vcpus[1].id, 1);
