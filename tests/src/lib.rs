@@ -86,7 +86,16 @@ pub struct Launcher {
 impl Launcher {
     /// Start `launcher run <args>` with its console in `serial` and stderr in `serial.stderr`.
     pub fn run(args: &[&str], serial: &Path, api: Option<&Path>) -> Self {
+        Self::run_in(None, args, serial, api)
+    }
+
+    /// [`Launcher::run`] with `cwd` as the working directory (relative paths in `args`
+    /// stay relative in the VM's configuration, e.g. for files that are committed).
+    pub fn run_in(cwd: Option<&Path>, args: &[&str], serial: &Path, api: Option<&Path>) -> Self {
         let mut cmd = Command::new(bin("launcher"));
+        if let Some(d) = cwd {
+            cmd.current_dir(d);
+        }
         cmd.arg("run").args(args).arg("--serial").arg(serial);
         if let Some(a) = api {
             cmd.arg("--api-socket").arg(a);

@@ -18,10 +18,14 @@ use integration_tests::{api, guests, last_pass, path_str, wait_console_until, La
 fn small_snapshot() -> Vec<u8> {
     let dir = TempDir::new("fuzz-snap");
     let sock = dir.join("api.sock");
-    let mut l = Launcher::run(
+    // The kernel is given relative to the launcher's directory, so that the state (and
+    // the committed seed) records `pattern.elf`, not a path of the machine that made it.
+    std::fs::copy(guests::pattern_path(), dir.join("pattern.elf")).expect("copy pattern.elf");
+    let mut l = Launcher::run_in(
+        Some(dir.path()),
         &[
             "--kernel",
-            path_str(guests::pattern_path()),
+            "pattern.elf",
             "--memory",
             "32M",
             "--cmdline",

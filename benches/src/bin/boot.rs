@@ -412,7 +412,7 @@ fn main() {
                `/proc/PID/status` minus the resident size of the guest-RAM mapping (the\n  \
                mapping of about {GUEST_MIB} MiB in `/proc/PID/smaps`).\n\n\
              The machines here run on a nested, shadow-paging KVM where guest code at CPL0 is\n\
-             emulated (see the platform notes, PLATFORM.md), so absolute times are rough; the ratios\n\
+             emulated (see `docs/platform.md`), so absolute times are rough; the ratios\n\
              are the meaningful part. Anchors from the project brief: Firecracker starts its VMM\n\
              within 8 ms of CPU and keeps its overhead under 5 MiB; a minimal C VMM here reaches\n\
              the first guest port write 1.5 ms after spawn.\n",

@@ -721,7 +721,7 @@ Written by `benches/src/bin/migrate.rs`; regenerate with
 cargo run --release -p benches --bin migrate -- --runs {runs}
 ```
 
-Machine: {cpu}, {ncpu} vCPUs, Linux {kernel} (nested KVM, see `/work/shared/PLATFORM.md`).
+Machine: {cpu}, {ncpu} vCPUs, Linux {kernel} (nested KVM, see `docs/platform.md`).
 Ours: `{ours}` (release build). QEMU: `{qemu}`.
 
 Each cell is the median of {runs} migrations. Every migration is between two fresh
