@@ -98,7 +98,13 @@ fn object_name(src: &str) -> String {
     format!("{stem}.o")
 }
 
+#[path = "../tool_probe.rs"]
+mod tool_probe;
+
 fn main() {
+    // `has_qemu`: the QEMU cross-check runs (else it is ignored, outside CI).
+    println!("cargo::rerun-if-changed=../tool_probe.rs");
+    tool_probe::emit(&[("qemu-system-x86_64", "qemu")]);
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
     let src_dir = manifest.join("guest");

@@ -21,6 +21,17 @@ pub fn ip_available() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// Called first by a test that needs `ip`. Such tests are compiled as ignored where `ip`
+/// was missing at build time outside CI (`tests/tool_probe.rs`), so a test that runs
+/// expects it: its absence is a failure that says what to install.
+pub fn require_ip() {
+    assert!(
+        ip_available(),
+        "the `ip` tool (iproute2) is missing: install iproute2 (.ci/run does), or build the \
+         tests without CI=true to have this test reported as ignored"
+    );
+}
+
 /// A network namespace, deleted (with its interfaces) on drop.
 pub struct Netns {
     name: String,

@@ -19,7 +19,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use integration_tests::netns::{ip_available, Netns};
+use integration_tests::netns::{require_ip, Netns};
 use integration_tests::tls_ca::Ca;
 use integration_tests::{
     assert_pattern_consistent, bin, guests, last_pass, migrate, path_str, shutdown, vm_state,
@@ -34,16 +34,6 @@ const IP_A: &str = "10.123.0.1";
 const IP_B: &str = "10.123.0.2";
 /// The migration port (the namespaces are fresh: any port is free there).
 const PORT: u16 = 4791;
-
-fn skip_without_ip() -> bool {
-    if ip_available() {
-        return false;
-    }
-    eprintln!(
-        "SKIPPED: the `ip` tool (iproute2) is missing; install it to run the cross-host tests"
-    );
-    true
-}
 
 /// Two test hosts. Fields drop in order: the launchers are killed (and reaped) first,
 /// then the namespaces (with the veth pair) are deleted, then the directory is removed;
@@ -203,10 +193,12 @@ impl Hosts {
 }
 
 #[test]
+#[cfg_attr(
+    not(has_ip),
+    ignore = "the `ip` tool (iproute2) is not installed (CI installs it)"
+)]
 fn vm_migrates_between_two_hosts_over_tls_and_back() {
-    if skip_without_ip() {
-        return;
-    }
+    require_ip();
     let mut h = Hosts::new("xh");
     let ca = Ca::new("cross-host CA");
     let (tls_a, tls_b) = (h.dir.join("tls-a"), h.dir.join("tls-b"));
@@ -238,10 +230,12 @@ fn vm_migrates_between_two_hosts_over_tls_and_back() {
 }
 
 #[test]
+#[cfg_attr(
+    not(has_ip),
+    ignore = "the `ip` tool (iproute2) is not installed (CI installs it)"
+)]
 fn host_with_a_certificate_from_another_ca_is_refused() {
-    if skip_without_ip() {
-        return;
-    }
+    require_ip();
     let mut h = Hosts::new("xr");
     let ca = Ca::new("cross-host CA");
     let rogue = Ca::new("rogue CA");

@@ -10,20 +10,12 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use integration_tests::netns::{ip_available, ping, Netns, UdpFlow};
+use integration_tests::netns::{ping, require_ip, Netns, UdpFlow};
 use integration_tests::{bin, guests, path_str, Launcher, MigrateJob, TempDir};
 
 /// Gap between two datagrams of the flow (500 per second).
 const INTERVAL: Duration = Duration::from_millis(2);
 const MAC: &str = "52:54:00:12:34:56";
-
-fn skip_without_ip() -> bool {
-    if ip_available() {
-        return false;
-    }
-    eprintln!("SKIPPED: the `ip` tool (iproute2) is missing; install it to run the network tests");
-    true
-}
 
 /// `launcher run <args>` inside `ns`, console in `serial`.
 fn launcher_in(ns: &Netns, args: &[&str], serial: &Path, api: &Path) -> Launcher {
@@ -84,10 +76,12 @@ fn wait_answers(flow: &UdpFlow, n: usize) {
 }
 
 #[test]
+#[cfg_attr(
+    not(has_ip),
+    ignore = "the `ip` tool (iproute2) is not installed (CI installs it)"
+)]
 fn local_handover_loses_no_datagram() {
-    if skip_without_ip() {
-        return;
-    }
+    require_ip();
     let ns = Netns::new("netlocal");
     ns.ip("tuntap add dev tap0 mode tap");
     ns.ip("addr add 10.99.0.1/24 dev tap0");
@@ -154,10 +148,12 @@ fn local_handover_loses_no_datagram() {
 }
 
 #[test]
+#[cfg_attr(
+    not(has_ip),
+    ignore = "the `ip` tool (iproute2) is not installed (CI installs it)"
+)]
 fn copy_migration_to_another_namespace_bounds_losses() {
-    if skip_without_ip() {
-        return;
-    }
+    require_ip();
     // Two "hosts": each namespace has a bridge with its TAP; a veth pair joins the bridges.
     let na = Netns::new("netcpa");
     let nb = Netns::new("netcpb");
@@ -251,10 +247,12 @@ fn run_fails(ns: &Netns, net: &str, stdin: Stdio) -> String {
 }
 
 #[test]
+#[cfg_attr(
+    not(has_ip),
+    ignore = "the `ip` tool (iproute2) is not installed (CI installs it)"
+)]
 fn bad_net_options_are_refused_clearly() {
-    if skip_without_ip() {
-        return;
-    }
+    require_ip();
     let ns = Netns::new("netbad");
     ns.ip("tuntap add dev tap0 mode tap");
     ns.ip("tuntap add dev tun0 mode tun");

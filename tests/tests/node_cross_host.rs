@@ -13,7 +13,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use integration_tests::netns::{ip_available, Netns};
+use integration_tests::netns::{require_ip, Netns};
 use integration_tests::node::{last_pass, processes_mentioning, Node};
 use integration_tests::tls_ca::Ca;
 use integration_tests::{assert_pattern_consistent, guests, vm_state};
@@ -38,11 +38,12 @@ fn launcher_in_ns(node: &Node, ns: &Netns) -> PathBuf {
 }
 
 #[test]
+#[cfg_attr(
+    not(has_ip),
+    ignore = "the `ip` tool (iproute2) is not installed (CI installs it)"
+)]
 fn noded_moves_a_vm_to_another_node_over_tls() {
-    if !ip_available() {
-        eprintln!("SKIPPED: the `ip` tool (iproute2) is missing");
-        return;
-    }
+    require_ip();
     // Declared first, dropped last: the nodes (and their launchers) go first.
     let a_ns = Netns::new("nxa");
     let b_ns = Netns::new("nxb");

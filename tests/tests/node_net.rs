@@ -10,21 +10,13 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use integration_tests::netns::{ip_available, ping, Netns, UdpFlow};
+use integration_tests::netns::{ping, require_ip, Netns, UdpFlow};
 use integration_tests::node::{processes_mentioning, Node};
 use integration_tests::{guests, SAFETY};
 
 /// Gap between two datagrams of the flow (500 per second).
 const INTERVAL: Duration = Duration::from_millis(2);
 const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 5, 2);
-
-fn skip_without_ip() -> bool {
-    if ip_available() {
-        return false;
-    }
-    eprintln!("SKIPPED: the `ip` tool (iproute2) is missing; install it to run the network tests");
-    true
-}
 
 /// A wrapper around `real` whose `run` happens inside `ns` (other commands, such as
 /// `capabilities`, run directly). `ip netns exec` execs the launcher, so the pid noded
@@ -57,10 +49,12 @@ fn wait_answers(flow: &UdpFlow, n: usize, node: &Node) {
 }
 
 #[test]
+#[cfg_attr(
+    not(has_ip),
+    ignore = "the `ip` tool (iproute2) is not installed (CI installs it)"
+)]
 fn noded_updates_a_networked_vm_without_losing_a_datagram() {
-    if skip_without_ip() {
-        return;
-    }
+    require_ip();
     let ns = Netns::new("nodenet");
     for tap in ["tap0", "tap1"] {
         ns.ip(&format!("tuntap add dev {tap} mode tap"));
