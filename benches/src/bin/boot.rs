@@ -305,11 +305,27 @@ fn main() {
     }
     let launcher_version = first_line(launcher.to_str().unwrap_or("launcher"), &["--version"]);
 
+    let (boots, mems) = measure(&o, &launcher);
+    let table = table(&boots, &mems);
+    let host = format!(
+        "{} CPUs, {}; ours: {launcher_version} (release build); QEMU: {qemu_version}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        first_line("uname", &["-srm"]),
+    );
+    println!("{table}\n{host}; {} runs each", o.runs);
+    o.common
+        .docs
+        .write("boot", "docs/benchmarks.md", &doc(&table, &host, o.runs));
+}
+
+/// One warm-up boot per VMM, then `o.runs` interleaved boots and memory samples of each
+/// (index 0: ours, 1: QEMU).
+fn measure(o: &Opts, launcher: &Path) -> ([Vec<BootSample>; 2], [Vec<MemSample>; 2]) {
     let mut boots: [Vec<BootSample>; 2] = [Vec::new(), Vec::new()];
     let mut mems: [Vec<MemSample>; 2] = [Vec::new(), Vec::new()];
     // One warm-up boot each (page cache, KVM module state), not recorded.
     for vmm in [Vmm::Ours, Vmm::Qemu] {
-        boot_once(vmm, &o, &launcher);
+        boot_once(vmm, o, launcher);
     }
     for i in 0..o.runs {
         // Alternate which VMM goes first so neither always runs on a warmer machine.
@@ -320,13 +336,18 @@ fn main() {
         };
         for vmm in order {
             let k = usize::from(vmm == Vmm::Qemu);
-            boots[k].push(boot_once(vmm, &o, &launcher));
-            mems[k].push(memory_once(vmm, &o, &launcher));
+            boots[k].push(boot_once(vmm, o, launcher));
+            mems[k].push(memory_once(vmm, o, launcher));
         }
         eprint!("\rboot: run {}/{}", i + 1, o.runs);
     }
     eprintln!();
 
+    (boots, mems)
+}
+
+/// The Markdown table of medians, ours against QEMU.
+fn table(boots: &[Vec<BootSample>; 2], mems: &[Vec<MemSample>; 2]) -> String {
     let med_boot =
         |k: usize, f: &dyn Fn(&BootSample) -> f64| median(boots[k].iter().map(f).collect());
     let med_mem = |k: usize, f: &dyn Fn(&MemSample) -> f64| median(mems[k].iter().map(f).collect());
@@ -380,46 +401,41 @@ fn main() {
             "| {name} | {ours:.2} {unit} | {qemu:.2} {unit} | {ratio} |\n"
         ));
     }
-    let host = format!(
-        "{} CPUs, {}; ours: {launcher_version} (release build); QEMU: {qemu_version}",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        first_line("uname", &["-srm"]),
-    );
-    println!("{table}\n{host}; {} runs each", o.runs);
+    table
+}
 
-    {
-        let doc = format!(
-            "# Benchmarks\n\n\
-             ## Boot: our launcher against QEMU q35\n\n\
-             Measured with\n\n\
-             ```\ncargo run --release -p benches --bin boot -- --runs {runs} --write-docs\n```\n\n\
-             Both VMMs boot the same tiny PVH guest ELF (`tests/guests`, `hello` for the times,\n\
-             the idle `timer` guest for memory) with {GUEST_MIB} MiB of guest memory, interleaved in one\n\
-             run ({runs} runs each, after one warm-up boot each):\n\
-             `launcher run --kernel hello.elf --memory {GUEST_MIB}M --serial stdio` and\n\
-             `qemu-system-x86_64 -accel kvm -M q35 -m {GUEST_MIB} -nographic -no-reboot -kernel hello.elf`.\n\n\
-             {table}\n\
-             Host: {host}.\n\n\
-             How each number is taken (`benches/src/bin/boot.rs`):\n\n\
-             - *first serial byte*: from just before `spawn` to the first byte read from the\n  \
-               child's stdout pipe (the serial console is on stdio for both).\n\
-             - *guest's first line*: the same, to the read that delivers `hello:`; QEMU's SeaBIOS\n  \
-               may print before the guest, our launcher prints nothing of its own.\n\
-             - *CPU time*: user + system time of the child from `wait4`, for the whole run\n  \
-               (boot, guest output, power-off, exit).\n\
-             - *memory overhead*: with the `timer` guest idling (halted between timer\n  \
-               interrupts), 300 ms after its banner: `VmHWM` and `VmRSS` from\n  \
-               `/proc/PID/status` minus the resident size of the guest-RAM mapping (the\n  \
-               mapping of about {GUEST_MIB} MiB in `/proc/PID/smaps`).\n\n\
-             The machines here run on a nested, shadow-paging KVM where guest code at CPL0 is\n\
-             emulated (see `docs/platform.md`), so absolute times are rough; the ratios\n\
-             are the meaningful part. Anchors from the project brief: Firecracker starts its VMM\n\
-             within 8 ms of CPU and keeps its overhead under 5 MiB; a minimal C VMM here reaches\n\
-             the first guest port write 1.5 ms after spawn.\n",
-            runs = o.runs,
-        );
-        o.common.docs.write("boot", "docs/benchmarks.md", &doc);
-    }
+/// docs/benchmarks.md around `table`.
+fn doc(table: &str, host: &str, runs: usize) -> String {
+    format!(
+        "# Benchmarks\n\n\
+         ## Boot: our launcher against QEMU q35\n\n\
+         Measured with\n\n\
+         ```\ncargo run --release -p benches --bin boot -- --runs {runs} --write-docs\n```\n\n\
+         Both VMMs boot the same tiny PVH guest ELF (`tests/guests`, `hello` for the times,\n\
+         the idle `timer` guest for memory) with {GUEST_MIB} MiB of guest memory, interleaved in one\n\
+         run ({runs} runs each, after one warm-up boot each):\n\
+         `launcher run --kernel hello.elf --memory {GUEST_MIB}M --serial stdio` and\n\
+         `qemu-system-x86_64 -accel kvm -M q35 -m {GUEST_MIB} -nographic -no-reboot -kernel hello.elf`.\n\n\
+         {table}\n\
+         Host: {host}.\n\n\
+         How each number is taken (`benches/src/bin/boot.rs`):\n\n\
+         - *first serial byte*: from just before `spawn` to the first byte read from the\n  \
+           child's stdout pipe (the serial console is on stdio for both).\n\
+         - *guest's first line*: the same, to the read that delivers `hello:`; QEMU's SeaBIOS\n  \
+           may print before the guest, our launcher prints nothing of its own.\n\
+         - *CPU time*: user + system time of the child from `wait4`, for the whole run\n  \
+           (boot, guest output, power-off, exit).\n\
+         - *memory overhead*: with the `timer` guest idling (halted between timer\n  \
+           interrupts), 300 ms after its banner: `VmHWM` and `VmRSS` from\n  \
+           `/proc/PID/status` minus the resident size of the guest-RAM mapping (the\n  \
+           mapping of about {GUEST_MIB} MiB in `/proc/PID/smaps`).\n\n\
+         The machines here run on a nested, shadow-paging KVM where guest code at CPL0 is\n\
+         emulated (see `docs/platform.md`), so absolute times are rough; the ratios\n\
+         are the meaningful part. Anchors from the project brief: Firecracker starts its VMM\n\
+         within 8 ms of CPU and keeps its overhead under 5 MiB; a minimal C VMM here reaches\n\
+         the first guest port write 1.5 ms after spawn.\n",
+        runs = runs,
+    )
 }
 
 fn fail(msg: &str) -> ! {
