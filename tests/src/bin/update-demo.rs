@@ -136,6 +136,28 @@ fn main() {
     let bin_dir = arg(&args, "--bin-dir");
     let old = arg(&args, "--old-launcher");
     let new = arg(&args, "--new-launcher");
+    let demo = start_noded(&bin_dir);
+    let old_version = launcher_version(&old);
+    let new_version = launcher_version(&new);
+    println!("== Installing launcher {old_version}");
+    demo.show(&["launcher", "install", "--path", &old.display().to_string()]);
+    let specs = vm_specs();
+    let before = create_vms(&demo, &specs);
+
+    println!("\n== Installing launcher {new_version}: the update starts");
+    demo.show(&["launcher", "install", "--path", &new.display().to_string()]);
+    println!();
+    watch_update(&demo, &new_version);
+    report(&demo, &specs, &before);
+    demo.show(&["status"]);
+    println!("\n== Cleaning up (set DEMO_KEEP=1 to keep the state directory and logs)");
+}
+
+/// A VM of the demo: name, spec (YAML), what should happen to it.
+type Spec = (&'static str, String, &'static str);
+
+/// Start noded on a fresh state directory and wait until it answers.
+fn start_noded(bin_dir: &Path) -> Demo {
     let dir = std::env::temp_dir().join(format!("update-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| die(format!("{}: {e}", dir.display())));
     let state = dir.join("state");
@@ -162,9 +184,9 @@ fn main() {
         .spawn()
         .unwrap_or_else(|e| die(format!("cannot start noded: {e}")));
     let demo = Demo {
-        bin_dir,
+        bin_dir: bin_dir.to_path_buf(),
         state,
-        dir: dir.clone(),
+        dir,
         noded: Some(noded),
     };
     demo.wait("noded to answer", Duration::from_secs(30), || {
@@ -178,13 +200,13 @@ fn main() {
             .is_ok_and(|s| s.success())
     });
 
-    let old_version = launcher_version(&old);
-    let new_version = launcher_version(&new);
-    println!("== Installing launcher {old_version}");
-    demo.show(&["launcher", "install", "--path", &old.display().to_string()]);
+    demo
+}
 
+/// The five VMs, one per update outcome.
+fn vm_specs() -> [Spec; 5] {
     let pattern = test_guests::pattern_path().display().to_string();
-    let specs = [
+    [
         (
             "web",
             format!("name: web\nkernel: {pattern}\ncmdline: \"mib=16 every=200\"\nmemory: 128Mi\nrunStrategy: Always\nevictionStrategy: LiveMigrate\n"),
@@ -210,10 +232,14 @@ fn main() {
             format!("name: pinned\nkernel: {pattern}\ncmdline: \"mib=8 every=200\"\nmemory: 64Mi\nrunStrategy: Always\nevictionStrategy: LiveMigrate\nhostDevices: [{{name: nic0, deviceName: example.com/sriov}}]\n"),
             "host device with evictionStrategy LiveMigrate: cannot move, stays outdated with its reason",
         ),
-    ];
+    ]
+}
+
+/// Create and start every VM, wait for their first passes; returns each one's last pass.
+fn create_vms(demo: &Demo, specs: &[Spec]) -> BTreeMap<&'static str, u64> {
     println!("\n== Creating {} VMs", specs.len());
-    for (name, spec, what) in &specs {
-        let path = dir.join(format!("{name}.yaml"));
+    for (name, spec, what) in specs {
+        let path = demo.dir.join(format!("{name}.yaml"));
         std::fs::write(&path, spec).unwrap_or_else(|e| die(e));
         println!("   {name:7} {what}");
         demo.nodectl(&["vm", "create", "-f", &path.display().to_string()], false);
@@ -236,14 +262,14 @@ fn main() {
         },
     );
     demo.show(&["vm", "list"]);
-    let before: BTreeMap<&str, u64> = specs
+    specs
         .iter()
         .map(|(n, _, _)| (*n, passes(&demo.console(n)).last().copied().unwrap_or(0)))
-        .collect();
+        .collect()
+}
 
-    println!("\n== Installing launcher {new_version}: the update starts");
-    demo.show(&["launcher", "install", "--path", &new.display().to_string()]);
-    println!();
+/// Print each VM's changes until the update has settled (safety limit: 2 minutes).
+fn watch_update(demo: &Demo, new_version: &str) {
     let mut last: BTreeMap<String, String> = BTreeMap::new();
     let started = Instant::now();
     let settled = |vms: &BTreeMap<String, Value>| {
@@ -255,7 +281,7 @@ fn main() {
                 "pinned" => {
                     v["outdated"] == true && v["reason"].as_str().is_some_and(|r| !r.is_empty())
                 }
-                _ => phase == "Running" && v["launcherVersion"] == new_version.as_str(),
+                _ => phase == "Running" && v["launcherVersion"] == new_version,
             }
         })
     };
@@ -287,9 +313,12 @@ fn main() {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
 
+/// What happened to each VM: migrated (with pause and pass counters), evicted, left.
+fn report(demo: &Demo, specs: &[Spec], before: &BTreeMap<&'static str, u64>) {
     println!("\n== What happened to each VM");
-    for (name, _, _) in &specs {
+    for (name, _, _) in specs {
         let v = &demo.vms()[*name];
         let console = demo.console(name);
         let boots = console.matches("pattern: booted").count();
@@ -331,8 +360,6 @@ fn main() {
         };
         println!("   {name:7} {what}");
     }
-    demo.show(&["status"]);
-    println!("\n== Cleaning up (set DEMO_KEEP=1 to keep the state directory and logs)");
 }
 
 fn launcher_version(path: &Path) -> String {
