@@ -192,6 +192,31 @@ fn host_memory_bytes() -> u64 {
     }
 }
 
+/// Decode the state record and allocate the guest memory it describes, refusing an
+/// unknown machine type, an invalid configuration or more memory than the host has.
+fn load_state(payload: &[u8]) -> Result<(VmState, GuestRam), SnapshotError> {
+    let s = VmState::from_bytes(payload)?;
+    if resolve_machine_type(&s.config.machine_type).is_err() {
+        return Err(SnapshotError::UnknownMachineType(s.config.machine_type));
+    }
+    s.config
+        .validate()
+        .map_err(|e| SnapshotError::Corrupted(e.to_string()))?;
+    // Refuse before allocating: guest memory (and its dirty bitmaps) sized by
+    // an untrusted file could exhaust the host (found by fuzzing).
+    let host = host_memory_bytes();
+    if s.config.memory_bytes > host {
+        return Err(SnapshotError::Corrupted(format!(
+            "the state asks for {} MiB of guest memory, more than this host has ({} MiB)",
+            s.config.memory_bytes >> 20,
+            host >> 20
+        )));
+    }
+    let ram =
+        GuestRam::new(s.config.memory_bytes).map_err(|e| SnapshotError::Memory(e.to_string()))?;
+    Ok((s, ram))
+}
+
 /// Read a snapshot: the state, and guest memory filled from it.
 pub fn read(r: &mut impl Read) -> Result<(VmState, GuestRam), SnapshotError> {
     let mut header = [0u8; 16];
@@ -241,27 +266,8 @@ pub fn read(r: &mut impl Read) -> Result<(VmState, GuestRam), SnapshotError> {
                 if state.is_some() {
                     return Err(SnapshotError::Corrupted("two state records".into()));
                 }
-                let s = VmState::from_bytes(&payload)?;
-                if resolve_machine_type(&s.config.machine_type).is_err() {
-                    return Err(SnapshotError::UnknownMachineType(s.config.machine_type));
-                }
-                s.config
-                    .validate()
-                    .map_err(|e| SnapshotError::Corrupted(e.to_string()))?;
-                // Refuse before allocating: guest memory (and its dirty bitmaps) sized by
-                // an untrusted file could exhaust the host (found by fuzzing).
-                let host = host_memory_bytes();
-                if s.config.memory_bytes > host {
-                    return Err(SnapshotError::Corrupted(format!(
-                        "the state asks for {} MiB of guest memory, more than this host has ({} MiB)",
-                        s.config.memory_bytes >> 20,
-                        host >> 20
-                    )));
-                }
-                ram = Some(
-                    GuestRam::new(s.config.memory_bytes)
-                        .map_err(|e| SnapshotError::Memory(e.to_string()))?,
-                );
+                let (s, r) = load_state(&payload)?;
+                ram = Some(r);
                 state = Some(s);
             }
             KIND_MEMORY => {
