@@ -99,6 +99,24 @@ pub fn launcher_path(prog: &str, given: Option<&PathBuf>) -> PathBuf {
     p
 }
 
+/// The first line `cmd args` prints on stdout, trimmed ("unknown" if it cannot run): the
+/// version strings the reports name.
+pub fn first_line(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
 /// The median (mean of the middle two for an even count; NaN when empty).
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);

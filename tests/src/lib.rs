@@ -298,9 +298,16 @@ pub fn assert_pattern_consistent(console: &str, every: u64) {
         1,
         "the guest booted more than once (or never):\n{console}"
     );
+    assert_pass_markers(complete_lines(console), every);
+}
+
+/// The `pattern` pass invariants over `console`: every `pass=N` line comes after exactly N
+/// `B` markers, and the numbers go up by `every` from 0 (one boot and any number of
+/// continuations of it: a restore or a migration does not restart the count).
+pub fn assert_pass_markers(console: &str, every: u64) {
     let mut markers = 0u64;
     let mut last = 0u64;
-    for line in complete_lines(console).lines() {
+    for line in console.lines() {
         markers += line.matches('B').count() as u64;
         if let Some(n) = line.trim().strip_prefix("pass=") {
             let n: u64 = n
@@ -315,6 +322,45 @@ pub fn assert_pattern_consistent(console: &str, every: u64) {
             last = n;
         }
     }
+}
+
+/// The `J<seq>` numbers of the `blkjournal` guest in the complete lines of `console`.
+pub fn journal_seqs(console: &str) -> Vec<u32> {
+    complete_lines(console)
+        .lines()
+        .filter_map(|l| l.strip_prefix('J'))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
+}
+
+/// The last `J<seq>` number of `console` (0 before the first).
+pub fn last_journal_seq(console: &str) -> u32 {
+    journal_seqs(console).last().copied().unwrap_or(0)
+}
+
+/// `launcher migrate` arguments that keep a migration in pre-copy until something else
+/// ends it: a small bandwidth cap, an unreachable downtime target, and no timeouts.
+pub const CAPPED: &[&str] = &[
+    "--max-bandwidth",
+    "2000000",
+    "--downtime-ms",
+    "1",
+    "--completion-timeout-per-gib",
+    "0",
+    "--progress-timeout",
+    "0",
+];
+
+/// Call `f` every `interval` until it returns true or `limit` has passed (then false).
+pub fn poll(limit: Duration, interval: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(interval);
+    }
+    true
 }
 
 /// Wait until the `pattern` console (shared by all launchers of one VM) shows a pass

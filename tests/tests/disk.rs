@@ -19,6 +19,7 @@ use integration_tests::{
     api, guests, kill_hard, launcher_cmd, migrate, path_str, shutdown, wait_console_until,
     Launcher, MigrateJob, TempDir,
 };
+use integration_tests::{journal_seqs, last_journal_seq};
 
 const MEMORY: &str = "32M";
 /// Extra `launcher run` arguments of every launcher started here (e.g. `--no-seccomp`
@@ -77,26 +78,12 @@ fn boot(dir: &TempDir, disk: &Path, log: &str, cmdline: &str, with_api: bool) ->
     l
 }
 
-/// The `J<seq>` numbers in the complete lines of `console`.
-fn seqs(console: &str) -> Vec<u32> {
-    let complete = console.rfind('\n').map_or("", |i| &console[..=i]);
-    complete
-        .lines()
-        .filter_map(|l| l.strip_prefix('J'))
-        .filter_map(|n| n.trim().parse().ok())
-        .collect()
-}
-
-fn last_seq(console: &str) -> u32 {
-    seqs(console).last().copied().unwrap_or(0)
-}
-
 /// Wait until the guest printed a `J` number above `after`; returns it.
 fn wait_seq_beyond(l: &mut Launcher, after: u32) -> u32 {
     let c = wait_console_until(l, &format!("a J marker beyond {after}"), |c| {
-        last_seq(c) > after
+        last_journal_seq(c) > after
     });
-    last_seq(&c)
+    last_journal_seq(&c)
 }
 
 /// The `found ... last seq=N` values printed at each boot in `console`.
@@ -116,7 +103,7 @@ fn assert_journal(console: &str, disk: &Path, first: u32) {
         !console.contains("corrupt") && !console.contains("io error"),
         "console:\n{console}"
     );
-    let s = seqs(console);
+    let s = journal_seqs(console);
     assert!(!s.is_empty(), "no J markers; console:\n{console}");
     for (i, n) in s.iter().enumerate() {
         assert_eq!(
@@ -200,7 +187,7 @@ fn copy_and_local_migration_continue_the_journal_with_one_owner() {
         );
         // The destination opened nothing yet; the source still owns the disk.
         assert_refused(&dir, &d);
-        let before = last_seq(&src.console());
+        let before = last_journal_seq(&src.console());
         let out = migrate(src.api.as_deref().expect("api"), &uri, mode, dir.path());
         assert!(
             out.status.success(),
@@ -230,17 +217,12 @@ fn source_keeps_the_disk_when_the_destination_dies_in_precopy() {
     let uri = format!("unix:{}", path_str(&dir.join("mig.sock")));
     let mut dst = incoming(&uri, &dir.join("console.log"), &dir.join("dst.sock"));
     // Never converges: a tiny bandwidth and an unreachable downtime target.
-    let capped = [
-        "--max-bandwidth",
-        "2000000",
-        "--downtime-ms",
-        "1",
-        "--completion-timeout-per-gib",
-        "0",
-        "--progress-timeout",
-        "0",
-    ];
-    let mut job = MigrateJob::start(src.api.as_deref().expect("api"), &uri, &capped, dir.path());
+    let mut job = MigrateJob::start(
+        src.api.as_deref().expect("api"),
+        &uri,
+        integration_tests::CAPPED,
+        dir.path(),
+    );
     let api_sock = src.api.clone().expect("api");
     let deadline = std::time::Instant::now() + integration_tests::SAFETY;
     loop {
@@ -261,7 +243,7 @@ fn source_keeps_the_disk_when_the_destination_dies_in_precopy() {
     let out = job.finish();
     assert_ne!(out.str("status"), "completed", "{}", out.report);
     // The source keeps writing, and still owns the disk.
-    let now = last_seq(&src.console());
+    let now = last_journal_seq(&src.console());
     wait_seq_beyond(&mut src, now + 3);
     assert_refused(&dir, &d);
     shutdown(&mut src);
@@ -313,7 +295,7 @@ fn snapshot_and_restore_continue_the_journal() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(src.wait().code(), Some(0), "stderr: {}", src.stderr());
-    let stopped_at = last_seq(&src.console());
+    let stopped_at = last_journal_seq(&src.console());
 
     let rsock = dir.join("restored.sock");
     let mut r = Launcher::run(
@@ -498,7 +480,7 @@ fn destination_that_cannot_take_the_disk_after_go_aborts_and_the_source_resumes(
     );
     assert_ne!(dst.wait().code(), Some(0), "stderr: {}", dst.stderr());
     // The source took a.img back and keeps writing it.
-    let now = last_seq(&src.console());
+    let now = last_journal_seq(&src.console());
     wait_seq_beyond(&mut src, now + 3);
     assert_refused(&dir, &a);
     shutdown(&mut src);

@@ -18,13 +18,13 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use integration_tests::kill_pid;
 use integration_tests::proxy::{Callback, Proxy, Verdict};
 use integration_tests::{
     api, assert_pattern_consistent, incoming, kill_hard, last_pass, migrate, path_str, vm_state,
     wait_new_pass, wait_progress, Launcher, MigrateJob, MigrateOutcome, TempDir, SAFETY,
 };
 use integration_tests::{api_of, boot_pattern_source};
+use integration_tests::{kill_pid, CAPPED};
 use migration::frame::{FrameReader, FrameType, FrameWriter};
 use migration::protocol::{
     self, Hello, MemoryLayout, MemoryRegion, MigrationMode, ReceiverMessage, RefuseReason,
@@ -33,19 +33,6 @@ use migration::protocol::{
 
 /// `pass=` line period of the `pattern` guests here.
 const EVERY: u64 = 200;
-
-/// Arguments that keep a migration in pre-copy until something else ends it: a small
-/// bandwidth cap, an unreachable downtime target, and no timeouts.
-const CAPPED: &[&str] = &[
-    "--max-bandwidth",
-    "2000000",
-    "--downtime-ms",
-    "1",
-    "--completion-timeout-per-gib",
-    "0",
-    "--progress-timeout",
-    "0",
-];
 
 fn boot_source(dir: &TempDir) -> Launcher {
     boot_pattern_source(&dir.join("console.log"), &dir.join("src.sock"), EVERY)

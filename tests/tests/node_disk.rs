@@ -7,20 +7,7 @@ use std::path::Path;
 
 use integration_tests::guests;
 use integration_tests::node::{processes_mentioning, Node};
-
-/// The `J<seq>` numbers in the complete lines of `console`.
-fn seqs(console: &str) -> Vec<u32> {
-    let complete = console.rfind('\n').map_or("", |i| &console[..=i]);
-    complete
-        .lines()
-        .filter_map(|l| l.strip_prefix('J'))
-        .filter_map(|n| n.trim().parse().ok())
-        .collect()
-}
-
-fn last_seq(console: &str) -> u32 {
-    seqs(console).last().copied().unwrap_or(0)
-}
+use integration_tests::{journal_seqs, last_journal_seq};
 
 fn assert_journal(console: &str, disk: &Path) {
     assert!(
@@ -32,7 +19,7 @@ fn assert_journal(console: &str, disk: &Path) {
         1,
         "the guest booted again:\n{console}"
     );
-    let s = seqs(console);
+    let s = journal_seqs(console);
     for (i, n) in s.iter().enumerate() {
         assert_eq!(
             *n,
@@ -81,7 +68,7 @@ fn a_vm_with_a_local_disk_is_live_updated_and_its_journal_has_no_gap() {
     assert_eq!(v["crossHostMigratable"], false);
     assert_eq!(v["crossHostReason"], "DisksNotLiveMigratable");
     let before = node.wait_until("journal records", || {
-        let n = last_seq(&node.console("jrnl"));
+        let n = last_journal_seq(&node.console("jrnl"));
         (n >= 10).then_some(n)
     });
 
@@ -90,7 +77,7 @@ fn a_vm_with_a_local_disk_is_live_updated_and_its_journal_has_no_gap() {
     let recs = node.ctl(&["migrations", "jrnl"]);
     assert_eq!(recs[0]["outcome"], "Succeeded", "{recs}");
     node.wait_until("records written by the new launcher", || {
-        (last_seq(&node.console("jrnl")) > before + 20).then_some(())
+        (last_journal_seq(&node.console("jrnl")) > before + 20).then_some(())
     });
     // One launcher owns the disk.
     assert_eq!(
@@ -161,7 +148,7 @@ fn found(boot: &str) -> Option<(u32, u32)> {
 /// Checks that the `J<seq>` markers of one boot run from `first` with no gap or repeat;
 /// returns the last one (or `first - 1` when there are none).
 fn consecutive_from(boot: &str, first: u32) -> u32 {
-    let s = seqs(boot);
+    let s = journal_seqs(boot);
     for (i, n) in s.iter().enumerate() {
         assert_eq!(
             *n,
@@ -201,7 +188,7 @@ fn a_non_migratable_journal_vm_is_evicted_restarted_and_its_journal_has_no_gap()
     let v = node.wait_vm("jrnl", "Running", Some(&va));
     assert_eq!(v["migratable"], false, "{v}");
     node.wait_until("journal records", || {
-        (last_seq(&node.console("jrnl")) >= 10).then_some(())
+        (last_journal_seq(&node.console("jrnl")) >= 10).then_some(())
     });
 
     node.install(&integration_tests::launcher_of_version("9.0.0"));
@@ -211,7 +198,7 @@ fn a_non_migratable_journal_vm_is_evicted_restarted_and_its_journal_has_no_gap()
         let console = node.console("jrnl");
         let boots = boots_of(&console);
         let (_, s) = found(boots.get(1)?)?;
-        (last_seq(boots[1]) > s + 20).then_some(s)
+        (last_journal_seq(boots[1]) > s + 20).then_some(s)
     });
     node.ctl(&["vm", "stop", "jrnl"]);
     node.wait_vm("jrnl", "Stopped", None);

@@ -77,23 +77,7 @@ fn snapshot(l: &Launcher, file: &Path, stop: bool) {
 /// since the banner, the numbers go up by `EVERY`, and no page was stale.
 fn assert_pattern_consistent(console: &str) {
     assert!(!console.contains("STALE"), "stale page:\n{console}");
-    let mut markers = 0u64;
-    let mut last = 0u64;
-    for line in console.lines() {
-        markers += line.matches('B').count() as u64;
-        if let Some(n) = line.trim().strip_prefix("pass=") {
-            let n: u64 = n
-                .trim()
-                .parse()
-                .unwrap_or_else(|_| panic!("bad line {line:?}"));
-            assert_eq!(n, last + EVERY, "pass numbers skip or repeat:\n{console}");
-            assert_eq!(
-                markers, n,
-                "pass={n} printed after {markers} pass markers:\n{console}"
-            );
-            last = n;
-        }
-    }
+    integration_tests::assert_pass_markers(console, EVERY);
 }
 
 /// Restore `file` into a new launcher with its console appended to `serial`.

@@ -20,7 +20,7 @@
 //! It prints a Markdown table of medians with the ratio ours/QEMU and, with
 //! `--write-docs`, writes it to `docs/benchmarks.md` together with the command.
 
-use benches::median;
+use benches::{first_line, median};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -272,22 +272,6 @@ fn memory_once(vmm: Vmm, o: &Opts, launcher: &Path) -> MemSample {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
-}
-
-fn first_line(cmd: &str, args: &[&str]) -> String {
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .ok()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_string()
-        })
-        .unwrap_or_else(|| "unknown".into())
 }
 
 fn main() {

@@ -88,16 +88,12 @@ impl Node {
             .unwrap_or_default()
     }
 
-    fn wait(&self, what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-        let deadline = Instant::now() + limit;
-        while !f() {
-            if Instant::now() > deadline {
-                die(format!(
-                    "gave up waiting for {what} (logs in {})",
-                    self.dir.display()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(250));
+    fn wait(&self, what: &str, limit: Duration, f: impl FnMut() -> bool) {
+        if !integration_tests::poll(limit, Duration::from_millis(250), f) {
+            die(format!(
+                "gave up waiting for {what} (logs in {})",
+                self.dir.display()
+            ));
         }
     }
 }

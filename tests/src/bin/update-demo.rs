@@ -76,16 +76,12 @@ impl Demo {
             .unwrap_or_default()
     }
 
-    fn wait(&self, what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-        let deadline = Instant::now() + limit;
-        while !f() {
-            if Instant::now() > deadline {
-                die(format!(
-                    "gave up waiting for {what}; noded log: {}",
-                    self.dir.join("noded.log").display()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(200));
+    fn wait(&self, what: &str, limit: Duration, f: impl FnMut() -> bool) {
+        if !integration_tests::poll(limit, Duration::from_millis(200), f) {
+            die(format!(
+                "gave up waiting for {what}; noded log: {}",
+                self.dir.join("noded.log").display()
+            ));
         }
     }
 }
