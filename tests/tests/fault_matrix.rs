@@ -27,13 +27,13 @@
 
 use std::time::{Duration, Instant};
 
-use integration_tests::kill_pid;
 use integration_tests::proxy::{Callback, Frame, Link, Proxy, Verdict};
 use integration_tests::{
     api, assert_pattern_consistent, last_pass, path_str, vm_state, Launcher, MigrateJob, TempDir,
     SAFETY,
 };
 use integration_tests::{api_of, boot_pattern_source};
+use integration_tests::{kill_pid, MigrateOutcome};
 use migration::frame::FrameType;
 use migration::protocol::{ReceiverMessage, SenderMessage};
 
@@ -277,6 +277,106 @@ fn wait_progress(runner: &mut Launcher, other: &Launcher, src_first: bool) {
     }
 }
 
+/// Checks the invariants for the copy that went on (the destination, the source, or none
+/// when the source was killed before the go) and stops it; returns what happened.
+fn check_outcome(
+    plan_phase: Phase,
+    src: &mut Launcher,
+    dst: &mut Launcher,
+    out: &MigrateOutcome,
+    dst_ran: bool,
+    ctx: &str,
+) -> &'static str {
+    if !src.alive() {
+        // The source is gone (killed, or exited 64 after a complete handover).
+        if dst_ran {
+            assert!(dst.alive(), "{ctx}");
+            wait_progress(dst, src, true);
+            assert_eq!(vm_state(api_of(dst)), "running", "{ctx}");
+            assert_pattern_consistent(&timeline(src, dst), EVERY);
+            integration_tests::shutdown(dst);
+            "destination runs"
+        } else {
+            let code = exit_code(dst);
+            assert_ne!(code, Some(0), "the destination must fail: {ctx}");
+            assert!(!dst.console().contains('B'), "{ctx}");
+            "none runs (VM lost: source killed before go)"
+        }
+    } else if dst_ran {
+        // After the go: the destination runs, the source must be paused for ever.
+        assert!(dst.alive(), "{ctx}");
+        assert_eq!(vm_state(api_of(src)), "paused", "two copies? {ctx}");
+        assert_eq!(
+            out.report.get("source_running").and_then(|v| v.as_bool()),
+            Some(false),
+            "{ctx}"
+        );
+        assert!(out.str("error").contains("unknown"), "{ctx}");
+        wait_progress(dst, src, true);
+        assert_pattern_consistent(&timeline(src, dst), EVERY);
+        // The operator sees the destination runs: the source is told to exit.
+        integration_tests::shutdown(src);
+        integration_tests::shutdown(dst);
+        "destination runs; source paused (outcome unknown), stopped"
+    } else {
+        let code = exit_code(dst);
+        assert_ne!(code, Some(0), "the destination must fail: {ctx}");
+        assert!(!out.status.success(), "{ctx}");
+        let state = vm_state(api_of(src));
+        let outcome = if state == "paused" {
+            // Past the go, the destination died without running the guest: the
+            // source waits for a decision; the operator resumes it.
+            assert_eq!(plan_phase, Phase::AfterGo, "{ctx}");
+            assert!(out.str("error").contains("unknown"), "{ctx}");
+            let (st, v) = api(api_of(src), "PUT", "/v1/resume", None);
+            assert_eq!(st, 200, "{v}");
+            "source paused (outcome unknown), resumed"
+        } else {
+            assert_eq!(state, "running", "{ctx}");
+            assert_eq!(
+                out.report.get("source_running").and_then(|v| v.as_bool()),
+                Some(true),
+                "{ctx}"
+            );
+            "source runs"
+        };
+        wait_progress(src, dst, false);
+        assert_pattern_consistent(&src.console(), EVERY);
+        integration_tests::shutdown(src);
+        outcome
+    }
+}
+
+/// Both processes exited and no socket of an exited launcher remains.
+fn assert_nothing_left(
+    dir: &TempDir,
+    fault: Fault,
+    src: &mut Launcher,
+    dst: &mut Launcher,
+    ctx: &str,
+) {
+    assert!(!src.alive() && !dst.alive(), "{ctx}");
+    assert!(
+        !dir.join("proxy.sock").exists(),
+        "proxy.sock left behind: {ctx}"
+    );
+    let leftovers: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("read dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".sock"))
+        .collect();
+    // A launcher killed with SIGKILL cannot remove its API socket; the next launcher on
+    // that path replaces it (launch::api::bind). Any other socket is a leak.
+    for n in &leftovers {
+        // The destination's migration socket goes when it accepts; a destination
+        // killed within microseconds of accepting may not have removed it yet.
+        let killed = (n == "src.sock" && fault == Fault::KillSource)
+            || ((n == "dst.sock" || n == "mig.sock") && fault == Fault::KillDest);
+        assert!(killed, "socket {n} left behind: {ctx}");
+    }
+}
+
 /// Runs one trial and returns its outcome (panics when an invariant breaks).
 fn trial(plan_phase: Phase, fault: Fault, rng: &mut Rng) -> String {
     let dir = TempDir::new("fault");
@@ -326,85 +426,8 @@ fn trial(plan_phase: Phase, fault: Fault, rng: &mut Rng) -> String {
     // A destination killed right after the go may have run a few instructions first;
     // it is gone, and the source (paused, outcome unknown) is the copy that goes on.
     let dst_ran = dst.console().contains('B') && !dst_killed;
-    let outcome;
-    if !src.alive() {
-        // The source is gone (killed, or exited 64 after a complete handover).
-        if dst_ran {
-            assert!(dst.alive(), "{ctx}");
-            wait_progress(&mut dst, &src, true);
-            assert_eq!(vm_state(api_of(&dst)), "running", "{ctx}");
-            assert_pattern_consistent(&timeline(&src, &dst), EVERY);
-            integration_tests::shutdown(&mut dst);
-            outcome = "destination runs";
-        } else {
-            let code = exit_code(&mut dst);
-            assert_ne!(code, Some(0), "the destination must fail: {ctx}");
-            assert!(!dst.console().contains('B'), "{ctx}");
-            outcome = "none runs (VM lost: source killed before go)";
-        }
-    } else if dst_ran {
-        // After the go: the destination runs, the source must be paused for ever.
-        assert!(dst.alive(), "{ctx}");
-        assert_eq!(vm_state(api_of(&src)), "paused", "two copies? {ctx}");
-        assert_eq!(
-            out.report.get("source_running").and_then(|v| v.as_bool()),
-            Some(false),
-            "{ctx}"
-        );
-        assert!(out.str("error").contains("unknown"), "{ctx}");
-        wait_progress(&mut dst, &src, true);
-        assert_pattern_consistent(&timeline(&src, &dst), EVERY);
-        // The operator sees the destination runs: the source is told to exit.
-        integration_tests::shutdown(&mut src);
-        integration_tests::shutdown(&mut dst);
-        outcome = "destination runs; source paused (outcome unknown), stopped";
-    } else {
-        let code = exit_code(&mut dst);
-        assert_ne!(code, Some(0), "the destination must fail: {ctx}");
-        assert!(!out.status.success(), "{ctx}");
-        let state = vm_state(api_of(&src));
-        if state == "paused" {
-            // Past the go, the destination died without running the guest: the
-            // source waits for a decision; the operator resumes it.
-            assert_eq!(plan_phase, Phase::AfterGo, "{ctx}");
-            assert!(out.str("error").contains("unknown"), "{ctx}");
-            let (st, v) = api(api_of(&src), "PUT", "/v1/resume", None);
-            assert_eq!(st, 200, "{v}");
-            outcome = "source paused (outcome unknown), resumed";
-        } else {
-            assert_eq!(state, "running", "{ctx}");
-            assert_eq!(
-                out.report.get("source_running").and_then(|v| v.as_bool()),
-                Some(true),
-                "{ctx}"
-            );
-            outcome = "source runs";
-        }
-        wait_progress(&mut src, &dst, false);
-        assert_pattern_consistent(&src.console(), EVERY);
-        integration_tests::shutdown(&mut src);
-    }
-    // Nothing left: both processes exited, no socket of an exited launcher remains.
-    assert!(!src.alive() && !dst.alive(), "{ctx}");
-    assert!(
-        !dir.join("proxy.sock").exists(),
-        "proxy.sock left behind: {ctx}"
-    );
-    let leftovers: Vec<String> = std::fs::read_dir(dir.path())
-        .expect("read dir")
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".sock"))
-        .collect();
-    // A launcher killed with SIGKILL cannot remove its API socket; the next launcher on
-    // that path replaces it (launch::api::bind). Any other socket is a leak.
-    for n in &leftovers {
-        // The destination's migration socket goes when it accepts; a destination
-        // killed within microseconds of accepting may not have removed it yet.
-        let killed = (n == "src.sock" && fault == Fault::KillSource)
-            || ((n == "dst.sock" || n == "mig.sock") && fault == Fault::KillDest);
-        assert!(killed, "socket {n} left behind: {ctx}");
-    }
+    let outcome = check_outcome(plan_phase, &mut src, &mut dst, &out, dst_ran, &ctx);
+    assert_nothing_left(&dir, fault, &mut src, &mut dst, &ctx);
     eprintln!(
         "{:>10} {:>11}: {outcome}  [{}] source said: {}",
         name_phase(plan_phase),
