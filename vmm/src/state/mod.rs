@@ -37,15 +37,18 @@
 //!   refuses a state with the new section (unknown name), which is right: it could not
 //!   run the device. If the section is optional for older states, let `from_sections`
 //!   default it when absent.
-//! - **Changed struct**: first copy the struct as it is now into `sections.rs` as a frozen
-//!   `FooV<n>` (private, `Deserialize` only, never edited again), then change the live
-//!   struct, raise its `VERSION` to n+1 and implement `upgrade(n, data)` as "decode
-//!   `FooV<n>`, convert". Keep `MIN_VERSION` at the oldest version a launcher still in the
-//!   migration window (`migration::protocol`: own and previous protocol version) or an
-//!   accepted snapshot format can write; raise it only when that launcher leaves the
-//!   window. The fixtures in `vmm/tests/fixtures/` (states written by earlier launchers)
-//!   must keep loading: `cargo test -p vmm state` fails if a live struct that an old
-//!   format still decodes into was changed without freezing it first.
+//! - **Changed struct** (for example `VirtioPciState` gaining the negotiated features,
+//!   queue indices or an MSI-X table): first copy the struct as it is now into
+//!   `sections.rs` as a frozen `FooV<n>` (private, `Deserialize` only, never edited
+//!   again), then change the live struct, raise its `VERSION` to n+1 and implement
+//!   `upgrade(n, data)` as "decode `FooV<n>`, convert". `legacy.rs` decodes the
+//!   unsectioned format into the live structs too: point its shapes at `FooV1` (and
+//!   convert) when `Foo` first changes. Keep `MIN_VERSION` at the oldest version that a
+//!   launcher still in the migration window (`migration::protocol`: own and previous
+//!   protocol version) or an accepted snapshot format can write; raise it only when that
+//!   launcher leaves the window. The fixtures in `vmm/tests/fixtures/` (states written by
+//!   earlier launchers) must keep loading: `cargo test -p vmm state` fails if a live
+//!   struct that an old format still decodes into was changed without freezing it first.
 //!
 //! # The unsectioned format of earlier launchers
 //!
