@@ -117,6 +117,26 @@ pub fn first_line(cmd: &str, args: &[&str]) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// Check that this machine can run both VMMs (`/dev/kvm`, a working `qemu`) and return
+/// the version lines of `launcher` and of `qemu`, for the report; exits with what to
+/// install otherwise.
+pub fn versions_side_by_side(prog: &str, launcher: &Path, qemu: &str) -> (String, String) {
+    if !Path::new("/dev/kvm").exists() {
+        fail(prog, "/dev/kvm is missing: this benchmark runs KVM guests");
+    }
+    let qemu_version = first_line(qemu, &["--version"]);
+    if qemu_version == "unknown" || qemu_version.is_empty() {
+        fail(
+            prog,
+            &format!(
+                "cannot run {qemu}: install qemu-system-x86 (apt-get install qemu-system-x86)"
+            ),
+        );
+    }
+    let launcher_version = first_line(launcher.to_str().unwrap_or("launcher"), &["--version"]);
+    (launcher_version, qemu_version)
+}
+
 /// The median (mean of the middle two for an even count; NaN when empty).
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);

@@ -200,8 +200,7 @@ impl Node {
 
     /// The VM's console log.
     pub fn console(&self, name: &str) -> String {
-        std::fs::read_to_string(self.state().join("vms").join(name).join("console.log"))
-            .unwrap_or_default()
+        vm_console(&self.state(), name)
     }
 
     /// Polls `f` until it returns a value (safety deadline).
@@ -325,6 +324,11 @@ pub fn kill_processes_mentioning(needle: &str) {
             libc::kill(pid, libc::SIGKILL);
         }
     }
+}
+
+/// The console log of VM `name` under noded's state directory `state` (empty if none yet).
+pub fn vm_console(state: &Path, name: &str) -> String {
+    std::fs::read_to_string(state.join("vms").join(name).join("console.log")).unwrap_or_default()
 }
 
 /// The last `pass=` number of a pattern guest's console.

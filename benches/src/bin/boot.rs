@@ -276,18 +276,9 @@ fn ms(d: Duration) -> f64 {
 
 fn main() {
     let o = <Opts as clap::Parser>::parse();
-    if !Path::new("/dev/kvm").exists() {
-        fail("/dev/kvm is missing: this benchmark boots KVM guests");
-    }
     let launcher = launcher_path(&o);
-    let qemu_version = first_line(&o.qemu, &["--version"]);
-    if qemu_version == "unknown" || qemu_version.is_empty() {
-        fail(&format!(
-            "cannot run {}: install qemu-system-x86 (apt-get install qemu-system-x86)",
-            o.qemu
-        ));
-    }
-    let launcher_version = first_line(launcher.to_str().unwrap_or("launcher"), &["--version"]);
+    let (launcher_version, qemu_version) =
+        benches::versions_side_by_side("boot", &launcher, &o.qemu);
 
     let (boots, mems) = measure(&o, &launcher);
     let table = table(&boots, &mems);

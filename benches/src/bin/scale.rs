@@ -84,8 +84,7 @@ impl Node {
     }
 
     fn console(&self, vm: &str) -> String {
-        std::fs::read_to_string(self.dir.join("state/vms").join(vm).join("console.log"))
-            .unwrap_or_default()
+        integration_tests::node::vm_console(&self.dir.join("state"), vm)
     }
 
     fn wait(&self, what: &str, limit: Duration, f: impl FnMut() -> bool) {

@@ -72,8 +72,7 @@ impl Demo {
     }
 
     fn console(&self, vm: &str) -> String {
-        std::fs::read_to_string(self.state.join("vms").join(vm).join("console.log"))
-            .unwrap_or_default()
+        integration_tests::node::vm_console(&self.state, vm)
     }
 
     fn wait(&self, what: &str, limit: Duration, f: impl FnMut() -> bool) {
