@@ -70,7 +70,7 @@ use crate::devices::virtio::VirtioDevicesState;
 use crate::vstate::vcpu::VcpuState;
 use crate::vstate::vm::VmKvmState;
 
-pub use sections::{names, Versioned, ENVELOPE_VERSION, MAGIC};
+pub use sections::{names, payload, Versioned, ENVELOPE_VERSION, MAGIC};
 
 /// The whole state of a paused VM, memory aside. Encoded as versioned sections into
 /// snapshots and migration streams; the machine type inside `config` decides whether a
