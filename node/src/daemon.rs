@@ -624,9 +624,10 @@ impl Daemon {
         {
             tracing::error!(vm = name, error = %e, "cannot record migration outcome");
         }
-        let downtime = report["downtime_ms"]
+        // Reports recorded before the contract was camelCase say `downtime_ms`.
+        let downtime = report["downtimeMs"]
             .as_f64()
-            .or_else(|| report["downtimeMs"].as_f64());
+            .or_else(|| report["downtime_ms"].as_f64());
         self.counters.migration(
             &outcome,
             if outcome == "Succeeded" {

@@ -520,8 +520,8 @@ fn run(cli: Cli) -> Result<(), String> {
                                 s(&m["outcome"]),
                                 s(&m["sourceVersion"]),
                                 s(&m["targetVersion"]),
-                                s(&r["downtime_ms"]),
-                                s(&r["total_ms"]),
+                                s(&r["downtimeMs"]),
+                                s(&r["totalMs"]),
                                 r["error"].as_str().unwrap_or("").to_string(),
                             ]
                         })
