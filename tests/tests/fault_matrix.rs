@@ -570,7 +570,7 @@ fn trial(plan_phase: Phase, fault: Fault, rng: &mut Rng) -> String {
         assert!(dst.alive(), "{ctx}");
         assert_eq!(vm_state(api_of(&src)), "paused", "two copies? {ctx}");
         assert_eq!(
-            out.report.get("source_running").and_then(|v| v.as_bool()),
+            out.report.get("sourceRunning").and_then(|v| v.as_bool()),
             Some(false),
             "{ctx}"
         );
@@ -597,7 +597,7 @@ fn trial(plan_phase: Phase, fault: Fault, rng: &mut Rng) -> String {
         } else {
             assert_eq!(state, "running", "{ctx}");
             assert_eq!(
-                out.report.get("source_running").and_then(|v| v.as_bool()),
+                out.report.get("sourceRunning").and_then(|v| v.as_bool()),
                 Some(true),
                 "{ctx}"
             );

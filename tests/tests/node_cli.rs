@@ -278,3 +278,28 @@ fn api_socket_is_private_and_hardened() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("another noded is already serving"));
 }
+
+#[test]
+fn a_second_noded_on_the_same_state_directory_is_refused() {
+    // Defect: with another --socket, a second noded opened the same state and supervised
+    // the same launchers as the first.
+    let d = Daemon::start("statelock");
+    let other = d.dir.join("other.sock");
+    let out = Command::new(bin("noded"))
+        .arg("--state-dir")
+        .arg(d.dir.join("state"))
+        .arg("--socket")
+        .arg(&other)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the second noded");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "second noded: {err}");
+    assert!(
+        err.contains("already uses the state directory") && err.contains("--state-dir"),
+        "{err}"
+    );
+    assert!(!other.exists(), "the refused noded left its socket behind");
+    // The first one still serves.
+    assert!(d.ctl(&["status"]).status.success());
+}
