@@ -132,7 +132,9 @@ pub fn disk_config(arg: &DiskArg) -> Result<DiskConfig, String> {
 /// take up to a second to notice the new carrier and drops what the guest sends first
 /// (the RARP announcement). Each `tap=NAME` gets the attached descriptor as its `fd`
 /// (kept open for the life of the process); an `fd=N` is checked.
-pub fn attach_early(nets: &mut [(NetConfig, bool)]) -> Result<(), vmm::devices::virtio::tap::TapError> {
+pub fn attach_early(
+    nets: &mut [(NetConfig, bool)],
+) -> Result<(), vmm::devices::virtio::tap::TapError> {
     use vmm::devices::virtio::tap::Tap;
     for (n, _) in nets.iter_mut() {
         match (n.fd, &n.tap) {
@@ -157,7 +159,9 @@ mod tests {
         let mut argv = vec!["launcher".to_string()];
         argv.extend(o.to_argv());
         match Cli::try_parse_from(&argv) {
-            Ok(Cli { command: Command::Run(r) }) => r,
+            Ok(Cli {
+                command: Command::Run(r),
+            }) => r,
             Ok(other) => panic!("{argv:?} parsed as {other:?}"),
             Err(e) => panic!("{argv:?} does not parse: {e}"),
         }
@@ -197,16 +201,37 @@ mod tests {
         assert_eq!(r.api_socket, Some(PathBuf::from("/s/api.sock")));
         for source in [
             VmSource::Restore("/snap".into()),
-            VmSource::Incoming { uri: "unix:/m.sock".into(), tls_dir: None, insecure: false },
-            VmSource::Incoming { uri: "tcp:1.2.3.4:5".into(), tls_dir: Some("/tls".into()), insecure: false },
-            VmSource::Incoming { uri: "tcp:1.2.3.4:5".into(), tls_dir: None, insecure: true },
+            VmSource::Incoming {
+                uri: "unix:/m.sock".into(),
+                tls_dir: None,
+                insecure: false,
+            },
+            VmSource::Incoming {
+                uri: "tcp:1.2.3.4:5".into(),
+                tls_dir: Some("/tls".into()),
+                insecure: false,
+            },
+            VmSource::Incoming {
+                uri: "tcp:1.2.3.4:5".into(),
+                tls_dir: None,
+                insecure: true,
+            },
         ] {
-            let o = LaunchOptions { source: source.clone(), nets: nets.clone(), serial: None, api_socket: None };
+            let o = LaunchOptions {
+                source: source.clone(),
+                nets: nets.clone(),
+                serial: None,
+                api_socket: None,
+            };
             let r = parses(&o);
             assert_eq!(r.nets, nets);
             match source {
                 VmSource::Restore(p) => assert_eq!(r.restore, Some(PathBuf::from(p))),
-                VmSource::Incoming { uri, tls_dir, insecure } => {
+                VmSource::Incoming {
+                    uri,
+                    tls_dir,
+                    insecure,
+                } => {
                     assert_eq!(r.incoming, Some(uri));
                     assert_eq!(r.tls_dir, tls_dir.map(PathBuf::from));
                     assert_eq!(r.insecure, insecure);
@@ -220,7 +245,14 @@ mod tests {
     fn bad_disk_and_net_values_are_usage_errors() {
         for argv in [
             ["launcher", "run", "--kernel", "/k", "--net", "tap=t,mac=zz"],
-            ["launcher", "run", "--kernel", "/k", "--disk", "path=/x,cache=none"],
+            [
+                "launcher",
+                "run",
+                "--kernel",
+                "/k",
+                "--disk",
+                "path=/x,cache=none",
+            ],
         ] {
             let e = Cli::try_parse_from(argv).unwrap_err().to_string();
             assert!(e.contains("invalid"), "{e}");

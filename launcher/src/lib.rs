@@ -141,18 +141,30 @@ mod tests {
             (caps.migration_protocol.min, caps.migration_protocol.max)
         );
         for m in &enforced.machine_types {
-            assert!(caps.machine_types.contains(m), "{m} enforced, not advertised");
+            assert!(
+                caps.machine_types.contains(m),
+                "{m} enforced, not advertised"
+            );
         }
         for m in &caps.machine_types {
             let runs = resolve_machine_type(m).unwrap();
-            assert!(enforced.machine_types.iter().any(|e| e == runs), "{m} advertised, refused");
+            assert!(
+                enforced.machine_types.iter().any(|e| e == runs),
+                "{m} advertised, refused"
+            );
             assert!(check_machine_type(runs).is_ok());
         }
         assert!(check_machine_type("pc-i440fx-9.0").is_err());
-        assert_eq!(caps.snapshot_format.max, u64::from(vmm::snapshot::FORMAT_VERSION));
+        assert_eq!(
+            caps.snapshot_format.max,
+            u64::from(vmm::snapshot::FORMAT_VERSION)
+        );
         // The receiver refuses a version outside the declared window.
         let narrow = migration::receiver::ReceiveOptions {
-            versions: Some(migration::protocol::VersionRange { min: v.max + 1, max: v.max + 1 }),
+            versions: Some(migration::protocol::VersionRange {
+                min: v.max + 1,
+                max: v.max + 1,
+            }),
             ..receive_options(Vec::new())
         };
         let n = migration::receiver::capabilities_with(true, &narrow).accepted_versions;

@@ -6,9 +6,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use contracts::launcher::{Empty, LimitsPatch, MigrateRequest as WireRequest, MigrationProgress};
 use migration::policy::MigrationLimits;
 use migration::protocol::MigrationMode;
-use contracts::launcher::{Empty, LimitsPatch, MigrateRequest as WireRequest, MigrationProgress};
 use migration::report::{Outcome, Progress, Report};
 use migration::sender::{self, SendOptions};
 use migration::tls::TlsConfig;
@@ -39,7 +39,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// A refusal before the migration started: a report saying so (the source runs on).
-fn refused(status: u16, mode: &str, memory_bytes: u64, msg: impl std::fmt::Display) -> (u16, Report) {
+fn refused(
+    status: u16,
+    mode: &str,
+    memory_bytes: u64,
+    msg: impl std::fmt::Display,
+) -> (u16, Report) {
     (status, Report::refused(mode, memory_bytes, msg.to_string()))
 }
 
@@ -124,9 +129,7 @@ impl Handler {
         let a = Active {
             cancel: Arc::new(AtomicBool::new(false)),
             rate: RateLimit::new(req.limits.max_bandwidth),
-            downtime_ms: Arc::new(AtomicU64::new(
-                req.limits.downtime_target.as_millis() as u64
-            )),
+            downtime_ms: Arc::new(AtomicU64::new(req.limits.downtime_target.as_millis() as u64)),
             progress: Arc::new(Mutex::new(None)),
         };
         let progress = a.progress.clone();
@@ -162,7 +165,12 @@ impl MigrationHandler for Handler {
             Err(e) => return refused(400, mode, memory, e),
         };
         let Some(opts) = self.begin(&req) else {
-            return refused(409, mode, memory, "a migration of this VM is already in progress");
+            return refused(
+                409,
+                mode,
+                memory,
+                "a migration of this VM is already in progress",
+            );
         };
         let ticket = match runtime.begin_migration(opts.cancel.clone()) {
             Ok(t) => t,

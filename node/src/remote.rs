@@ -28,9 +28,9 @@ use super::requests::{err, Body, Reply};
 use super::spec::parse_spec;
 use super::store::VmRow;
 use super::supervisor::{self, Answer, Event, MigrationResult};
+use super::views::now_ms;
 use contracts::launch::{LaunchOptions, VmSource};
 use contracts::launcher::{to_json, MigrateRequest, Phase};
-use super::views::now_ms;
 
 fn reply(status: u16, v: Value) -> Reply {
     Reply {
@@ -485,7 +485,9 @@ fn watch_receive(
             }
             if let Some(s) = supervisor::status(&socket).await {
                 if s.state == Phase::Running {
-                    break MigrationResult::Completed { report: to_json(&s) };
+                    break MigrationResult::Completed {
+                        report: to_json(&s),
+                    };
                 }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -544,7 +546,9 @@ async fn migrate_out(
                     report,
                 }
             }
-            Answer::Refused(e) => return failed(format!("the launcher refused the migration: {e}")),
+            Answer::Refused(e) => {
+                return failed(format!("the launcher refused the migration: {e}"))
+            }
         },
         Some(Err(e)) => e.to_string(),
         None => "interrupted by a noded restart".to_string(),

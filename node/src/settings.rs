@@ -190,7 +190,8 @@ impl Default for NodeSettings {
                 parallel_migrations_per_node: 2,
                 bandwidth_per_migration: 0,
                 // The launcher's defaults, so that noded and `launcher migrate` agree.
-                completion_timeout_per_gib: contracts::launcher::DEFAULT_COMPLETION_TIMEOUT_PER_GIB_S,
+                completion_timeout_per_gib:
+                    contracts::launcher::DEFAULT_COMPLETION_TIMEOUT_PER_GIB_S,
                 progress_timeout: contracts::launcher::DEFAULT_PROGRESS_TIMEOUT_S,
                 allow_auto_converge: false,
                 downtime_target_ms: contracts::launcher::DEFAULT_DOWNTIME_MS,

@@ -264,9 +264,7 @@ impl VmSpec {
                 .and_then(|o| o.mac.clone())
                 .filter(|m| !taken(m, self));
             let mac = kept.unwrap_or_else(|| loop {
-                let m = contracts::limits::format_mac(
-                    &contracts::limits::random_mac(),
-                );
+                let m = contracts::limits::format_mac(&contracts::limits::random_mac());
                 if !taken(&m, self) {
                     break m;
                 }
@@ -854,7 +852,11 @@ mod tests {
             0b10,
             "locally administered unicast: {mac0}"
         );
-        let args: Vec<String> = s.interfaces.iter().map(|n| n.launcher_arg().to_arg()).collect();
+        let args: Vec<String> = s
+            .interfaces
+            .iter()
+            .map(|n| n.launcher_arg().to_arg())
+            .collect();
         assert_eq!(
             args,
             [

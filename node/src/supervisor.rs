@@ -586,7 +586,10 @@ async fn run_migration(job: &MigrationJob) -> MigrationResult {
         // A refusal without a report (bad request): the source keeps running.
         Answer::Refused(error) => {
             cleanup_target(job).await;
-            failed(format!("source refused the migration: {error}"), Value::Null)
+            failed(
+                format!("source refused the migration: {error}"),
+                Value::Null,
+            )
         }
     }
 }
@@ -713,19 +716,32 @@ mod tests {
         assert_eq!(v["local"], true);
         assert_eq!(v["completionTimeoutPerGib"], c.completion_timeout_per_gib);
         // The launcher's side parses exactly this type: no field is unknown to it.
-        let back: MigrateRequest = contracts::launcher::parse_body(v.to_string().as_bytes()).unwrap();
+        let back: MigrateRequest =
+            contracts::launcher::parse_body(v.to_string().as_bytes()).unwrap();
         assert_eq!(back, r);
         let mut report = Report::new("local", 64 << 20);
         assert!(matches!(
             read_answer(500, to_json(&report)),
-            Answer::Failed { outcome: "Failed", .. }
+            Answer::Failed {
+                outcome: "Failed",
+                ..
+            }
         ));
         report.source_running = false;
-        assert!(matches!(read_answer(500, to_json(&report)), Answer::Unknown { .. }));
+        assert!(matches!(
+            read_answer(500, to_json(&report)),
+            Answer::Unknown { .. }
+        ));
         report.status = contracts::report::Outcome::Completed;
-        assert!(matches!(read_answer(200, to_json(&report)), Answer::Completed(_)));
+        assert!(matches!(
+            read_answer(200, to_json(&report)),
+            Answer::Completed(_)
+        ));
         let refused = read_answer(400, serde_json::json!({"error": "bad request body"}));
-        assert_eq!(refused, Answer::Refused("HTTP 400: bad request body".into()));
+        assert_eq!(
+            refused,
+            Answer::Refused("HTTP 400: bad request body".into())
+        );
     }
 
     #[test]

@@ -25,7 +25,10 @@ fn concurrent_pauses_pause_once_and_one_resume_runs_the_guest_again() {
             threads.into_iter().map(|t| t.join().unwrap()).collect()
         });
         let ok = answers.iter().filter(|(st, _)| *st == 200).count();
-        assert_eq!(ok, 1, "round {round}: exactly one pause succeeds: {answers:?}");
+        assert_eq!(
+            ok, 1,
+            "round {round}: exactly one pause succeeds: {answers:?}"
+        );
         for (st, body) in answers.iter().filter(|(st, _)| *st != 200) {
             assert_eq!(*st, 409, "{body}");
             assert!(
@@ -51,9 +54,21 @@ fn request_bodies_are_typed_and_unknown_fields_are_refused() {
     let mut l = boot_pattern_source(&dir.join("console.log"), &dir.join("api.sock"), 20);
     let sock = api_of(&l).to_path_buf();
     let cases: [(&str, &str, &str); 5] = [
-        ("/v1/migrate", r#"{"to": "unix:/nowhere", "downtime_ms": 5}"#, "downtime_ms"),
-        ("/v1/migrate", r#"{"to": "unix:/nowhere", "local": "yes"}"#, "invalid type"),
-        ("/v1/snapshot", r#"{"path": "/tmp/x", "force": true}"#, "force"),
+        (
+            "/v1/migrate",
+            r#"{"to": "unix:/nowhere", "downtime_ms": 5}"#,
+            "downtime_ms",
+        ),
+        (
+            "/v1/migrate",
+            r#"{"to": "unix:/nowhere", "local": "yes"}"#,
+            "invalid type",
+        ),
+        (
+            "/v1/snapshot",
+            r#"{"path": "/tmp/x", "force": true}"#,
+            "force",
+        ),
         ("/v1/pause", r#"{"now": true}"#, "now"),
         ("/v1/migrate/limits", r#"{"bandwidth": 1}"#, "bandwidth"),
     ];
@@ -61,7 +76,10 @@ fn request_bodies_are_typed_and_unknown_fields_are_refused() {
         let (st, v) = api(&sock, "PUT", path, Some(body));
         assert_eq!(st, 400, "PUT {path} {body}: {v}");
         let e = v["error"].as_str().unwrap_or("");
-        assert!(e.contains(named) && e.contains(path), "PUT {path} {body}: {e}");
+        assert!(
+            e.contains(named) && e.contains(path),
+            "PUT {path} {body}: {e}"
+        );
     }
     // Nothing happened: the VM still runs.
     assert_eq!(vm_state(&sock), "running");
@@ -93,7 +111,9 @@ fn resetting_source(dir: &TempDir) -> Launcher {
         Some(&dir.join("src.sock")),
     );
     l.wait_api();
-    wait_console_until(&mut l, "two boots", |c| c.matches("hello: booted").count() >= 2);
+    wait_console_until(&mut l, "two boots", |c| {
+        c.matches("hello: booted").count() >= 2
+    });
     l
 }
 
@@ -145,7 +165,12 @@ fn a_guest_reset_during_a_migration_fails_it_cleanly_and_the_source_reboots() {
             "the guest ran on the destination: {}",
             dst.console()
         );
-        assert_ne!(out.status.code(), Some(0), "migration completed: {}", out.report);
+        assert_ne!(
+            out.status.code(),
+            Some(0),
+            "migration completed: {}",
+            out.report
+        );
         let error = out.str("error").to_string();
         // The migration may have been asked for while the source was rebooting: refused
         // at once, try again.
@@ -159,7 +184,11 @@ fn a_guest_reset_during_a_migration_fails_it_cleanly_and_the_source_reboots() {
     let error = report.str("error");
     assert!(error.contains("reset"), "report: {}", report.report);
     assert_eq!(report.str("status"), "failed", "report: {}", report.report);
-    assert_eq!(report.report["sourceRunning"], true, "report: {}", report.report);
+    assert_eq!(
+        report.report["sourceRunning"], true,
+        "report: {}",
+        report.report
+    );
     // The source is intact and reboots the guest (with its disk) after the migration.
     let before = boots(&src);
     wait_console_until(&mut src, "a reboot after the migration", |c| {

@@ -272,11 +272,7 @@ fn copy_over_unix_socket() {
     let (mut dst, uri) = destination(&dir, 1);
     let out = migrate_once(&dir, &mut src, &mut dst, &uri, &[]);
     // The 32 MiB region holds data on every page, so at least that much went over.
-    assert!(
-        out.u64("normalPages") >= 32 * 256,
-        "report: {}",
-        out.report
-    );
+    assert!(out.u64("normalPages") >= 32 * 256, "report: {}", out.report);
     assert_eq!(vm_state(api_of(&dst)), "running");
     shutdown(&mut dst);
 }
@@ -325,11 +321,7 @@ fn copy_over_tcp() {
     );
     dst.wait_api();
     let out = migrate_once(&dir, &mut src, &mut dst, &uri, &["--insecure"]);
-    assert!(
-        out.u64("normalPages") >= 32 * 256,
-        "report: {}",
-        out.report
-    );
+    assert!(out.u64("normalPages") >= 32 * 256, "report: {}", out.report);
     shutdown(&mut dst);
 }
 

@@ -29,7 +29,10 @@ fn main() -> ExitCode {
         } => snapshot(&api_socket, &file, stop),
         Command::Migrate(args) => launcher::migrate_cli::run(&args),
         Command::Capabilities => {
-            println!("{}", contracts::launcher::to_json(&launcher::capabilities()));
+            println!(
+                "{}",
+                contracts::launcher::to_json(&launcher::capabilities())
+            );
             Ok(0)
         }
     };

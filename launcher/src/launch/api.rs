@@ -148,8 +148,12 @@ fn route(
     let r = match (req.method.as_str(), req.path.as_str()) {
         ("GET", "/v1/status") => return (200, to_json(&status(runtime))),
         ("GET", "/v1/migrate") => return (200, to_json(&migration.progress())),
-        ("PUT", "/v1/pause") => body::<Empty>(req).map(|_| reply(runtime.pause().map(|()| Empty {}))),
-        ("PUT", "/v1/resume") => body::<Empty>(req).map(|_| reply(runtime.resume().map(|()| Empty {}))),
+        ("PUT", "/v1/pause") => {
+            body::<Empty>(req).map(|_| reply(runtime.pause().map(|()| Empty {})))
+        }
+        ("PUT", "/v1/resume") => {
+            body::<Empty>(req).map(|_| reply(runtime.resume().map(|()| Empty {})))
+        }
         ("PUT", "/v1/snapshot") => body::<SnapshotRequest>(req).map(|b| snapshot(runtime, &b)),
         ("PUT", "/v1/migrate") => body::<MigrateRequest>(req).map(|b| {
             let (status, report) = migration.migrate(runtime, &b);

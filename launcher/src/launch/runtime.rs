@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use contracts::launcher::Phase;
 use vmm::{Vm, VmConfig, VmStop};
 
-pub use super::lifecycle::{MigrationEnd, State};
 use super::lifecycle::{transition, Event, Refused};
+pub use super::lifecycle::{MigrationEnd, State};
 use super::{LaunchError, EXIT_MIGRATED};
 
 /// Where the guest's console goes.
@@ -196,7 +196,10 @@ impl Runtime {
 
     /// A migration starts; `cancel` is what cancels it (a guest reset does, see
     /// [`Runtime::main_loop`]).
-    pub fn begin_migration(&self, cancel: Arc<AtomicBool>) -> Result<MigrationTicket, RuntimeError> {
+    pub fn begin_migration(
+        &self,
+        cancel: Arc<AtomicBool>,
+    ) -> Result<MigrationTicket, RuntimeError> {
         let mut g = self.inner();
         if g.vm.is_none() {
             return Err(RuntimeError::NoVm);

@@ -152,13 +152,17 @@ mod tests {
             tap: Some("t0".into()),
             fd: Some(7),
         };
-        let without = NetConfig { fd: None, ..with_fd.clone() };
+        let without = NetConfig {
+            fd: None,
+            ..with_fd.clone()
+        };
         let bytes = bincode::serialize(&with_fd).unwrap();
         assert_eq!(bytes, bincode::serialize(&without).unwrap());
         let back: NetConfig = bincode::deserialize(&bytes).unwrap();
         assert_eq!(back, without);
         // Bytes that do carry an fd (an older launcher's) are read without it.
-        let old = bincode::serialize(&([0x52u8, 0x54, 0, 1, 2, 3], Some("t0"), Some(7i32))).unwrap();
+        let old =
+            bincode::serialize(&([0x52u8, 0x54, 0, 1, 2, 3], Some("t0"), Some(7i32))).unwrap();
         assert_eq!(bincode::deserialize::<NetConfig>(&old).unwrap().fd, None);
     }
 
