@@ -199,3 +199,46 @@ fn a_guest_reset_during_a_migration_fails_it_cleanly_and_the_source_reboots() {
     shutdown(&mut src);
     assert!(Path::new(&dir.join("data.img")).exists());
 }
+
+#[test]
+fn a_launcher_refuses_the_migration_protocols_it_does_not_advertise() {
+    // Defect 3: `launcher capabilities` said 2..2, its receiver still took version 1.
+    let narrow = integration_tests::launcher_of_version_with(
+        "9.4.0",
+        &[
+            ("LAUNCHER_MIGRATION_PROTOCOL_MIN", "2"),
+            ("LAUNCHER_MIGRATION_PROTOCOL_MAX", "2"),
+        ],
+    );
+    let caps = std::process::Command::new(&narrow)
+        .arg("capabilities")
+        .output()
+        .expect("capabilities");
+    let caps: contracts::launcher::Capabilities =
+        serde_json::from_slice(&caps.stdout).expect("typed capabilities");
+    assert_eq!((caps.migration_protocol.min, caps.migration_protocol.max), (2, 2));
+    let dir = TempDir::new("caps-enforced");
+    let mut src = boot_pattern_source(&dir.join("src.log"), &dir.join("src.sock"), 20);
+    let mig = dir.join("mig.sock");
+    let uri = format!("unix:{}", path_str(&mig));
+    let mut dst = std::process::Command::new(&narrow)
+        .args(["run", "--incoming", &uri, "--serial"])
+        .arg(dir.join("dst.log"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the narrow launcher");
+    let deadline = Instant::now() + SAFETY;
+    while !mig.exists() {
+        assert!(Instant::now() < deadline, "the narrow launcher never listened");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = migrate(api_of(&src), &uri, &[], dir.path());
+    assert_ne!(out.status.code(), Some(0), "{}", out.report);
+    assert_eq!(out.report["sourceRunning"], true, "{}", out.report);
+    assert!(out.str("error").contains("version"), "{}", out.report);
+    let st = dst.wait().expect("wait for the narrow launcher");
+    assert_ne!(st.code(), Some(0));
+    // The source runs on.
+    wait_new_pass(&mut src);
+    shutdown(&mut src);
+}
