@@ -18,6 +18,17 @@ pub const DEFAULT_PROGRESS_TIMEOUT_S: u64 = 150;
 /// (connection set-up, switch-over, the report itself).
 pub const REPLY_MARGIN: Duration = Duration::from_secs(60);
 
+/// The completion timeout of a guest of `memory_bytes` (whole GiB, at least one) at
+/// `per_gib`: what the sender enforces (`migration::policy`) and what drivers wait for.
+pub fn completion_timeout(memory_bytes: u64, per_gib: Duration) -> Duration {
+    let gibs = u128::from(memory_bytes.div_ceil(1 << 30).max(1));
+    let nanos = per_gib.as_nanos().saturating_mul(gibs);
+    match u64::try_from(nanos / 1_000_000_000) {
+        Ok(secs) => Duration::new(secs, (nanos % 1_000_000_000) as u32),
+        Err(_) => Duration::MAX,
+    }
+}
+
 /// Parses a request or reply body; an empty body is read as `{}` (so that types whose
 /// fields all have defaults accept it). The error names the offending field.
 pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
@@ -145,12 +156,7 @@ impl MigrateRequest {
         if per_gib.is_zero() {
             return None;
         }
-        let gib = u32::try_from(memory_bytes.div_ceil(1 << 30).max(1)).unwrap_or(u32::MAX);
-        Some(
-            per_gib
-                .saturating_mul(gib)
-                .saturating_add(self.progress_timeout()),
-        )
+        Some(completion_timeout(memory_bytes, per_gib).saturating_add(self.progress_timeout()))
     }
 
     /// How long a driver waits for the report of `PUT /v1/migrate`: the budget plus

@@ -216,7 +216,10 @@ fn a_launcher_refuses_the_migration_protocols_it_does_not_advertise() {
         .expect("capabilities");
     let caps: contracts::launcher::Capabilities =
         serde_json::from_slice(&caps.stdout).expect("typed capabilities");
-    assert_eq!((caps.migration_protocol.min, caps.migration_protocol.max), (2, 2));
+    assert_eq!(
+        (caps.migration_protocol.min, caps.migration_protocol.max),
+        (2, 2)
+    );
     let dir = TempDir::new("caps-enforced");
     let mut src = boot_pattern_source(&dir.join("src.log"), &dir.join("src.sock"), 20);
     let mig = dir.join("mig.sock");
@@ -229,7 +232,10 @@ fn a_launcher_refuses_the_migration_protocols_it_does_not_advertise() {
         .expect("spawn the narrow launcher");
     let deadline = Instant::now() + SAFETY;
     while !mig.exists() {
-        assert!(Instant::now() < deadline, "the narrow launcher never listened");
+        assert!(
+            Instant::now() < deadline,
+            "the narrow launcher never listened"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     let out = migrate(api_of(&src), &uri, &[], dir.path());
