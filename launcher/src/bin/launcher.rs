@@ -60,7 +60,12 @@ fn run(args: RunArgs) -> Result<i32, LaunchError> {
         migration::transport::set_stall_timeout(std::time::Duration::from_millis(ms));
     }
     let serial = runtime::SerialTarget::parse(&args.serial);
-    let mut nets: Vec<_> = args.nets.iter().map(launcher::cli::net_config).collect();
+    let mut nets: Vec<_> = args
+        .net_args()
+        .map_err(usage)?
+        .iter()
+        .map(launcher::cli::net_config)
+        .collect();
     let mut reboot_files = None;
     let runtime_handle = if let Some(uri) = &args.incoming {
         // Attach this side's TAPs now: errors show at once, and the TAPs have a carrier
@@ -144,7 +149,8 @@ fn boot(
         initrd: args.initrd.as_ref().map(|p| p.display().to_string()),
         cmdline: args.cmdline.clone(),
         disks: args
-            .disks
+            .disk_args()
+            .map_err(usage)?
             .iter()
             .map(launcher::cli::disk_config)
             .collect::<Result<_, _>>()
