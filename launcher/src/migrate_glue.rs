@@ -157,7 +157,7 @@ impl MigrationHandler for Handler {
     fn migrate(&self, runtime: &Arc<Runtime>, body: &WireRequest) -> (u16, Report) {
         let mode = if body.local { "local" } else { "copy" };
         let Some(vm) = runtime.vm() else {
-            return refused(409, mode, 0, "no VM runs here");
+            return refused(409, mode, 0, runtime.no_vm());
         };
         let memory = vm.config().memory_bytes;
         let req = match parse_request(body) {
@@ -176,7 +176,7 @@ impl MigrationHandler for Handler {
             Ok(t) => t,
             Err(e) => {
                 *lock(&self.active) = None;
-                return refused(409, mode, memory, format!("cannot migrate now: {e}"));
+                return refused(e.status(), mode, memory, e);
             }
         };
         let result = transport::connect_with(&req.to, Some(CONNECT_TIMEOUT), &req.security)

@@ -195,7 +195,7 @@ fn status(runtime: &Runtime) -> Status {
 
 fn snapshot(runtime: &Runtime, req: &SnapshotRequest) -> (u16, Value) {
     let Some(vm) = runtime.vm() else {
-        return bad(409, "no VM runs here yet");
+        return bad(409, runtime.no_vm());
     };
     match write_snapshot(&vm, Path::new(&req.path), req.stop) {
         Ok(stats) => {

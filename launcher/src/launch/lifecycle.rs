@@ -70,7 +70,8 @@ pub struct Refused {
     pub event: Event,
 }
 
-fn describe(s: State) -> &'static str {
+/// The state in words, for messages.
+pub fn describe(s: State) -> &'static str {
     match s {
         State::Incoming => "waiting for an incoming migration",
         State::Running => "running",

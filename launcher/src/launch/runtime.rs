@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use contracts::launcher::Phase;
 use vmm::{Vm, VmConfig, VmStop};
 
-use super::lifecycle::{transition, Event, Refused};
+use super::lifecycle::{describe, transition, Event, Refused};
 pub use super::lifecycle::{MigrationEnd, State};
 use super::{LaunchError, EXIT_MIGRATED};
 
@@ -56,9 +56,9 @@ impl SerialTarget {
 /// Why an API request on the VM's lifecycle was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
-    /// No VM runs here (yet).
-    #[error("no VM runs here yet")]
-    NoVm,
+    /// No VM runs here now (waiting for an incoming one, or rebooting).
+    #[error("no VM runs here now: the VM is {0}")]
+    NoVm(&'static str),
     /// The state machine refuses the request in this state (HTTP 409).
     #[error(transparent)]
     Refused(#[from] Refused),
@@ -71,7 +71,7 @@ impl RuntimeError {
     /// The HTTP status for it.
     pub fn status(&self) -> u16 {
         match self {
-            RuntimeError::NoVm | RuntimeError::Refused(_) => 409,
+            RuntimeError::NoVm(_) | RuntimeError::Refused(_) => 409,
             RuntimeError::Machine(_) => 500,
         }
     }
@@ -168,6 +168,11 @@ impl Runtime {
         self.inner().state
     }
 
+    /// Why no VM is here now, for messages.
+    pub fn no_vm(&self) -> RuntimeError {
+        RuntimeError::NoVm(describe(self.state()))
+    }
+
     /// What the API reports.
     pub fn phase(&self) -> Phase {
         self.state().phase()
@@ -177,7 +182,7 @@ impl Runtime {
     /// concurrent pauses cannot both succeed (the second is refused: already paused).
     pub fn pause(&self) -> Result<(), RuntimeError> {
         let mut g = self.inner();
-        let vm = g.vm.clone().ok_or(RuntimeError::NoVm)?;
+        let vm = g.vm.clone().ok_or(RuntimeError::NoVm(describe(g.state)))?;
         let next = transition(g.state, Event::Pause)?;
         vm.hold_pause()?;
         g.state = next;
@@ -187,7 +192,7 @@ impl Runtime {
     /// `PUT /v1/resume`: undoes the one API pause.
     pub fn resume(&self) -> Result<(), RuntimeError> {
         let mut g = self.inner();
-        let vm = g.vm.clone().ok_or(RuntimeError::NoVm)?;
+        let vm = g.vm.clone().ok_or(RuntimeError::NoVm(describe(g.state)))?;
         let next = transition(g.state, Event::Resume)?;
         vm.resume()?;
         g.state = next;
@@ -202,7 +207,7 @@ impl Runtime {
     ) -> Result<MigrationTicket, RuntimeError> {
         let mut g = self.inner();
         if g.vm.is_none() {
-            return Err(RuntimeError::NoVm);
+            return Err(RuntimeError::NoVm(describe(g.state)));
         }
         g.state = transition(g.state, Event::MigrationStarted)?;
         g.cancel = Some(cancel);
