@@ -461,6 +461,23 @@ fn boot_source(dir: &TempDir) -> Launcher {
     l
 }
 
+/// The destination launcher, waiting on `mig`.
+fn incoming_dst(dir: &TempDir, mig: &std::path::Path) -> Launcher {
+    let stall = stall_arg();
+    let mut dst = Launcher::run(
+        &[
+            "--incoming",
+            &format!("unix:{}", path_str(mig)),
+            "--migration-stall-timeout-ms",
+            &stall,
+        ],
+        &dir.join("dst.log"),
+        Some(&dir.join("dst.sock")),
+    );
+    dst.wait_api();
+    dst
+}
+
 /// Wait for `l` to exit (safety deadline); its status code (None if killed).
 fn exit_code(l: &mut Launcher) -> Option<i32> {
     l.wait().code()
@@ -504,18 +521,7 @@ fn trial(plan_phase: Phase, fault: Fault, rng: &mut Rng) -> String {
     let dir = TempDir::new("fault");
     let mut src = boot_source(&dir);
     let mig = dir.join("mig.sock");
-    let stall = stall_arg();
-    let mut dst = Launcher::run(
-        &[
-            "--incoming",
-            &format!("unix:{}", path_str(&mig)),
-            "--migration-stall-timeout-ms",
-            &stall,
-        ],
-        &dir.join("dst.log"),
-        Some(&dir.join("dst.sock")),
-    );
-    dst.wait_api();
+    let mut dst = incoming_dst(&dir, &mig);
     let plan = Plan {
         phase: plan_phase,
         fault,
