@@ -275,11 +275,13 @@ impl Runtime {
         }
     }
 
-    /// A reset deferred by a migration that has ended with the VM still here: the VM to
-    /// rebuild.
+    /// A reset deferred by a migration that has ended with the VM still here and running:
+    /// the VM to rebuild. Not while paused: after a migration whose outcome is unknown the
+    /// destination may run the VM, and only a resume (whoever drives the migration found
+    /// that it does not) makes the source its owner again.
     fn deferred_reset_due(&self) -> Option<Arc<Vm>> {
         let mut g = self.inner();
-        if !g.reset_deferred || matches!(g.state, State::Migrating { .. }) {
+        if !g.reset_deferred || g.state != State::Running {
             return None;
         }
         let s = transition(g.state, Event::Reset).ok()?;
