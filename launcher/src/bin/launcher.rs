@@ -212,15 +212,20 @@ fn snapshot(
         ),
     })?;
     if status != 200 {
-        let msg = reply
-            .get("error")
-            .and_then(|v| v.as_str())
-            .unwrap_or("unknown error");
+        let msg = serde_json::from_value::<contracts::launcher::ErrorReply>(reply)
+            .map(|r| r.error)
+            .unwrap_or_else(|e| format!("unreadable answer: {e}"));
         return Err(LaunchError::Api {
             path: api_socket.display().to_string(),
             why: format!("snapshot refused: {msg}"),
         });
     }
+    let reply: contracts::launcher::SnapshotReply =
+        serde_json::from_value(reply).map_err(|e| LaunchError::Api {
+            path: api_socket.display().to_string(),
+            why: format!("the launcher's answer is not a snapshot reply: {e}"),
+        })?;
+    let reply = contracts::launcher::to_json(&reply);
     println!("{reply}");
     Ok(0)
 }
