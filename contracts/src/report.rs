@@ -16,7 +16,9 @@ pub enum Outcome {
     Cancelled,
 }
 
-/// The report of one migration, with QEMU-like statistics.
+/// The report of one migration, with QEMU-like statistics. Launchers released before
+/// the contracts crate wrote the same fields in snake_case; they are read too (an update
+/// migrates away from exactly such a launcher), under the same refusal of unknown fields.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Report {
@@ -26,30 +28,42 @@ pub struct Report {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// Whether the source VM keeps running (true after every failure before Go).
+    #[serde(alias = "source_running")]
     pub source_running: bool,
     /// From start to the destination's Started (or the failure).
+    #[serde(alias = "total_ms")]
     pub total_ms: f64,
     /// Handshake and (local mode) fd handover until pre-copy began.
+    #[serde(alias = "setup_ms")]
     pub setup_ms: f64,
     /// From the source's pause until the destination ran the guest.
+    #[serde(alias = "downtime_ms")]
     pub downtime_ms: f64,
     /// Pre-copy iterations including the final one (QEMU's dirty sync count).
     pub iterations: u64,
     /// Bytes written to the stream.
+    #[serde(alias = "transferred_bytes")]
     pub transferred_bytes: u64,
     /// Guest memory size.
+    #[serde(alias = "memory_bytes")]
     pub memory_bytes: u64,
     /// Pages that were zero when sent (as ranges without bytes) or skipped.
+    #[serde(alias = "zero_pages")]
     pub zero_pages: u64,
     /// Pages sent with their bytes.
+    #[serde(alias = "normal_pages")]
     pub normal_pages: u64,
     /// Stream throughput over the pre-copy phase.
+    #[serde(alias = "throughput_bytes_per_s")]
     pub throughput_bytes_per_s: u64,
     /// Guest dirty rate measured over the last iteration.
+    #[serde(alias = "dirty_rate_pages_per_s")]
     pub dirty_rate_pages_per_s: u64,
     /// Highest auto-converge throttle applied.
+    #[serde(alias = "throttle_percent")]
     pub throttle_percent: u8,
     /// Guest time lost to throttling during pre-copy (what the VMM can see).
+    #[serde(alias = "guest_stall_ms")]
     pub guest_stall_ms: f64,
     /// copy or local.
     pub mode: String,
@@ -160,13 +174,29 @@ mod tests {
     }
 
     #[test]
-    fn unknown_and_snake_case_fields_are_refused() {
+    fn unknown_fields_and_incomplete_reports_are_refused() {
         let mut v = serde_json::to_value(Report::new("copy", 1)).unwrap();
         v["surprise"] = 1.into();
         let e = serde_json::from_value::<Report>(v).unwrap_err().to_string();
         assert!(e.contains("unknown field `surprise`"), "{e}");
-        let v = serde_json::json!({"status": "failed", "source_running": true});
+        // An incomplete report is refused.
+        let v = serde_json::json!({"status": "failed", "sourceRunning": true});
         assert!(serde_json::from_value::<Report>(v).is_err());
+    }
+
+    #[test]
+    fn a_report_of_an_older_launcher_is_read() {
+        let old = serde_json::json!({
+            "status": "completed", "source_running": false, "total_ms": 10.0,
+            "setup_ms": 1.0, "downtime_ms": 0.5, "iterations": 2, "transferred_bytes": 4096,
+            "memory_bytes": 1, "zero_pages": 0, "normal_pages": 1,
+            "throughput_bytes_per_s": 1, "dirty_rate_pages_per_s": 0, "throttle_percent": 0,
+            "guest_stall_ms": 0.0, "mode": "local"
+        });
+        let r: Report = serde_json::from_value(old).unwrap();
+        assert_eq!((r.downtime_ms, r.verdict(200)), (0.5, Verdict::Completed));
+        // Written back in today's names.
+        assert_eq!(serde_json::to_value(&r).unwrap()["downtimeMs"], 0.5);
     }
 
     #[test]
