@@ -194,8 +194,9 @@ fn status(runtime: &Runtime) -> Status {
 }
 
 fn snapshot(runtime: &Runtime, req: &SnapshotRequest) -> (u16, Value) {
-    let Some(vm) = runtime.vm() else {
-        return bad(409, runtime.no_vm());
+    let vm = match runtime.snapshot_vm() {
+        Ok(vm) => vm,
+        Err(e) => return bad(e.status(), e),
     };
     match write_snapshot(&vm, Path::new(&req.path), req.stop) {
         Ok(stats) => {

@@ -45,6 +45,8 @@ pub enum Event {
     Reset,
     /// The rebuilt VM runs.
     Rebooted,
+    /// `PUT /v1/snapshot` (the state stays; refused where no VM can be saved).
+    Snapshot,
     /// Shutdown, or a snapshot that stops the VM.
     Stop,
 }
@@ -92,6 +94,7 @@ fn action(e: Event) -> &'static str {
         Event::MigrationEnded(_) => "end a migration",
         Event::Reset => "reset",
         Event::Rebooted => "finish a reboot",
+        Event::Snapshot => "snapshot",
         Event::Stop => "stop",
     }
 }
@@ -117,6 +120,7 @@ pub fn transition(from: State, event: Event) -> Result<State, Refused> {
         // A reset comes from a running vCPU; a paused VM's guest cannot reset.
         (Running | Paused, Event::Reset) => Rebooting,
         (Rebooting, Event::Rebooted) => Running,
+        (Running | Paused, Event::Snapshot) => from,
         (MigratedAway, Event::Stop) => MigratedAway,
         (_, Event::Stop) => Stopping,
         _ => return Err(Refused { from, event }),
@@ -152,7 +156,7 @@ mod tests {
         MigratedAway,
         Stopping,
     ];
-    const EVENTS: [Event; 10] = [
+    const EVENTS: [Event; 11] = [
         Event::VmArrived,
         Event::Pause,
         Event::Resume,
@@ -162,6 +166,7 @@ mod tests {
         Event::MigrationEnded(MigrationEnd::OutcomeUnknown),
         Event::Reset,
         Event::Rebooted,
+        Event::Snapshot,
         Event::Stop,
     ];
 
@@ -212,6 +217,8 @@ mod tests {
             (Running, Event::Reset, Rebooting),
             (Paused, Event::Reset, Rebooting),
             (Rebooting, Event::Rebooted, Running),
+            (Running, Event::Snapshot, Running),
+            (Paused, Event::Snapshot, Paused),
             (MigratedAway, Event::Stop, MigratedAway),
         ];
         for s in STATES {

@@ -199,6 +199,15 @@ impl Runtime {
         Ok(())
     }
 
+    /// The VM to snapshot, if the state allows one (not while migrating, rebooting,
+    /// waiting for an incoming VM or stopping).
+    pub fn snapshot_vm(&self) -> Result<Arc<Vm>, RuntimeError> {
+        let g = self.inner();
+        let vm = g.vm.clone().ok_or(RuntimeError::NoVm(describe(g.state)))?;
+        transition(g.state, Event::Snapshot)?;
+        Ok(vm)
+    }
+
     /// A migration starts; `cancel` is what cancels it (a guest reset does, see
     /// [`Runtime::main_loop`]).
     pub fn begin_migration(
