@@ -285,14 +285,26 @@ fn a_second_noded_on_the_same_state_directory_is_refused() {
     // the same launchers as the first.
     let d = Daemon::start("statelock");
     let other = d.dir.join("other.sock");
-    let out = Command::new(bin("noded"))
+    let mut second = Command::new(bin("noded"))
         .arg("--state-dir")
         .arg(d.dir.join("state"))
         .arg("--socket")
         .arg(&other)
         .stdin(Stdio::null())
-        .output()
-        .expect("run the second noded");
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the second noded");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while second.try_wait().expect("try_wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = second.kill();
+            let _ = second.wait();
+            panic!("a second noded runs on the same state directory");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = second.wait_with_output().expect("second noded's output");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "second noded: {err}");
     assert!(
