@@ -278,13 +278,20 @@ fn a_new_leader_finishes_the_drain_when_the_leader_dies() {
         f.node("n3", 3, "1Gi", &launcher),
     ];
     let first = all[0].node.wait_until("a leader", || leader(&all[0]));
-    let li = all.iter().position(|n| n.name == first).expect("leader node");
+    let li = all
+        .iter()
+        .position(|n| n.name == first)
+        .expect("leader node");
     let (si, ti) = match li {
         0 => (1, 2),
         1 => (0, 2),
         _ => (0, 1),
     };
-    let (l, s, t) = (all[li].name.clone(), all[si].name.clone(), all[ti].name.clone());
+    let (l, s, t) = (
+        all[li].name.clone(),
+        all[si].name.clone(),
+        all[ti].name.clone(),
+    );
     // Three VMs on the source; the leader's node is never a target.
     all[ti].node.ctl(&["node", "cordon", &l]);
     all[ti].node.ctl(&["node", "cordon", &t]);
@@ -310,7 +317,11 @@ fn a_new_leader_finishes_the_drain_when_the_leader_dies() {
     all[li].node.kill_daemon();
     let (ok, out) = ctl_text(&all[ti], &["node", "drain", &s, "--wait"]);
     let refs: Vec<&ClusterNode> = all.iter().collect();
-    assert!(ok, "the drain must finish under the new leader:\n{out}\n{}", logs(&refs));
+    assert!(
+        ok,
+        "the drain must finish under the new leader:\n{out}\n{}",
+        logs(&refs)
+    );
     for vm in ["m1", "m2", "m3"] {
         assert_eq!(running_on(&all[ti], vm), t);
         let n = &all[ti].node;
@@ -337,7 +348,10 @@ fn a_new_leader_finishes_the_drain_when_the_leader_dies() {
     spans.sort();
     assert_eq!(spans.len(), 3, "{recs:#}");
     for w in spans.windows(2) {
-        assert!(w[0].1 <= w[1].0, "two migrations in flight at once: {recs:#}");
+        assert!(
+            w[0].1 <= w[1].0,
+            "two migrations in flight at once: {recs:#}"
+        );
     }
     all.clear();
 }

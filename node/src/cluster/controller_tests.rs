@@ -444,7 +444,10 @@ fn a_vm_under_an_eviction_order_is_not_moved_again() {
 #[test]
 fn a_scheduled_migration_to_a_node_that_is_gone_is_abandoned_and_the_vm_moves_elsewhere() {
     let mut v = view(&[node("a", 8, &["1.0.0"]), node("c", 8, &["1.0.0"])]);
-    v.vms.insert("x".into(), vm("x", "evictionStrategy: LiveMigrate\n", Some("a")));
+    v.vms.insert(
+        "x".into(),
+        vm("x", "evictionStrategy: LiveMigrate\n", Some("a")),
+    );
     v.statuses.insert("x".into(), running("a", "1.0.0"));
     drain(&mut v, "a");
     let rec = |phase| MigrationRecord {
@@ -473,6 +476,9 @@ fn a_scheduled_migration_to_a_node_that_is_gone_is_abandoned_and_the_vm_moves_el
     // Once the source sends (TargetReady and later), only it decides the outcome.
     v.migrations = vec![rec(MigrationPhase::TargetReady)];
     let p = plan(&v);
-    assert!(!p.decisions.iter().any(|d| matches!(d, Decision::Abandon { .. })));
+    assert!(!p
+        .decisions
+        .iter()
+        .any(|d| matches!(d, Decision::Abandon { .. })));
     assert!(migrations(&p).is_empty());
 }

@@ -248,7 +248,10 @@ fn writes_for(d: &Decision, r: &Read) -> Result<Option<Vec<Write>>, EtcdError> {
             r.grants.get(vm).copied().unwrap_or(0),
         )?]),
         Decision::Abandon { vm, id, reason } => {
-            let Some(rec) = r.records.iter().find(|x| x.value.id == *id && x.value.vm == *vm)
+            let Some(rec) = r
+                .records
+                .iter()
+                .find(|x| x.value.id == *id && x.value.vm == *vm)
             else {
                 return Ok(None);
             };
