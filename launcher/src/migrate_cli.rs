@@ -6,10 +6,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use serde_json::{json, Value};
+use contracts::http;
+use contracts::launcher::{to_json, MigrateRequest, MigrationProgress};
+use contracts::report::{Report, Verdict};
 
 use crate::launch::LaunchError;
-use contracts::http;
 
 /// Arguments of `launcher migrate`.
 #[derive(Args, Debug)]
@@ -24,7 +25,7 @@ pub struct MigrateArgs {
     #[arg(long)]
     pub local: bool,
     /// Longest acceptable pause, in milliseconds.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = contracts::launcher::DEFAULT_DOWNTIME_MS)]
     pub downtime_ms: u64,
     /// Bandwidth cap in bytes per second (0 = unlimited).
     #[arg(long, default_value_t = 0)]
@@ -33,10 +34,10 @@ pub struct MigrateArgs {
     #[arg(long)]
     pub auto_converge: bool,
     /// Give up after this many seconds per GiB of guest memory (0 = never).
-    #[arg(long, default_value_t = 150)]
+    #[arg(long, default_value_t = contracts::launcher::DEFAULT_COMPLETION_TIMEOUT_PER_GIB_S)]
     pub completion_timeout_per_gib: u64,
     /// Give up after this many seconds without the remaining bytes shrinking (0 = never).
-    #[arg(long, default_value_t = 150)]
+    #[arg(long, default_value_t = contracts::launcher::DEFAULT_PROGRESS_TIMEOUT_S)]
     pub progress_timeout: u64,
     /// TLS for a tcp: destination: a directory with ca.pem, cert.pem and key.pem.
     #[arg(long, conflicts_with = "insecure")]
@@ -59,29 +60,37 @@ fn api_err(socket: &std::path::Path, e: impl std::fmt::Display) -> LaunchError {
     }
 }
 
+impl MigrateArgs {
+    /// The `PUT /v1/migrate` request these options stand for. The TLS directory is made
+    /// absolute: the source launcher reads the files, not this process.
+    pub fn request(&self) -> Result<MigrateRequest, LaunchError> {
+        let tls_dir = match &self.tls_dir {
+            Some(dir) => Some(
+                std::path::absolute(dir)
+                    .map_err(|e| LaunchError::Usage(format!("--tls-dir {}: {e}", dir.display())))?
+                    .display()
+                    .to_string(),
+            ),
+            None => None,
+        };
+        Ok(MigrateRequest {
+            to: self.to.clone(),
+            local: self.local,
+            downtime_ms: Some(self.downtime_ms),
+            max_bandwidth: Some(self.max_bandwidth),
+            auto_converge: self.auto_converge,
+            completion_timeout_per_gib: Some(self.completion_timeout_per_gib),
+            progress_timeout: Some(self.progress_timeout),
+            tls_dir,
+            tls_server_name: self.tls_server_name.clone(),
+            insecure: self.insecure,
+        })
+    }
+}
+
 /// Run the command; returns the exit status (0 only when the migration completed).
 pub fn run(args: &MigrateArgs) -> Result<i32, LaunchError> {
-    let body = json!({
-        "to": args.to,
-        "local": args.local,
-        "downtimeMs": args.downtime_ms,
-        "maxBandwidth": args.max_bandwidth,
-        "autoConverge": args.auto_converge,
-        "completionTimeoutPerGib": args.completion_timeout_per_gib,
-        "progressTimeout": args.progress_timeout,
-        "insecure": args.insecure,
-    });
-    let mut body = body;
-    if let Some(dir) = &args.tls_dir {
-        // The source launcher reads the files: give it a path that does not depend on
-        // our working directory.
-        let dir = std::path::absolute(dir)
-            .map_err(|e| LaunchError::Usage(format!("--tls-dir {}: {e}", dir.display())))?;
-        body["tlsDir"] = json!(dir.display().to_string());
-    }
-    if let Some(name) = &args.tls_server_name {
-        body["tlsServerName"] = json!(name);
-    }
+    let body = to_json(&args.request()?);
     // Fail fast with a clear message when nobody listens on the socket.
     http::request(&args.api_socket, "GET", "/v1/status", None)
         .map_err(|e| api_err(&args.api_socket, e))?;
@@ -94,48 +103,57 @@ pub fn run(args: &MigrateArgs) -> Result<i32, LaunchError> {
     while !call.is_finished() {
         std::thread::sleep(Duration::from_millis(100));
         if let Ok((200, p)) = http::request(&args.api_socket, "GET", "/v1/migrate", None) {
-            show_progress(&p, tty, &mut last_iter);
+            if let Ok(p) = serde_json::from_value::<MigrationProgress>(p) {
+                show_progress(&p, tty, &mut last_iter);
+            }
         }
     }
     if tty && last_iter.is_some() {
         eprintln!();
     }
-    let (status, report) = call
+    let (status, answer) = call
         .join()
         .map_err(|_| LaunchError::Migration("the request thread panicked".into()))?
         .map_err(|e| api_err(&args.api_socket, e))?;
-    println!("{report}");
-    let completed = report.get("status").and_then(Value::as_str) == Some("completed");
-    if !completed {
-        let msg = report
-            .get("error")
-            .and_then(Value::as_str)
-            .unwrap_or("unknown error");
-        eprintln!("launcher: migration did not complete (HTTP {status}): {msg}");
+    println!("{answer}");
+    let verdict = match serde_json::from_value::<Report>(answer.clone()) {
+        Ok(r) => r.verdict(status),
+        Err(_) => Verdict::Failed(
+            answer
+                .get("error")
+                .and_then(|e| e.as_str())
+                .unwrap_or("the launcher's answer is not a migration report")
+                .to_string(),
+        ),
+    };
+    match verdict {
+        Verdict::Completed => Ok(0),
+        Verdict::Failed(msg) | Verdict::Cancelled(msg) | Verdict::Unknown(msg) => {
+            eprintln!("launcher: migration did not complete (HTTP {status}): {msg}");
+            Ok(1)
+        }
     }
-    Ok(if completed { 0 } else { 1 })
 }
 
-fn show_progress(p: &Value, tty: bool, last_iter: &mut Option<u64>) {
-    let Some(iter) = p.get("iteration").and_then(Value::as_u64) else {
+fn show_progress(p: &MigrationProgress, tty: bool, last_iter: &mut Option<u64>) {
+    let Some(iter) = p.iteration else {
         return;
     };
-    let mib = |k: &str| p.get(k).and_then(Value::as_u64).unwrap_or(0) as f64 / (1 << 20) as f64;
-    let line = format!(
-        "iteration {iter}: sent {:.1} MiB, remaining {:.1} MiB, {:.0} MiB/s, expected downtime {}, throttle {}%",
-        mib("transferredBytes"),
-        mib("remainingBytes"),
-        mib("bandwidthBytesPerS"),
-        p.get("expectedDowntimeMs")
-            .and_then(Value::as_f64)
-            .map(|d| format!("{d:.1} ms"))
-            .unwrap_or_else(|| "unknown".into()),
-        p.get("throttlePercent").and_then(Value::as_u64).unwrap_or(0),
-    );
     if *last_iter == Some(iter) {
         return;
     }
     *last_iter = Some(iter);
+    let mib = |v: Option<u64>| v.unwrap_or(0) as f64 / (1 << 20) as f64;
+    let line = format!(
+        "iteration {iter}: sent {:.1} MiB, remaining {:.1} MiB, {:.0} MiB/s, expected downtime {}, throttle {}%",
+        mib(p.transferred_bytes),
+        mib(p.remaining_bytes),
+        mib(p.bandwidth_bytes_per_s),
+        p.expected_downtime_ms
+            .map(|d| format!("{d:.1} ms"))
+            .unwrap_or_else(|| "unknown".into()),
+        p.throttle_percent.unwrap_or(0),
+    );
     if tty {
         eprint!("\r\x1b[2K{line}");
     } else {

@@ -6,18 +6,18 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use contracts::launcher::{Empty, LimitsPatch, MigrateRequest as WireRequest, MigrationProgress};
 use migration::policy::MigrationLimits;
 use migration::protocol::MigrationMode;
-use migration::report::Progress;
+use migration::report::{Outcome, Progress, Report};
 use migration::sender::{self, SendOptions};
 use migration::tls::TlsConfig;
 use migration::transport::{self, Listener, MigrationUri, RateLimit, TcpSecurity, TransportError};
-use serde_json::{json, Value};
 use vmm::sync::lock;
 
 use crate::launch::api::MigrationHandler;
-use crate::launch::runtime::{Phase, Runtime};
-use crate::launch::{LaunchError, EXIT_MIGRATED, VERSION};
+use crate::launch::runtime::{MigrationEnd, Runtime};
+use crate::launch::{LaunchError, VERSION};
 
 /// How long to wait for the destination to accept the connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -35,11 +35,14 @@ pub struct Handler {
     active: Mutex<Option<Active>>,
 }
 
-fn err(status: u16, msg: impl std::fmt::Display) -> (u16, Value) {
-    (
-        status,
-        json!({"status": "failed", "error": msg.to_string(), "source_running": true}),
-    )
+/// A refusal before the migration started: a report saying so (the source runs on).
+fn refused(
+    status: u16,
+    mode: &str,
+    memory_bytes: u64,
+    msg: impl std::fmt::Display,
+) -> (u16, Report) {
+    (status, Report::refused(mode, memory_bytes, msg.to_string()))
 }
 
 /// The migration parameters of a `PUT /v1/migrate` body (camelCase, as the API).
@@ -77,62 +80,26 @@ pub fn tcp_security(
     }
 }
 
-fn u64_field(body: &Value, name: &str) -> Result<Option<u64>, String> {
-    match body.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .map(Some)
-            .ok_or_else(|| format!("{name} must be a non-negative integer")),
-    }
-}
-
-/// Parse and check a request body.
-pub fn parse_request(body: &Value) -> Result<MigrateRequest, String> {
-    let to = body
-        .get("to")
-        .and_then(Value::as_str)
-        .ok_or("body needs \"to\": \"unix:PATH\" or \"tcp:HOST:PORT\"")?;
-    let to: MigrationUri = to.parse().map_err(|e| format!("{e}"))?;
-    let local = body.get("local").and_then(Value::as_bool).unwrap_or(false);
-    if local && !matches!(to, MigrationUri::Unix(_)) {
+/// Check a request and turn it into what the sender needs.
+pub fn parse_request(body: &WireRequest) -> Result<MigrateRequest, String> {
+    let to: MigrationUri = body.to.parse().map_err(|e| format!("to: {e}"))?;
+    if body.local && !matches!(to, MigrationUri::Unix(_)) {
         return Err(
             "local mode hands memory over as file descriptors and needs a unix: destination".into(),
         );
     }
-    let mut limits = MigrationLimits::default();
-    if let Some(v) = u64_field(body, "downtimeMs")? {
-        limits.downtime_target = Duration::from_millis(v);
-    }
-    if let Some(v) = u64_field(body, "maxBandwidth")? {
-        limits.max_bandwidth = v;
-    }
-    if let Some(v) = u64_field(body, "completionTimeoutPerGib")? {
-        limits.completion_timeout_per_gib = Duration::from_secs(v);
-    }
-    if let Some(v) = u64_field(body, "progressTimeout")? {
-        limits.progress_timeout = Duration::from_secs(v);
-    }
-    limits.auto_converge = body
-        .get("autoConverge")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
+    let limits = MigrationLimits {
+        downtime_target: body.downtime(),
+        max_bandwidth: body.max_bandwidth.unwrap_or(0),
+        completion_timeout_per_gib: body.completion_timeout_per_gib(),
+        progress_timeout: body.progress_timeout(),
+        auto_converge: body.auto_converge,
+    };
     limits.validate().map_err(|e| e.to_string())?;
-    let str_field = |name: &str| match body.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(_) => Err(format!("{name} must be a string")),
-    };
-    let tls_dir = str_field("tlsDir")?;
-    let server_name = str_field("tlsServerName")?;
-    let insecure = match body.get("insecure") {
-        None | Some(Value::Null) => false,
-        Some(v) => v.as_bool().ok_or("insecure must be true or false")?,
-    };
     let security = tcp_security(
-        tls_dir.as_deref().map(std::path::Path::new),
-        insecure,
-        server_name.as_deref(),
+        body.tls_dir.as_deref().map(std::path::Path::new),
+        body.insecure,
+        body.tls_server_name.as_deref(),
     )?;
     if matches!(to, MigrationUri::Tcp { .. }) && matches!(security, TcpSecurity::Unset) {
         return Err(TransportError::InsecureTcp {
@@ -142,139 +109,136 @@ pub fn parse_request(body: &Value) -> Result<MigrateRequest, String> {
     }
     Ok(MigrateRequest {
         to,
-        local,
+        local: body.local,
         limits,
         security,
     })
 }
 
+impl Handler {
+    /// Register the migration about to start (refused if one is in progress) and build
+    /// the sender's options, wired to this handler's cancel, limits and progress.
+    fn begin(&self, req: &MigrateRequest) -> Option<SendOptions> {
+        let mut active = lock(&self.active);
+        if active.is_some() {
+            return None;
+        }
+        let a = Active {
+            cancel: Arc::new(AtomicBool::new(false)),
+            rate: RateLimit::new(req.limits.max_bandwidth),
+            downtime_ms: Arc::new(AtomicU64::new(req.limits.downtime_target.as_millis() as u64)),
+            progress: Arc::new(Mutex::new(None)),
+        };
+        let progress = a.progress.clone();
+        let opts = SendOptions {
+            mode: if req.local {
+                MigrationMode::Local
+            } else {
+                MigrationMode::Copy
+            },
+            limits: req.limits,
+            rate: a.rate.clone(),
+            cancel: a.cancel.clone(),
+            launcher_version: VERSION.to_string(),
+            downtime_ms: a.downtime_ms.clone(),
+            progress: Some(Arc::new(move |p: &Progress| {
+                *lock(&progress) = Some(*p);
+            })),
+        };
+        *active = Some(a);
+        Some(opts)
+    }
+}
+
 impl MigrationHandler for Handler {
-    fn migrate(&self, runtime: &Arc<Runtime>, body: &Value) -> (u16, Value) {
+    fn migrate(&self, runtime: &Arc<Runtime>, body: &WireRequest) -> (u16, Report) {
+        let mode = if body.local { "local" } else { "copy" };
+        let Some(vm) = runtime.vm() else {
+            return refused(409, mode, 0, runtime.no_vm());
+        };
+        let memory = vm.config().memory_bytes;
         let req = match parse_request(body) {
             Ok(r) => r,
-            Err(e) => return err(400, e),
+            Err(e) => return refused(400, mode, memory, e),
         };
-        let Some(vm) = runtime.vm() else {
-            return err(409, "no VM runs here");
-        };
-        let before = runtime.phase();
-        if !matches!(before, Phase::Running | Phase::Paused) {
-            return err(
+        let Some(opts) = self.begin(&req) else {
+            return refused(
                 409,
-                format!("VM is {}; cannot migrate now", before.as_str()),
+                mode,
+                memory,
+                "a migration of this VM is already in progress",
             );
-        }
-        let opts = {
-            let mut active = lock(&self.active);
-            if active.is_some() {
-                return err(409, "a migration of this VM is already in progress");
-            }
-            let a = Active {
-                cancel: Arc::new(AtomicBool::new(false)),
-                rate: RateLimit::new(req.limits.max_bandwidth),
-                downtime_ms: Arc::new(
-                    AtomicU64::new(req.limits.downtime_target.as_millis() as u64),
-                ),
-                progress: Arc::new(Mutex::new(None)),
-            };
-            let progress = a.progress.clone();
-            let opts = SendOptions {
-                mode: if req.local {
-                    MigrationMode::Local
-                } else {
-                    MigrationMode::Copy
-                },
-                limits: req.limits,
-                rate: a.rate.clone(),
-                cancel: a.cancel.clone(),
-                launcher_version: VERSION.to_string(),
-                downtime_ms: a.downtime_ms.clone(),
-                progress: Some(Arc::new(move |p: &Progress| {
-                    *lock(&progress) = Some(*p);
-                })),
-            };
-            *active = Some(a);
-            opts
         };
-        runtime.set_phase(Phase::Migrating);
+        let ticket = match runtime.begin_migration(opts.cancel.clone()) {
+            Ok(t) => t,
+            Err(e) => {
+                *lock(&self.active) = None;
+                return refused(e.status(), mode, memory, e);
+            }
+        };
         let result = transport::connect_with(&req.to, Some(CONNECT_TIMEOUT), &req.security)
             .map_err(|e| format!("cannot reach the destination {}: {e}", req.to))
             .map(|stream| sender::send(&vm, stream, &opts));
         *lock(&self.active) = None;
         match result {
             Err(e) => {
-                runtime.set_phase(before);
-                err(502, e)
+                let _ = runtime.end_migration(ticket, MigrationEnd::SourceRuns);
+                refused(502, mode, memory, e)
             }
             Ok(report) => {
-                let completed = report.status == migration::report::Outcome::Completed;
-                if completed {
+                let completed = report.status == Outcome::Completed;
+                let end = if completed {
                     // The VM runs elsewhere now; this process must never run it again.
-                    runtime.request_exit(EXIT_MIGRATED);
+                    MigrationEnd::MigratedAway
                 } else if report.source_running {
-                    runtime.set_phase(before);
+                    MigrationEnd::SourceRuns
                 } else {
-                    runtime.set_phase(Phase::Paused);
+                    MigrationEnd::OutcomeUnknown
+                };
+                let mut report = report;
+                if runtime.end_migration(ticket, end) && !completed {
+                    report.status = Outcome::Failed;
+                    report.error = Some(
+                        "the guest reset itself during the migration: the migration was abandoned \
+                         and the source reboots the VM; migrate again once it runs"
+                            .into(),
+                    );
                 }
-                let v = serde_json::to_value(&report).unwrap_or(Value::Null);
-                (if completed { 200 } else { 500 }, v)
+                (if completed { 200 } else { 500 }, report)
             }
         }
     }
 
-    fn cancel(&self) -> (u16, Value) {
+    fn cancel(&self) -> Result<Empty, String> {
         match &*lock(&self.active) {
             Some(a) => {
                 a.cancel.store(true, Ordering::SeqCst);
                 a.rate.set(0);
-                (200, json!({}))
+                Ok(Empty {})
             }
-            None => (409, json!({"error": "no migration in progress"})),
+            None => Err("no migration in progress".into()),
         }
     }
 
-    fn progress(&self) -> (u16, Value) {
+    fn progress(&self) -> MigrationProgress {
         match &*lock(&self.active) {
-            Some(a) => {
-                let p = *lock(&a.progress);
-                let v = match p {
-                    Some(p) => json!({
-                        "active": true,
-                        "iteration": p.iteration,
-                        "transferredBytes": p.transferred_bytes,
-                        "remainingBytes": p.remaining_bytes,
-                        "bandwidthBytesPerS": p.bandwidth_bytes_per_s,
-                        "expectedDowntimeMs": if p.expected_downtime_ms.is_finite() { json!(p.expected_downtime_ms) } else { Value::Null },
-                        "throttlePercent": p.throttle_percent,
-                    }),
-                    None => json!({"active": true}),
-                };
-                (200, v)
-            }
-            None => (200, json!({"active": false})),
+            Some(a) => MigrationProgress::active(lock(&a.progress).as_ref()),
+            None => MigrationProgress::default(),
         }
     }
 
-    fn set_limits(&self, body: &Value) -> (u16, Value) {
+    fn set_limits(&self, patch: &LimitsPatch) -> Result<Empty, String> {
         let guard = lock(&self.active);
         let Some(a) = &*guard else {
-            return (409, json!({"error": "no migration in progress"}));
+            return Err("no migration in progress".into());
         };
-        match (
-            u64_field(body, "maxBandwidth"),
-            u64_field(body, "downtimeMs"),
-        ) {
-            (Ok(bw), Ok(dt)) => {
-                if let Some(bw) = bw {
-                    a.rate.set(bw);
-                }
-                if let Some(dt) = dt {
-                    a.downtime_ms.store(dt, Ordering::Relaxed);
-                }
-                (200, json!({}))
-            }
-            (Err(e), _) | (_, Err(e)) => (400, json!({"error": e})),
+        if let Some(bw) = patch.max_bandwidth {
+            a.rate.set(bw);
         }
+        if let Some(dt) = patch.downtime_ms {
+            a.downtime_ms.store(dt, Ordering::Relaxed);
+        }
+        Ok(Empty {})
     }
 }
 
@@ -318,9 +282,7 @@ pub fn start_incoming_with(
             };
             // One migration per process: stop listening (removes the socket file).
             drop(listener);
-            let opts = migration::receiver::ReceiveOptions {
-                nets: rt.incoming_nets(),
-            };
+            let opts = crate::receive_options(rt.incoming_nets());
             match migration::receiver::receive_with(stream, serial, &opts) {
                 Ok((vm, stats)) => {
                     tracing::info!(

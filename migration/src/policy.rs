@@ -15,12 +15,15 @@ use thiserror::Error;
 
 /// Bytes in a GiB.
 pub const GIB: u64 = 1 << 30;
-/// Default downtime target (QEMU's default).
-pub const DEFAULT_DOWNTIME_TARGET: Duration = Duration::from_millis(300);
+/// Default downtime target (QEMU's default; the API's, `contracts::launcher`).
+pub const DEFAULT_DOWNTIME_TARGET: Duration =
+    Duration::from_millis(contracts::launcher::DEFAULT_DOWNTIME_MS);
 /// Default completion timeout per GiB of guest memory (KubeVirt's default).
-pub const DEFAULT_COMPLETION_TIMEOUT_PER_GIB: Duration = Duration::from_secs(150);
+pub const DEFAULT_COMPLETION_TIMEOUT_PER_GIB: Duration =
+    Duration::from_secs(contracts::launcher::DEFAULT_COMPLETION_TIMEOUT_PER_GIB_S);
 /// Default progress timeout (KubeVirt's default).
-pub const DEFAULT_PROGRESS_TIMEOUT: Duration = Duration::from_secs(150);
+pub const DEFAULT_PROGRESS_TIMEOUT: Duration =
+    Duration::from_secs(contracts::launcher::DEFAULT_PROGRESS_TIMEOUT_S);
 /// Auto-converge triggers when the guest dirtied more than this percentage
 /// of what was sent in a period.
 pub const AUTO_CONVERGE_THRESHOLD_PERCENT: u64 = 50;
@@ -152,16 +155,7 @@ pub enum Decision {
     Abort(AbortReason),
 }
 
-/// The completion timeout for `memory_bytes` of guest memory: `per_gib`
-/// times the memory in GiB, rounded up, at least one GiB's worth.
-pub fn completion_timeout(memory_bytes: u64, per_gib: Duration) -> Duration {
-    let gibs = u128::from(memory_bytes.div_ceil(GIB).max(1));
-    let nanos = per_gib.as_nanos().saturating_mul(gibs);
-    match u64::try_from(nanos / 1_000_000_000) {
-        Ok(secs) => Duration::new(secs, (nanos % 1_000_000_000) as u32),
-        Err(_) => Duration::MAX,
-    }
-}
+pub use contracts::launcher::completion_timeout;
 
 /// The bandwidth the final transfer is estimated with: the measured one,
 /// capped by the limit. 0 when nothing was measured yet.

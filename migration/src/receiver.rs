@@ -90,6 +90,28 @@ pub struct ReceiveOptions {
     /// they replace the backends of the VM's interfaces, in order; without them the TAPs
     /// are opened by the names the VM had. A local migration uses the handed-over TAPs.
     pub nets: Vec<(vmm::config::NetConfig, bool)>,
+    /// The protocol versions this launcher declares (`launcher capabilities`); the
+    /// receiver accepts only versions both declared and implemented. None: all it implements.
+    pub versions: Option<VersionRange>,
+    /// The machine types this launcher runs; None: all the VMM implements.
+    pub machine_types: Option<Vec<String>>,
+}
+
+/// What this receiver can run, narrowed to what the launcher declares in `opts`, so
+/// that what `launcher capabilities` advertises is what the receiver enforces.
+pub fn capabilities_with(local_mode: bool, opts: &ReceiveOptions) -> ReceiverCapabilities {
+    let mut caps = capabilities(local_mode);
+    if let Some(d) = opts.versions {
+        let ours = caps.accepted_versions;
+        caps.accepted_versions = VersionRange {
+            min: d.min.max(ours.min),
+            max: d.max.min(ours.max),
+        };
+    }
+    if let Some(m) = &opts.machine_types {
+        caps.machine_types.retain(|t| m.contains(t));
+    }
+    caps
 }
 
 /// Receive one VM over `stream` and start it. `serial` is the console sink of the new VM.
@@ -169,7 +191,7 @@ fn receive_on<R: Read, W: std::io::Write>(
             )))
         }
     };
-    let version = match protocol::check_hello(&hello, &capabilities(unix)) {
+    let version = match protocol::check_hello(&hello, &capabilities_with(unix, opts)) {
         Ok(v) => v,
         Err(reason) => return Err(refuse(w, reason)),
     };

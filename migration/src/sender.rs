@@ -676,6 +676,8 @@ fn run(
     if !matches!(ready, ReceiverMessage::Ready) {
         return Err(s.unexpected(Ok(ready)));
     }
+    // Last chance to cancel (a guest reset during pre-copy cancels through the launcher).
+    s.check_cancel()?;
     // One owner: the data disks' locks go with Go. If anything fails before the destination
     // runs, the guard's resume takes them back first (and the source stays paused if it
     // cannot).

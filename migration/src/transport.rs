@@ -443,18 +443,27 @@ impl RateLimit {
 /// Default of [`stall_timeout`].
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The stall timeout of this process in milliseconds (0: the default).
+static STALL_TIMEOUT_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Sets the stall timeout of this process (`launcher run --migration-stall-timeout-ms`,
+/// a hidden option for tests that stall connections on purpose). A zero duration
+/// restores the default.
+pub fn set_stall_timeout(d: Duration) {
+    let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    STALL_TIMEOUT_MS.store(ms, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// How long a migration stream may make no progress at all (the sender's socket
 /// accepts no byte, the receiver gets no byte, an answer does not come) before
 /// the side that waits gives up: a stalled connection must not hang a launcher,
-/// least of all a paused source. 60 s, or `LAUNCHER_MIGRATION_STALL_TIMEOUT_MS`
-/// (for tests that stall connections on purpose).
+/// least of all a paused source. [`DEFAULT_STALL_TIMEOUT`] unless the process set
+/// another with [`set_stall_timeout`].
 pub fn stall_timeout() -> Duration {
-    std::env::var("LAUNCHER_MIGRATION_STALL_TIMEOUT_MS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .filter(|&ms| ms > 0)
-        .map(Duration::from_millis)
-        .unwrap_or(DEFAULT_STALL_TIMEOUT)
+    match STALL_TIMEOUT_MS.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => DEFAULT_STALL_TIMEOUT,
+        ms => Duration::from_millis(ms),
+    }
 }
 
 /// A socket timeout (`EAGAIN` after `SO_SNDTIMEO`/`SO_RCVTIMEO`) as an error that says

@@ -33,8 +33,7 @@ impl Daemon {
             };
             let answered_pid = answered
                 .as_ref()
-                .and_then(|a| a["pid"].as_u64())
-                .and_then(|p| u32::try_from(p).ok())
+                .map(|a| a.pid)
                 .filter(|p| supervisor::pid_alive(*p));
             let pid = if alive { vm.status.pid } else { answered_pid };
             tracing::info!(vm = %name, state = ?state, pid = ?pid, "reconciling after restart");
@@ -46,9 +45,7 @@ impl Daemon {
                             continue;
                         };
                         vm.status.pid = Some(pid);
-                        if let Some(v) = a["version"].as_str() {
-                            vm.status.launcher_version = Some(v.to_string());
-                        }
+                        vm.status.launcher_version = Some(a.version.clone());
                         vm.status.state = VmState::Running { since: now };
                         supervisor::watch_pid(name.clone(), pid, self.events.clone());
                         self.persist(&name);
@@ -87,8 +84,7 @@ impl Daemon {
                             Some(p) => Some(p),
                             None => match supervisor::status(Path::new(&target_api_socket))
                                 .await
-                                .and_then(|a| a["pid"].as_u64())
-                                .and_then(|p| u32::try_from(p).ok())
+                                .map(|a| a.pid)
                             {
                                 Some(p) => Some(p),
                                 // Spawned but not recorded, API not up yet: find it by

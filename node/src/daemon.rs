@@ -53,6 +53,56 @@ pub enum DaemonError {
     /// Unix socket paths are limited to 107 bytes.
     #[error("path too long for a unix socket (max 107 bytes): {0}")]
     PathTooLong(String),
+    /// Another noded uses the state directory (through another socket).
+    #[error("another noded ({holder}) already uses the state directory {dir}: stop it first, or give this one another --state-dir")]
+    StateDirInUse {
+        /// The state directory.
+        dir: String,
+        /// Who holds it, as its lock file says.
+        holder: String,
+    },
+}
+
+/// Takes the state directory's lock (`noded.lock`, an exclusive `flock`), held for as long
+/// as the returned value lives: two nodeds on one state directory would both supervise
+/// (and restart, and migrate) the same launchers. The holder's pid is written into the
+/// file for the message a second noded gives.
+pub fn lock_state_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, DaemonError> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.join("noded.lock");
+    let io = |source| DaemonError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io)?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(mut lock) => {
+            lock.set_len(0).map_err(io)?;
+            lock.rewind().map_err(io)?;
+            write!(lock, "pid {}", std::process::id()).map_err(io)?;
+            Ok(lock)
+        }
+        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            Err(DaemonError::StateDirInUse {
+                dir: dir.display().to_string(),
+                holder: if holder.trim().is_empty() {
+                    "pid unknown".into()
+                } else {
+                    holder.trim().to_string()
+                },
+            })
+        }
+        Err((_, e)) => Err(io(std::io::Error::from(e))),
+    }
 }
 
 /// Command-line options of `noded`.
@@ -624,9 +674,10 @@ impl Daemon {
         {
             tracing::error!(vm = name, error = %e, "cannot record migration outcome");
         }
-        let downtime = report["downtime_ms"]
+        // Reports recorded before the contract was camelCase say `downtime_ms`.
+        let downtime = report["downtimeMs"]
             .as_f64()
-            .or_else(|| report["downtimeMs"].as_f64());
+            .or_else(|| report["downtime_ms"].as_f64());
         self.counters.migration(
             &outcome,
             if outcome == "Succeeded" {
@@ -696,6 +747,14 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let (call_tx, mut call_rx) = mpsc::channel::<crate::cluster::local::LocalCall>(64);
     // Bind first: a second noded on the same socket must not touch the state.
     let listener = api::bind(&opts.socket)?;
+    // Then the state directory: a second noded with another socket must not either.
+    let _state_lock = match lock_state_dir(&opts.state_dir) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = std::fs::remove_file(&opts.socket);
+            return Err(e);
+        }
+    };
     let mut d = match Daemon::open(&opts, ev_tx) {
         Ok(d) => d,
         Err(e) => {
@@ -746,4 +805,21 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     tracing::info!("noded stopping; launchers keep running and will be adopted at the next start");
     let _ = std::fs::remove_file(&opts.socket);
     Ok(())
+}
+
+#[cfg(test)]
+mod lock_tests {
+    use super::*;
+
+    #[test]
+    fn a_second_lock_on_the_state_directory_is_refused_until_the_first_goes() {
+        let dir = std::env::temp_dir().join(format!("noded-lock-{}", std::process::id()));
+        let first = lock_state_dir(&dir).unwrap();
+        let e = lock_state_dir(&dir).unwrap_err().to_string();
+        assert!(e.contains("already uses the state directory"), "{e}");
+        assert!(e.contains(&format!("pid {}", std::process::id())), "{e}");
+        drop(first);
+        assert!(lock_state_dir(&dir).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

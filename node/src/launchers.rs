@@ -124,28 +124,8 @@ pub fn compare_versions(a: &str, b: &str) -> Ordering {
     }
 }
 
-/// A `{min, max}` range of format versions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Range {
-    /// Oldest accepted.
-    pub min: u64,
-    /// Newest accepted.
-    pub max: u64,
-}
-
-/// What `launcher capabilities` prints.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Capabilities {
-    /// The launcher's version.
-    pub version: String,
-    /// Machine types, preferred first.
-    pub machine_types: Vec<String>,
-    /// Migration protocol versions it speaks.
-    pub migration_protocol: Range,
-    /// Snapshot formats it reads.
-    pub snapshot_format: Range,
-}
+/// What `launcher capabilities` prints (the launcher builds the same type).
+pub use contracts::launcher::{Capabilities, Range};
 
 /// A release channel (`nodectl launcher install --channel`, node setting `channel`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]

@@ -27,8 +27,10 @@ use super::daemon::{Daemon, Vm, MAX_SOCKET_PATH};
 use super::requests::{err, Body, Reply};
 use super::spec::parse_spec;
 use super::store::VmRow;
-use super::supervisor::{self, Event, MigrationResult};
+use super::supervisor::{self, Answer, Event, MigrationResult};
 use super::views::now_ms;
+use contracts::launch::{LaunchOptions, VmSource};
+use contracts::launcher::{to_json, MigrateRequest, Phase};
 
 fn reply(status: u16, v: Value) -> Reply {
     Reply {
@@ -81,22 +83,17 @@ pub fn remote_incoming_args(
     api_socket: &Path,
     spec: &super::spec::VmSpec,
 ) -> Vec<String> {
-    let mut a = vec![
-        "run".to_string(),
-        "--incoming".into(),
-        listen.to_string(),
-        "--tls-dir".into(),
-        tls_dir.to_string(),
-        "--serial".into(),
-        serial.display().to_string(),
-        "--api-socket".into(),
-        api_socket.display().to_string(),
-    ];
-    for n in &spec.interfaces {
-        a.push("--net".into());
-        a.push(n.launcher_arg());
+    LaunchOptions {
+        source: VmSource::Incoming {
+            uri: listen.to_string(),
+            tls_dir: Some(tls_dir.to_string()),
+            insecure: false,
+        },
+        nets: spec.interfaces.iter().map(|n| n.launcher_arg()).collect(),
+        serial: Some(serial.display().to_string()),
+        api_socket: Some(api_socket.display().to_string()),
     }
-    a
+    .to_argv()
 }
 
 impl Daemon {
@@ -299,29 +296,15 @@ impl Daemon {
         if !self.persist(name) {
             return err(500, "cannot record the state");
         }
-        let mut req = supervisor::migrate_body(Path::new(""), &c);
-        if let Some(o) = req.as_object_mut() {
-            o.remove("local");
-        }
-        req["to"] = json!(to);
-        req["tlsDir"] = json!(tls);
-        if let Some(n) = server_name {
-            req["tlsServerName"] = json!(n);
-        }
-        let gib = memory_bytes.div_ceil(1 << 30).max(1);
-        let timeout =
-            Duration::from_secs(c.completion_timeout_per_gib * gib + c.progress_timeout + 60);
+        let req = MigrateRequest {
+            tls_dir: Some(tls),
+            tls_server_name: server_name,
+            ..supervisor::migrate_request(&c, to.clone(), false)
+        };
         tracing::info!(vm = name, to = %to, "migrating to another node");
         let (vm, tx) = (name.to_string(), self.events.clone());
         tokio::spawn(async move {
-            let result = migrate_out(
-                &PathBuf::from(socket),
-                pid,
-                Some(req),
-                timeout,
-                c.progress_timeout,
-            )
-            .await;
+            let result = migrate_out(&PathBuf::from(socket), pid, &req, memory_bytes, true).await;
             let _ = tx.send(Event::RemoteDone { vm, record, result });
         });
         self.vm_reply(name, 202)
@@ -447,13 +430,16 @@ impl Daemon {
             (VmState::Receiving { .. }, None) => {
                 self.apply_exit(name, &ExitKind::from_status(None, None), now)
             }
-            (VmState::MigratingOut { record, .. }, Some(pid)) => {
+            (VmState::MigratingOut { record, to, .. }, Some(pid)) => {
                 vm.status.pid = Some(pid);
+                let memory_bytes = vm.spec.memory_bytes;
                 self.persist(name);
                 supervisor::watch_pid(name.to_string(), pid, self.events.clone());
                 let (vm, tx) = (name.to_string(), self.events.clone());
+                let req =
+                    supervisor::migrate_request(&self.settings.live_migration_config, to, false);
                 tokio::spawn(async move {
-                    let result = migrate_out(&socket, pid, None, Duration::ZERO, 600).await;
+                    let result = migrate_out(&socket, pid, &req, memory_bytes, false).await;
                     let _ = tx.send(Event::RemoteDone { vm, record, result });
                 });
             }
@@ -498,8 +484,10 @@ fn watch_receive(
                 break failed("timed out");
             }
             if let Some(s) = supervisor::status(&socket).await {
-                if s["state"].as_str() == Some("running") {
-                    break MigrationResult::Completed { report: s };
+                if s.state == Phase::Running {
+                    break MigrationResult::Completed {
+                        report: to_json(&s),
+                    };
                 }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -508,77 +496,76 @@ fn watch_receive(
     });
 }
 
-/// Sends `PUT /v1/migrate` to the source launcher (or, with `body` None after a noded
-/// restart, only waits for the migration in progress to end) and reports the outcome.
+/// Sends `req` to the source launcher (or, with `send` false after a noded restart,
+/// only waits for the migration in progress to end) and reports the outcome.
 async fn migrate_out(
     socket: &Path,
     pid: u32,
-    body: Option<Value>,
-    timeout: Duration,
-    progress_timeout_s: u64,
+    req: &MigrateRequest,
+    memory_bytes: u64,
+    send: bool,
 ) -> MigrationResult {
-    let answer = match body {
-        Some(b) => {
-            Some(supervisor::api_raw(socket, "PUT", "/v1/migrate", Some(b), Some(timeout)).await)
-        }
-        None => None,
+    let answer = if send {
+        let timeout = req.reply_timeout(memory_bytes);
+        let body = Some(to_json(req));
+        Some(supervisor::api_raw(socket, "PUT", "/v1/migrate", body, timeout).await)
+    } else {
+        None
     };
-    match answer {
-        Some(Ok((code, report))) => {
-            let status = report["status"].as_str().map(str::to_string);
-            let error = report["error"].as_str().map(str::to_string);
-            match status.as_deref() {
-                Some("completed") if (200..300).contains(&code) => {
-                    // The launcher exits 64 by itself; make sure it does: the VM runs on
-                    // the destination now.
-                    if !supervisor::wait_gone(pid, Duration::from_secs(10)).await {
-                        tracing::warn!(
-                            pid,
-                            "source still running after a completed migration; SIGKILL"
-                        );
-                        supervisor::signal(pid, libc::SIGKILL);
-                        supervisor::wait_gone(pid, Duration::from_secs(5)).await;
-                    }
-                    MigrationResult::Completed { report }
+    let why = match answer {
+        Some(Ok((code, body))) => match supervisor::read_answer(code, body) {
+            Answer::Completed(report) => {
+                // The launcher exits 64 by itself; make sure it does: the VM runs on
+                // the destination now.
+                if !supervisor::wait_gone(pid, Duration::from_secs(10)).await {
+                    tracing::warn!(
+                        pid,
+                        "source still running after a completed migration; SIGKILL"
+                    );
+                    supervisor::signal(pid, libc::SIGKILL);
+                    supervisor::wait_gone(pid, Duration::from_secs(5)).await;
                 }
-                Some(st) => MigrationResult::Failed {
-                    outcome: if st == "cancelled" {
-                        "Cancelled"
-                    } else {
-                        "Failed"
-                    }
-                    .into(),
-                    error: error.unwrap_or_else(|| format!("migration {st}")),
+                return MigrationResult::Completed { report };
+            }
+            Answer::Failed {
+                outcome,
+                error,
+                report,
+            } => {
+                return MigrationResult::Failed {
+                    outcome: outcome.into(),
+                    error,
                     report,
-                },
-                None => failed(format!(
-                    "the launcher refused the migration ({code}): {}",
-                    error.unwrap_or_else(|| report.to_string())
-                )),
-            }
-        }
-        // The answer was lost (or noded restarted): let a migration in progress end, then
-        // judge by whether the launcher still runs the VM.
-        lost => {
-            let why = match lost {
-                Some(Err(e)) => e.to_string(),
-                _ => "interrupted by a noded restart".to_string(),
-            };
-            let deadline = Instant::now() + Duration::from_secs(progress_timeout_s + 600);
-            loop {
-                if !supervisor::pid_alive(pid) {
-                    break;
                 }
-                let st = supervisor::status(socket).await;
-                let state = st.as_ref().and_then(|s| s["state"].as_str()).unwrap_or("");
-                if state != "migrating" || Instant::now() >= deadline {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            failed(why)
+            // Where the VM runs is decided by the launcher's exit (see on_remote_done).
+            Answer::Unknown { error, report } => {
+                return MigrationResult::Failed {
+                    outcome: "Failed".into(),
+                    error,
+                    report,
+                }
+            }
+            Answer::Refused(e) => {
+                return failed(format!("the launcher refused the migration: {e}"))
+            }
+        },
+        Some(Err(e)) => e.to_string(),
+        None => "interrupted by a noded restart".to_string(),
+    };
+    // The answer was lost (or noded restarted): let a migration in progress end, then
+    // judge by whether the launcher still runs the VM.
+    let budget = req
+        .budget(memory_bytes)
+        .unwrap_or_else(|| req.progress_timeout());
+    let deadline = Instant::now() + budget + contracts::launcher::REPLY_MARGIN;
+    while supervisor::pid_alive(pid) && Instant::now() < deadline {
+        if supervisor::phase(socket).await != Some(Phase::Migrating) {
+            break;
         }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    failed(why)
 }
 
 #[cfg(test)]

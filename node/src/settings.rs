@@ -189,10 +189,12 @@ impl Default for NodeSettings {
             live_migration_config: LiveMigrationConfig {
                 parallel_migrations_per_node: 2,
                 bandwidth_per_migration: 0,
-                completion_timeout_per_gib: 150,
-                progress_timeout: 150,
+                // The launcher's defaults, so that noded and `launcher migrate` agree.
+                completion_timeout_per_gib:
+                    contracts::launcher::DEFAULT_COMPLETION_TIMEOUT_PER_GIB_S,
+                progress_timeout: contracts::launcher::DEFAULT_PROGRESS_TIMEOUT_S,
                 allow_auto_converge: false,
-                downtime_target_ms: 300,
+                downtime_target_ms: contracts::launcher::DEFAULT_DOWNTIME_MS,
                 retry_backoff_base_seconds: 20,
                 retry_backoff_max_seconds: 300,
                 target_ready_timeout_seconds: 30,

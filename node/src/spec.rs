@@ -89,20 +89,17 @@ pub struct Disk {
 
 impl Disk {
     /// The `launcher run --disk` value.
-    pub fn launcher_arg(&self) -> String {
-        let mut a = format!("path={}", self.path);
-        if self.readonly {
-            a.push_str(",readonly=on");
+    pub fn launcher_arg(&self) -> contracts::launch::DiskArg {
+        contracts::launch::DiskArg {
+            path: self.path.clone(),
+            readonly: self.readonly,
+            shared: self.shared,
         }
-        if self.shared {
-            a.push_str(",shared=on");
-        }
-        a
     }
 }
 
 /// Most network interfaces per VM: the launcher's limit (one PCI slot each).
-pub const MAX_INTERFACES: usize = vmm::config::MAX_NETS;
+pub const MAX_INTERFACES: usize = contracts::limits::MAX_NETS;
 
 /// A network interface: virtio-net on an existing persistent TAP device on this node
 /// (`launcher run --net tap=NAME,mac=MAC`). The TAP is created by the operator (`ip tuntap
@@ -120,11 +117,14 @@ pub struct Interface {
 }
 
 impl Interface {
-    /// The `launcher run --net` value.
-    pub fn launcher_arg(&self) -> String {
-        match &self.mac {
-            Some(mac) => format!("tap={},mac={mac}", self.tap),
-            None => format!("tap={}", self.tap),
+    /// The `launcher run --net` value (a stored spec's MAC is always valid).
+    pub fn launcher_arg(&self) -> contracts::launch::NetArg {
+        contracts::launch::NetArg {
+            backend: contracts::launch::NetBackend::Tap(self.tap.clone()),
+            mac: self
+                .mac
+                .as_deref()
+                .and_then(|m| contracts::limits::parse_mac(m).ok()),
         }
     }
 }
@@ -264,9 +264,7 @@ impl VmSpec {
                 .and_then(|o| o.mac.clone())
                 .filter(|m| !taken(m, self));
             let mac = kept.unwrap_or_else(|| loop {
-                let m = vmm::devices::virtio::netcfg::format_mac(
-                    &vmm::devices::virtio::netcfg::random_mac(),
-                );
+                let m = contracts::limits::format_mac(&contracts::limits::random_mac());
                 if !taken(&m, self) {
                     break m;
                 }
@@ -443,18 +441,26 @@ pub fn parse_spec(value: &Value) -> Result<VmSpec, SpecError> {
             format!("{memory:?} is not a quantity (use e.g. 64Mi, 1Gi, 512M)"),
         )
     })?;
-    if memory_bytes < (1 << 20) {
-        return Err(field_err("memory", format!("{memory:?} is less than 1Mi")));
-    }
     // Decimal units ("1G") are rarely page multiples: round up to whole 4 KiB pages.
     let memory_bytes = memory_bytes.div_ceil(4096) * 4096;
+    // The launcher's own limits (contracts::limits): a spec noded accepts must boot.
+    contracts::limits::check_memory(memory_bytes)
+        .map_err(|e| field_err("memory", format!("{memory:?}: {e}")))?;
     let vcpus = match map.get("vcpus") {
         None | Some(Value::Null) => 1,
         Some(v) => v
             .as_u64()
-            .filter(|n| (1..=255).contains(n))
-            .map(|n| n as u32)
-            .ok_or_else(|| field_err("vcpus", format!("{v} must be an integer from 1 to 255")))?,
+            .and_then(|n| contracts::limits::check_vcpus(n).ok())
+            .map(u32::from)
+            .ok_or_else(|| {
+                field_err(
+                    "vcpus",
+                    format!(
+                        "{v} must be an integer from 1 to {}",
+                        contracts::limits::MAX_VCPUS
+                    ),
+                )
+            })?,
     };
     let machine_type = get_str(map, "machineType")?.unwrap_or_else(|| "q35".into());
     if machine_type.is_empty() {
@@ -521,9 +527,9 @@ fn check_interfaces(interfaces: &mut [Interface]) -> Result<(), SpecError> {
         }
         if let Some(mac) = &interfaces[i].mac {
             let field = format!("interfaces[{i}].mac");
-            let parsed = vmm::devices::virtio::netcfg::parse_mac(mac.trim())
-                .map_err(|e| field_err(field.clone(), e.replacen("mac=", "", 1)))?;
-            let mac = vmm::devices::virtio::netcfg::format_mac(&parsed);
+            let parsed = contracts::limits::parse_mac(mac.trim())
+                .map_err(|e| field_err(field.clone(), e.to_string()))?;
+            let mac = contracts::limits::format_mac(&parsed);
             if interfaces[..i]
                 .iter()
                 .any(|o| o.mac.as_deref() == Some(mac.as_str()))
@@ -537,7 +543,7 @@ fn check_interfaces(interfaces: &mut [Interface]) -> Result<(), SpecError> {
 }
 
 /// Most data disks per VM (the launcher's limit: one PCI slot and IOAPIC pin each).
-pub const MAX_DISKS: usize = 8;
+pub const MAX_DISKS: usize = contracts::limits::MAX_DISKS;
 
 fn check_disks(disks: &[Disk]) -> Result<(), SpecError> {
     if disks.len() > MAX_DISKS {
@@ -657,6 +663,15 @@ mod tests {
             ),
             ("name: a\nkernel: /k", "memory: required"),
             ("name: a\nkernel: /k\nmemory: 64Mi\nvcpus: 0", "vcpus:"),
+            // The launcher's limits (defect: noded accepted what the launcher refuses).
+            (
+                "name: a\nkernel: /k\nmemory: 64Mi\nvcpus: 255",
+                "vcpus: 255 must be an integer from 1 to 254",
+            ),
+            (
+                "name: a\nkernel: /k\nmemory: 1Mi",
+                "memory: \"1Mi\": 1048576 bytes of memory is too small: at least 2 MiB",
+            ),
             (
                 "name: a\nkernel: /k\nmemory: 64Mi\nrunStrategy: Sometimes",
                 "runStrategy: \"Sometimes\" is not one of",
@@ -793,7 +808,7 @@ mod tests {
             "name: a\nkernel: /k\nmemory: 64Mi\ndisks:\n- {name: j, path: /d/j.img}\n- {name: r, path: /d/r.img, readonly: true, shared: true}\n- {name: o, path: /d/o.img, readOnly: true}\n",
         )
         .unwrap();
-        let args: Vec<String> = s.disks.iter().map(Disk::launcher_arg).collect();
+        let args: Vec<String> = s.disks.iter().map(|d| d.launcher_arg().to_arg()).collect();
         assert_eq!(
             args,
             [
@@ -831,13 +846,17 @@ mod tests {
         );
         s.assign_macs(None);
         let mac0 = s.interfaces[0].mac.clone().expect("a MAC was chosen");
-        let parsed = vmm::devices::virtio::netcfg::parse_mac(&mac0).unwrap();
+        let parsed = contracts::limits::parse_mac(&mac0).unwrap();
         assert_eq!(
             parsed[0] & 0b11,
             0b10,
             "locally administered unicast: {mac0}"
         );
-        let args: Vec<String> = s.interfaces.iter().map(Interface::launcher_arg).collect();
+        let args: Vec<String> = s
+            .interfaces
+            .iter()
+            .map(|n| n.launcher_arg().to_arg())
+            .collect();
         assert_eq!(
             args,
             [

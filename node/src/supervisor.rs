@@ -11,6 +11,10 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
+use contracts::launch::{BootOptions, LaunchOptions, VmSource};
+use contracts::launcher::{to_json, ErrorReply, MigrateRequest, Phase, Status};
+use contracts::report::{Report, Verdict};
+
 use super::coordinator::ExitKind;
 use super::settings::LiveMigrationConfig;
 use super::spec::VmSpec;
@@ -103,36 +107,25 @@ pub enum MigrationResult {
 
 /// Arguments of `launcher run` for a fresh boot.
 pub fn run_args(spec: &VmSpec, serial: &Path, api_socket: &Path) -> Vec<String> {
-    let mut a = vec!["run".to_string(), "--kernel".into(), spec.kernel.clone()];
-    if !spec.cmdline.is_empty() {
-        a.push("--cmdline".into());
-        a.push(spec.cmdline.clone());
+    LaunchOptions {
+        source: VmSource::Boot(BootOptions {
+            kernel: spec.kernel.clone(),
+            initrd: None,
+            cmdline: spec.cmdline.clone(),
+            memory_bytes: spec.memory_bytes,
+            vcpus: spec.vcpus,
+            machine_type: Some(spec.machine_type.clone()),
+            // Disks go to a fresh boot only: an incoming launcher gets them from the
+            // migration stream's state, with their locks handed over at the switch-over.
+            disks: spec.disks.iter().map(|d| d.launcher_arg()).collect(),
+        }),
+        // One `--net tap=NAME,mac=MAC` per interface; the MAC is always in a stored spec,
+        // so the guest has the same one in every launcher.
+        nets: spec.interfaces.iter().map(|n| n.launcher_arg()).collect(),
+        serial: Some(serial.display().to_string()),
+        api_socket: Some(api_socket.display().to_string()),
     }
-    a.extend([
-        "--memory".into(),
-        memory_arg(spec.memory_bytes),
-        "--vcpus".into(),
-        spec.vcpus.to_string(),
-        "--machine-type".into(),
-        spec.machine_type.clone(),
-        "--serial".into(),
-        serial.display().to_string(),
-        "--api-socket".into(),
-        api_socket.display().to_string(),
-    ]);
-    // Disks go to a fresh boot only: an incoming launcher gets them from the migration
-    // stream's state, with their locks handed over at the switch-over.
-    for d in &spec.disks {
-        a.push("--disk".into());
-        a.push(d.launcher_arg());
-    }
-    // One `--net tap=NAME,mac=MAC` per interface; the MAC is always in a stored spec, so
-    // the guest has the same one in every launcher.
-    for n in &spec.interfaces {
-        a.push("--net".into());
-        a.push(n.launcher_arg());
-    }
-    a
+    .to_argv()
 }
 
 /// Arguments of `launcher run --incoming` for a migration target.
@@ -143,24 +136,17 @@ pub fn run_args(spec: &VmSpec, serial: &Path, api_socket: &Path) -> Vec<String> 
 /// even be harmful: the target opens named TAPs at start, before the VM arrives, and a
 /// single-queue TAP that the source still holds cannot be attached twice.
 pub fn incoming_args(incoming: &Path, serial: &Path, api_socket: &Path) -> Vec<String> {
-    vec![
-        "run".into(),
-        "--incoming".into(),
-        format!("unix:{}", incoming.display()),
-        "--serial".into(),
-        serial.display().to_string(),
-        "--api-socket".into(),
-        api_socket.display().to_string(),
-    ]
-}
-
-/// The `--memory` value: whole MiB as `<n>M` when possible, else bytes.
-pub fn memory_arg(bytes: u64) -> String {
-    if bytes.is_multiple_of(1 << 20) {
-        format!("{}M", bytes >> 20)
-    } else {
-        bytes.to_string()
+    LaunchOptions {
+        source: VmSource::Incoming {
+            uri: format!("unix:{}", incoming.display()),
+            tls_dir: None,
+            insecure: false,
+        },
+        nets: Vec::new(),
+        serial: Some(serial.display().to_string()),
+        api_socket: Some(api_socket.display().to_string()),
     }
+    .to_argv()
 }
 
 /// Starts a launcher in its own session, stdout/stderr appended to `log`.
@@ -309,9 +295,10 @@ pub async fn api(
     }
 }
 
-/// `GET /v1/status` with a short timeout; `None` when nobody answers.
-pub async fn status(socket: &Path) -> Option<Value> {
-    api(
+/// `GET /v1/status` with a short timeout; `None` when nobody answers (or the answer is
+/// not a status).
+pub async fn status(socket: &Path) -> Option<Status> {
+    let v = api(
         socket,
         "GET",
         "/v1/status",
@@ -319,7 +306,19 @@ pub async fn status(socket: &Path) -> Option<Value> {
         Some(Duration::from_secs(2)),
     )
     .await
-    .ok()
+    .ok()?;
+    match serde_json::from_value(v) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(socket = %socket.display(), error = %e, "launcher status not understood");
+            None
+        }
+    }
+}
+
+/// The phase a launcher reports, if it answers.
+pub async fn phase(socket: &Path) -> Option<Phase> {
+    status(socket).await.map(|s| s.state)
 }
 
 /// Watches a child: sends `Exited` when it ends.
@@ -416,17 +415,75 @@ pub struct MigrationJob {
     pub resume: bool,
 }
 
-/// The body of `PUT /v1/migrate`.
-pub fn migrate_body(incoming: &Path, c: &LiveMigrationConfig) -> Value {
-    json!({
-        "to": format!("unix:{}", incoming.display()),
-        "local": true,
-        "downtimeMs": c.downtime_target_ms,
-        "maxBandwidth": c.bandwidth_per_migration,
-        "autoConverge": c.allow_auto_converge,
-        "completionTimeoutPerGib": c.completion_timeout_per_gib,
-        "progressTimeout": c.progress_timeout,
-    })
+/// The `PUT /v1/migrate` request for the node's live-migration settings: the one place
+/// noded builds it (local handovers here, cross-node migrations in `remote.rs`).
+pub fn migrate_request(c: &LiveMigrationConfig, to: String, local: bool) -> MigrateRequest {
+    MigrateRequest {
+        to,
+        local,
+        downtime_ms: Some(c.downtime_target_ms),
+        max_bandwidth: Some(c.bandwidth_per_migration),
+        auto_converge: c.allow_auto_converge,
+        completion_timeout_per_gib: Some(c.completion_timeout_per_gib),
+        progress_timeout: Some(c.progress_timeout),
+        ..MigrateRequest::default()
+    }
+}
+
+/// What the answer to `PUT /v1/migrate` says, read in one place for every migration
+/// noded drives.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    /// The destination runs the VM.
+    Completed(Value),
+    /// Failed or cancelled before the point of no return: the source runs on.
+    Failed {
+        /// `Failed` or `Cancelled`.
+        outcome: &'static str,
+        /// Why.
+        error: String,
+        /// The report.
+        report: Value,
+    },
+    /// The source does not know where the VM runs: ask the destination.
+    Unknown {
+        /// Why.
+        error: String,
+        /// The report.
+        report: Value,
+    },
+    /// No report: the request itself was refused (bad body); the source runs on.
+    Refused(String),
+}
+
+/// Reads the answer to `PUT /v1/migrate` (HTTP status and body).
+pub fn read_answer(code: u16, body: Value) -> Answer {
+    let report: Report = match serde_json::from_value(body.clone()) {
+        Ok(r) => r,
+        Err(e) => {
+            let why = serde_json::from_value::<ErrorReply>(body.clone())
+                .map(|r| r.error)
+                .unwrap_or_else(|_| format!("not a migration report ({e}): {body}"));
+            return Answer::Refused(format!("HTTP {code}: {why}"));
+        }
+    };
+    match report.verdict(code) {
+        Verdict::Completed => Answer::Completed(body),
+        Verdict::Failed(error) => Answer::Failed {
+            outcome: "Failed",
+            error,
+            report: body,
+        },
+        Verdict::Cancelled(error) => Answer::Failed {
+            outcome: "Cancelled",
+            error,
+            report: body,
+        },
+        Verdict::Unknown(error) => Answer::Unknown {
+            error,
+            report: body,
+        },
+    }
 }
 
 /// Runs a migration job and reports `MigrationDone`.
@@ -477,27 +534,27 @@ async fn run_migration(job: &MigrationJob) -> MigrationResult {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // 2. Ask the source to migrate; this blocks until the migration ends.
-    let c = &job.config;
-    let gib = job.memory_bytes.div_ceil(1 << 30).max(1);
-    let timeout = Duration::from_secs(c.completion_timeout_per_gib * gib + c.progress_timeout + 60);
-    let body = migrate_body(&job.incoming, c);
+    let req = migrate_request(
+        &job.config,
+        format!("unix:{}", job.incoming.display()),
+        true,
+    );
+    let timeout = req.reply_timeout(job.memory_bytes);
     let answer = api_raw(
         &job.source_socket,
         "PUT",
         "/v1/migrate",
-        Some(body),
-        Some(timeout),
+        Some(to_json(&req)),
+        timeout,
     )
     .await;
-    let (code, report) = match answer {
+    let (code, body) = match answer {
         Ok(a) => a,
         // The connection broke: the outcome is unknown, ask both sides.
         Err(e) => return resolve(job, &e.to_string()).await,
     };
-    let status = report["status"].as_str().map(str::to_string);
-    let error = report["error"].as_str().map(str::to_string);
-    match status.as_deref() {
-        Some("completed") if (200..300).contains(&code) => {
+    match read_answer(code, body) {
+        Answer::Completed(report) => {
             // The source exits 64 by itself; make sure it does.
             if !wait_gone(job.source_pid, Duration::from_secs(10)).await {
                 tracing::warn!(vm = %job.vm, "source still running after a completed migration; SIGKILL");
@@ -506,38 +563,31 @@ async fn run_migration(job: &MigrationJob) -> MigrationResult {
             MigrationResult::Completed { report }
         }
         // After Go the source may not know where the VM runs: find out.
-        Some(_) if report["source_running"] == Value::Bool(false) => {
-            let why = error.unwrap_or_else(|| "handover outcome unknown".into());
-            match resolve(job, &why).await {
-                MigrationResult::Failed { error, .. } => MigrationResult::Failed {
-                    outcome: "Failed".into(),
-                    error,
-                    report,
-                },
-                done => done,
-            }
-        }
-        Some(st) => {
+        Answer::Unknown { error, report } => match resolve(job, &error).await {
+            MigrationResult::Failed { error, .. } => MigrationResult::Failed {
+                outcome: "Failed".into(),
+                error,
+                report,
+            },
+            done => done,
+        },
+        Answer::Failed {
+            outcome,
+            error,
+            report,
+        } => {
             cleanup_target(job).await;
             MigrationResult::Failed {
-                outcome: if st == "cancelled" {
-                    "Cancelled"
-                } else {
-                    "Failed"
-                }
-                .into(),
-                error: error.unwrap_or_else(|| format!("migration {st}")),
+                outcome: outcome.into(),
+                error,
                 report,
             }
         }
-        // A refusal without a report (bad request, wrong state): the source keeps running.
-        None => {
+        // A refusal without a report (bad request): the source keeps running.
+        Answer::Refused(error) => {
             cleanup_target(job).await;
             failed(
-                format!(
-                    "source refused the migration ({code}): {}",
-                    error.unwrap_or_else(|| report.to_string())
-                ),
+                format!("source refused the migration: {error}"),
                 Value::Null,
             )
         }
@@ -548,28 +598,28 @@ async fn run_migration(job: &MigrationJob) -> MigrationResult {
 /// if it answers and runs; otherwise the target is removed and the source resumed.
 async fn resolve(job: &MigrationJob, why: &str) -> MigrationResult {
     // Let a migration still in progress finish (the source says "migrating").
-    let c = &job.config;
-    let gib = job.memory_bytes.div_ceil(1 << 30).max(1);
-    let deadline = Instant::now()
-        + Duration::from_secs(c.completion_timeout_per_gib * gib + c.progress_timeout);
+    let req = migrate_request(&job.config, String::new(), true);
+    let budget = req
+        .budget(job.memory_bytes)
+        .unwrap_or_else(|| req.progress_timeout());
+    let deadline = Instant::now() + budget;
     loop {
         let src = if pid_alive(job.source_pid) {
-            status(&job.source_socket).await
+            phase(&job.source_socket).await
         } else {
             None
         };
-        let migrating = src.as_ref().and_then(|s| s["state"].as_str()) == Some("migrating");
-        if !migrating || Instant::now() >= deadline {
+        if src != Some(Phase::Migrating) || Instant::now() >= deadline {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let target = if pid_alive(job.target_pid) {
-        status(&job.target_socket).await
+        phase(&job.target_socket).await
     } else {
         None
     };
-    if target.as_ref().and_then(|t| t["state"].as_str()) == Some("running") {
+    if target == Some(Phase::Running) {
         // The target runs the VM: the source must not (it exits 64, or stays paused).
         if !wait_gone(job.source_pid, Duration::from_secs(5)).await {
             let _ = api(
@@ -591,8 +641,8 @@ async fn resolve(job: &MigrationJob, why: &str) -> MigrationResult {
     cleanup_target(job).await;
     if pid_alive(job.source_pid) {
         // If the source was left paused, resume it; it owns the VM.
-        if let Some(s) = status(&job.source_socket).await {
-            if s["state"].as_str() == Some("paused") {
+        if let Some(s) = phase(&job.source_socket).await {
+            if s == Phase::Paused {
                 let _ = api(
                     &job.source_socket,
                     "PUT",
@@ -623,8 +673,6 @@ mod tests {
 
     #[test]
     fn args_and_memory() {
-        assert_eq!(memory_arg(64 << 20), "64M");
-        assert_eq!(memory_arg(4096 * 3), "12288");
         let spec =
             crate::spec::parse_spec_text("name: a\nkernel: /k\nmemory: 64Mi\ncmdline: every=5")
                 .unwrap();
@@ -656,6 +704,43 @@ mod tests {
                 ["--net", "tap=tap0,mac=52:54:00:00:00:07"],
                 ["--net", "tap=tap1,mac=52:54:00:00:00:08"]
             ]
+        );
+    }
+
+    #[test]
+    fn the_migrate_request_follows_the_settings_and_answers_are_read_once() {
+        let c = crate::settings::NodeSettings::default().live_migration_config;
+        let r = migrate_request(&c, "unix:/s/m.sock".into(), true);
+        let v = to_json(&r);
+        assert_eq!(v["to"], "unix:/s/m.sock");
+        assert_eq!(v["local"], true);
+        assert_eq!(v["completionTimeoutPerGib"], c.completion_timeout_per_gib);
+        // The launcher's side parses exactly this type: no field is unknown to it.
+        let back: MigrateRequest =
+            contracts::launcher::parse_body(v.to_string().as_bytes()).unwrap();
+        assert_eq!(back, r);
+        let mut report = Report::new("local", 64 << 20);
+        assert!(matches!(
+            read_answer(500, to_json(&report)),
+            Answer::Failed {
+                outcome: "Failed",
+                ..
+            }
+        ));
+        report.source_running = false;
+        assert!(matches!(
+            read_answer(500, to_json(&report)),
+            Answer::Unknown { .. }
+        ));
+        report.status = contracts::report::Outcome::Completed;
+        assert!(matches!(
+            read_answer(200, to_json(&report)),
+            Answer::Completed(_)
+        ));
+        let refused = read_answer(400, serde_json::json!({"error": "bad request body"}));
+        assert_eq!(
+            refused,
+            Answer::Refused("HTTP 400: bad request body".into())
         );
     }
 

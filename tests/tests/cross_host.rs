@@ -178,7 +178,7 @@ impl Hosts {
             out.stderr
         );
         assert_eq!(out.str("status"), "completed", "{what}: {}", out.report);
-        assert!(out.u64("normal_pages") >= 4 * 256, "{what}: {}", out.report);
+        assert!(out.u64("normalPages") >= 4 * 256, "{what}: {}", out.report);
         let s = &mut self.launchers[src];
         assert_eq!(s.wait().code(), Some(64), "{what}: source exited otherwise");
         let d = &mut self.launchers[dst];

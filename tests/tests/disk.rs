@@ -473,7 +473,7 @@ fn destination_that_cannot_take_the_disk_after_go_aborts_and_the_source_resumes(
         .unwrap_or("");
     assert!(error.contains("in use"), "report: {}", out.report);
     assert_eq!(
-        out.report.get("source_running").and_then(|v| v.as_bool()),
+        out.report.get("sourceRunning").and_then(|v| v.as_bool()),
         Some(true),
         "report: {}",
         out.report

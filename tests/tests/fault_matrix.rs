@@ -22,7 +22,7 @@
 //!
 //! `FAULT_TRIALS` (default 1) sets the trials per cell; `FAULT_SEED` the PRNG seed;
 //! `FAULT_CELLS` (e.g. `precopy:stall,aftergo:*`) a subset. The launchers get a short
-//! stall timeout (`LAUNCHER_MIGRATION_STALL_TIMEOUT_MS`), so a stall costs ~3 s.
+//! stall timeout (`launcher run --migration-stall-timeout-ms`), so a stall costs ~3 s.
 //! The table of results is printed at the end (docs/fault-matrix.md).
 
 use std::time::{Duration, Instant};
@@ -32,7 +32,7 @@ use integration_tests::{
     api, assert_pattern_consistent, last_pass, path_str, vm_state, Launcher, MigrateJob, TempDir,
     SAFETY,
 };
-use integration_tests::{api_of, boot_pattern_source};
+use integration_tests::{api_of, guests, wait_console_until};
 use integration_tests::{kill_pid, MigrateOutcome};
 use migration::frame::FrameType;
 use migration::protocol::{ReceiverMessage, SenderMessage};
@@ -235,8 +235,31 @@ fn back_fault(plan: Plan) -> Callback {
 // One trial
 // ---------------------------------------------------------------------------------
 
+/// The launchers' short stall timeout (a hidden, test-only option of `launcher run`).
+fn stall_arg() -> String {
+    STALL_MS.to_string()
+}
+
 fn boot_source(dir: &TempDir) -> Launcher {
-    boot_pattern_source(&dir.join("src.log"), &dir.join("src.sock"), EVERY)
+    let cmdline = format!("mib=4 every={EVERY}");
+    let stall = stall_arg();
+    let mut l = Launcher::run(
+        &[
+            "--kernel",
+            path_str(guests::pattern_path()),
+            "--memory",
+            "64M",
+            "--cmdline",
+            &cmdline,
+            "--migration-stall-timeout-ms",
+            &stall,
+        ],
+        &dir.join("src.log"),
+        Some(&dir.join("src.sock")),
+    );
+    l.wait_api();
+    wait_console_until(&mut l, "two pass= lines", |c| last_pass(c) >= 2 * EVERY);
+    l
 }
 
 /// Wait for `l` to exit (safety deadline); its status code (None if killed).
@@ -307,7 +330,7 @@ fn check_outcome(
         assert!(dst.alive(), "{ctx}");
         assert_eq!(vm_state(api_of(src)), "paused", "two copies? {ctx}");
         assert_eq!(
-            out.report.get("source_running").and_then(|v| v.as_bool()),
+            out.report.get("sourceRunning").and_then(|v| v.as_bool()),
             Some(false),
             "{ctx}"
         );
@@ -334,7 +357,7 @@ fn check_outcome(
         } else {
             assert_eq!(state, "running", "{ctx}");
             assert_eq!(
-                out.report.get("source_running").and_then(|v| v.as_bool()),
+                out.report.get("sourceRunning").and_then(|v| v.as_bool()),
                 Some(true),
                 "{ctx}"
             );
@@ -382,8 +405,14 @@ fn trial(plan_phase: Phase, fault: Fault, rng: &mut Rng) -> String {
     let dir = TempDir::new("fault");
     let mut src = boot_source(&dir);
     let mig = dir.join("mig.sock");
+    let stall = stall_arg();
     let mut dst = Launcher::run(
-        &["--incoming", &format!("unix:{}", path_str(&mig))],
+        &[
+            "--incoming",
+            &format!("unix:{}", path_str(&mig)),
+            "--migration-stall-timeout-ms",
+            &stall,
+        ],
         &dir.join("dst.log"),
         Some(&dir.join("dst.sock")),
     );
@@ -448,9 +477,6 @@ fn selected(cells: &Option<String>, p: Phase, f: Fault) -> bool {
 
 #[test]
 fn fault_matrix() {
-    // Before any launcher starts (this binary has this one test, so no thread reads
-    // the environment concurrently).
-    std::env::set_var("LAUNCHER_MIGRATION_STALL_TIMEOUT_MS", STALL_MS.to_string());
     let trials: usize = std::env::var("FAULT_TRIALS")
         .ok()
         .and_then(|v| v.parse().ok())

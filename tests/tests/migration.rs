@@ -77,20 +77,20 @@ fn assert_completed(out: &MigrateOutcome, mode: &str, memory_bytes: u64) {
     assert_eq!(out.str("status"), "completed", "report: {}", out.report);
     assert_eq!(out.str("mode"), mode, "report: {}", out.report);
     assert_eq!(
-        out.report.get("source_running").and_then(|v| v.as_bool()),
+        out.report.get("sourceRunning").and_then(|v| v.as_bool()),
         Some(false),
         "report: {}",
         out.report
     );
     assert!(out.report.get("error").is_none(), "report: {}", out.report);
     assert_eq!(
-        out.u64("memory_bytes"),
+        out.u64("memoryBytes"),
         memory_bytes,
         "report: {}",
         out.report
     );
     assert!(out.u64("iterations") >= 1, "report: {}", out.report);
-    for key in ["total_ms", "setup_ms", "downtime_ms"] {
+    for key in ["totalMs", "setupMs", "downtimeMs"] {
         let v = out.report.get(key).and_then(|v| v.as_f64());
         assert!(
             v.is_some_and(|v| v >= 0.0),
@@ -100,11 +100,11 @@ fn assert_completed(out: &MigrateOutcome, mode: &str, memory_bytes: u64) {
     }
     if mode == "copy" {
         assert!(
-            out.u64("transferred_bytes") >= out.u64("normal_pages") * 4096,
+            out.u64("transferredBytes") >= out.u64("normalPages") * 4096,
             "fewer bytes on the wire than the pages sent with data: {}",
             out.report
         );
-        assert!(out.u64("normal_pages") > 0, "report: {}", out.report);
+        assert!(out.u64("normalPages") > 0, "report: {}", out.report);
     }
 }
 
@@ -272,11 +272,7 @@ fn copy_over_unix_socket() {
     let (mut dst, uri) = destination(&dir, 1);
     let out = migrate_once(&dir, &mut src, &mut dst, &uri, &[]);
     // The 32 MiB region holds data on every page, so at least that much went over.
-    assert!(
-        out.u64("normal_pages") >= 32 * 256,
-        "report: {}",
-        out.report
-    );
+    assert!(out.u64("normalPages") >= 32 * 256, "report: {}", out.report);
     assert_eq!(vm_state(api_of(&dst)), "running");
     shutdown(&mut dst);
 }
@@ -298,12 +294,12 @@ fn auto_converge_throttles_a_guest_that_outruns_the_link() {
         &["--max-bandwidth", "16000000", "--auto-converge"],
     );
     assert!(
-        out.u64("throttle_percent") >= 20,
+        out.u64("throttlePercent") >= 20,
         "auto-converge never throttled: {}",
         out.report
     );
     assert!(
-        out.report["guest_stall_ms"].as_f64().unwrap_or(0.0) > 0.0,
+        out.report["guestStallMs"].as_f64().unwrap_or(0.0) > 0.0,
         "a throttled guest lost no time? {}",
         out.report
     );
@@ -325,11 +321,7 @@ fn copy_over_tcp() {
     );
     dst.wait_api();
     let out = migrate_once(&dir, &mut src, &mut dst, &uri, &["--insecure"]);
-    assert!(
-        out.u64("normal_pages") >= 32 * 256,
-        "report: {}",
-        out.report
-    );
+    assert!(out.u64("normalPages") >= 32 * 256, "report: {}", out.report);
     shutdown(&mut dst);
 }
 
@@ -340,9 +332,9 @@ fn local_handover_copies_no_memory() {
     let mut src = boot_pattern(&dir, "256M", 32, 1);
     let (mut dst, uri) = destination(&dir, 1);
     let out = migrate_once(&dir, &mut src, &mut dst, &uri, &["--local"]);
-    assert_eq!(out.u64("normal_pages"), 0, "report: {}", out.report);
+    assert_eq!(out.u64("normalPages"), 0, "report: {}", out.report);
     assert!(
-        out.u64("transferred_bytes") < out.u64("memory_bytes") / 256,
+        out.u64("transferredBytes") < out.u64("memoryBytes") / 256,
         "local mode must not copy guest memory: {}",
         out.report
     );
@@ -403,12 +395,12 @@ fn idle_guest_sends_mostly_zero_pages() {
     assert_completed(&out, "copy", 256 << 20);
     let pages = (256u64 << 20) / 4096;
     assert!(
-        out.u64("transferred_bytes") < (256 << 20) / 32,
+        out.u64("transferredBytes") < (256 << 20) / 32,
         "an idle guest's zero memory must not travel: {}",
         out.report
     );
     assert!(
-        out.u64("zero_pages") > pages * 9 / 10,
+        out.u64("zeroPages") > pages * 9 / 10,
         "zero pages: {}",
         out.report
     );
@@ -456,7 +448,7 @@ fn ping_pong_ten_times_in_each_mode() {
         let extra: &[&str] = if local { &["--local"] } else { &[] };
         let out = migrate_once(&dir, &mut current, &mut next, &uri, extra);
         assert!(
-            out.u64("memory_bytes") == 128 << 20,
+            out.u64("memoryBytes") == 128 << 20,
             "hop {n}: {}",
             out.report
         );

@@ -67,7 +67,7 @@ fn assert_source_survived(
     );
     assert_eq!(out.str("status"), want_status, "report: {}", out.report);
     assert_eq!(
-        out.report.get("source_running").and_then(|v| v.as_bool()),
+        out.report.get("sourceRunning").and_then(|v| v.as_bool()),
         Some(true),
         "report: {}",
         out.report
@@ -283,7 +283,7 @@ fn destination_killed_after_go_leaves_source_paused_until_resumed() {
     assert!(!out.status.success(), "{}", out.report);
     assert_eq!(out.str("status"), "failed", "{}", out.report);
     assert_eq!(
-        out.report.get("source_running").and_then(|v| v.as_bool()),
+        out.report.get("sourceRunning").and_then(|v| v.as_bool()),
         Some(false),
         "{}",
         out.report

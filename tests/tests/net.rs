@@ -122,7 +122,7 @@ fn local_handover_loses_no_datagram() {
         wait_answers(&flow, 100);
         a = b;
         current = next.to_string();
-        gaps.push(out.report["downtime_ms"].as_f64().unwrap_or(0.0));
+        gaps.push(out.report["downtimeMs"].as_f64().unwrap_or(0.0));
     }
     let report = flow.stop();
     total_lost += report.lost.len();
@@ -211,7 +211,7 @@ fn copy_migration_to_another_namespace_bounds_losses() {
     assert_eq!(a.wait().code(), Some(64));
     wait_answers(&flow, 200);
     let report = flow.stop();
-    let downtime_ms = out.report["downtime_ms"].as_f64().unwrap_or(0.0);
+    let downtime_ms = out.report["downtimeMs"].as_f64().unwrap_or(0.0);
     eprintln!("copy migration (downtime {downtime_ms:.2} ms): {report}");
     // Frames sent while the guest is paused, or before the RARP announcement moved the
     // bridges' entry to the new TAP, are lost: about (downtime + announce) / interval.

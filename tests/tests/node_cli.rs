@@ -278,3 +278,40 @@ fn api_socket_is_private_and_hardened() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("another noded is already serving"));
 }
+
+#[test]
+fn a_second_noded_on_the_same_state_directory_is_refused() {
+    // Defect: with another --socket, a second noded opened the same state and supervised
+    // the same launchers as the first.
+    let d = Daemon::start("statelock");
+    let other = d.dir.join("other.sock");
+    let mut second = Command::new(bin("noded"))
+        .arg("--state-dir")
+        .arg(d.dir.join("state"))
+        .arg("--socket")
+        .arg(&other)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the second noded");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while second.try_wait().expect("try_wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = second.kill();
+            let _ = second.wait();
+            panic!("a second noded runs on the same state directory");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = second.wait_with_output().expect("second noded's output");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "second noded: {err}");
+    assert!(
+        err.contains("already uses the state directory") && err.contains("--state-dir"),
+        "{err}"
+    );
+    assert!(!other.exists(), "the refused noded left its socket behind");
+    // The first one still serves.
+    assert!(d.ctl(&["status"]).status.success());
+}

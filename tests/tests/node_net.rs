@@ -131,7 +131,7 @@ fn noded_updates_a_networked_vm_without_losing_a_datagram() {
     wait_answers(&flow, 250, &node);
     let report = flow.stop();
     let recs = node.ctl(&["migrations", "echo"]);
-    let downtime = recs[0]["report"]["downtime_ms"].as_f64().unwrap_or(-1.0);
+    let downtime = recs[0]["report"]["downtimeMs"].as_f64().unwrap_or(-1.0);
     eprintln!("noded update by local handover (downtime {downtime:.2} ms): {report}");
     assert_eq!(recs.as_array().map(Vec::len), Some(1), "{recs}");
     assert_eq!(recs[0]["outcome"], "Succeeded", "{recs}");

@@ -51,7 +51,7 @@ fn migratable_vm_moves_to_the_new_launcher_without_a_reboot() {
     assert_eq!(recs[0]["sourceVersion"], va.as_str());
     assert_eq!(recs[0]["targetVersion"], "9.0.0");
     assert_eq!(recs[0]["report"]["status"], "completed");
-    assert!(recs[0]["report"]["downtime_ms"].as_f64().is_some());
+    assert!(recs[0]["report"]["downtimeMs"].as_f64().is_some());
     assert!(recs[0]["finishedAt"].is_string());
     let status = node.ctl(&["status"]);
     assert_eq!(status["targetLauncherVersion"], "9.0.0");

@@ -17,10 +17,10 @@ fn a_forbidden_syscall_on_a_vcpu_thread_kills_the_launcher() {
             path_str(guests::timer_path()),
             "--memory",
             "32M",
+            "--seccomp-selftest",
         ])
         .arg("--serial")
         .arg(&serial)
-        .env("LAUNCHER_SECCOMP_SELFTEST", "vcpu")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .output()
@@ -53,10 +53,10 @@ fn without_the_filter_the_same_self_test_is_not_killed() {
             "32M",
             "--cmdline",
             "exit=5",
+            "--seccomp-selftest",
         ])
         .arg("--serial")
         .arg(&serial)
-        .env("LAUNCHER_SECCOMP_SELFTEST", "vcpu")
         .output()
         .expect("run launcher");
     assert_eq!(out.status.code(), Some(5));

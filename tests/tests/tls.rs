@@ -64,7 +64,7 @@ fn tls_copy_migration_of_a_running_guest() {
         out.stderr
     );
     assert_eq!(out.str("status"), "completed", "{}", out.report);
-    assert!(out.u64("normal_pages") >= 4 * 256, "{}", out.report);
+    assert!(out.u64("normalPages") >= 4 * 256, "{}", out.report);
     assert_handed_over(&mut src, &mut dst);
     integration_tests::shutdown(&mut dst);
 }

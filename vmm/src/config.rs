@@ -10,8 +10,9 @@ pub const MACHINE_TYPES: &[&str] = &["q35-1.0"];
 /// The unversioned alias and what it resolves to today.
 pub const MACHINE_TYPE_ALIAS: (&str, &str) = ("q35", "q35-1.0");
 
-/// Most vCPUs a VM may have (the MADT and our CPUID topology fit 255 APIC ids).
-pub const MAX_VCPUS: u8 = 254;
+/// Most vCPUs a VM may have (the MADT and our CPUID topology fit 255 APIC ids); shared
+/// with noded through `contracts::limits`.
+pub const MAX_VCPUS: u8 = contracts::limits::MAX_VCPUS;
 
 /// Errors in a VM configuration.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -25,10 +26,10 @@ pub enum ConfigError {
     /// A size string that does not parse.
     #[error("invalid size {0:?}: use a number with an optional suffix, like 128M, 1G or 512Mi")]
     Size(String),
-    /// A `--disk` option that does not parse, or a disk list that cannot be built.
+    /// A disk list that cannot be built.
     #[error("invalid disk {0}")]
     Disk(String),
-    /// A `--net` option that does not parse, or a network interface list that is invalid.
+    /// A network interface list that is invalid.
     #[error("invalid network interface {0}")]
     Net(String),
 }
@@ -90,7 +91,7 @@ pub struct VmConfig {
 pub use crate::devices::virtio::netcfg::{NetConfig, MAX_NETS};
 
 /// Most data disks per VM (one PCI slot and one IOAPIC pin each).
-pub const MAX_DISKS: usize = 8;
+pub const MAX_DISKS: usize = contracts::limits::MAX_DISKS;
 
 /// One data disk: a raw image file, shown to the guest as a virtio-blk device.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -104,42 +105,6 @@ pub struct DiskConfig {
     /// the coordinator allows cross-host migration only when every disk is shared).
     #[serde(default)]
     pub shared: bool,
-}
-
-impl DiskConfig {
-    /// Parse the launcher's `path=FILE[,readonly=on][,shared=on]`; a relative path is made
-    /// absolute against the current directory (a migration destination may run elsewhere).
-    pub fn parse(spec: &str) -> Result<Self, ConfigError> {
-        let bad = |why: String| ConfigError::Disk(format!("{spec:?}: {why}"));
-        let mut disk = DiskConfig::default();
-        let mut path = None;
-        for part in spec.split(',') {
-            let (k, v) = part
-                .split_once('=')
-                .ok_or_else(|| bad(format!("{part:?} is not key=value")))?;
-            let flag = || match v {
-                "on" | "true" | "yes" | "1" => Ok(true),
-                "off" | "false" | "no" | "0" => Ok(false),
-                _ => Err(bad(format!("{k}={v}: use on or off"))),
-            };
-            match k {
-                "path" if !v.is_empty() => path = Some(v),
-                "readonly" => disk.readonly = flag()?,
-                "shared" => disk.shared = flag()?,
-                _ => {
-                    return Err(bad(format!(
-                        "unknown or empty key {k:?} (path, readonly, shared)"
-                    )))
-                }
-            }
-        }
-        let path = path.ok_or_else(|| bad("path=FILE is required".into()))?;
-        disk.path = std::path::absolute(path)
-            .map_err(|e| bad(e.to_string()))?
-            .display()
-            .to_string();
-        Ok(disk)
-    }
 }
 
 impl VmConfig {
@@ -185,30 +150,5 @@ mod tests {
         assert_eq!(resolve_machine_type("q35-1.0").unwrap(), "q35-1.0");
         let e = resolve_machine_type("pc-i440fx-9.0").unwrap_err();
         assert!(e.to_string().contains("q35-1.0"));
-    }
-
-    #[test]
-    fn disk_options_parse() {
-        let d = DiskConfig::parse("path=/d.img,readonly=on,shared=off").unwrap();
-        assert_eq!(
-            d,
-            DiskConfig {
-                path: "/d.img".into(),
-                readonly: true,
-                shared: false
-            }
-        );
-        let d = DiskConfig::parse("shared=on,path=rel.img").unwrap();
-        assert!(d.path.starts_with('/') && d.path.ends_with("/rel.img") && d.shared);
-        for bad in [
-            "",
-            "/x.img",
-            "path=",
-            "readonly=on",
-            "path=/x,readonly=maybe",
-            "path=/x,cache=none",
-        ] {
-            assert!(DiskConfig::parse(bad).is_err(), "{bad:?}");
-        }
     }
 }

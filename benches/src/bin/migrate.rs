@@ -341,9 +341,9 @@ fn ours_once(launcher: &Path, guest: Guest, mib: u64, mode: Mode) -> Sample {
     }
     let f = |k: &str| report[k].as_f64().unwrap_or(f64::NAN);
     Sample {
-        total_ms: f("total_ms"),
-        downtime_ms: f("downtime_ms"),
-        transferred: f("transferred_bytes"),
+        total_ms: f("totalMs"),
+        downtime_ms: f("downtimeMs"),
+        transferred: f("transferredBytes"),
         iterations: f("iterations"),
     }
 }

@@ -201,7 +201,7 @@ fn scenario(
             .and_then(|a| a.iter().find(|r| r["outcome"] == "Succeeded"))
         {
             migrated += 1;
-            pauses.push(r["report"]["downtime_ms"].as_f64().unwrap_or(0.0));
+            pauses.push(r["report"]["downtimeMs"].as_f64().unwrap_or(0.0));
             if console.matches("pattern: booted").count() != 1 {
                 rebooted_migrated += 1;
             }

@@ -1,93 +1,14 @@
 //! `launcher`: runs one VM per process, serves its control API, snapshots it and
 //! migrates it to another launcher. See ARCHITECTURE.md for the contract.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Args, Parser, Subcommand};
-use launcher::launch::{self, api, runtime, LaunchError, VERSION};
+use clap::Parser;
+use launcher::cli::{Cli, Command, RunArgs};
+use launcher::launch::{self, api, runtime, LaunchError};
 use vmm::config::parse_size;
 use vmm::{Vm, VmConfig};
-
-#[derive(Parser)]
-#[command(name = "launcher", version = VERSION, about = "Run one KVM virtual machine, live-migratable to another launcher")]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Boot a VM (or continue one from a snapshot or an incoming migration) and run it.
-    Run(RunArgs),
-    /// Write a snapshot of the VM that the launcher at --api-socket runs.
-    Snapshot {
-        /// The launcher's API socket.
-        #[arg(long)]
-        api_socket: PathBuf,
-        /// Snapshot file to write.
-        file: PathBuf,
-        /// Stop the VM after writing (the snapshot becomes its only continuation).
-        #[arg(long)]
-        stop: bool,
-    },
-    /// Live-migrate the VM that the launcher at --api-socket runs.
-    Migrate(launcher::migrate_cli::MigrateArgs),
-    /// Print what this launcher supports, as one JSON object.
-    Capabilities,
-}
-
-#[derive(Args)]
-struct RunArgs {
-    /// Kernel: a PVH ELF (32- or 64-bit) or a Linux bzImage.
-    #[arg(long, conflicts_with_all = ["restore", "incoming"])]
-    kernel: Option<PathBuf>,
-    /// Initial ramdisk.
-    #[arg(long)]
-    initrd: Option<PathBuf>,
-    /// Kernel command line.
-    #[arg(long, default_value = "")]
-    cmdline: String,
-    /// Guest memory, e.g. 128M, 1G, 512Mi.
-    #[arg(long)]
-    memory: Option<String>,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
-    vcpus: u32,
-    /// Machine type (versioned name, or the alias q35).
-    #[arg(long, default_value = "q35")]
-    machine_type: String,
-    /// Serial console: stdio, or a file that is appended to.
-    #[arg(long, default_value = "stdio")]
-    serial: String,
-    /// Serve the control API on this Unix socket (created with mode 0600).
-    #[arg(long)]
-    api_socket: Option<PathBuf>,
-    /// Continue the VM saved in this snapshot file.
-    #[arg(long, conflicts_with = "incoming")]
-    restore: Option<PathBuf>,
-    /// Wait for one incoming migration on this URI (unix:PATH or tcp:HOST:PORT).
-    #[arg(long)]
-    incoming: Option<String>,
-    /// TLS for a tcp: --incoming: a directory with ca.pem, cert.pem and key.pem.
-    #[arg(long, requires = "incoming", conflicts_with = "insecure")]
-    tls_dir: Option<PathBuf>,
-    /// Allow a plain, unauthenticated and unencrypted tcp: --incoming.
-    #[arg(long, requires = "incoming")]
-    insecure: bool,
-    /// Do not install seccomp filters (for debugging; see launch/seccomp.rs).
-    #[arg(long)]
-    no_seccomp: bool,
-    /// Data disk (virtio-blk on a raw file): path=FILE[,readonly=on][,shared=on]; repeatable.
-    #[arg(long = "disk", value_name = "SPEC", conflicts_with_all = ["restore", "incoming"])]
-    disks: Vec<String>,
-    /// Network interface (virtio-net on an existing TAP): tap=NAME[,mac=MAC] or
-    /// fd=N[,mac=MAC]; repeatable. With --restore or --incoming: the TAPs on this side (one
-    /// per interface of the VM, in order; the VM keeps its MAC).
-    #[arg(long = "net", value_name = "SPEC")]
-    nets: Vec<String>,
-}
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -108,7 +29,10 @@ fn main() -> ExitCode {
         } => snapshot(&api_socket, &file, stop),
         Command::Migrate(args) => launcher::migrate_cli::run(&args),
         Command::Capabilities => {
-            println!("{}", launcher::capabilities());
+            println!(
+                "{}",
+                contracts::launcher::to_json(&launcher::capabilities())
+            );
             Ok(0)
         }
     };
@@ -129,82 +53,35 @@ fn run(args: RunArgs) -> Result<i32, LaunchError> {
     launch::signals::install();
     if !args.no_seccomp {
         launch::seccomp::install_process_filter().map_err(|e| usage(e.to_string()))?;
+        launch::seccomp::set_selftest(args.seccomp_selftest);
         vmm::vstate::vcpu::set_thread_start_hook(launch::seccomp::vcpu_thread_start);
     }
-    let serial = runtime::SerialTarget::parse(&args.serial);
-    let mut nets = args
-        .nets
-        .iter()
-        .map(|n| vmm::config::NetConfig::parse_spec(n))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| usage(e.to_string()))?;
-    if args.incoming.is_some() {
-        // Attach this side's TAPs now: errors show at once, and the TAPs have a carrier
-        // before the VM arrives.
-        vmm::devices::virtio::netcfg::attach_early(&mut nets).map_err(|e| usage(e.to_string()))?;
+    if let Some(ms) = args.migration_stall_timeout_ms.filter(|ms| *ms > 0) {
+        migration::transport::set_stall_timeout(std::time::Duration::from_millis(ms));
     }
+    let serial = runtime::SerialTarget::parse(&args.serial);
+    let mut nets: Vec<_> = args
+        .net_args()
+        .map_err(usage)?
+        .iter()
+        .map(launcher::cli::net_config)
+        .collect();
     let mut reboot_files = None;
     let runtime_handle = if let Some(uri) = &args.incoming {
+        // Attach this side's TAPs now: errors show at once, and the TAPs have a carrier
+        // before the VM arrives.
+        launcher::cli::attach_early(&mut nets).map_err(|e| usage(e.to_string()))?;
         let rt = runtime::Runtime::new(None, serial);
-        rt.set_incoming_nets(nets.clone());
+        rt.set_incoming_nets(nets);
         let security =
             launcher::migrate_glue::tcp_security(args.tls_dir.as_deref(), args.insecure, None)
                 .map_err(usage)?;
         launcher::migrate_glue::start_incoming_with(uri, rt.clone(), &security)?;
         rt
     } else if let Some(path) = &args.restore {
-        let f = std::fs::File::open(path).map_err(|source| LaunchError::File {
-            what: "cannot open snapshot",
-            path: path.display().to_string(),
-            source,
-        })?;
-        let (mut state, ram) =
-            vmm::snapshot::read(&mut std::io::BufReader::with_capacity(1 << 20, f))?;
-        vmm::devices::virtio::netcfg::attach_incoming(&mut state.config.nets, Vec::new(), &nets)
-            .map_err(usage)?;
-        let vm = Vm::restore(state, ram, serial.open()?)?;
-        vm.start_restored()?;
-        runtime::Runtime::new(Some(vm), serial)
+        runtime::Runtime::new(Some(restore(path, &nets, &serial)?), serial)
     } else {
-        let kernel = args
-            .kernel
-            .as_ref()
-            .ok_or_else(|| usage("one of --kernel, --restore or --incoming is required"))?;
-        let memory = args
-            .memory
-            .as_deref()
-            .ok_or_else(|| usage("--memory is required with --kernel (e.g. --memory 128M)"))?;
-        let memory_bytes = parse_size(memory).map_err(|e| usage(e.to_string()))?;
-        let vcpus = u8::try_from(args.vcpus)
-            .ok()
-            .filter(|v| *v >= 1 && *v <= vmm::config::MAX_VCPUS)
-            .ok_or_else(|| {
-                usage(format!(
-                    "--vcpus {} is invalid: use 1 to {}",
-                    args.vcpus,
-                    vmm::config::MAX_VCPUS
-                ))
-            })?;
-        check_memory(memory_bytes)?;
-        let machine_type = launcher::resolve_machine_type(&args.machine_type).map_err(usage)?;
-        let config = VmConfig {
-            memory_bytes,
-            vcpus,
-            machine_type: machine_type.to_string(),
-            kernel: kernel.display().to_string(),
-            initrd: args.initrd.as_ref().map(|p| p.display().to_string()),
-            cmdline: args.cmdline.clone(),
-            disks: args
-                .disks
-                .iter()
-                .map(|d| vmm::config::DiskConfig::parse(d))
-                .collect::<Result<_, _>>()
-                .map_err(|e| usage(e.to_string()))?,
-            nets: nets.iter().map(|(n, _)| n.clone()).collect(),
-        };
-        config.validate().map_err(|e| usage(e.to_string()))?;
-        let files = runtime::read_boot_files(&config)?;
-        let vm = Vm::boot(config, &files.0, files.1.as_deref(), serial.open()?)?;
+        let (vm, files) = boot(&args, nets, &serial)?;
         reboot_files = Some(files);
         runtime::Runtime::new(Some(vm), serial)
     };
@@ -223,13 +100,72 @@ fn run(args: RunArgs) -> Result<i32, LaunchError> {
     code
 }
 
+/// `--restore FILE`: continue a snapshot, with this side's TAPs. The snapshot's machine
+/// type must be one this launcher advertises (the capabilities are what it enforces).
+fn restore(
+    path: &std::path::Path,
+    nets: &[(vmm::config::NetConfig, bool)],
+    serial: &runtime::SerialTarget,
+) -> Result<Vm, LaunchError> {
+    let f = std::fs::File::open(path).map_err(|source| LaunchError::File {
+        what: "cannot open snapshot",
+        path: path.display().to_string(),
+        source,
+    })?;
+    let (mut state, ram) = vmm::snapshot::read(&mut std::io::BufReader::with_capacity(1 << 20, f))?;
+    launcher::check_machine_type(&state.config.machine_type).map_err(usage)?;
+    vmm::devices::virtio::netcfg::attach_incoming(&mut state.config.nets, Vec::new(), nets)
+        .map_err(usage)?;
+    let vm = Vm::restore(state, ram, serial.open()?)?;
+    vm.start_restored()?;
+    Ok(vm)
+}
+
+/// `--kernel`: check the options against the shared limits and boot. Returns the VM and
+/// the kernel and initrd, kept for a guest reset.
+fn boot(
+    args: &RunArgs,
+    nets: Vec<(vmm::config::NetConfig, bool)>,
+    serial: &runtime::SerialTarget,
+) -> Result<(Vm, runtime::BootFiles), LaunchError> {
+    let kernel = args
+        .kernel
+        .as_ref()
+        .ok_or_else(|| usage("one of --kernel, --restore or --incoming is required"))?;
+    let memory = args
+        .memory
+        .as_deref()
+        .ok_or_else(|| usage("--memory is required with --kernel (e.g. --memory 128M)"))?;
+    let memory_bytes = parse_size(memory).map_err(|e| usage(e.to_string()))?;
+    let vcpus = contracts::limits::check_vcpus(u64::from(args.vcpus))
+        .map_err(|e| usage(format!("--vcpus: {e}")))?;
+    check_memory(memory_bytes)?;
+    let machine_type = launcher::resolve_machine_type(&args.machine_type).map_err(usage)?;
+    let config = VmConfig {
+        memory_bytes,
+        vcpus,
+        machine_type: machine_type.to_string(),
+        kernel: kernel.display().to_string(),
+        initrd: args.initrd.as_ref().map(|p| p.display().to_string()),
+        cmdline: args.cmdline.clone(),
+        disks: args
+            .disk_args()
+            .map_err(usage)?
+            .iter()
+            .map(launcher::cli::disk_config)
+            .collect::<Result<_, _>>()
+            .map_err(usage)?,
+        nets: nets.into_iter().map(|(n, _)| n).collect(),
+    };
+    config.validate().map_err(|e| usage(e.to_string()))?;
+    let files = runtime::read_boot_files(&config)?;
+    let vm = Vm::boot(config, &files.0, files.1.as_deref(), serial.open()?)?;
+    Ok((vm, files))
+}
+
 /// Refuse memory sizes the host cannot back, before KVM or the kernel says something obscure.
 fn check_memory(bytes: u64) -> Result<(), LaunchError> {
-    if bytes < vmm::vstate::memory::MIN_MEMORY {
-        return Err(usage(format!(
-            "--memory {bytes} bytes is too small: at least 2 MiB is needed"
-        )));
-    }
+    contracts::limits::check_memory(bytes).map_err(|e| usage(format!("--memory: {e}")))?;
     // SAFETY: sysconf has no memory-safety preconditions.
     let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
     // SAFETY: as above.
@@ -257,7 +193,10 @@ fn snapshot(
         path: file.display().to_string(),
         source,
     })?;
-    let body = serde_json::json!({"path": file.display().to_string(), "stop": stop});
+    let body = contracts::launcher::to_json(&contracts::launcher::SnapshotRequest {
+        path: file.display().to_string(),
+        stop,
+    });
     let (status, reply) = contracts::http::request_with_timeout(
         api_socket,
         "PUT",
@@ -273,15 +212,20 @@ fn snapshot(
         ),
     })?;
     if status != 200 {
-        let msg = reply
-            .get("error")
-            .and_then(|v| v.as_str())
-            .unwrap_or("unknown error");
+        let msg = serde_json::from_value::<contracts::launcher::ErrorReply>(reply)
+            .map(|r| r.error)
+            .unwrap_or_else(|e| format!("unreadable answer: {e}"));
         return Err(LaunchError::Api {
             path: api_socket.display().to_string(),
             why: format!("snapshot refused: {msg}"),
         });
     }
+    let reply: contracts::launcher::SnapshotReply =
+        serde_json::from_value(reply).map_err(|e| LaunchError::Api {
+            path: api_socket.display().to_string(),
+            why: format!("the launcher's answer is not a snapshot reply: {e}"),
+        })?;
+    let reply = contracts::launcher::to_json(&reply);
     println!("{reply}");
     Ok(0)
 }

@@ -8,24 +8,30 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde_json::{json, Value};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
 
-use super::runtime::{Phase, Runtime};
+use super::runtime::{Runtime, RuntimeError};
 use super::{LaunchError, VERSION};
 use contracts::http;
+use contracts::launcher::{
+    parse_body, to_json, Empty, LimitsPatch, MigrateRequest, MigrationProgress, SnapshotReply,
+    SnapshotRequest, Status,
+};
+use contracts::report::Report;
 
-/// Handles `PUT /v1/migrate` and `PUT /v1/migrate/cancel`; provided by the
-/// migration glue so that this module does not depend on it.
+/// Handles the `/v1/migrate` endpoints; provided by the migration glue so that this
+/// module does not depend on it.
 pub trait MigrationHandler: Send + Sync {
-    /// Run a migration described by `body`; return the report (HTTP 200) or an
-    /// error report (HTTP 500 with the same JSON shape).
-    fn migrate(&self, runtime: &Arc<Runtime>, body: &Value) -> (u16, Value);
+    /// Run a migration; return the report: HTTP 200 when it completed, else an error
+    /// status with the same shape (a refusal is a report too, with `error`).
+    fn migrate(&self, runtime: &Arc<Runtime>, req: &MigrateRequest) -> (u16, Report);
     /// Cancel the migration in progress, if any.
-    fn cancel(&self) -> (u16, Value);
+    fn cancel(&self) -> Result<Empty, String>;
     /// Progress of the migration in progress (`{"active": false}` when none).
-    fn progress(&self) -> (u16, Value);
+    fn progress(&self) -> MigrationProgress;
     /// Change the bandwidth cap or downtime target of the migration in progress.
-    fn set_limits(&self, body: &Value) -> (u16, Value);
+    fn set_limits(&self, patch: &LimitsPatch) -> Result<Empty, String>;
 }
 
 /// Bind the API socket with mode 0600, replacing a stale socket file.
@@ -109,110 +115,100 @@ fn bad(status: u16, msg: impl std::fmt::Display) -> (u16, Value) {
     (status, http::error_body(msg))
 }
 
+/// Parses a request body into its contract type; an unknown field, a wrong type or a
+/// missing field is a 400 that names it.
+fn body<T: DeserializeOwned>(req: &http::Request) -> Result<T, (u16, Value)> {
+    parse_body(&req.body).map_err(|e| {
+        bad(
+            400,
+            format!("bad request body for {} {}: {e}", req.method, req.path),
+        )
+    })
+}
+
+fn reply<T: serde::Serialize>(r: Result<T, RuntimeError>) -> (u16, Value) {
+    match r {
+        Ok(v) => (200, to_json(&v)),
+        Err(e) => bad(e.status(), e),
+    }
+}
+
+fn conflict<T: serde::Serialize>(r: Result<T, String>) -> (u16, Value) {
+    match r {
+        Ok(v) => (200, to_json(&v)),
+        Err(e) => bad(409, e),
+    }
+}
+
 fn route(
     req: &http::Request,
     runtime: &Arc<Runtime>,
     migration: &dyn MigrationHandler,
 ) -> (u16, Value) {
-    let body = if req.body.is_empty() {
-        Value::Null
-    } else {
-        match req.json() {
-            Ok(v) => v,
-            Err(e) => return bad(400, e),
-        }
-    };
-    match (req.method.as_str(), req.path.as_str()) {
-        ("GET", "/v1/status") => (200, status(runtime)),
+    let r = match (req.method.as_str(), req.path.as_str()) {
+        ("GET", "/v1/status") => return (200, to_json(&status(runtime))),
+        ("GET", "/v1/migrate") => return (200, to_json(&migration.progress())),
         ("PUT", "/v1/pause") => {
-            let Some(vm) = runtime.vm() else {
-                return bad(409, "no VM runs here yet");
-            };
-            if runtime.phase() != Phase::Running {
-                return bad(
-                    409,
-                    format!("VM is {}, not running", runtime.phase().as_str()),
-                );
-            }
-            match vm.hold_pause() {
-                Ok(()) => {
-                    runtime.set_phase(Phase::Paused);
-                    (200, json!({}))
-                }
-                Err(e) => bad(500, e),
-            }
+            body::<Empty>(req).map(|_| reply(runtime.pause().map(|()| Empty {})))
         }
         ("PUT", "/v1/resume") => {
-            let Some(vm) = runtime.vm() else {
-                return bad(409, "no VM runs here yet");
-            };
-            if runtime.phase() != Phase::Paused {
-                return bad(
-                    409,
-                    format!("VM is {}, not paused", runtime.phase().as_str()),
-                );
-            }
-            match vm.resume() {
-                Ok(()) => {
-                    runtime.set_phase(Phase::Running);
-                    (200, json!({}))
-                }
-                Err(e) => bad(500, e),
-            }
+            body::<Empty>(req).map(|_| reply(runtime.resume().map(|()| Empty {})))
         }
-        ("PUT", "/v1/snapshot") => snapshot(runtime, &body),
-        ("PUT", "/v1/migrate") => migration.migrate(runtime, &body),
-        ("PUT", "/v1/migrate/cancel") => migration.cancel(),
-        ("GET", "/v1/migrate") => migration.progress(),
-        ("PUT", "/v1/migrate/limits") => migration.set_limits(&body),
-        ("PUT", "/v1/shutdown") => {
+        ("PUT", "/v1/snapshot") => body::<SnapshotRequest>(req).map(|b| snapshot(runtime, &b)),
+        ("PUT", "/v1/migrate") => body::<MigrateRequest>(req).map(|b| {
+            let (status, report) = migration.migrate(runtime, &b);
+            (status, to_json(&report))
+        }),
+        ("PUT", "/v1/migrate/cancel") => body::<Empty>(req).map(|_| conflict(migration.cancel())),
+        ("PUT", "/v1/migrate/limits") => {
+            body::<LimitsPatch>(req).map(|b| conflict(migration.set_limits(&b)))
+        }
+        ("PUT", "/v1/shutdown") => body::<Empty>(req).map(|_| {
             runtime.request_exit(0);
-            (200, json!({}))
-        }
+            (200, to_json(&Empty {}))
+        }),
         (
             _,
             "/v1/status" | "/v1/pause" | "/v1/resume" | "/v1/snapshot" | "/v1/migrate"
-            | "/v1/migrate/cancel" | "/v1/shutdown",
-        ) => bad(
+            | "/v1/migrate/cancel" | "/v1/migrate/limits" | "/v1/shutdown",
+        ) => Err(bad(
             405,
             format!("method {} not allowed on {}", req.method, req.path),
-        ),
-        _ => bad(404, format!("no such endpoint {}", req.path)),
+        )),
+        _ => Err(bad(404, format!("no such endpoint {}", req.path))),
+    };
+    r.unwrap_or_else(|e| e)
+}
+
+fn status(runtime: &Runtime) -> Status {
+    let vm = runtime.vm();
+    let c = vm.as_ref().map(|vm| vm.config());
+    Status {
+        state: runtime.phase(),
+        version: VERSION.to_string(),
+        pid: std::process::id(),
+        machine_type: c.map(|c| c.machine_type.clone()),
+        memory_bytes: c.map(|c| c.memory_bytes),
+        vcpus: c.map(|c| c.vcpus),
     }
 }
 
-fn status(runtime: &Runtime) -> Value {
-    let mut v = json!({
-        "state": runtime.phase().as_str(),
-        "version": VERSION,
-        "pid": std::process::id(),
-    });
-    if let Some(vm) = runtime.vm() {
-        let c = vm.config();
-        v["machineType"] = json!(c.machine_type);
-        v["memoryBytes"] = json!(c.memory_bytes);
-        v["vcpus"] = json!(c.vcpus);
-    }
-    v
-}
-
-fn snapshot(runtime: &Runtime, body: &Value) -> (u16, Value) {
-    let Some(path) = body.get("path").and_then(Value::as_str) else {
-        return bad(400, "body must be {\"path\": \"FILE\", \"stop\": false}");
+fn snapshot(runtime: &Runtime, req: &SnapshotRequest) -> (u16, Value) {
+    let vm = match runtime.snapshot_vm() {
+        Ok(vm) => vm,
+        Err(e) => return bad(e.status(), e),
     };
-    let stop = body.get("stop").and_then(Value::as_bool).unwrap_or(false);
-    let Some(vm) = runtime.vm() else {
-        return bad(409, "no VM runs here yet");
-    };
-    match write_snapshot(&vm, Path::new(path), stop) {
+    match write_snapshot(&vm, Path::new(&req.path), req.stop) {
         Ok(stats) => {
-            if stop {
+            if req.stop {
                 runtime.request_exit(0);
             }
-            (
-                200,
-                json!({"path": path, "memoryBytes": stats.memory_bytes, "stateBytes": stats.state_bytes}),
-            )
+            let r = SnapshotReply {
+                path: req.path.clone(),
+                memory_bytes: stats.memory_bytes,
+                state_bytes: stats.state_bytes,
+            };
+            (200, to_json(&r))
         }
         Err(e) => bad(500, e),
     }

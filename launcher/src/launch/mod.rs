@@ -6,6 +6,7 @@
 //! the pause guard for the switch-over.
 
 pub mod api;
+pub mod lifecycle;
 pub mod runtime;
 pub mod seccomp;
 pub mod signals;

@@ -13,7 +13,7 @@
 //!   that are rare, and an error message is better than a dead VM there.
 //!
 //! `launcher run --no-seccomp` turns both off (for debugging with strace, say).
-//! `LAUNCHER_SECCOMP_SELFTEST=vcpu` makes each vCPU thread call a forbidden
+//! The hidden test-only flag `launcher run --seccomp-selftest` makes each vCPU thread call a forbidden
 //! syscall right after its filter is installed: the test suite uses it to prove
 //! that the filter kills the process rather than letting the call succeed.
 
@@ -218,12 +218,22 @@ pub fn install_process_filter() -> Result<(), SeccompError> {
     seccompiler::apply_filter(&prog).map_err(|e| SeccompError::Install("process", e.to_string()))
 }
 
+/// Set by `launcher run --seccomp-selftest` (a hidden, test-only flag).
+static SELFTEST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// With `on`, every vCPU thread makes a forbidden system call right after installing its
+/// filter, which must kill the process: how tests/tests/security.rs proves the filter is
+/// active. Set before the VM's threads start.
+pub fn set_selftest(on: bool) {
+    SELFTEST.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// The vCPU thread start hook: install the vCPU filter on the calling thread.
 pub fn vcpu_thread_start(vcpu: u8) -> Result<(), String> {
     let prog = vcpu_filter().map_err(|e| e.to_string())?;
     seccompiler::apply_filter(&prog)
         .map_err(|e| SeccompError::Install("vCPU", e.to_string()).to_string())?;
-    if std::env::var("LAUNCHER_SECCOMP_SELFTEST").as_deref() == Ok("vcpu") {
+    if SELFTEST.load(std::sync::atomic::Ordering::Relaxed) {
         tracing::warn!(
             vcpu,
             "seccomp self-test: making a forbidden syscall (socket) from a vCPU thread"

@@ -520,8 +520,9 @@ fn run(cli: Cli) -> Result<(), String> {
                                 s(&m["outcome"]),
                                 s(&m["sourceVersion"]),
                                 s(&m["targetVersion"]),
-                                s(&r["downtime_ms"]),
-                                s(&r["total_ms"]),
+                                // Records from before the camelCase report too.
+                                s(first(&r["downtimeMs"], &r["downtime_ms"])),
+                                s(first(&r["totalMs"], &r["total_ms"])),
                                 r["error"].as_str().unwrap_or("").to_string(),
                             ]
                         })
@@ -554,5 +555,14 @@ fn main() -> ExitCode {
             eprintln!("nodectl: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// `a`, or `b` when `a` is absent.
+fn first<'a>(a: &'a Value, b: &'a Value) -> &'a Value {
+    if a.is_null() {
+        b
+    } else {
+        a
     }
 }

@@ -645,7 +645,7 @@ async fn target_step(
         let listening = match &l.api_socket {
             Some(s) if l.active => crate::supervisor::status(std::path::Path::new(s))
                 .await
-                .is_some_and(|v| v["state"] == "incoming"),
+                .is_some_and(|v| v.state == contracts::launcher::Phase::Incoming),
             _ => false,
         };
         if listening {

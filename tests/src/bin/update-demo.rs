@@ -329,8 +329,8 @@ fn report(demo: &Demo, specs: &[Spec], before: &BTreeMap<&'static str, u64>) {
                 "live-migrated {} -> {} in {:.1} ms, guest paused {:.2} ms, {} guest boot(s), pass counter {} -> {} (no reboot)",
                 rec["sourceVersion"].as_str().unwrap_or("?"),
                 rec["targetVersion"].as_str().unwrap_or("?"),
-                rec["report"]["total_ms"].as_f64().unwrap_or(0.0),
-                rec["report"]["downtime_ms"].as_f64().unwrap_or(0.0),
+                rec["report"]["totalMs"].as_f64().unwrap_or(0.0),
+                rec["report"]["downtimeMs"].as_f64().unwrap_or(0.0),
                 boots,
                 before[name],
                 after

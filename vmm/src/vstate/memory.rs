@@ -121,8 +121,9 @@ impl std::fmt::Debug for GuestRam {
     }
 }
 
-/// Smallest guest we accept: the boot structures, ACPI tables and a kernel need room.
-pub const MIN_MEMORY: u64 = 2 << 20;
+/// Smallest guest we accept: the boot structures, ACPI tables and a kernel need room
+/// (shared with noded through `contracts::limits`).
+pub const MIN_MEMORY: u64 = contracts::limits::MIN_MEMORY_BYTES;
 
 fn memfd(name: &str, size: u64) -> Result<File, MemoryError> {
     let cname = std::ffi::CString::new(name).unwrap_or_default();

@@ -1,4 +1,4 @@
-//! Network interface configuration: the launcher's `--net` option, the guest MAC, and how
+//! Network interface configuration: the guest MAC, the backend of each interface, and how
 //! an incoming VM (migration or snapshot restore) re-attaches its interfaces to TAPs.
 //!
 //! A [`NetConfig`] travels in `VmConfig` (snapshots, migration streams), so the guest's MAC
@@ -6,16 +6,19 @@
 //! interface opened by name in the launcher's network namespace) or `fd` (a descriptor this
 //! process holds open: inherited from whoever started it, or handed over by the previous
 //! launcher in a local migration). An `fd` is only meaningful in the process that holds it,
-//! so an incoming launcher always replaces it ([`attach_incoming`]).
+//! so it is never serialised (it travels as "none") and an incoming launcher always
+//! supplies its own ([`attach_incoming`]). The launcher's `--net` grammar lives in
+//! `contracts::launch`, its interpretation in the launcher.
 
 use std::os::fd::{IntoRawFd, OwnedFd};
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::config::ConfigError;
+pub use contracts::limits::format_mac;
 
 /// Most network interfaces per VM (one PCI slot each, from [`super::FIRST_NET_SLOT`]).
-pub const MAX_NETS: usize = 4;
+pub const MAX_NETS: usize = contracts::limits::MAX_NETS;
 
 /// One network interface: virtio-net on a TAP device.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -25,104 +28,23 @@ pub struct NetConfig {
     /// Name of an existing TAP interface, opened with `TUNSETIFF` (no privilege needed
     /// for a persistent TAP owned by the launcher's user).
     pub tap: Option<String>,
-    /// A TAP file descriptor this process holds open (used before `tap`).
+    /// A TAP file descriptor this process holds open (used before `tap`). Process-local:
+    /// serialised as none and read back as none, whatever the bytes say, so that it never
+    /// reaches a snapshot or a migration stream (the field stays in the encoding so that
+    /// the layout is the one older launchers read).
+    #[serde(serialize_with = "fd_as_none", deserialize_with = "fd_dropped")]
     pub fd: Option<i32>,
 }
 
-/// `aa:bb:cc:dd:ee:ff`.
-pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
+fn fd_as_none<S: Serializer>(_: &Option<i32>, s: S) -> Result<S::Ok, S::Error> {
+    None::<i32>.serialize(s)
 }
 
-/// Parse `aa:bb:cc:dd:ee:ff` (or with `-`); refuses multicast and all-zero addresses.
-pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
-    let bad = || format!("mac={s} is not a MAC address like 52:54:00:12:34:56");
-    let parts: Vec<&str> = s.split([':', '-']).collect();
-    if parts.len() != 6 {
-        return Err(bad());
-    }
-    let mut mac = [0u8; 6];
-    for (m, p) in mac.iter_mut().zip(parts) {
-        if p.len() != 2 {
-            return Err(bad());
-        }
-        *m = u8::from_str_radix(p, 16).map_err(|_| bad())?;
-    }
-    if mac[0] & 1 != 0 {
-        return Err(format!(
-            "mac={s} is a multicast address: the guest needs a unicast one (even first byte)"
-        ));
-    }
-    if mac == [0; 6] {
-        return Err(format!("mac={s}: the all-zero address is not usable"));
-    }
-    Ok(mac)
-}
-
-/// A random locally administered unicast MAC in QEMU's `52:54:00` range.
-pub fn random_mac() -> [u8; 6] {
-    let mut r = [0u8; 3];
-    // SAFETY: getrandom writes at most `r.len()` bytes into the buffer we own.
-    let n = unsafe { libc::getrandom(r.as_mut_ptr().cast(), r.len(), 0) };
-    if n != r.len() as isize {
-        // No entropy source: fall back on the clock and pid (still unique enough per host).
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0)
-            ^ std::process::id();
-        r.copy_from_slice(&t.to_le_bytes()[..3]);
-    }
-    [0x52, 0x54, 0x00, r[0], r[1], r[2]]
+fn fd_dropped<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i32>, D::Error> {
+    Option::<i32>::deserialize(d).map(|_| None)
 }
 
 impl NetConfig {
-    /// Parse the launcher's `tap=NAME[,mac=MAC]` or `fd=N[,mac=MAC]`. Without `mac=` a
-    /// random `52:54:00:xx:xx:xx` is chosen (it then stays with the VM).
-    pub fn parse(spec: &str) -> Result<Self, ConfigError> {
-        let (net, _) = Self::parse_spec(spec)?;
-        Ok(net)
-    }
-
-    /// Like [`NetConfig::parse`], also telling whether `mac=` was given.
-    pub fn parse_spec(spec: &str) -> Result<(Self, bool), ConfigError> {
-        let bad = |why: String| ConfigError::Net(format!("{spec:?}: {why}"));
-        let mut net = NetConfig::default();
-        let mut mac = None;
-        for part in spec.split(',') {
-            let (k, v) = part
-                .split_once('=')
-                .ok_or_else(|| bad(format!("{part:?} is not key=value")))?;
-            match k {
-                "tap" if valid_ifname(v) => net.tap = Some(v.to_string()),
-                "tap" => {
-                    return Err(bad(format!(
-                        "tap={v:?} is not an interface name (1 to 15 bytes, no '/', ':', spaces)"
-                    )))
-                }
-                "fd" => {
-                    let fd: i32 =
-                        v.parse().ok().filter(|n| *n >= 0).ok_or_else(|| {
-                            bad(format!("fd={v} is not a file descriptor number"))
-                        })?;
-                    net.fd = Some(fd);
-                }
-                "mac" => mac = Some(parse_mac(v).map_err(bad)?),
-                _ => return Err(bad(format!("unknown key {k:?} (tap, fd, mac)"))),
-            }
-        }
-        match (&net.tap, net.fd) {
-            (None, None) => return Err(bad("tap=NAME or fd=N is required".into())),
-            (Some(_), Some(_)) => return Err(bad("give tap=NAME or fd=N, not both".into())),
-            _ => {}
-        }
-        net.mac = mac.unwrap_or_else(random_mac);
-        Ok((net, mac.is_some()))
-    }
-
     /// How the backend is named, for messages.
     pub fn describe(&self) -> String {
         match (&self.tap, self.fd) {
@@ -133,32 +55,12 @@ impl NetConfig {
     }
 }
 
-/// Linux interface names: 1 to 15 bytes, no `/`, `:` or whitespace.
-fn valid_ifname(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() < 16
-        && s != "."
-        && s != ".."
-        && !s
-            .bytes()
-            .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0)
-}
-
 /// Check a list of interfaces: count, backends, distinct MACs.
 pub fn validate(nets: &[NetConfig]) -> Result<(), ConfigError> {
-    if nets.len() > MAX_NETS {
-        return Err(ConfigError::Net(format!(
-            "list: {} interfaces, at most {MAX_NETS} are supported",
-            nets.len()
-        )));
-    }
+    contracts::limits::check_nets(nets.len())
+        .map_err(|e| ConfigError::Net(format!("list: {e}")))?;
     for (i, n) in nets.iter().enumerate() {
-        if n.mac[0] & 1 != 0 || n.mac == [0; 6] {
-            return Err(ConfigError::Net(format!(
-                "{i}: MAC {} is not a unicast address",
-                format_mac(&n.mac)
-            )));
-        }
+        contracts::limits::check_mac(&n.mac).map_err(|e| ConfigError::Net(format!("{i}: {e}")))?;
         if nets[..i].iter().any(|o| o.mac == n.mac) {
             return Err(ConfigError::Net(format!(
                 "{i}: MAC {} is given twice",
@@ -166,29 +68,9 @@ pub fn validate(nets: &[NetConfig]) -> Result<(), ConfigError> {
             )));
         }
         if let Some(t) = &n.tap {
-            if !valid_ifname(t) {
+            if !contracts::launch::valid_ifname(t) {
                 return Err(ConfigError::Net(format!("{i}: bad TAP name {t:?}")));
             }
-        }
-    }
-    Ok(())
-}
-
-/// Attach the TAPs of an incoming launcher's `--net` options now, at start-up, rather
-/// than when the VM arrives: a wrong name is reported at once, and the TAP has a carrier
-/// (its bridge port forwards) long before the switch-over. Without that, a bridge can
-/// take up to a second to notice the new carrier and drops what the guest sends first
-/// (the RARP announcement). Each `tap=NAME` gets the attached descriptor as its `fd`
-/// (kept open for the life of the process); an `fd=N` is checked.
-pub fn attach_early(nets: &mut [(NetConfig, bool)]) -> Result<(), super::tap::TapError> {
-    for (n, _) in nets.iter_mut() {
-        match (n.fd, &n.tap) {
-            (Some(fd), _) => drop(super::tap::Tap::from_fd(fd)?),
-            (None, Some(name)) => {
-                let tap = super::tap::Tap::open_named(name)?;
-                n.fd = Some(tap.into_fd().into_raw_fd());
-            }
-            (None, None) => {}
         }
     }
     Ok(())
@@ -264,33 +146,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn net_options_parse() {
-        let n = NetConfig::parse("tap=tap0,mac=52:54:00:12:34:56").unwrap();
-        assert_eq!(n.tap.as_deref(), Some("tap0"));
-        assert_eq!(n.mac, [0x52, 0x54, 0, 0x12, 0x34, 0x56]);
-        let n = NetConfig::parse("fd=3").unwrap();
-        assert_eq!(n.fd, Some(3));
-        assert_eq!(&n.mac[..3], &[0x52, 0x54, 0]);
-        for bad in [
-            "",
-            "tap=",
-            "tap=a/b",
-            "tap=waytoolonginterfacename",
-            "fd=-1",
-            "fd=x",
-            "tap=t,fd=3",
-            "mac=52:54:00:12:34:56",
-            "tap=t,mac=zz",
-            "tap=t,mac=52:54:00:12:34",
-            "tap=t,mac=01:00:5e:00:00:01",
-            "tap=t,mac=00:00:00:00:00:00",
-            "tap=t,queues=2",
-        ] {
-            let e = NetConfig::parse(bad);
-            assert!(e.is_err(), "{bad:?}");
-        }
-        let e = NetConfig::parse("tap=t,mac=zz").unwrap_err().to_string();
-        assert!(e.contains("not a MAC address"), "{e}");
+    fn a_process_local_fd_is_never_serialised() {
+        let with_fd = NetConfig {
+            mac: [0x52, 0x54, 0, 1, 2, 3],
+            tap: Some("t0".into()),
+            fd: Some(7),
+        };
+        let without = NetConfig {
+            fd: None,
+            ..with_fd.clone()
+        };
+        let bytes = bincode::serialize(&with_fd).unwrap();
+        assert_eq!(bytes, bincode::serialize(&without).unwrap());
+        let back: NetConfig = bincode::deserialize(&bytes).unwrap();
+        assert_eq!(back, without);
+        // Bytes that do carry an fd (an older launcher's) are read without it.
+        let old =
+            bincode::serialize(&([0x52u8, 0x54, 0, 1, 2, 3], Some("t0"), Some(7i32))).unwrap();
+        assert_eq!(bincode::deserialize::<NetConfig>(&old).unwrap().fd, None);
     }
 
     #[test]
@@ -304,12 +177,17 @@ mod tests {
         attach_incoming(&mut n, Vec::new(), &[]).unwrap();
         assert_eq!((n[0].tap.as_deref(), n[0].fd), (Some("old"), None));
         let mut n = vm.clone();
-        let o = NetConfig::parse_spec("tap=new").unwrap();
+        let new = |mac| NetConfig {
+            mac,
+            tap: Some("new".into()),
+            fd: None,
+        };
+        let o = (new(vm[0].mac), false);
         attach_incoming(&mut n, Vec::new(), &[o]).unwrap();
         assert_eq!(n[0].tap.as_deref(), Some("new"));
         assert_eq!(n[0].mac, vm[0].mac);
         let mut n = vm.clone();
-        let o = NetConfig::parse_spec("tap=new,mac=52:54:00:09:09:09").unwrap();
+        let o = (new([0x52, 0x54, 0, 9, 9, 9]), true);
         assert!(attach_incoming(&mut n, Vec::new(), &[o])
             .unwrap_err()
             .contains("differs"));

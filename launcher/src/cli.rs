@@ -1,0 +1,290 @@
+//! The launcher's command line (clap), and its interpretation into VMM types. The
+//! grammar of `--disk` and `--net` values is `contracts::launch` (noded builds launcher
+//! command lines with [`contracts::launch::LaunchOptions::to_argv`]; the tests below
+//! check that every such argv parses here).
+
+use std::os::fd::IntoRawFd;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use contracts::launch::{DiskArg, NetArg, NetBackend};
+use vmm::config::{DiskConfig, NetConfig};
+
+use crate::launch::VERSION;
+
+/// `launcher`.
+#[derive(Parser, Debug)]
+#[command(name = "launcher", version = VERSION, about = "Run one KVM virtual machine, live-migratable to another launcher")]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Boot a VM (or continue one from a snapshot or an incoming migration) and run it.
+    Run(RunArgs),
+    /// Write a snapshot of the VM that the launcher at --api-socket runs.
+    Snapshot {
+        /// The launcher's API socket.
+        #[arg(long)]
+        api_socket: PathBuf,
+        /// Snapshot file to write.
+        file: PathBuf,
+        /// Stop the VM after writing (the snapshot becomes its only continuation).
+        #[arg(long)]
+        stop: bool,
+    },
+    /// Live-migrate the VM that the launcher at --api-socket runs.
+    Migrate(crate::migrate_cli::MigrateArgs),
+    /// Print what this launcher supports, as one JSON object.
+    Capabilities,
+}
+
+/// `launcher run`.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Kernel: a PVH ELF (32- or 64-bit) or a Linux bzImage.
+    #[arg(long, conflicts_with_all = ["restore", "incoming"])]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
+    /// Guest memory, e.g. 128M, 1G, 512Mi.
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// Machine type (versioned name, or the alias q35).
+    #[arg(long, default_value = "q35")]
+    pub machine_type: String,
+    /// Serial console: stdio, or a file that is appended to.
+    #[arg(long, default_value = "stdio")]
+    pub serial: String,
+    /// Serve the control API on this Unix socket (created with mode 0600).
+    #[arg(long)]
+    pub api_socket: Option<PathBuf>,
+    /// Continue the VM saved in this snapshot file.
+    #[arg(long, conflicts_with = "incoming")]
+    pub restore: Option<PathBuf>,
+    /// Wait for one incoming migration on this URI (unix:PATH or tcp:HOST:PORT).
+    #[arg(long)]
+    pub incoming: Option<String>,
+    /// TLS for a tcp: --incoming: a directory with ca.pem, cert.pem and key.pem.
+    #[arg(long, requires = "incoming", conflicts_with = "insecure")]
+    pub tls_dir: Option<PathBuf>,
+    /// Allow a plain, unauthenticated and unencrypted tcp: --incoming.
+    #[arg(long, requires = "incoming")]
+    pub insecure: bool,
+    /// Do not install seccomp filters (for debugging; see launch/seccomp.rs).
+    #[arg(long)]
+    pub no_seccomp: bool,
+    /// Data disk (virtio-blk on a raw file): path=FILE[,readonly=on][,shared=on]; repeatable.
+    #[arg(long = "disk", value_name = "SPEC", conflicts_with_all = ["restore", "incoming"])]
+    pub disks: Vec<String>,
+    /// Network interface (virtio-net on an existing TAP): tap=NAME[,mac=MAC] or
+    /// fd=N[,mac=MAC]; repeatable. With --restore or --incoming: the TAPs on this side (one
+    /// per interface of the VM, in order; the VM keeps its MAC).
+    #[arg(long = "net", value_name = "SPEC")]
+    pub nets: Vec<String>,
+    /// Test only: each vCPU thread makes a forbidden system call once its seccomp filter
+    /// is installed, which must kill the process (tests/tests/security.rs).
+    #[arg(long, hide = true)]
+    pub seccomp_selftest: bool,
+    /// Test only: give up a migration stream after this many milliseconds without
+    /// progress instead of 60 s (tests that stall connections on purpose).
+    #[arg(long, hide = true, value_name = "MS")]
+    pub migration_stall_timeout_ms: Option<u64>,
+}
+
+impl RunArgs {
+    /// The `--disk` values, parsed (an error is one line for the user, exit status 1).
+    pub fn disk_args(&self) -> Result<Vec<DiskArg>, String> {
+        self.disks.iter().map(|d| DiskArg::parse(d)).collect()
+    }
+
+    /// The `--net` values, parsed.
+    pub fn net_args(&self) -> Result<Vec<NetArg>, String> {
+        self.nets.iter().map(|n| NetArg::parse(n)).collect()
+    }
+}
+
+/// The VMM's interface for a `--net` value (`true`: the MAC was given; without one a
+/// random `52:54:00:xx:xx:xx` is chosen, which then stays with the VM).
+pub fn net_config(arg: &NetArg) -> (NetConfig, bool) {
+    let (tap, fd) = match &arg.backend {
+        NetBackend::Tap(t) => (Some(t.clone()), None),
+        NetBackend::Fd(fd) => (None, Some(*fd)),
+    };
+    let mac = arg.mac.unwrap_or_else(contracts::limits::random_mac);
+    (NetConfig { mac, tap, fd }, arg.mac.is_some())
+}
+
+/// The VMM's disk for a `--disk` value; a relative path is made absolute against the
+/// current directory (a migration destination may run elsewhere).
+pub fn disk_config(arg: &DiskArg) -> Result<DiskConfig, String> {
+    let path = std::path::absolute(&arg.path)
+        .map_err(|e| format!("invalid disk {:?}: {e}", arg.to_arg()))?;
+    Ok(DiskConfig {
+        path: path.display().to_string(),
+        readonly: arg.readonly,
+        shared: arg.shared,
+    })
+}
+
+/// Attach the TAPs of an incoming launcher's `--net` options now, at start-up, rather
+/// than when the VM arrives: a wrong name is reported at once, and the TAP has a carrier
+/// (its bridge port forwards) long before the switch-over. Without that, a bridge can
+/// take up to a second to notice the new carrier and drops what the guest sends first
+/// (the RARP announcement). Each `tap=NAME` gets the attached descriptor as its `fd`
+/// (kept open for the life of the process); an `fd=N` is checked.
+pub fn attach_early(
+    nets: &mut [(NetConfig, bool)],
+) -> Result<(), vmm::devices::virtio::tap::TapError> {
+    use vmm::devices::virtio::tap::Tap;
+    for (n, _) in nets.iter_mut() {
+        match (n.fd, &n.tap) {
+            (Some(fd), _) => drop(Tap::from_fd(fd)?),
+            (None, Some(name)) => {
+                let tap = Tap::open_named(name)?;
+                n.fd = Some(tap.into_fd().into_raw_fd());
+            }
+            (None, None) => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use contracts::launch::{BootOptions, LaunchOptions, VmSource};
+
+    fn parses(o: &LaunchOptions) -> RunArgs {
+        let mut argv = vec!["launcher".to_string()];
+        argv.extend(o.to_argv());
+        match Cli::try_parse_from(&argv) {
+            Ok(Cli {
+                command: Command::Run(r),
+            }) => r,
+            Ok(other) => panic!("{argv:?} parsed as {other:?}"),
+            Err(e) => panic!("{argv:?} does not parse: {e}"),
+        }
+    }
+
+    #[test]
+    fn every_argv_the_builder_makes_parses_to_the_same_options() {
+        let nets = vec![
+            NetArg::parse("tap=tap0,mac=52:54:00:00:00:07").unwrap(),
+            NetArg::parse("fd=5").unwrap(),
+        ];
+        let boot = BootOptions {
+            kernel: "/k.elf".into(),
+            initrd: Some("/i".into()),
+            cmdline: "every=5 x=y".into(),
+            memory_bytes: (64 << 20) + 4096,
+            vcpus: 3,
+            machine_type: Some("q35".into()),
+            disks: vec![DiskArg::parse("path=/d.img,readonly=on,shared=on").unwrap()],
+        };
+        let o = LaunchOptions {
+            source: VmSource::Boot(boot.clone()),
+            nets: nets.clone(),
+            serial: Some("/s/console.log".into()),
+            api_socket: Some("/s/api.sock".into()),
+        };
+        let r = parses(&o);
+        assert_eq!(r.kernel, Some(PathBuf::from("/k.elf")));
+        assert_eq!(r.initrd, Some(PathBuf::from("/i")));
+        assert_eq!(r.cmdline, "every=5 x=y");
+        let mem = vmm::config::parse_size(r.memory.as_deref().unwrap()).unwrap();
+        assert_eq!(mem, boot.memory_bytes);
+        assert_eq!((r.vcpus, r.machine_type.as_str()), (3, "q35"));
+        assert_eq!(r.disk_args().unwrap(), boot.disks);
+        assert_eq!(r.net_args().unwrap(), nets);
+        assert_eq!(r.serial, "/s/console.log");
+        assert_eq!(r.api_socket, Some(PathBuf::from("/s/api.sock")));
+        for source in [
+            VmSource::Restore("/snap".into()),
+            VmSource::Incoming {
+                uri: "unix:/m.sock".into(),
+                tls_dir: None,
+                insecure: false,
+            },
+            VmSource::Incoming {
+                uri: "tcp:1.2.3.4:5".into(),
+                tls_dir: Some("/tls".into()),
+                insecure: false,
+            },
+            VmSource::Incoming {
+                uri: "tcp:1.2.3.4:5".into(),
+                tls_dir: None,
+                insecure: true,
+            },
+        ] {
+            let o = LaunchOptions {
+                source: source.clone(),
+                nets: nets.clone(),
+                serial: None,
+                api_socket: None,
+            };
+            let r = parses(&o);
+            assert_eq!(r.net_args().unwrap(), nets);
+            match source {
+                VmSource::Restore(p) => assert_eq!(r.restore, Some(PathBuf::from(p))),
+                VmSource::Incoming {
+                    uri,
+                    tls_dir,
+                    insecure,
+                } => {
+                    assert_eq!(r.incoming, Some(uri));
+                    assert_eq!(r.tls_dir, tls_dir.map(PathBuf::from));
+                    assert_eq!(r.insecure, insecure);
+                }
+                VmSource::Boot(_) => unreachable!(),
+            }
+        }
+    }
+
+    #[test]
+    fn bad_disk_and_net_values_are_refused_with_the_reason() {
+        let argv = [
+            "launcher",
+            "run",
+            "--kernel",
+            "/k",
+            "--net",
+            "tap=t,mac=zz",
+            "--disk",
+            "path=/x,cache=none",
+        ];
+        let Cli {
+            command: Command::Run(r),
+        } = Cli::try_parse_from(argv).unwrap()
+        else {
+            panic!("not run");
+        };
+        let e = r.net_args().unwrap_err();
+        assert!(e.contains("mac=zz is not a MAC address"), "{e}");
+        let e = r.disk_args().unwrap_err();
+        assert!(e.contains("unknown or empty key \"cache\""), "{e}");
+    }
+
+    #[test]
+    fn values_become_vmm_configs() {
+        let (n, given) = net_config(&NetArg::parse("tap=t0").unwrap());
+        assert!(!given && n.tap.as_deref() == Some("t0") && n.fd.is_none());
+        assert_eq!(&n.mac[..3], &[0x52, 0x54, 0]);
+        let (n, given) = net_config(&NetArg::parse("fd=3,mac=52:54:00:01:02:03").unwrap());
+        assert!(given && n.fd == Some(3) && n.mac == [0x52, 0x54, 0, 1, 2, 3]);
+        let d = disk_config(&DiskArg::parse("shared=on,path=rel.img").unwrap()).unwrap();
+        assert!(d.path.starts_with('/') && d.path.ends_with("/rel.img") && d.shared);
+    }
+}
