@@ -583,6 +583,16 @@ async fn migrations(c: &Cluster, local: &LocalSnapshot, cl: &Cluster2) -> Result
             }
             MigrationPhase::Running => {
                 let report = l.last_migration.as_ref().map(|x| x.report.clone());
+                // The launcher's exit (64) can mark the VM moved a moment before the
+                // migration job files its report: wait for the report (a little).
+                let reported = l
+                    .last_migration
+                    .as_ref()
+                    .is_some_and(|x| x.finished_at.is_some() && x.report.is_object());
+                let patience = model::now() < m.created_at + 30_000;
+                if l.moved_to.is_some() && l.moved_to == m.listen && !reported && patience {
+                    continue;
+                }
                 if l.moved_to.is_some() && l.moved_to == m.listen {
                     let Some(vm) = cl.vms.get(&m.vm) else {
                         continue;
