@@ -255,6 +255,9 @@ impl Fabric {
             "5".into(),
             "--capacity-memory".into(),
             capacity.into(),
+            // Memory is the limit these tests exercise; vCPUs never are.
+            "--capacity-vcpus".into(),
+            "256".into(),
         ];
         let node = Node::start_in(name, "{}\n", &ns, &args);
         node.install(launcher);

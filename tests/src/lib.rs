@@ -22,9 +22,13 @@ pub const SAFETY: Duration = Duration::from_secs(120);
 /// The directory holding the workspace's binaries (`target/debug`).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    // target/debug/deps/<test> -> target/debug
-    let deps = exe.parent().expect("deps dir");
-    deps.parent().expect("target dir").to_path_buf()
+    // target/debug/deps/<test> -> target/debug; a benchmark binary is in target/debug.
+    let dir = exe.parent().expect("exe dir");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("target dir").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// Path of a workspace binary; panics with a clear message when it was not built.
