@@ -153,14 +153,14 @@ impl Vm {
                     &config.disks,
                     None,
                     ram.memory(),
-                    kvm.fd(),
+                    &kvm,
                     &mut platform,
                 )?;
                 virtio.create_nets(
                     &config.nets,
                     None,
                     ram.memory(),
-                    kvm.fd(),
+                    &kvm,
                     &mut platform,
                     false,
                 )?;
@@ -276,8 +276,9 @@ impl Vm {
                     return Err(e.into());
                 }
             }
-            // No frame in flight from here on: RX passes are complete, the TAPs queue.
-            self.virtio.pause_nets();
+            // No request in flight from here on: the device workers finished the ones
+            // they were on and take no new one; frames wait in the TAPs.
+            self.virtio.pause();
         }
         *depth += 1;
         Ok(())
@@ -300,7 +301,7 @@ impl Vm {
         }
         *depth -= 1;
         if *depth == 0 {
-            self.virtio.resume_nets();
+            self.virtio.resume();
             for v in &self.vcpus {
                 v.resume()?;
             }
@@ -440,7 +441,7 @@ impl PreparedVm {
             &state.config.disks,
             Some(&state.devices),
             ram.memory(),
-            kvm.fd(),
+            &kvm,
             &mut platform,
         )?;
         // TAPs attached now, read only once the vCPUs run (start_restored).
@@ -448,7 +449,7 @@ impl PreparedVm {
             &state.config.nets,
             Some(&state.devices),
             ram.memory(),
-            kvm.fd(),
+            &kvm,
             &mut platform,
             true,
         )?;

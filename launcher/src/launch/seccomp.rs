@@ -5,6 +5,12 @@
 //!   emulation, memory management of the allocator, sleeping for throttling) and
 //!   nothing else. Anything outside it **kills the launcher** (SIGSYS): a vCPU
 //!   thread runs on behalf of the guest and is the likeliest to be subverted.
+//! - **virtio worker threads** (one per device, `vmm::devices::virtio::worker`) get a
+//!   filter as tight: waiting on their epoll set, reading and writing eventfds, the TAP
+//!   and the disk file, syncing the disk, memory management of the allocator. No ioctl
+//!   at all (MSI routes are programmed by the vCPU thread that writes the MSI-X table),
+//!   no socket, no open. Anything else kills the launcher, as on a vCPU thread: a worker
+//!   parses guest-controlled rings.
 //! - **Every other thread** (main, API, migration, incoming) inherits a process
 //!   filter installed on the main thread before the VM exists. It allows what a
 //!   launcher legitimately does (files, Unix/TCP sockets, memfds, threads) and
@@ -75,7 +81,44 @@ const VCPU_SYSCALLS: &[i64] = &[
     libc::SYS_getrandom,
 ];
 
+const WORKER_SYSCALLS: &[i64] = &[
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_readv,
+    libc::SYS_writev,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_fdatasync,
+    libc::SYS_fsync,
+    libc::SYS_futex,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_mprotect,
+    libc::SYS_madvise,
+    libc::SYS_brk,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_sigaltstack,
+    libc::SYS_clock_gettime,
+    libc::SYS_sched_yield,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+    libc::SYS_gettid,
+    libc::SYS_getpid,
+    libc::SYS_close,
+    libc::SYS_restart_syscall,
+];
+
 const PROCESS_SYSCALLS: &[i64] = &[
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
     libc::SYS_read,
     libc::SYS_write,
     libc::SYS_readv,
@@ -205,6 +248,19 @@ pub fn vcpu_filter() -> Result<BpfProgram, SeccompError> {
     compile("vCPU", rules, SeccompAction::KillProcess)
 }
 
+/// The virtio worker thread filter.
+pub fn worker_filter() -> Result<BpfProgram, SeccompError> {
+    let rules = WORKER_SYSCALLS.iter().map(|&s| (s, Vec::new())).collect();
+    compile("virtio worker", rules, SeccompAction::KillProcess)
+}
+
+/// The virtio worker thread start hook: install the worker filter on the calling thread.
+pub fn worker_thread_start(name: &str) -> Result<(), String> {
+    let prog = worker_filter().map_err(|e| e.to_string())?;
+    seccompiler::apply_filter(&prog)
+        .map_err(|e| format!("{name}: {}", SeccompError::Install("virtio worker", e.to_string())))
+}
+
 /// The process-wide filter for every other thread.
 pub fn process_filter() -> Result<BpfProgram, SeccompError> {
     let rules = PROCESS_SYSCALLS.iter().map(|&s| (s, Vec::new())).collect();
@@ -258,6 +314,20 @@ mod tests {
     fn both_filters_compile() {
         assert!(!vcpu_filter().unwrap().is_empty());
         assert!(!process_filter().unwrap().is_empty());
+        assert!(!worker_filter().unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_worker_filter_is_a_subset_of_the_process_filter_and_has_no_ioctl() {
+        for s in WORKER_SYSCALLS {
+            assert!(
+                PROCESS_SYSCALLS.contains(s),
+                "syscall {s} allowed on worker threads only"
+            );
+        }
+        for s in [libc::SYS_ioctl, libc::SYS_socket, libc::SYS_openat, libc::SYS_execve] {
+            assert!(!WORKER_SYSCALLS.contains(&s), "worker threads may call {s}");
+        }
     }
 
     #[test]
