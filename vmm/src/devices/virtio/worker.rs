@@ -42,10 +42,15 @@ const CONTROL: u64 = u64::MAX;
 const BACKEND: u64 = u64::MAX - 1;
 
 /// The worker of one device; dropping it stops and joins the thread.
+///
+/// The descriptors and the transport are shared with the thread but owned here, so they
+/// are closed on the thread that drops the worker, never on the worker thread (whose
+/// seccomp filter has no `fcntl`, which the debug build's `OwnedFd` drop calls).
 pub struct Worker {
     stop: Arc<AtomicBool>,
     control: EventFd,
     join: Option<JoinHandle<()>>,
+    _keep: (Arc<Epoll>, Arc<WorkerFds>, Arc<Mutex<VirtioPciDevice>>),
 }
 
 impl std::fmt::Debug for Worker {
@@ -88,6 +93,8 @@ impl Worker {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let control = fds.control.try_clone()?;
+        let (epoll, fds) = (Arc::new(epoll), Arc::new(fds));
+        let keep = (epoll.clone(), fds.clone(), transport.clone());
         let stop2 = stop.clone();
         let (started_tx, started_rx) = std::sync::mpsc::sync_channel(1);
         let thread_name = name.clone();
@@ -112,6 +119,7 @@ impl Worker {
             stop,
             control,
             join: Some(join),
+            _keep: keep,
         })
     }
 
