@@ -149,21 +149,9 @@ impl Vm {
                     .register_irqfd(&irq, layout::COM1_IRQ)
                     .map_err(|e| MachineError::Host(format!("irqfd: {e}")))?;
                 let mut platform = Platform::new(irq, serial_out)?;
-                let mut virtio = VirtioDevices::create(
-                    &config.disks,
-                    None,
-                    ram.memory(),
-                    &kvm,
-                    &mut platform,
-                )?;
-                virtio.create_nets(
-                    &config.nets,
-                    None,
-                    ram.memory(),
-                    &kvm,
-                    &mut platform,
-                    false,
-                )?;
+                let mut virtio =
+                    VirtioDevices::create(&config.disks, None, ram.memory(), &kvm, &mut platform)?;
+                virtio.create_nets(&config.nets, None, ram.memory(), &kvm, &mut platform, false)?;
                 virtio.lock_disks()?;
                 let rsdp = crate::acpi::create_acpi_tables(ram.memory(), config.vcpus)
                     .map_err(|e| MachineError::Acpi(e.to_string()))?;

@@ -257,8 +257,12 @@ pub fn worker_filter() -> Result<BpfProgram, SeccompError> {
 /// The virtio worker thread start hook: install the worker filter on the calling thread.
 pub fn worker_thread_start(name: &str) -> Result<(), String> {
     let prog = worker_filter().map_err(|e| e.to_string())?;
-    seccompiler::apply_filter(&prog)
-        .map_err(|e| format!("{name}: {}", SeccompError::Install("virtio worker", e.to_string())))
+    seccompiler::apply_filter(&prog).map_err(|e| {
+        format!(
+            "{name}: {}",
+            SeccompError::Install("virtio worker", e.to_string())
+        )
+    })
 }
 
 /// The process-wide filter for every other thread.
@@ -325,7 +329,12 @@ mod tests {
                 "syscall {s} allowed on worker threads only"
             );
         }
-        for s in [libc::SYS_ioctl, libc::SYS_socket, libc::SYS_openat, libc::SYS_execve] {
+        for s in [
+            libc::SYS_ioctl,
+            libc::SYS_socket,
+            libc::SYS_openat,
+            libc::SYS_execve,
+        ] {
             assert!(!WORKER_SYSCALLS.contains(&s), "worker threads may call {s}");
         }
     }

@@ -42,7 +42,7 @@ pub mod worker;
 
 use std::sync::{Arc, Mutex};
 
-use kvm_ioctls::{IoEventAddress, NoDatamatch};
+use kvm_ioctls::IoEventAddress;
 use serde::{Deserialize, Serialize};
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -274,7 +274,9 @@ fn attach<D: VirtioDevice + 'static>(
     for q in 0..nq {
         let evt = EventFd::new(EFD_NONBLOCK).map_err(|e| irq_err(&e))?;
         let addr = bar0_address(slot) + NOTIFY_OFFSET + q as u64 * u64::from(NOTIFY_MULTIPLIER);
-        vm.register_ioevent(&evt, &IoEventAddress::Mmio(addr), NoDatamatch)
+        // The driver writes the queue index, 16 bits wide (virtio 1.x, 4.1.5.2); any other
+        // write reaches the MMIO handler, which signals the same eventfd.
+        vm.register_ioevent(&evt, &IoEventAddress::Mmio(addr), q as u16)
             .map_err(|e| irq_err(&format!("ioeventfd: {e}")))?;
         queues.push(evt);
     }
@@ -484,7 +486,10 @@ impl VirtioDevices {
         VirtioDevicesState {
             block: self.block.iter().map(|a| lock(&a.pci).state()).collect(),
             net: self.net.iter().map(|a| lock(&a.pci).state()).collect(),
-            msix: self.transports().map(|(p, _)| lock(p).msix_state()).collect(),
+            msix: self
+                .transports()
+                .map(|(p, _)| lock(p).msix_state())
+                .collect(),
         }
     }
 

@@ -157,8 +157,8 @@ impl Msix {
             match o / 4 {
                 0 => e.address = (e.address & !0xffff_ffff) | u64::from(set(e.address as u32)),
                 1 => {
-                    e.address = (e.address & 0xffff_ffff)
-                        | (u64::from(set((e.address >> 32) as u32)) << 32)
+                    e.address =
+                        (e.address & 0xffff_ffff) | (u64::from(set((e.address >> 32) as u32)) << 32)
                 }
                 2 => e.data = set(e.data),
                 _ => e.control = set(e.control),
@@ -193,7 +193,11 @@ impl Msix {
     }
 
     fn vector_masked(&self, v: usize) -> bool {
-        self.masked || self.table.get(v).is_none_or(|e| e.control & ENTRY_MASKED != 0)
+        self.masked
+            || self
+                .table
+                .get(v)
+                .is_none_or(|e| e.control & ENTRY_MASKED != 0)
     }
 
     /// Signal vector `v`: fire it, or mark it pending while masked. Returns false for a

@@ -10,7 +10,7 @@
 //! | `0x1000` | ISR status (read clears) | `cfg_type` 3 at `0x50` |
 //! | `0x2000` | device-specific configuration | `cfg_type` 4 at `0x60` |
 //! | `0x3000` | notify: queue `q` at `0x3000 + 4 q` | `cfg_type` 2 at `0x70`, multiplier 4 |
-//! | `0x4000` | MSI-X table, 16 bytes per vector | MSI-X capability at `0x80` |
+//! | `0x4000` | MSI-X table, 16 bytes per vector | MSI-X capability at `0x84` |
 //! | `0x5000` | MSI-X pending bit array | (same) |
 //!
 //! **Notifications.** With [`VirtioPciDevice::with_notifiers`], each queue's notify address
@@ -55,8 +55,8 @@ pub(crate) const NOTIFY_OFFSET: u64 = 0x3000;
 const REGION_SIZE: u64 = 0x1000;
 const MSIX_TABLE_OFFSET: u64 = 0x4000;
 const MSIX_PBA_OFFSET: u64 = 0x5000;
-/// Configuration-space offset of the MSI-X capability.
-const MSIX_CAP: usize = 0x80;
+/// Configuration-space offset of the MSI-X capability (after the 20-byte notify one).
+const MSIX_CAP: usize = 0x84;
 const PCI_CAP_ID_MSIX: u8 = 0x11;
 /// Message control: MSI-X enable, function mask.
 const MSIX_ENABLE: u16 = 1 << 15;
