@@ -4,7 +4,7 @@
 //! iproute2).
 //!
 //! ```text
-//! cargo run --release -p benches --bin net [-- --runs N] [--no-write]
+//! cargo run --release -p benches --bin net [-- --runs N] [--write-docs]
 //!                                           [--launcher PATH] [--qemu PATH]
 //! ```
 //!
@@ -15,7 +15,7 @@
 //!   bytes as fast as it can; the host counts what arrives until 300 ms of silence.
 //!   Throughput = payload bytes received / time from the request to the last one.
 //!
-//! It prints a Markdown table of medians over the runs and, unless `--no-write`, writes it
+//! It prints a Markdown table of medians over the runs and, with `--write-docs`, writes it
 //! to `docs/net-benchmarks.md` (hand-written notes below the marker are kept).
 
 use benches::{median, workspace_root};
@@ -32,35 +32,22 @@ const FLOOD_COUNT: u32 = 20000;
 const FLOOD_SIZE: u32 = 1400;
 const PINGS: usize = 2000;
 
+/// Command line (see the module comment).
+#[derive(clap::Parser)]
+#[command(about = "virtio-net benchmark: our launcher against QEMU on the netecho guest")]
 struct Opts {
+    /// Runs per VMM (the table shows medians).
+    #[arg(long, default_value_t = 3, value_parser = benches::positive)]
     runs: usize,
-    write: bool,
-    launcher: Option<PathBuf>,
+    #[command(flatten)]
+    common: benches::CommonArgs,
+    /// The QEMU binary.
+    #[arg(long, default_value = benches::QEMU)]
     qemu: String,
 }
 
 fn parse_args() -> Opts {
-    let mut o = Opts {
-        runs: 3,
-        write: true,
-        launcher: None,
-        qemu: "qemu-system-x86_64".into(),
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let mut val = || {
-            args.next()
-                .unwrap_or_else(|| fail(&format!("{a} needs a value")))
-        };
-        match a.as_str() {
-            "--runs" => o.runs = val().parse().unwrap_or_else(|_| fail("--runs N")),
-            "--no-write" => o.write = false,
-            "--launcher" => o.launcher = Some(PathBuf::from(val())),
-            "--qemu" => o.qemu = val(),
-            _ => fail(&format!("unknown argument {a}")),
-        }
-    }
-    o
+    <Opts as clap::Parser>::parse()
 }
 
 /// A VM process in the namespace, killed on drop.
@@ -215,7 +202,7 @@ fn main() {
     if !ip_available() {
         fail("the ip tool (iproute2) is missing");
     }
-    let launcher = launcher_path(&o);
+    let launcher = o.common.launcher("net");
     let have_qemu = Command::new(&o.qemu)
         .arg("--version")
         .output()
@@ -277,7 +264,7 @@ fn main() {
         table.push_str("\nQEMU was not found: only our launcher was measured.\n");
     }
     println!("{table}");
-    if o.write {
+    {
         let path = workspace_root().join("docs/net-benchmarks.md");
         let notes = std::fs::read_to_string(&path)
             .ok()
@@ -290,15 +277,10 @@ fn main() {
              network namespace; the host side is a UDP socket on the bridge.\n\n{table}\n{notes}",
             o.runs, PINGS
         );
-        std::fs::write(&path, doc).unwrap_or_else(|e| fail(&format!("{}: {e}", path.display())));
-        eprintln!("net: wrote {}", path.display());
+        o.common.docs.write("net", "docs/net-benchmarks.md", &doc);
     }
 }
 
 fn fail(msg: &str) -> ! {
     benches::fail("net", msg)
-}
-
-fn launcher_path(o: &Opts) -> PathBuf {
-    benches::launcher_path("net", o.launcher.as_ref())
 }

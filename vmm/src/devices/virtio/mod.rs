@@ -216,7 +216,9 @@ pub struct VirtioDevicesState {
     #[serde(default)]
     pub net: Vec<VirtioPciState>,
     /// MSI-X of every device, disks then interfaces; empty from a launcher without MSI-X.
-    #[serde(default)]
+    /// Travels as its own `virtio-msix` sections (see `crate::state`), never inside this
+    /// struct's bincode, which the unsectioned legacy format still decodes.
+    #[serde(skip)]
     pub msix: Vec<TransportMsixState>,
 }
 

@@ -198,8 +198,16 @@ impl VirtioPciDevice {
         (v & MSIX_ENABLE != 0, v & MSIX_FUNCTION_MASK != 0)
     }
 
-    /// A configuration-space write reached the MSI-X message control.
-    fn config_written(&mut self, offset: u16, len: usize) {
+    /// A guest read of the PCI configuration space.
+    pub fn read_config_space(&self, offset: u16, data: &mut [u8]) {
+        self.config.read(offset, data);
+    }
+
+    /// A guest write to the PCI configuration space (through the write mask); a change
+    /// of the MSI-X enable or function-mask bit takes effect at once.
+    pub fn write_config_space(&mut self, offset: u16, data: &[u8]) {
+        self.config.write(offset, data);
+        let (offset, len) = (offset, data.len());
         let ctl = MSIX_CAP as u16 + 2;
         if offset < ctl + 2 && offset + len as u16 > ctl {
             let (enabled, masked) = self.msix_control();
@@ -725,13 +733,11 @@ pub struct ConfigHandle(pub Arc<Mutex<VirtioPciDevice>>);
 
 impl PciDevice for ConfigHandle {
     fn config_read(&mut self, offset: u16, data: &mut [u8]) {
-        lock(&self.0).config.read(offset, data);
+        lock(&self.0).read_config_space(offset, data);
     }
 
     fn config_write(&mut self, offset: u16, data: &[u8]) {
-        let mut d = lock(&self.0);
-        d.config.write(offset, data);
-        d.config_written(offset, data.len());
+        lock(&self.0).write_config_space(offset, data);
     }
 }
 
