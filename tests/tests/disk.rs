@@ -158,13 +158,17 @@ fn journal_survives_power_off_and_a_fresh_boot() {
     let mut l = boot(&dir, &d, "one.log", "count=5 interval_ms=1", false);
     assert_eq!(l.wait().code(), Some(0), "stderr: {}", l.stderr());
     let c = l.console();
+    assert!(c.contains("virtio msix=1 event_idx=1"), "{c}");
     assert_eq!(found(&c), vec![0]);
     assert!(c.contains("done seq=5"), "{c}");
     assert_journal(&c, &d, 1);
 
-    let mut l = boot(&dir, &d, "two.log", "count=7 interval_ms=1", false);
+    // The same journal through INTx and without EVENT_IDX (guests that enable neither).
+    let legacy = "count=7 interval_ms=1 msix=0 event_idx=0";
+    let mut l = boot(&dir, &d, "two.log", legacy, false);
     assert_eq!(l.wait().code(), Some(0), "stderr: {}", l.stderr());
     let c = l.console();
+    assert!(c.contains("virtio msix=0 event_idx=0"), "{c}");
     assert_eq!(found(&c), vec![5]);
     assert!(c.contains("done seq=12"), "{c}");
     assert_journal(&c, &d, 6);
@@ -204,6 +208,7 @@ fn copy_and_local_migration_continue_the_journal_with_one_owner() {
     }
     shutdown(&mut src);
     let c = src.console();
+    assert!(c.contains("virtio msix=1 event_idx=1"), "{c}");
     assert_eq!(found(&c), vec![0], "the guest booted more than once:\n{c}");
     assert_journal(&c, &d, 1);
 }
