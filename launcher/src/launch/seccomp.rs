@@ -45,17 +45,9 @@ pub enum SeccompError {
 /// The KVM ioctl type byte (`KVMIO`): bits 8..16 of every KVM ioctl number.
 const KVMIO: u64 = 0xae;
 
-const VCPU_SYSCALLS: &[i64] = &[
-    libc::SYS_write,
-    libc::SYS_writev,
-    libc::SYS_read,
-    libc::SYS_pread64,
-    libc::SYS_pwrite64,
-    libc::SYS_preadv,
-    libc::SYS_pwritev,
-    libc::SYS_lseek,
-    libc::SYS_fdatasync,
-    libc::SYS_fsync,
+/// What every thread that runs on the guest's behalf needs: the allocator, futexes,
+/// signals returning, its own exit.
+const THREAD_BASICS: &[i64] = &[
     libc::SYS_futex,
     libc::SYS_mmap,
     libc::SYS_munmap,
@@ -65,54 +57,50 @@ const VCPU_SYSCALLS: &[i64] = &[
     libc::SYS_brk,
     libc::SYS_rt_sigreturn,
     libc::SYS_rt_sigprocmask,
-    libc::SYS_rt_sigaction,
     libc::SYS_sigaltstack,
-    libc::SYS_clock_nanosleep,
-    libc::SYS_nanosleep,
     libc::SYS_clock_gettime,
     libc::SYS_sched_yield,
     libc::SYS_exit,
     libc::SYS_exit_group,
     libc::SYS_gettid,
     libc::SYS_getpid,
-    libc::SYS_tgkill,
     libc::SYS_close,
     libc::SYS_restart_syscall,
+];
+
+/// Device I/O: eventfds, the console, TAPs and disk files, and syncing a disk.
+const DEVICE_IO: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_writev,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_fdatasync,
+    libc::SYS_fsync,
+];
+
+/// vCPU threads only: throttling sleeps, the kick signal, seeking the console.
+const VCPU_ONLY: &[i64] = &[
+    libc::SYS_lseek,
+    libc::SYS_rt_sigaction,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_tgkill,
     libc::SYS_getrandom,
 ];
 
-const WORKER_SYSCALLS: &[i64] = &[
-    libc::SYS_epoll_wait,
-    libc::SYS_epoll_pwait,
-    libc::SYS_read,
-    libc::SYS_write,
-    libc::SYS_readv,
-    libc::SYS_writev,
-    libc::SYS_pread64,
-    libc::SYS_pwrite64,
-    libc::SYS_preadv,
-    libc::SYS_pwritev,
-    libc::SYS_fdatasync,
-    libc::SYS_fsync,
-    libc::SYS_futex,
-    libc::SYS_mmap,
-    libc::SYS_munmap,
-    libc::SYS_mremap,
-    libc::SYS_mprotect,
-    libc::SYS_madvise,
-    libc::SYS_brk,
-    libc::SYS_rt_sigreturn,
-    libc::SYS_rt_sigprocmask,
-    libc::SYS_sigaltstack,
-    libc::SYS_clock_gettime,
-    libc::SYS_sched_yield,
-    libc::SYS_exit,
-    libc::SYS_exit_group,
-    libc::SYS_gettid,
-    libc::SYS_getpid,
-    libc::SYS_close,
-    libc::SYS_restart_syscall,
-];
+/// virtio worker threads only: waiting on their epoll set.
+const WORKER_ONLY: &[i64] = &[libc::SYS_epoll_wait, libc::SYS_epoll_pwait];
+
+fn vcpu_syscalls() -> Vec<i64> {
+    [THREAD_BASICS, DEVICE_IO, VCPU_ONLY].concat()
+}
+
+fn worker_syscalls() -> Vec<i64> {
+    [THREAD_BASICS, DEVICE_IO, WORKER_ONLY].concat()
+}
 
 const PROCESS_SYSCALLS: &[i64] = &[
     libc::SYS_epoll_create1,
@@ -232,8 +220,10 @@ fn compile(
 
 /// The vCPU thread filter.
 pub fn vcpu_filter() -> Result<BpfProgram, SeccompError> {
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
-        VCPU_SYSCALLS.iter().map(|&s| (s, Vec::new())).collect();
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = vcpu_syscalls()
+        .into_iter()
+        .map(|s| (s, Vec::new()))
+        .collect();
     // ioctl: KVM ioctls only (type byte KVMIO), on any fd.
     let kvm_only = SeccompCondition::new(
         1,
@@ -250,7 +240,10 @@ pub fn vcpu_filter() -> Result<BpfProgram, SeccompError> {
 
 /// The virtio worker thread filter.
 pub fn worker_filter() -> Result<BpfProgram, SeccompError> {
-    let rules = WORKER_SYSCALLS.iter().map(|&s| (s, Vec::new())).collect();
+    let rules = worker_syscalls()
+        .into_iter()
+        .map(|s| (s, Vec::new()))
+        .collect();
     compile("virtio worker", rules, SeccompAction::KillProcess)
 }
 
@@ -323,7 +316,7 @@ mod tests {
 
     #[test]
     fn the_worker_filter_is_a_subset_of_the_process_filter_and_has_no_ioctl() {
-        for s in WORKER_SYSCALLS {
+        for s in &worker_syscalls() {
             assert!(
                 PROCESS_SYSCALLS.contains(s),
                 "syscall {s} allowed on worker threads only"
@@ -335,13 +328,16 @@ mod tests {
             libc::SYS_openat,
             libc::SYS_execve,
         ] {
-            assert!(!WORKER_SYSCALLS.contains(&s), "worker threads may call {s}");
+            assert!(
+                !worker_syscalls().contains(&s),
+                "worker threads may call {s}"
+            );
         }
     }
 
     #[test]
     fn the_vcpu_filter_is_a_subset_of_the_process_filter() {
-        for s in VCPU_SYSCALLS {
+        for s in &vcpu_syscalls() {
             assert!(
                 PROCESS_SYSCALLS.contains(s),
                 "syscall {s} allowed on vCPU threads only"

@@ -488,10 +488,15 @@ impl VirtioDevices {
         VirtioDevicesState {
             block: self.block.iter().map(|a| lock(&a.pci).state()).collect(),
             net: self.net.iter().map(|a| lock(&a.pci).state()).collect(),
-            msix: self
-                .transports()
-                .map(|(p, _)| lock(p).msix_state())
-                .collect(),
+            // All or none (sections are numbered 0..n): none while no driver uses MSI-X,
+            // so that a launcher without MSI-X can still load the state.
+            msix: if self.transports().any(|(p, _)| lock(p).msix_in_use()) {
+                self.transports()
+                    .map(|(p, _)| lock(p).msix_state())
+                    .collect()
+            } else {
+                Vec::new()
+            },
         }
     }
 

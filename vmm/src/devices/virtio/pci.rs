@@ -365,6 +365,27 @@ impl VirtioPciDevice {
         Ok(())
     }
 
+    /// True once the driver touched MSI-X (enabled it, assigned a vector or wrote the
+    /// table). A state whose devices are all untouched is written without MSI-X
+    /// sections, so that a launcher without MSI-X can still load it.
+    pub fn msix_in_use(&self) -> bool {
+        let untouched = self.msix.as_ref().is_none_or(|m| {
+            let st = m.state();
+            st.pba == 0
+                && st
+                    .table
+                    .iter()
+                    .all(|e| *e == super::msix::MsixEntry::default())
+        });
+        self.msix_control().0
+            || self.config_vector != VIRTIO_MSI_NO_VECTOR
+            || self
+                .queue_vectors
+                .iter()
+                .any(|v| *v != VIRTIO_MSI_NO_VECTOR)
+            || !untouched
+    }
+
     /// The MSI-X table, pending bits and vector assignments, for `VmState`.
     pub fn msix_state(&self) -> TransportMsixState {
         TransportMsixState {

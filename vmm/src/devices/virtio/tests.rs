@@ -385,6 +385,10 @@ fn msix_vector_is_pending_while_masked_and_fires_on_unmask() {
     )
     .with_msix(msix);
     assert_eq!(rig.init(1 << 32) & 4, 4, "driver ready");
+    assert!(
+        !rig.dev.msix_in_use(),
+        "an INTx driver's state needs no MSI-X section"
+    );
     // The capability list: the four virtio capabilities, then MSI-X (2 vectors, table
     // and PBA in BAR0); the notify capability keeps its multiplier.
     let cfg = |dev: &VirtioPciDevice, off: u16| {
@@ -424,6 +428,7 @@ fn msix_vector_is_pending_while_masked_and_fires_on_unmask() {
     rig.dev.write_config_space(0x86, &0x8000u16.to_le_bytes());
     assert_eq!(rig.r(0x5000, 8), 0);
     // The table, pending bits and vectors travel with the state.
+    assert!(rig.dev.msix_in_use());
     let saved = rig.dev.msix_state();
     assert_eq!(saved.queue_vectors, vec![0]);
     let table = &saved.msix.as_ref().unwrap().table;
