@@ -90,6 +90,11 @@ fn local_handover_loses_no_datagram() {
     let mut a = boot_netecho(&ns, &dir, "tap0", "10.99.0.2", "a.sock");
     let rtt = ping(&ns, Ipv4Addr::new(10, 99, 0, 2), Duration::from_secs(5));
     assert!(rtt.is_some(), "no ICMP echo reply: {}", a.console());
+    assert!(
+        a.console().contains("virtio msix=1 event_idx=1"),
+        "{}",
+        a.console()
+    );
 
     let flow = UdpFlow::start(
         &ns,

@@ -149,21 +149,9 @@ impl Vm {
                     .register_irqfd(&irq, layout::COM1_IRQ)
                     .map_err(|e| MachineError::Host(format!("irqfd: {e}")))?;
                 let mut platform = Platform::new(irq, serial_out)?;
-                let mut virtio = VirtioDevices::create(
-                    &config.disks,
-                    None,
-                    ram.memory(),
-                    kvm.fd(),
-                    &mut platform,
-                )?;
-                virtio.create_nets(
-                    &config.nets,
-                    None,
-                    ram.memory(),
-                    kvm.fd(),
-                    &mut platform,
-                    false,
-                )?;
+                let mut virtio =
+                    VirtioDevices::create(&config.disks, None, ram.memory(), &kvm, &mut platform)?;
+                virtio.create_nets(&config.nets, None, ram.memory(), &kvm, &mut platform, false)?;
                 virtio.lock_disks()?;
                 let rsdp = crate::acpi::create_acpi_tables(ram.memory(), config.vcpus)
                     .map_err(|e| MachineError::Acpi(e.to_string()))?;
@@ -276,8 +264,9 @@ impl Vm {
                     return Err(e.into());
                 }
             }
-            // No frame in flight from here on: RX passes are complete, the TAPs queue.
-            self.virtio.pause_nets();
+            // No request in flight from here on: the device workers finished the ones
+            // they were on and take no new one; frames wait in the TAPs.
+            self.virtio.pause();
         }
         *depth += 1;
         Ok(())
@@ -300,7 +289,7 @@ impl Vm {
         }
         *depth -= 1;
         if *depth == 0 {
-            self.virtio.resume_nets();
+            self.virtio.resume();
             for v in &self.vcpus {
                 v.resume()?;
             }
@@ -440,7 +429,7 @@ impl PreparedVm {
             &state.config.disks,
             Some(&state.devices),
             ram.memory(),
-            kvm.fd(),
+            &kvm,
             &mut platform,
         )?;
         // TAPs attached now, read only once the vCPUs run (start_restored).
@@ -448,7 +437,7 @@ impl PreparedVm {
             &state.config.nets,
             Some(&state.devices),
             ram.memory(),
-            kvm.fd(),
+            &kvm,
             &mut platform,
             true,
         )?;

@@ -1,9 +1,10 @@
 //! Disk benchmark: 4 KiB requests from the `blkjournal` guest on our virtio-blk (raw file
-//! backend) against the same pattern of `pwrite`/`pread` on a raw file from the host.
+//! backend), the same guest under QEMU 7.2's virtio-blk-pci in the same run, and the same
+//! pattern of `pwrite`/`pread` on a raw file from the host.
 //!
 //! ```text
 //! cargo run --release -p benches --bin disk [-- --runs N] [--count N] [--disk-mib N]
-//!                                            [--dir DIR] [--launcher PATH] [--no-write]
+//!                         [--dir DIR] [--launcher PATH] [--qemu PATH] [--write-docs]
 //! ```
 //!
 //! Per run, on a fresh sparse image of `--disk-mib` MiB (default 64) in `--dir` (default
@@ -17,11 +18,13 @@
 //!   minus that of `blkbench: <mode> start` (each stamped when its `\n` arrives on the
 //!   pipe). The guest's own `rdtsc` delta, converted with the host TSC rate measured here,
 //!   is printed as a cross-check.
+//! - **QEMU**: the same guest and command line with `-M q35`, a modern virtio-blk-pci on
+//!   the image (`cache=writeback`), timed the same way.
 //! - **host**: the same block sequence with `pwrite`/`pread` of 4 KiB on another fresh
 //!   image of the same size, then `fdatasync` after the write modes, timed with `Instant`.
 //!
 //! Both go through the host page cache (no O_DIRECT): reads after writes are cache hits in
-//! both cases. The table shows medians over the runs and, unless `--no-write`, is written to
+//! both cases. The table shows medians over the runs and, with `--write-docs`, is written to
 //! `docs/disk-benchmarks.md` (hand-written notes below the marker are kept).
 
 use benches::{median, workspace_root};
@@ -35,44 +38,31 @@ const NOTES_MARKER: &str = "<!-- hand-written notes below: kept when the table i
 const BLOCK: u64 = 4096;
 const MODES: [&str; 4] = ["seqw", "seqr", "randw", "randr"];
 
+/// Command line (see the module comment).
+#[derive(clap::Parser)]
+#[command(about = "virtio-blk benchmark: the blkjournal guest against the host's pread/pwrite")]
 struct Opts {
+    /// Runs (the table shows medians).
+    #[arg(long, default_value_t = 3, value_parser = benches::positive)]
     runs: usize,
+    /// 4 KiB requests per pattern.
+    #[arg(long, default_value_t = 8192, value_parser = clap::value_parser!(u32).range(1..))]
     count: u32,
+    /// Size of the disk image in MiB.
+    #[arg(long = "disk-mib", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
     disk_mib: u64,
+    /// Directory for the image (default: the system's temporary directory).
+    #[arg(long, default_value_os_t = std::env::temp_dir())]
     dir: PathBuf,
-    launcher: Option<PathBuf>,
-    write: bool,
+    #[command(flatten)]
+    common: benches::CommonArgs,
+    /// The QEMU binary.
+    #[arg(long, default_value = benches::QEMU)]
+    qemu: String,
 }
 
 fn parse_args() -> Opts {
-    let mut o = Opts {
-        runs: 3,
-        count: 8192,
-        disk_mib: 64,
-        dir: std::env::temp_dir(),
-        launcher: None,
-        write: true,
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let mut val = || {
-            args.next()
-                .unwrap_or_else(|| fail(&format!("{a} needs a value")))
-        };
-        match a.as_str() {
-            "--runs" => o.runs = val().parse().unwrap_or_else(|_| fail("--runs N")),
-            "--count" => o.count = val().parse().unwrap_or_else(|_| fail("--count N")),
-            "--disk-mib" => o.disk_mib = val().parse().unwrap_or_else(|_| fail("--disk-mib N")),
-            "--dir" => o.dir = PathBuf::from(val()),
-            "--launcher" => o.launcher = Some(PathBuf::from(val())),
-            "--no-write" => o.write = false,
-            _ => fail(&format!("unknown argument {a}")),
-        }
-    }
-    if o.runs == 0 || o.count == 0 || o.disk_mib == 0 {
-        fail("--runs, --count and --disk-mib must be positive");
-    }
-    o
+    <Opts as clap::Parser>::parse()
 }
 
 fn fresh_image(path: &Path, mib: u64) {
@@ -102,18 +92,49 @@ fn blocks(random: bool, count: u32, nblocks: u32) -> Vec<u64> {
 /// Per mode: (seconds by serial timestamps, guest TSC cycles).
 type GuestRun = Vec<(f64, u64)>;
 
-fn run_guest(launcher: &Path, image: &Path, count: u32) -> GuestRun {
-    let mut child = Command::new(launcher)
-        .args(["run", "--kernel"])
+/// `launcher run` of the `blkjournal` benchmark on `image`.
+fn launcher_cmd(launcher: &Path, image: &Path, count: u32) -> Command {
+    let mut c = Command::new(launcher);
+    c.args(["run", "--kernel"])
         .arg(test_guests::blkjournal_path())
         .args(["--cmdline", &format!("bench=all count={count}")])
         .args(["--memory", "32M", "--serial", "stdio", "--disk"])
-        .arg(format!("path={}", image.display()))
+        .arg(format!("path={}", image.display()));
+    c
+}
+
+/// The same guest under QEMU: q35, a modern-only virtio-blk-pci (device id 0x1042, as the
+/// guest looks for) on the raw image through the page cache (`cache=writeback`, as ours),
+/// QEMU's default AIO (a thread pool) and its own ioeventfd.
+fn qemu_cmd(qemu: &str, image: &Path, count: u32) -> Command {
+    let mut c = Command::new(qemu);
+    c.args(["-accel", "kvm", "-M", "q35", "-m", "32", "-nodefaults"])
+        .args(["-display", "none", "-serial", "stdio", "-no-reboot"])
+        .arg("-kernel")
+        .arg(test_guests::blkjournal_path())
+        .args(["-append", &format!("bench=all count={count}")])
+        .arg("-drive")
+        .arg(format!(
+            "file={},if=none,id=d0,format=raw,cache=writeback",
+            image.display()
+        ))
+        .args(["-device", "virtio-blk-pci,drive=d0,disable-legacy=on"]);
+    c
+}
+
+fn run_guest(mut cmd: Command) -> GuestRun {
+    let count: u32 = cmd
+        .get_args()
+        .filter_map(|a| a.to_str())
+        .find_map(|a| a.strip_prefix("bench=all count="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| fail("no count in the guest command line"));
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .unwrap_or_else(|e| fail(&format!("{}: {e}", launcher.display())));
+        .unwrap_or_else(|e| fail(&format!("{:?}: {e}", cmd.get_program())));
     let mut out = child.stdout.take().expect("stdout");
     // Each line with the time its newline arrived.
     let mut lines: Vec<(Instant, String)> = Vec::new();
@@ -213,40 +234,44 @@ fn tsc_hz() -> f64 {
 
 fn main() {
     let o = parse_args();
-    let launcher = launcher_path(&o);
+    let launcher = o.common.launcher("disk");
     let hz = tsc_hz();
     let nblocks = u32::try_from((o.disk_mib << 20) / BLOCK).unwrap_or(u32::MAX);
     let image = o
         .dir
         .join(format!("lvm-diskbench-{}.img", std::process::id()));
     let bytes = f64::from(o.count) * BLOCK as f64;
-    // [mode] -> samples of (guest s, guest by TSC s, host s)
-    let mut samples: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); MODES.len()];
+    // [mode] -> samples of (ours s, ours by TSC s, QEMU s, host s)
+    let mut samples: Vec<Vec<(f64, f64, f64, f64)>> = vec![Vec::new(); MODES.len()];
     for run in 0..o.runs {
         fresh_image(&image, o.disk_mib);
-        let g = run_guest(&launcher, &image, o.count);
+        let g = run_guest(launcher_cmd(&launcher, &image, o.count));
+        fresh_image(&image, o.disk_mib);
+        let q = run_guest(qemu_cmd(&o.qemu, &image, o.count));
         fresh_image(&image, o.disk_mib);
         let h = run_host(&image, o.count, nblocks);
         for (i, m) in MODES.iter().enumerate() {
             let (gs, tsc) = g[i];
             let ts = tsc as f64 / hz;
             eprintln!(
-                "disk: run {run} {m}: guest {:.1} MB/s ({:.1} by TSC), host {:.1} MB/s",
+                "disk: run {run} {m}: ours {:.1} MB/s ({:.1} by TSC), QEMU {:.1} MB/s, host {:.1} MB/s",
                 bytes / gs / 1e6,
                 bytes / ts / 1e6,
+                bytes / q[i].0 / 1e6,
                 bytes / h[i] / 1e6
             );
-            samples[i].push((gs, ts, h[i]));
+            samples[i].push((gs, ts, q[i].0, h[i]));
         }
     }
     let _ = std::fs::remove_file(&image);
     let mut table = String::from(
-        "| 4 KiB pattern | guest (virtio-blk) | guest by TSC | host pread/pwrite | guest IOPS | host IOPS | guest / host |\n|---|---|---|---|---|---|---|\n",
+        "| 4 KiB pattern | launcher (virtio-blk) | by guest TSC | QEMU 7.2 | host pread/pwrite | launcher IOPS | QEMU IOPS | launcher / QEMU | launcher / host |\n|---|---|---|---|---|---|---|---|---|\n",
     );
     for (i, m) in MODES.iter().enumerate() {
         let g = median(samples[i].iter().map(|s| s.0).collect());
         let t = median(samples[i].iter().map(|s| s.1).collect());
-        let h = median(samples[i].iter().map(|s| s.2).collect());
+        let q = median(samples[i].iter().map(|s| s.2).collect());
+        let h = median(samples[i].iter().map(|s| s.3).collect());
         let name = match *m {
             "seqw" => "sequential write (+1 flush)",
             "seqr" => "sequential read",
@@ -254,17 +279,19 @@ fn main() {
             _ => "random read",
         };
         table.push_str(&format!(
-            "| {name} | {:.1} MB/s | {:.1} MB/s | {:.1} MB/s | {:.0} | {:.0} | {:.3} |\n",
+            "| {name} | {:.1} MB/s | {:.1} MB/s | {:.1} MB/s | {:.1} MB/s | {:.0} | {:.0} | {:.2} | {:.3} |\n",
             bytes / g / 1e6,
             bytes / t / 1e6,
+            bytes / q / 1e6,
             bytes / h / 1e6,
             f64::from(o.count) / g,
-            f64::from(o.count) / h,
+            f64::from(o.count) / q,
+            q / g,
             h / g
         ));
     }
     println!("{table}");
-    if o.write {
+    {
         let path = workspace_root().join("docs/disk-benchmarks.md");
         let notes = std::fs::read_to_string(&path)
             .ok()
@@ -272,7 +299,7 @@ fn main() {
             .unwrap_or_else(|| format!("{NOTES_MARKER}\n"));
         let doc = format!(
             "# virtio-blk benchmark\n\nGenerated by `cargo run --release -p benches --bin disk -- --runs {} \
-             --count {} --disk-mib {}` (medians over the runs; 2-core nested-KVM machine, see \
+             --count {} --disk-mib {} --write-docs` (medians over the runs; 2-core nested-KVM machine, see \
              docs/platform.md). {} requests of 4 KiB per pattern, one in flight, on a fresh \
              sparse {} MiB raw image on {}; host TSC {:.0} MHz. How it is measured: see the module \
              comment of `benches/src/bin/disk.rs` and the notes below.\n\n{table}\n{notes}",
@@ -284,15 +311,10 @@ fn main() {
             o.dir.display(),
             hz / 1e6
         );
-        std::fs::write(&path, doc).unwrap_or_else(|e| fail(&format!("{}: {e}", path.display())));
-        eprintln!("disk: wrote {}", path.display());
+        o.common.docs.write("disk", "docs/disk-benchmarks.md", &doc);
     }
 }
 
 fn fail(msg: &str) -> ! {
     benches::fail("disk", msg)
-}
-
-fn launcher_path(o: &Opts) -> PathBuf {
-    benches::launcher_path("disk", o.launcher.as_ref())
 }

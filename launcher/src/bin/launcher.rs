@@ -55,6 +55,7 @@ fn run(args: RunArgs) -> Result<i32, LaunchError> {
         launch::seccomp::install_process_filter().map_err(|e| usage(e.to_string()))?;
         launch::seccomp::set_selftest(args.seccomp_selftest);
         vmm::vstate::vcpu::set_thread_start_hook(launch::seccomp::vcpu_thread_start);
+        vmm::devices::virtio::worker::set_worker_start_hook(launch::seccomp::worker_thread_start);
     }
     if let Some(ms) = args.migration_stall_timeout_ms.filter(|ms| *ms > 0) {
         migration::transport::set_stall_timeout(std::time::Duration::from_millis(ms));

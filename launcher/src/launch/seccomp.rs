@@ -5,6 +5,12 @@
 //!   emulation, memory management of the allocator, sleeping for throttling) and
 //!   nothing else. Anything outside it **kills the launcher** (SIGSYS): a vCPU
 //!   thread runs on behalf of the guest and is the likeliest to be subverted.
+//! - **virtio worker threads** (one per device, `vmm::devices::virtio::worker`) get a
+//!   filter as tight: waiting on their epoll set, reading and writing eventfds, the TAP
+//!   and the disk file, syncing the disk, memory management of the allocator. No ioctl
+//!   at all (MSI routes are programmed by the vCPU thread that writes the MSI-X table),
+//!   no socket, no open. Anything else kills the launcher, as on a vCPU thread: a worker
+//!   parses guest-controlled rings.
 //! - **Every other thread** (main, API, migration, incoming) inherits a process
 //!   filter installed on the main thread before the VM exists. It allows what a
 //!   launcher legitimately does (files, Unix/TCP sockets, memfds, threads) and
@@ -39,17 +45,9 @@ pub enum SeccompError {
 /// The KVM ioctl type byte (`KVMIO`): bits 8..16 of every KVM ioctl number.
 const KVMIO: u64 = 0xae;
 
-const VCPU_SYSCALLS: &[i64] = &[
-    libc::SYS_write,
-    libc::SYS_writev,
-    libc::SYS_read,
-    libc::SYS_pread64,
-    libc::SYS_pwrite64,
-    libc::SYS_preadv,
-    libc::SYS_pwritev,
-    libc::SYS_lseek,
-    libc::SYS_fdatasync,
-    libc::SYS_fsync,
+/// What every thread that runs on the guest's behalf needs: the allocator, futexes,
+/// signals returning, its own exit.
+const THREAD_BASICS: &[i64] = &[
     libc::SYS_futex,
     libc::SYS_mmap,
     libc::SYS_munmap,
@@ -59,23 +57,56 @@ const VCPU_SYSCALLS: &[i64] = &[
     libc::SYS_brk,
     libc::SYS_rt_sigreturn,
     libc::SYS_rt_sigprocmask,
-    libc::SYS_rt_sigaction,
     libc::SYS_sigaltstack,
-    libc::SYS_clock_nanosleep,
-    libc::SYS_nanosleep,
     libc::SYS_clock_gettime,
     libc::SYS_sched_yield,
     libc::SYS_exit,
     libc::SYS_exit_group,
     libc::SYS_gettid,
     libc::SYS_getpid,
-    libc::SYS_tgkill,
     libc::SYS_close,
     libc::SYS_restart_syscall,
+];
+
+/// Device I/O: eventfds, the console, TAPs and disk files, and syncing a disk.
+const DEVICE_IO: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_writev,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_fdatasync,
+    libc::SYS_fsync,
+];
+
+/// vCPU threads only: throttling sleeps, the kick signal, seeking the console.
+const VCPU_ONLY: &[i64] = &[
+    libc::SYS_lseek,
+    libc::SYS_rt_sigaction,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_tgkill,
     libc::SYS_getrandom,
 ];
 
+/// virtio worker threads only: waiting on their epoll set.
+const WORKER_ONLY: &[i64] = &[libc::SYS_epoll_wait, libc::SYS_epoll_pwait];
+
+fn vcpu_syscalls() -> Vec<i64> {
+    [THREAD_BASICS, DEVICE_IO, VCPU_ONLY].concat()
+}
+
+fn worker_syscalls() -> Vec<i64> {
+    [THREAD_BASICS, DEVICE_IO, WORKER_ONLY].concat()
+}
+
 const PROCESS_SYSCALLS: &[i64] = &[
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
     libc::SYS_read,
     libc::SYS_write,
     libc::SYS_readv,
@@ -189,8 +220,10 @@ fn compile(
 
 /// The vCPU thread filter.
 pub fn vcpu_filter() -> Result<BpfProgram, SeccompError> {
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
-        VCPU_SYSCALLS.iter().map(|&s| (s, Vec::new())).collect();
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = vcpu_syscalls()
+        .into_iter()
+        .map(|s| (s, Vec::new()))
+        .collect();
     // ioctl: KVM ioctls only (type byte KVMIO), on any fd.
     let kvm_only = SeccompCondition::new(
         1,
@@ -203,6 +236,26 @@ pub fn vcpu_filter() -> Result<BpfProgram, SeccompError> {
         SeccompRule::new(vec![kvm_only]).map_err(|e| SeccompError::Build("vCPU", e.to_string()))?;
     rules.insert(libc::SYS_ioctl, vec![rule]);
     compile("vCPU", rules, SeccompAction::KillProcess)
+}
+
+/// The virtio worker thread filter.
+pub fn worker_filter() -> Result<BpfProgram, SeccompError> {
+    let rules = worker_syscalls()
+        .into_iter()
+        .map(|s| (s, Vec::new()))
+        .collect();
+    compile("virtio worker", rules, SeccompAction::KillProcess)
+}
+
+/// The virtio worker thread start hook: install the worker filter on the calling thread.
+pub fn worker_thread_start(name: &str) -> Result<(), String> {
+    let prog = worker_filter().map_err(|e| e.to_string())?;
+    seccompiler::apply_filter(&prog).map_err(|e| {
+        format!(
+            "{name}: {}",
+            SeccompError::Install("virtio worker", e.to_string())
+        )
+    })
 }
 
 /// The process-wide filter for every other thread.
@@ -258,11 +311,33 @@ mod tests {
     fn both_filters_compile() {
         assert!(!vcpu_filter().unwrap().is_empty());
         assert!(!process_filter().unwrap().is_empty());
+        assert!(!worker_filter().unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_worker_filter_is_a_subset_of_the_process_filter_and_has_no_ioctl() {
+        for s in &worker_syscalls() {
+            assert!(
+                PROCESS_SYSCALLS.contains(s),
+                "syscall {s} allowed on worker threads only"
+            );
+        }
+        for s in [
+            libc::SYS_ioctl,
+            libc::SYS_socket,
+            libc::SYS_openat,
+            libc::SYS_execve,
+        ] {
+            assert!(
+                !worker_syscalls().contains(&s),
+                "worker threads may call {s}"
+            );
+        }
     }
 
     #[test]
     fn the_vcpu_filter_is_a_subset_of_the_process_filter() {
-        for s in VCPU_SYSCALLS {
+        for s in &vcpu_syscalls() {
             assert!(
                 PROCESS_SYSCALLS.contains(s),
                 "syscall {s} allowed on vCPU threads only"

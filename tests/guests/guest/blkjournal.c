@@ -41,6 +41,7 @@ static u8 buf[READ_SECTORS * SECTOR] __attribute__((aligned(4096)));
 
 static uptr common, notify_addr, devcfg;
 static u16 last_used;
+static u32 event_idx, msix;
 static u32 count, interval_ms, disk_index, bench_on;
 
 /* 64-bit TSS followed by the I/O permission bitmap (ports 0 to 0x60f). */
@@ -149,8 +150,9 @@ static void blk_request(u32 type, u64 sector, void *data, u32 len)
     rings.avail_ring[idx % QSIZE] = 0;
     barrier();
     *(volatile u16 *)&rings.avail_idx = (u16)(idx + 1);
-    barrier();
-    mmio_write16(notify_addr, 0);
+    virtio_mb();
+    if (!event_idx || vring_need_event(*(volatile u16 *)&rings.avail_event, (u16)(idx + 1), idx))
+        mmio_write16(notify_addr, 0);
     while (*(volatile u16 *)&rings.used_idx == last_used)
         cpu_relax();
     last_used++;
@@ -190,7 +192,8 @@ static u32 virtio_init(u64 *capacity)
         u32 head = ecam_read32(slot, cap);
         if ((head & 0xff) != 0x09)
             continue;
-        uptr where = bar0 + ecam_read32(slot, cap + 8);
+        /* The BAR the capability names: BAR0 here, BAR4 on QEMU. */
+        uptr where = bar_addr(slot, ecam_read32(slot, cap + 4) & 0xff) + ecam_read32(slot, cap + 8);
         switch ((head >> 24) & 0xff) {
         case 1:
             common = where;
@@ -221,7 +224,12 @@ static u32 virtio_init(u64 *capacity)
     if (!(mmio_read32(common + C_DF) & 1))
         fail("device is not virtio 1.x", EXIT_NO_DEVICE);
     mmio_write32(common + C_GFSEL, 0);
-    mmio_write32(common + C_GF, f & (1u << VIRTIO_BLK_F_FLUSH | 1u << VIRTIO_BLK_F_RO));
+    /* EVENT_IDX unless `event_idx=0`: notify only when the device asked to hear of it. */
+    u32 want = 1u << VIRTIO_BLK_F_FLUSH | 1u << VIRTIO_BLK_F_RO;
+    if (!cmdline_has("event_idx=0"))
+        want |= 1u << VIRTIO_RING_F_EVENT_IDX;
+    mmio_write32(common + C_GF, f & want);
+    event_idx = (f & want & (1u << VIRTIO_RING_F_EVENT_IDX)) != 0;
     mmio_write32(common + C_GFSEL, 1);
     mmio_write32(common + C_GF, 1); /* VERSION_1 */
     mmio_write8(common + C_STATUS, 1 | 2 | 8);
@@ -237,10 +245,18 @@ static u32 virtio_init(u64 *capacity)
     mmio_write32(common + C_QDEVICE + 4, 0);
     notify_addr = notify_base + mmio_read16(common + C_QNOTIFY_OFF) * notify_mult;
     mmio_write16(common + C_QENABLE, 1);
+    /* MSI-X unless `msix=0` (completions are still polled: interrupts stay off). */
+    msix = !cmdline_has("msix=0") && msix_enable(slot, common, 1, 0x40);
     mmio_write8(common + C_STATUS, 1 | 2 | 8 | 4); /* DRIVER_OK */
     if (mmio_read8(common + C_STATUS) & 0x40)
         fail("device needs reset", EXIT_NO_DEVICE);
     *capacity = (u64)mmio_read32(devcfg) | (u64)mmio_read32(devcfg + 4) << 32;
+    prefix();
+    puts("virtio msix=");
+    put_dec(msix);
+    puts(" event_idx=");
+    put_dec(event_idx);
+    putc('\n');
     return f;
 }
 

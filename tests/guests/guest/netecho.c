@@ -163,6 +163,16 @@ static u8 *tx_slot(void)
 }
 
 static u16 tx_pending; /* posted but not yet notified */
+static u32 event_idx, msix;
+
+/* Tell the device that queue `r`'s avail index moved by `added`, if it asked to hear. */
+static void notify_if_needed(struct rings *r, uptr addr, u16 q, u16 added)
+{
+    virtio_mb();
+    u16 now = *(volatile u16 *)&r->avail_idx;
+    if (!event_idx || vring_need_event(*(volatile u16 *)&r->avail_event, now, (u16)(now - added)))
+        mmio_write16(addr, q);
+}
 
 /* Posts the frame built in the current TX slot (len bytes, without the header). */
 static void tx_post(u32 len)
@@ -184,8 +194,7 @@ static void tx_kick(void)
 {
     if (!tx_pending)
         return;
-    mb();
-    mmio_write16(tx_notify, 1);
+    notify_if_needed(&txq, tx_notify, 1, tx_pending);
     tx_pending = 0;
 }
 
@@ -425,7 +434,12 @@ static void virtio_init(void)
     if (!(f & (1u << VIRTIO_NET_F_MAC)))
         fail("device has no MAC address", EXIT_NO_DEVICE);
     mmio_write32(common + C_GFSEL, 0);
-    mmio_write32(common + C_GF, f & (1u << VIRTIO_NET_F_MAC | 1u << VIRTIO_NET_F_STATUS));
+    /* EVENT_IDX unless `event_idx=0`: notify only when the device asked to hear of it. */
+    u32 want = 1u << VIRTIO_NET_F_MAC | 1u << VIRTIO_NET_F_STATUS;
+    if (!cmdline_has("event_idx=0"))
+        want |= 1u << VIRTIO_RING_F_EVENT_IDX;
+    mmio_write32(common + C_GF, f & want);
+    event_idx = (f & want & (1u << VIRTIO_RING_F_EVENT_IDX)) != 0;
     mmio_write32(common + C_GFSEL, 1);
     mmio_write32(common + C_GF, 1); /* VERSION_1 */
     mmio_write8(common + C_STATUS, 1 | 2 | 8);
@@ -435,6 +449,14 @@ static void virtio_init(void)
     rx_notify = notify_base + mmio_read16(common + C_QNOTIFY_OFF) * notify_mult;
     setup_queue(1, &txq);
     tx_notify = notify_base + mmio_read16(common + C_QNOTIFY_OFF) * notify_mult;
+    /* MSI-X unless `msix=0` (the rings are still polled: interrupts stay off). */
+    msix = !cmdline_has("msix=0") && msix_enable(slot, common, 2, 0x40);
+    prefix();
+    puts("virtio msix=");
+    put_dec(msix);
+    puts(" event_idx=");
+    put_dec(event_idx);
+    putc('\n');
     for (u32 i = 0; i < 6; i++)
         mac[i] = mmio_read8(devcfg + i);
     /* All RX buffers to the device before DRIVER_OK. */
@@ -516,10 +538,8 @@ NORETURN void netecho_user_main(void)
                 tx_kick();
         }
         tx_kick();
-        if (reposted) {
-            mb();
-            mmio_write16(rx_notify, 0);
-        }
+        if (reposted)
+            notify_if_needed(&rxq, rx_notify, 0, reposted);
         /* The PIT costs three port exits: read it when idle or every 64 batches. */
         if (reposted && (++batches & 63) != 0)
             continue;

@@ -108,7 +108,7 @@ impl From<DisksShape> for VmState {
             platform: s.platform,
             devices: VirtioDevicesState {
                 block: s.devices.block,
-                net: Vec::new(),
+                ..Default::default()
             },
         }
     }

@@ -21,6 +21,7 @@
 //! | `pci-host`   | 0                   | `PciState`            | 1       |
 //! | `virtio-blk` | index in `disks`    | `VirtioPciState`      | 1       |
 //! | `virtio-net` | index in `nets`     | `VirtioPciState`      | 1       |
+//! | `virtio-msix`| disks, then nets    | `TransportMsixState` (optional) | 1 |
 //!
 //! Loading dispatches on the version each section names ([`Versioned`]): the current one
 //! decodes directly, an older one in the accepted window goes through that struct's
@@ -86,7 +87,8 @@ pub struct VmState {
     /// Emulated devices.
     pub platform: PlatformState,
     /// virtio-pci devices, in `config.disks` and `config.nets` order. No request is ever
-    /// in flight in a saved state: requests complete on the vCPU thread that notified them.
+    /// in flight in a saved state: the pause waits for the device workers to complete
+    /// the request they are on, and they take no new one.
     pub devices: VirtioDevicesState,
 }
 

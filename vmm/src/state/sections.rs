@@ -12,6 +12,7 @@ use crate::devices::acpi_pm::AcpiPmState;
 use crate::devices::pci::PciState;
 use crate::devices::platform::PlatformState;
 use crate::devices::serial::SerialState;
+use crate::devices::virtio::pci::TransportMsixState;
 use crate::devices::virtio::{VirtioDevicesState, VirtioPciState};
 use crate::vstate::vcpu::VcpuState;
 use crate::vstate::vm::VmKvmState;
@@ -41,6 +42,10 @@ pub mod names {
     pub const VIRTIO_BLK: &str = "virtio-blk";
     /// One virtio-net transport per network interface.
     pub const VIRTIO_NET: &str = "virtio-net";
+    /// The MSI-X side of every virtio transport (table, pending bits, queue vectors):
+    /// instance `i` is disk `i`, then the interfaces follow the disks. Absent in states
+    /// of launchers without MSI-X: the devices then continue on INTx.
+    pub const VIRTIO_MSIX: &str = "virtio-msix";
 }
 
 /// Every section name this build reads; anything else is refused as unknown.
@@ -53,6 +58,7 @@ const KNOWN: &[&str] = &[
     names::PCI_HOST,
     names::VIRTIO_BLK,
     names::VIRTIO_NET,
+    names::VIRTIO_MSIX,
 ];
 
 /// A state struct that travels as a section: its version, and how older versions become
@@ -93,6 +99,9 @@ impl Versioned for PciState {
     const VERSION: u32 = 1;
 }
 impl Versioned for VirtioPciState {
+    const VERSION: u32 = 1;
+}
+impl Versioned for TransportMsixState {
     const VERSION: u32 = 1;
 }
 
@@ -181,6 +190,9 @@ fn to_sections(st: &VmState) -> Result<Vec<Section>, StateError> {
     for (i, d) in st.devices.net.iter().enumerate() {
         out.push(section(names::VIRTIO_NET, i, d)?);
     }
+    for (i, m) in st.devices.msix.iter().enumerate() {
+        out.push(section(names::VIRTIO_MSIX, i, m)?);
+    }
     Ok(out)
 }
 
@@ -253,6 +265,7 @@ fn from_sections(sections: Vec<Section>) -> Result<VmState, StateError> {
         devices: VirtioDevicesState {
             block: t.all(names::VIRTIO_BLK)?,
             net: t.all(names::VIRTIO_NET)?,
+            msix: t.all(names::VIRTIO_MSIX)?,
         },
     })
 }

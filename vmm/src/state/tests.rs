@@ -252,3 +252,42 @@ fn loading_dispatches_on_the_section_version() {
         "{e}"
     );
 }
+
+#[test]
+fn msix_travels_as_optional_sections_one_per_device() {
+    use crate::devices::virtio::msix::{MsixEntry, MsixState};
+    use crate::devices::virtio::pci::TransportMsixState;
+    // A state of a launcher without MSI-X (the v0 fixture: one disk, one interface) has
+    // no virtio-msix section: its devices continue on INTx.
+    let mut st = VmState::from_bytes(&fixture("state-v0.bin")).unwrap();
+    assert!(st.devices.msix.is_empty());
+    let entry = MsixEntry {
+        address: 0xfee0_0000,
+        data: 0x41,
+        control: 0,
+    };
+    let msix = |vectors: usize| TransportMsixState {
+        msix: Some(MsixState {
+            table: vec![entry; vectors],
+            pba: 0b10,
+        }),
+        config_vector: 0xffff,
+        queue_vectors: (0..vectors as u16 - 1).collect(),
+    };
+    st.devices.msix = vec![msix(2), msix(3)];
+    let bytes = st.to_bytes().unwrap();
+    let names: Vec<(String, u32)> = split(&bytes)
+        .into_iter()
+        .filter(|s| s.name == names::VIRTIO_MSIX)
+        .map(|s| (s.name, s.instance))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            (names::VIRTIO_MSIX.to_string(), 0),
+            (names::VIRTIO_MSIX.to_string(), 1)
+        ]
+    );
+    let back = VmState::from_bytes(&bytes).unwrap();
+    assert_eq!(back.devices.msix, st.devices.msix);
+}

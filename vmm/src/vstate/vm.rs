@@ -4,11 +4,13 @@
 use kvm_bindings::{
     kvm_clock_data, kvm_irq_routing_entry, kvm_irqchip, kvm_pit_config, kvm_pit_state2,
     kvm_userspace_memory_region, KvmIrqRouting, KVM_CLOCK_TSC_STABLE, KVM_IRQCHIP_IOAPIC,
-    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
     KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 use super::memory::{GuestRam, PAGE_SIZE};
 
@@ -63,7 +65,8 @@ pub struct HostCaps {
 /// A KVM VM with its memory registered.
 pub struct KvmVm {
     kvm: Kvm,
-    fd: VmFd,
+    fd: Arc<VmFd>,
+    router: Arc<GsiRouter>,
     caps: HostCaps,
     /// (slot, gpa, size, host address) of every RAM slot.
     slots: Vec<(u32, u64, u64, u64)>,
@@ -105,48 +108,27 @@ impl KvmVm {
             ..Default::default()
         };
         ioctl("KVM_CREATE_PIT2", fd.create_pit2(pit))?;
-        let vm = Self {
+        let fd = Arc::new(fd);
+        let router = Arc::new(GsiRouter {
+            vm: fd.clone(),
+            inner: Mutex::new(RouterInner {
+                msi: BTreeMap::new(),
+                next_gsi: FIRST_MSI_GSI,
+            }),
+        });
+        router.commit(&router.lock())?;
+        Ok(Self {
             kvm,
             fd,
+            router,
             caps,
             slots: Vec::new(),
-        };
-        vm.set_gsi_routing()?;
-        Ok(vm)
+        })
     }
 
-    /// Route GSIs as QEMU q35 does: GSI 0 (the PIT) to IOAPIC pin 2, GSI n to pin n,
-    /// and the ISA GSIs also to the 8259s. The default KVM routing sends the PIT to pin 0,
-    /// which disagrees with the MADT's interrupt source override.
-    fn set_gsi_routing(&self) -> Result<(), VmError> {
-        let mut entries = Vec::new();
-        let irqchip = |gsi: u32, chip: u32, pin: u32| {
-            let mut e = kvm_irq_routing_entry {
-                gsi,
-                type_: KVM_IRQ_ROUTING_IRQCHIP,
-                ..Default::default()
-            };
-            e.u.irqchip.irqchip = chip;
-            e.u.irqchip.pin = pin;
-            e
-        };
-        for gsi in 0..24u32 {
-            if gsi < 16 && gsi != 2 {
-                let chip = if gsi < 8 {
-                    KVM_IRQCHIP_PIC_MASTER
-                } else {
-                    KVM_IRQCHIP_PIC_SLAVE
-                };
-                entries.push(irqchip(gsi, chip, gsi % 8));
-            }
-            let pin = if gsi == 0 { 2 } else { gsi };
-            if gsi != 2 {
-                entries.push(irqchip(gsi, KVM_IRQCHIP_IOAPIC, pin));
-            }
-        }
-        let routing = KvmIrqRouting::from_entries(&entries)
-            .map_err(|_| VmError::MissingCap("GSI routing table"))?;
-        ioctl("KVM_SET_GSI_ROUTING", self.fd.set_gsi_routing(&routing))
+    /// The GSI routing table, shared with the devices that program MSI routes.
+    pub fn router(&self) -> Arc<GsiRouter> {
+        self.router.clone()
     }
 
     /// The VM fd, for vCPU creation and irqfds.
@@ -262,5 +244,111 @@ impl KvmVm {
             ioctl("KVM_SET_IRQCHIP", self.fd.set_irqchip(c))?;
         }
         Ok(())
+    }
+}
+
+/// The first GSI handed out for MSI routes (0..=23 are the IOAPIC pins).
+const FIRST_MSI_GSI: u32 = 24;
+/// KVM's limit on routing entries (`KVM_MAX_IRQ_ROUTES`).
+const MAX_GSI: u32 = 4096;
+
+/// KVM's GSI routing table: the fixed irqchip routes plus the MSI routes that devices
+/// program when the guest writes an MSI-X table entry. `KVM_SET_GSI_ROUTING` replaces
+/// the whole table, so one owner keeps it and every change commits all of it.
+pub struct GsiRouter {
+    vm: Arc<VmFd>,
+    inner: Mutex<RouterInner>,
+}
+
+struct RouterInner {
+    /// gsi -> (address, data) of the MSI routes in force.
+    msi: BTreeMap<u32, (u64, u32)>,
+    next_gsi: u32,
+}
+
+impl std::fmt::Debug for GsiRouter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GsiRouter").finish_non_exhaustive()
+    }
+}
+
+impl GsiRouter {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RouterInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reserve `n` consecutive GSIs for MSI vectors; returns the first.
+    pub fn allocate(&self, n: u32) -> Result<u32, VmError> {
+        let mut r = self.lock();
+        let first = r.next_gsi;
+        let end = first
+            .checked_add(n)
+            .filter(|e| *e <= MAX_GSI)
+            .ok_or(VmError::MissingCap("free GSIs for MSI-X vectors"))?;
+        r.next_gsi = end;
+        Ok(first)
+    }
+
+    /// Set (`Some((address, data))`) or remove (`None`) the MSI route of each GSI given,
+    /// then hand the whole table to KVM once. Nothing is sent when nothing changed.
+    pub fn set_msi(&self, routes: &[(u32, Option<(u64, u32)>)]) -> Result<(), VmError> {
+        let mut r = self.lock();
+        let mut changed = false;
+        for &(gsi, route) in routes {
+            let old = match route {
+                Some(m) => r.msi.insert(gsi, m),
+                None => r.msi.remove(&gsi),
+            };
+            changed |= old != route;
+        }
+        if changed {
+            self.commit(&r)?;
+        }
+        Ok(())
+    }
+
+    /// Route GSIs as QEMU q35 does: GSI 0 (the PIT) to IOAPIC pin 2, GSI n to pin n,
+    /// and the ISA GSIs also to the 8259s (the default KVM routing sends the PIT to pin 0,
+    /// which disagrees with the MADT's interrupt source override); then the MSI routes.
+    fn commit(&self, r: &RouterInner) -> Result<(), VmError> {
+        let mut entries = Vec::new();
+        let irqchip = |gsi: u32, chip: u32, pin: u32| {
+            let mut e = kvm_irq_routing_entry {
+                gsi,
+                type_: KVM_IRQ_ROUTING_IRQCHIP,
+                ..Default::default()
+            };
+            e.u.irqchip.irqchip = chip;
+            e.u.irqchip.pin = pin;
+            e
+        };
+        for gsi in 0..24u32 {
+            if gsi < 16 && gsi != 2 {
+                let chip = if gsi < 8 {
+                    KVM_IRQCHIP_PIC_MASTER
+                } else {
+                    KVM_IRQCHIP_PIC_SLAVE
+                };
+                entries.push(irqchip(gsi, chip, gsi % 8));
+            }
+            let pin = if gsi == 0 { 2 } else { gsi };
+            if gsi != 2 {
+                entries.push(irqchip(gsi, KVM_IRQCHIP_IOAPIC, pin));
+            }
+        }
+        for (&gsi, &(address, data)) in &r.msi {
+            let mut e = kvm_irq_routing_entry {
+                gsi,
+                type_: KVM_IRQ_ROUTING_MSI,
+                ..Default::default()
+            };
+            e.u.msi.address_lo = address as u32;
+            e.u.msi.address_hi = (address >> 32) as u32;
+            e.u.msi.data = data;
+            entries.push(e);
+        }
+        let routing = KvmIrqRouting::from_entries(&entries)
+            .map_err(|_| VmError::MissingCap("GSI routing table"))?;
+        ioctl("KVM_SET_GSI_ROUTING", self.vm.set_gsi_routing(&routing))
     }
 }

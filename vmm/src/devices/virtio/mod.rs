@@ -5,23 +5,31 @@
 //!   device-specific and notify structures. The VMM assigns BAR0 a fixed address in the
 //!   32-bit PCI window ([`bar0_address`]) and routes it on the MMIO bus; the guest may size
 //!   the BAR but the device does not move if the guest writes another address.
-//! * Interrupts are INTx pin A of the device's slot, delivered as an edge through an irqfd
-//!   on IOAPIC GSI [`intx_gsi`] (the DSDT's `_PRT` says the same); the ISR register reads
-//!   and clears the cause. There is no MSI-X. Tiny guests poll the used ring instead.
-//! * Requests are processed synchronously on the vCPU thread that writes the queue's notify
-//!   register. So when the VM is paused no request is in flight: a saved state holds only
-//!   queue addresses and indices, never a half-done request.
+//! * Interrupts: MSI-X when the driver enables it (one vector per queue plus the
+//!   configuration vector, each an irqfd on a GSI with an MSI route, [`msix`]); otherwise
+//!   INTx pin A of the device's slot, delivered as an edge through an irqfd on IOAPIC GSI
+//!   [`intx_gsi`] (the DSDT's `_PRT` says the same), the ISR register reading and clearing
+//!   the cause. Tiny guests may also poll the used ring.
+//! * Requests are processed by one worker thread per device ([`worker`]), woken by a KVM
+//!   ioeventfd on each queue's notify address, so the vCPU thread never serves I/O. At a
+//!   pause the workers finish the request they are on and take no new one
+//!   ([`VirtioDevices::pause`]): a saved state holds only queue addresses and indices,
+//!   never a half-done request. A restored device makes its own eventfds, registers them
+//!   with its KVM VM before any vCPU runs, and looks at every queue when it resumes, so a
+//!   notification sent to the previous process is not lost.
+//! * `VIRTIO_RING_F_EVENT_IDX` is offered by every device and indirect descriptors by
+//!   virtio-blk; virtio-queue implements both.
 //! * [`block::Block`]: virtio-blk on a raw file ([`disk::DiskFile`]), slots from
 //!   [`FIRST_DISK_SLOT`].
-//! * [`net::Net`]: virtio-net on a TAP ([`tap::Tap`]), slots from [`FIRST_NET_SLOT`]. Its
-//!   receive side is the one exception to "requests on the vCPU thread": a thread per device
-//!   fills RX buffers when frames arrive (see the module), and is stopped at every pause.
+//! * [`net::Net`]: virtio-net on a TAP ([`tap::Tap`]), slots from [`FIRST_NET_SLOT`]; the
+//!   worker also watches the TAP and fills RX buffers when frames arrive.
 //!
 //! Every write the devices make into guest memory goes through vm-memory, which marks the
 //! VMM-side dirty bitmap that migration merges with KVM's dirty log.
 
 pub mod block;
 pub mod disk;
+pub mod msix;
 pub mod net;
 #[cfg(test)]
 mod net_tests;
@@ -30,23 +38,27 @@ pub mod pci;
 pub mod tap;
 #[cfg(test)]
 mod tests;
+pub mod worker;
 
 use std::sync::{Arc, Mutex};
 
-use kvm_ioctls::VmFd;
+use kvm_ioctls::IoEventAddress;
 use serde::{Deserialize, Serialize};
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use self::block::Block;
 use self::disk::DiskError;
-use self::pci::{VirtioPciDevice, BAR0_SIZE};
+use self::msix::Msix;
+use self::pci::{TransportMsixState, VirtioPciDevice, BAR0_SIZE, NOTIFY_MULTIPLIER, NOTIFY_OFFSET};
+use self::worker::{Worker, WorkerFds};
 use super::bus::lock;
 use super::pci::PciError;
 use super::platform::Platform;
 use super::BusError;
 use crate::config::DiskConfig;
 use crate::vstate::memory::GuestMemoryMmap;
+use crate::vstate::vm::KvmVm;
 
 /// PCI slot of the first disk; disk `i` sits in slot `FIRST_DISK_SLOT + i`.
 pub const FIRST_DISK_SLOT: u8 = 4;
@@ -127,6 +139,22 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
     /// Size of the backing resource, recorded in the state and checked on restore.
     fn backend_size(&self) -> u64;
+    /// True when `process_queue` takes every available buffer of queue `index` (so the
+    /// transport may suppress notifications while it drains the queue); false for a
+    /// queue whose buffers wait for the backend (virtio-net receive).
+    fn drains_queue(&self, _index: usize) -> bool {
+        true
+    }
+    /// Stop (or restart) using the backend; the transport calls this under its lock.
+    fn set_paused(&mut self, _paused: bool) {}
+    /// Do a due timed action; returns how long until the next one, if any.
+    fn timer_step(&mut self) -> Option<std::time::Duration> {
+        None
+    }
+    /// A descriptor the worker watches, and the queue to process when it is readable.
+    fn backend_fd(&self) -> Option<(std::os::fd::RawFd, usize)> {
+        None
+    }
 }
 
 /// One virtqueue as saved: `virtio_queue::QueueState` with serde.
@@ -187,23 +215,25 @@ pub struct VirtioDevicesState {
     /// virtio-net devices, in `VmConfig::nets` order (the MAC is in the configuration).
     #[serde(default)]
     pub net: Vec<VirtioPciState>,
+    /// MSI-X of every device, disks then interfaces; empty from a launcher without MSI-X.
+    /// Travels as its own `virtio-msix` sections (see `crate::state`), never inside this
+    /// struct's bincode, which the unsectioned legacy format still decodes.
+    #[serde(skip)]
+    pub msix: Vec<TransportMsixState>,
 }
 
-/// A virtio-blk device: its transport and the device behind it.
-type BlockPair = (Arc<Mutex<VirtioPciDevice>>, Arc<Mutex<Block>>);
-
-/// A virtio-net device: its RX thread (stopped first on drop), transport and device.
-struct NetDev {
-    _rx: net::RxThread,
+/// A device plugged in: its worker (stopped first on drop), transport and device.
+struct Attached<D> {
+    worker: Worker,
     pci: Arc<Mutex<VirtioPciDevice>>,
-    dev: Arc<Mutex<net::Net>>,
+    dev: Arc<Mutex<D>>,
 }
 
 /// The virtio devices of a VM, plugged into its platform.
 #[derive(Default)]
 pub struct VirtioDevices {
-    block: Vec<BlockPair>,
-    net: Vec<NetDev>,
+    block: Vec<Attached<Block>>,
+    net: Vec<Attached<net::Net>>,
 }
 
 impl std::fmt::Debug for VirtioDevices {
@@ -215,15 +245,99 @@ impl std::fmt::Debug for VirtioDevices {
     }
 }
 
+/// What [`attach`] needs besides the device.
+struct AttachCtx<'a> {
+    mem: &'a GuestMemoryMmap,
+    kvm: &'a KvmVm,
+    platform: &'a mut Platform,
+    /// A restored VM that does not run yet: the device takes no request until resumed.
+    paused: bool,
+}
+
+/// Plug `dev` into `slot`: INTx irqfd, MSI-X vectors, one ioeventfd per queue registered
+/// with KVM, the saved registers if any, the PCI and MMIO buses, and its worker thread.
+fn attach<D: VirtioDevice + 'static>(
+    dev: D,
+    slot: u8,
+    saved: Option<(&VirtioPciState, Option<&TransportMsixState>)>,
+    ctx: &mut AttachCtx<'_>,
+    name: String,
+) -> Result<Attached<D>, VirtioError> {
+    let irq_err = |e: &dyn std::fmt::Display| VirtioError::Irq(e.to_string());
+    let backend = dev.backend_fd();
+    let nq = dev.queue_max_sizes().len();
+    let dev = Arc::new(Mutex::new(dev));
+    let vm = ctx.kvm.fd();
+    let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| irq_err(&e))?;
+    vm.register_irqfd(&irq, intx_gsi(slot, 0))
+        .map_err(|e| irq_err(&e))?;
+    let msix = Msix::new(nq + 1, vm, ctx.kvm.router())?;
+    let mut queues = Vec::with_capacity(nq);
+    for q in 0..nq {
+        let evt = EventFd::new(EFD_NONBLOCK).map_err(|e| irq_err(&e))?;
+        let addr = bar0_address(slot) + NOTIFY_OFFSET + q as u64 * u64::from(NOTIFY_MULTIPLIER);
+        // The driver writes the queue index, 16 bits wide (virtio 1.x, 4.1.5.2); any other
+        // write reaches the MMIO handler, which signals the same eventfd.
+        vm.register_ioevent(&evt, &IoEventAddress::Mmio(addr), q as u16)
+            .map_err(|e| irq_err(&format!("ioeventfd: {e}")))?;
+        queues.push(evt);
+    }
+    let control = EventFd::new(EFD_NONBLOCK).map_err(|e| irq_err(&e))?;
+    let clone = |e: &EventFd| e.try_clone().map_err(|e| irq_err(&e));
+    let transport: Arc<Mutex<dyn VirtioDevice>> = dev.clone();
+    let mut pci = VirtioPciDevice::new(slot, transport, ctx.mem.clone(), irq)
+        .with_msix(msix)
+        .with_notifiers(
+            queues.iter().map(clone).collect::<Result<_, _>>()?,
+            clone(&control)?,
+        );
+    if let Some((regs, msix)) = saved {
+        pci.restore(regs)?;
+        pci.restore_msix(msix)?;
+    }
+    pci.set_paused(ctx.paused);
+    let pci = Arc::new(Mutex::new(pci));
+    lock(ctx.platform.pci_bus()).add_device(slot, Box::new(pci::ConfigHandle(pci.clone())))?;
+    ctx.platform
+        .insert_mmio(pci.clone(), bar0_address(slot), BAR0_SIZE)?;
+    let fds = WorkerFds {
+        queues,
+        control,
+        backend,
+    };
+    let worker = Worker::spawn(name, pci.clone(), fds).map_err(|e| irq_err(&e))?;
+    Ok(Attached { worker, pci, dev })
+}
+
+/// The slot of device `index` of a kind whose first slot is `first`.
+fn slot_of(first: u8, index: usize, what: &str) -> Result<u8, VirtioError> {
+    u8::try_from(index)
+        .ok()
+        .and_then(|i| first.checked_add(i))
+        .filter(|s| *s < 32)
+        .ok_or_else(|| VirtioError::BadState(format!("no PCI slot for {what} {index}")))
+}
+
+/// The saved registers of device `index` of `list`, and its MSI-X part (at `msix_index`
+/// of `VirtioDevicesState::msix`, when the state has one).
+fn saved_of<'a>(
+    saved: Option<&'a VirtioDevicesState>,
+    list: impl Fn(&'a VirtioDevicesState) -> &'a [VirtioPciState],
+    index: usize,
+    msix_index: usize,
+) -> Option<(&'a VirtioPciState, Option<&'a TransportMsixState>)> {
+    saved.map(|s| (&list(s)[index], s.msix.get(msix_index)))
+}
+
 impl VirtioDevices {
-    /// Open every disk of `disks` (no lock yet), create its virtio-blk device in its slot,
-    /// map BAR0 and wire INTx through an irqfd. With `saved`, the device registers come
-    /// from a snapshot or migration and must match `disks`.
+    /// Open every disk of `disks` (no lock yet), create its virtio-blk device in its slot
+    /// and plug it in ([`attach`]). With `saved`, the device registers come from a
+    /// snapshot or migration and must match `disks`; the device then starts paused.
     pub fn create(
         disks: &[DiskConfig],
         saved: Option<&VirtioDevicesState>,
         mem: &GuestMemoryMmap,
-        vm: &VmFd,
+        kvm: &KvmVm,
         platform: &mut Platform,
     ) -> Result<Self, VirtioError> {
         if let Some(s) = saved {
@@ -234,15 +348,18 @@ impl VirtioDevices {
                     disks.len()
                 )));
             }
+            check_msix_count(s)?;
         }
+        let mut ctx = AttachCtx {
+            mem,
+            kvm,
+            platform,
+            paused: saved.is_some(),
+        };
         let mut block = Vec::new();
         let mut seen: Vec<((u64, u64), String)> = Vec::new();
         for (i, cfg) in disks.iter().enumerate() {
-            let slot = u8::try_from(i)
-                .ok()
-                .and_then(|i| FIRST_DISK_SLOT.checked_add(i))
-                .filter(|s| *s < 32)
-                .ok_or_else(|| VirtioError::BadState(format!("no PCI slot for disk {i}")))?;
+            let slot = slot_of(FIRST_DISK_SLOT, i, "disk")?;
             let blk = Block::open(cfg)?;
             // OFD locks of one process conflict too, but say plainly what is wrong.
             if let Some(id) = blk.disk().identity() {
@@ -254,23 +371,8 @@ impl VirtioDevices {
                 }
                 seen.push((id, cfg.path.clone()));
             }
-            let dev = Arc::new(Mutex::new(blk));
-            let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VirtioError::Irq(e.to_string()))?;
-            vm.register_irqfd(&irq, intx_gsi(slot, 0))
-                .map_err(|e| VirtioError::Irq(e.to_string()))?;
-            let transport: Arc<Mutex<dyn VirtioDevice>> = dev.clone();
-            let mut pci = VirtioPciDevice::new(slot, transport, mem.clone(), irq);
-            if let Some(s) = saved {
-                pci.restore(&s.block[i])?;
-            }
-            let pci = Arc::new(Mutex::new(pci));
-            platform
-                .pci_bus()
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .add_device(slot, Box::new(pci::ConfigHandle(pci.clone())))?;
-            platform.insert_mmio(pci.clone(), bar0_address(slot), BAR0_SIZE)?;
-            block.push((pci, dev));
+            let s = saved_of(saved, |s| &s.block, i, i);
+            block.push(attach(blk, slot, s, &mut ctx, format!("blk{i}"))?);
         }
         Ok(VirtioDevices {
             block,
@@ -279,15 +381,15 @@ impl VirtioDevices {
     }
 
     /// Attach every interface of `nets` to its TAP (by `fd` if set, else by `tap` name),
-    /// create its virtio-net device and RX thread. With `saved`, the registers come from a
-    /// snapshot or migration. `paused`: a restored VM that does not run yet (the RX thread
-    /// leaves the TAP alone until [`VirtioDevices::resume_nets`]).
+    /// create its virtio-net device and plug it in. With `saved`, the registers come from
+    /// a snapshot or migration. `paused`: a restored VM that does not run yet (the device
+    /// leaves the TAP alone until [`VirtioDevices::resume`]).
     pub fn create_nets(
         &mut self,
         nets: &[crate::config::NetConfig],
         saved: Option<&VirtioDevicesState>,
         mem: &GuestMemoryMmap,
-        vm: &VmFd,
+        kvm: &KvmVm,
         platform: &mut Platform,
         paused: bool,
     ) -> Result<(), VirtioError> {
@@ -300,12 +402,14 @@ impl VirtioDevices {
                 )));
             }
         }
+        let mut ctx = AttachCtx {
+            mem,
+            kvm,
+            platform,
+            paused,
+        };
         for (index, cfg) in nets.iter().enumerate() {
-            let slot = u8::try_from(index)
-                .ok()
-                .and_then(|i| FIRST_NET_SLOT.checked_add(i))
-                .filter(|s| *s < 32)
-                .ok_or_else(|| VirtioError::BadState(format!("no PCI slot for net {index}")))?;
+            let slot = slot_of(FIRST_NET_SLOT, index, "net")?;
             let tap = match (cfg.fd, &cfg.tap) {
                 (Some(fd), _) => tap::Tap::from_fd(fd),
                 (None, Some(name)) => tap::Tap::open_named(name),
@@ -317,54 +421,44 @@ impl VirtioDevices {
                 }
             }
             .map_err(|source| VirtioError::Tap { index, source })?;
-            let host = |e: std::io::Error| VirtioError::Net {
+            let name = tap.name().to_string();
+            let dev = net::Net::new(tap, cfg.mac, paused).map_err(|e| VirtioError::Net {
                 index,
                 why: e.to_string(),
-            };
-            let name = tap.name().to_string();
-            let dev = Arc::new(Mutex::new(
-                net::Net::new(tap, cfg.mac, paused).map_err(host)?,
-            ));
-            let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VirtioError::Irq(e.to_string()))?;
-            vm.register_irqfd(&irq, intx_gsi(slot, 0))
-                .map_err(|e| VirtioError::Irq(e.to_string()))?;
-            let transport: Arc<Mutex<dyn VirtioDevice>> = dev.clone();
-            let mut pci = VirtioPciDevice::new(slot, transport, mem.clone(), irq);
-            if let Some(s) = saved {
-                pci.restore(&s.net[index])?;
-            }
-            let pci = Arc::new(Mutex::new(pci));
-            platform
-                .pci_bus()
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .add_device(slot, Box::new(pci::ConfigHandle(pci.clone())))?;
-            platform.insert_mmio(pci.clone(), bar0_address(slot), BAR0_SIZE)?;
-            let rx = net::RxThread::spawn(pci.clone(), dev.clone(), format!("net{index}-rx"))
-                .map_err(host)?;
+            })?;
+            let s = saved_of(saved, |s| &s.net, index, self.block.len() + index);
+            let attached = attach(dev, slot, s, &mut ctx, format!("net{index}"))?;
             tracing::info!(
                 tap = %name,
                 mac = %netcfg::format_mac(&cfg.mac),
                 slot,
                 "virtio-net attached"
             );
-            self.net.push(NetDev { _rx: rx, pci, dev });
+            self.net.push(attached);
         }
         Ok(())
     }
 
-    /// Stop reading the TAPs (the vCPUs are paused or about to be). Returns once no RX
-    /// pass is in progress: frames are in guest memory or still in the TAP queue.
-    pub fn pause_nets(&self) {
-        for n in &self.net {
-            lock(&n.dev).set_paused(true);
+    fn transports(&self) -> impl Iterator<Item = (&Arc<Mutex<VirtioPciDevice>>, &Worker)> {
+        let b = self.block.iter().map(|a| (&a.pci, &a.worker));
+        b.chain(self.net.iter().map(|a| (&a.pci, &a.worker)))
+    }
+
+    /// Stop taking requests (the vCPUs are paused or about to be). Returns once every
+    /// worker finished the request it was on: completed requests are in the used rings,
+    /// the others wait in the avail rings (and frames in the TAP queues).
+    pub fn pause(&self) {
+        for (pci, _) in self.transports() {
+            lock(pci).set_paused(true);
         }
     }
 
-    /// Read the TAPs again.
-    pub fn resume_nets(&self) {
-        for n in &self.net {
-            lock(&n.dev).set_paused(false);
+    /// Take requests again, and look at every queue (notifications may have arrived
+    /// while paused, or in the previous process).
+    pub fn resume(&self) {
+        for (pci, worker) in self.transports() {
+            lock(pci).set_paused(false);
+            worker.kick();
         }
     }
 
@@ -372,6 +466,7 @@ impl VirtioDevices {
     pub fn announce_nets(&self) {
         for n in &self.net {
             lock(&n.dev).announce();
+            n.worker.kick();
         }
     }
 
@@ -391,30 +486,51 @@ impl VirtioDevices {
     /// Save every device's registers. The vCPUs must be paused.
     pub fn state(&self) -> VirtioDevicesState {
         VirtioDevicesState {
-            block: self.block.iter().map(|(p, _)| lock(p).state()).collect(),
-            net: self.net.iter().map(|n| lock(&n.pci).state()).collect(),
+            block: self.block.iter().map(|a| lock(&a.pci).state()).collect(),
+            net: self.net.iter().map(|a| lock(&a.pci).state()).collect(),
+            // All or none (sections are numbered 0..n): none while no driver uses MSI-X,
+            // so that a launcher without MSI-X can still load the state.
+            msix: if self.transports().any(|(p, _)| lock(p).msix_in_use()) {
+                self.transports()
+                    .map(|(p, _)| lock(p).msix_state())
+                    .collect()
+            } else {
+                Vec::new()
+            },
         }
     }
 
     /// Take every disk's ownership lock (idempotent). On failure the locks taken by this
     /// call stay taken; the caller must not run the guest.
     pub fn lock_disks(&self) -> Result<(), VirtioError> {
-        for (_, b) in &self.block {
-            lock(b).disk_mut().lock()?;
+        for a in &self.block {
+            lock(&a.dev).disk_mut().lock()?;
         }
         Ok(())
     }
 
     /// Release every disk's ownership lock (idempotent). The vCPUs must be paused.
     pub fn unlock_disks(&self) -> Result<(), VirtioError> {
-        for (_, b) in &self.block {
-            lock(b).disk_mut().unlock()?;
+        for a in &self.block {
+            lock(&a.dev).disk_mut().unlock()?;
         }
         Ok(())
     }
 
     /// True when every disk holds its lock.
     pub fn disks_locked(&self) -> bool {
-        self.block.iter().all(|(_, b)| lock(b).disk().is_locked())
+        self.block.iter().all(|a| lock(&a.dev).disk().is_locked())
     }
+}
+
+/// A state with MSI-X parts has one per device.
+fn check_msix_count(s: &VirtioDevicesState) -> Result<(), VirtioError> {
+    let devices = s.block.len() + s.net.len();
+    if !s.msix.is_empty() && s.msix.len() != devices {
+        return Err(VirtioError::BadState(format!(
+            "the state has MSI-X for {} devices but {devices} devices",
+            s.msix.len()
+        )));
+    }
+    Ok(())
 }

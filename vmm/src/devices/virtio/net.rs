@@ -5,18 +5,19 @@
 //! up) and nothing else: no checksum or segmentation offload (the TAP has them off too), no
 //! mergeable buffers, no control queue. Every frame is at most [`MAX_FRAME`] bytes.
 //!
-//! * **TX** runs on the vCPU thread at the notify write: each chain is header + frame; the
+//! * **TX** runs on the device's worker thread ([`super::worker`]) when the guest notifies
+//!   the TX queue (an ioeventfd): each chain is header + frame; the
 //!   guest's header is replaced by a zero one (no offload was negotiated, so nothing in it
 //!   may reach the host), and the frame is written to the TAP. A chain that is malformed,
 //!   shorter than a header plus an Ethernet header, longer than [`MAX_FRAME`] or that the
 //!   TAP refuses is dropped (counted) and returned to the guest. TX never blocks.
-//! * **RX**: a thread per device ([`RxThread`]) polls the TAP and, when a frame is waiting
-//!   and the driver posted buffers, fills them through the transport (under its lock, as a
-//!   notify would), through vm-memory, so the VMM dirty bitmap sees every byte, then raises
-//!   the interrupt. A guest notify on the RX queue (new buffers) also drains the TAP on the
-//!   vCPU thread. A frame is read from the TAP only once a buffer chain is at hand; a frame
-//!   that does not fit the chain is dropped and the chain kept for the next one.
-//! * **Pause**: [`Net::set_paused`] takes the device lock, so it waits for an RX pass in
+//! * **RX**: the same worker watches the TAP (edge-triggered) and, when a frame is waiting
+//!   and the driver posted buffers, fills them through the transport (under its lock),
+//!   through vm-memory, so the VMM dirty bitmap sees every byte, then raises the interrupt.
+//!   A guest notify on the RX queue (new buffers) drains the TAP again. A frame is read
+//!   from the TAP only once a buffer chain is at hand; a frame that does not fit the chain
+//!   is dropped and the chain kept for the next one.
+//! * **Pause**: the transport's pause takes its lock, so it waits for an RX or TX pass in
 //!   progress to complete; afterwards nothing is read from the TAP until resume. So at a
 //!   pause no frame is in flight inside the VMM: frames are either in guest memory (used
 //!   ring written) or still queued in the TAP. A local migration hands the TAP itself to
@@ -25,20 +26,14 @@
 //!   guest's MAC (as QEMU's `announce-self`: five, 50 to 350 ms apart) so that bridges and switches learn where the
 //!   guest is now.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
 use virtio_queue::{Queue, QueueT};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::pci::VirtioPciDevice;
 use super::tap::{Tap, VNET_HDR_LEN};
 use super::VirtioDevice;
-use crate::devices::bus::lock;
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// Entries of each queue.
@@ -79,9 +74,6 @@ pub struct Net {
     tap: Tap,
     mac: [u8; 6],
     paused: bool,
-    /// RX found no buffer (or could not run): the RX thread waits for a kick.
-    rx_wait_buffers: bool,
-    kick: EventFd,
     buf: Vec<u8>,
     counters: NetCounters,
     announce_left: u8,
@@ -105,8 +97,6 @@ impl Net {
             tap,
             mac,
             paused,
-            rx_wait_buffers: false,
-            kick: EventFd::new(EFD_NONBLOCK)?,
             buf: vec![0; VNET_HDR_LEN + MAX_FRAME],
             counters: NetCounters::default(),
             announce_left: 0,
@@ -124,23 +114,11 @@ impl Net {
         self.counters
     }
 
-    /// Stop (or restart) using the TAP. Pausing waits for an RX pass in progress (it holds
-    /// this device's lock), so afterwards nothing is in flight.
-    pub fn set_paused(&mut self, paused: bool) {
-        self.paused = paused;
-        self.rx_wait_buffers = false;
-        self.wake();
-    }
-
-    /// Send RARP announcements for the guest's MAC (now, then after 50, 150, 250, 350 ms).
+    /// Send RARP announcements for the guest's MAC (now, then after 50, 150, 250, 350 ms),
+    /// from the worker (kick it after this call).
     pub fn announce(&mut self) {
         self.announce_left = ANNOUNCE_ROUNDS;
         self.next_announce = Instant::now();
-        self.wake();
-    }
-
-    fn wake(&self) {
-        let _ = self.kick.write(1);
     }
 
     /// The RARP frame QEMU sends for a MAC: broadcast, ethertype 0x8035, "request reverse".
@@ -180,14 +158,12 @@ impl Net {
     }
 
     fn process_rx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        self.rx_wait_buffers = false;
         if self.paused {
             return false;
         }
         let mut used = false;
         for _ in 0..queue.size() {
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                self.rx_wait_buffers = true;
                 break;
             };
             let head = chain.head_index();
@@ -348,12 +324,7 @@ impl VirtioDevice for Net {
 
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         match index {
-            RX_QUEUE => {
-                let used = self.process_rx(queue, mem);
-                // New buffers: let the RX thread watch the TAP again.
-                self.wake();
-                used
-            }
+            RX_QUEUE => self.process_rx(queue, mem),
             TX_QUEUE => self.process_tx(queue, mem),
             _ => false,
         }
@@ -362,104 +333,20 @@ impl VirtioDevice for Net {
     fn backend_size(&self) -> u64 {
         0
     }
-}
 
-/// The thread that moves frames from the TAP into the guest.
-pub struct RxThread {
-    stop: Arc<AtomicBool>,
-    kick: EventFd,
-    join: Option<JoinHandle<()>>,
-}
-
-impl RxThread {
-    /// Start polling `net`'s TAP on behalf of `transport`.
-    pub fn spawn(
-        transport: Arc<Mutex<VirtioPciDevice>>,
-        net: Arc<Mutex<Net>>,
-        name: String,
-    ) -> std::io::Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let kick = lock(&net).kick.try_clone()?;
-        let (stop2, kick2) = (stop.clone(), kick.try_clone()?);
-        let join = std::thread::Builder::new()
-            .name(name)
-            .spawn(move || rx_loop(&transport, &net, &stop2, &kick2))?;
-        Ok(RxThread {
-            stop,
-            kick,
-            join: Some(join),
-        })
+    fn drains_queue(&self, index: usize) -> bool {
+        index == TX_QUEUE
     }
-}
 
-impl Drop for RxThread {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = self.kick.write(1);
-        if let Some(j) = self.join.take() {
-            let _ = j.join();
-        }
+    fn set_paused(&mut self, paused: bool) {
+        self.paused = paused;
     }
-}
 
-/// When no kick comes, look again this often (a driver that posts buffers without
-/// notifying, a driver that became ready).
-const RX_IDLE_POLL: Duration = Duration::from_millis(100);
+    fn timer_step(&mut self) -> Option<Duration> {
+        self.announce_step()
+    }
 
-fn rx_loop(
-    transport: &Arc<Mutex<VirtioPciDevice>>,
-    net: &Arc<Mutex<Net>>,
-    stop: &AtomicBool,
-    kick: &EventFd,
-) {
-    while !stop.load(Ordering::SeqCst) {
-        let (tap_fd, watch_tap, announce_in) = {
-            let mut n = lock(net);
-            let a = n.announce_step();
-            (n.tap.raw_fd(), !n.paused && !n.rx_wait_buffers, a)
-        };
-        let mut fds = [
-            libc::pollfd {
-                fd: std::os::fd::AsRawFd::as_raw_fd(kick),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: tap_fd,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        let nfds = if watch_tap { 2 } else { 1 };
-        let timeout = announce_in.unwrap_or(RX_IDLE_POLL).min(RX_IDLE_POLL);
-        // SAFETY: `fds` is a live array of at least `nfds` pollfd structures.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), nfds, timeout.as_millis() as i32) };
-        if rc < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                tracing::error!("virtio-net RX poll: {e}; the RX thread stops");
-                return;
-            }
-            continue;
-        }
-        if fds[0].revents != 0 {
-            let _ = kick.read();
-        }
-        if stop.load(Ordering::SeqCst) {
-            return;
-        }
-        {
-            let mut n = lock(net);
-            if n.paused {
-                continue;
-            }
-            // Stays set unless an RX pass runs and finds buffers.
-            n.rx_wait_buffers = true;
-        }
-        if watch_tap && fds[1].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
-            tracing::warn!("virtio-net: the TAP reports an error or hang-up");
-            std::thread::sleep(RX_IDLE_POLL);
-        }
-        lock(transport).notify_from_backend(RX_QUEUE);
+    fn backend_fd(&self) -> Option<(std::os::fd::RawFd, usize)> {
+        Some((self.tap.raw_fd(), RX_QUEUE))
     }
 }

@@ -225,12 +225,12 @@ fn rx_fills_posted_buffers_and_keeps_frames_while_paused() {
     let mut with_hdr = vec![0u8; VNET_HDR_LEN];
     with_hdr.extend_from_slice(&f);
     // Paused: the frame stays in the "TAP" even though a buffer is posted.
-    lock(&rig.net).set_paused(true);
+    rig.dev.set_paused(true);
     rig.host.send(&with_hdr).unwrap();
     assert_eq!(rig.post(RX_QUEUE, 0, &[(BUF, 2048, WRITE)], true), 0);
     // Resumed: the next RX pass delivers it.
-    lock(&rig.net).set_paused(false);
-    rig.dev.notify_from_backend(RX_QUEUE);
+    rig.dev.set_paused(false);
+    rig.dev.process(RX_QUEUE);
     assert_eq!(rig.used_idx(RX_QUEUE), 1);
     assert_eq!(rig.used_len(RX_QUEUE, 0) as usize, with_hdr.len());
     let mut got = vec![0u8; with_hdr.len()];
@@ -268,10 +268,17 @@ fn announce_sends_rarp_from_the_mac() {
     let rig = Rig::new();
     let (t, n) = (rig.dev.state(), rig.net.clone());
     assert_eq!(t.queues.len(), 2);
-    let rx =
-        super::net::RxThread::spawn(Arc::new(Mutex::new(rig.dev)), n.clone(), "test-rx".into())
-            .unwrap();
+    let evt = || EventFd::new(EFD_NONBLOCK).unwrap();
+    let control = evt();
+    let fds = super::worker::WorkerFds {
+        queues: vec![evt(), evt()],
+        control: control.try_clone().unwrap(),
+        backend: None,
+    };
     lock(&n).announce();
+    // The worker sends the announcements (it looks at the timer before each wait).
+    let rx = super::worker::Worker::spawn("test-net".into(), Arc::new(Mutex::new(rig.dev)), fds)
+        .unwrap();
     rig.host.set_nonblocking(false).unwrap();
     rig.host
         .set_read_timeout(Some(std::time::Duration::from_secs(5)))

@@ -10,6 +10,24 @@
 //! | `0x1000` | ISR status (read clears) | `cfg_type` 3 at `0x50` |
 //! | `0x2000` | device-specific configuration | `cfg_type` 4 at `0x60` |
 //! | `0x3000` | notify: queue `q` at `0x3000 + 4 q` | `cfg_type` 2 at `0x70`, multiplier 4 |
+//! | `0x4000` | MSI-X table, 16 bytes per vector | MSI-X capability at `0x84` |
+//! | `0x5000` | MSI-X pending bit array | (same) |
+//!
+//! **Notifications.** With [`VirtioPciDevice::with_notifiers`], each queue's notify address
+//! is a KVM ioeventfd (registered by the owner, see [`super::VirtioDevices`]), so the vCPU
+//! writes it without leaving the kernel and the device's worker thread
+//! ([`super::worker`]) calls [`VirtioPciDevice::process`]. A notify that still reaches
+//! the MMIO handler is forwarded to the same eventfd. Without notifiers (unit tests) the
+//! notify is processed at once on the caller's thread.
+//!
+//! **Interrupts.** A used buffer is signalled on the queue's MSI-X vector when the driver
+//! enabled MSI-X ([`super::msix`]), else by setting the ISR and pulsing INTx.
+//!
+//! **Pause.** Every request is processed under this device's lock and completed (used ring
+//! written) before the lock is released; [`VirtioPciDevice::set_paused`] takes the lock and
+//! from then on `process` does nothing. So once the pause returns, no request is in flight
+//! and the saved queue indices say exactly which requests are done. The notifications
+//! that arrive while paused are not lost: the resume processes every queue once.
 
 use std::sync::{Arc, Mutex};
 
@@ -17,9 +35,11 @@ use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
     VIRTIO_F_VERSION_1,
 };
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::msix::{Msix, MsixState};
 use super::{bar0_address, intx_gsi, QueueSaved, VirtioDevice, VirtioError, VirtioPciState};
 use crate::devices::bus::lock;
 use crate::devices::pci::{PciConfigSpace, PciDevice, PCI_CONFIG_SPACE_LEGACY_SIZE};
@@ -27,14 +47,22 @@ use crate::devices::{BusDevice, VmEvent};
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// Size of BAR0.
-pub const BAR0_SIZE: u64 = 0x4000;
+pub const BAR0_SIZE: u64 = 0x8000;
 const COMMON_OFFSET: u64 = 0x0000;
 const ISR_OFFSET: u64 = 0x1000;
 const DEVICE_OFFSET: u64 = 0x2000;
-const NOTIFY_OFFSET: u64 = 0x3000;
+pub(crate) const NOTIFY_OFFSET: u64 = 0x3000;
 const REGION_SIZE: u64 = 0x1000;
+const MSIX_TABLE_OFFSET: u64 = 0x4000;
+const MSIX_PBA_OFFSET: u64 = 0x5000;
+/// Configuration-space offset of the MSI-X capability (after the 20-byte notify one).
+const MSIX_CAP: usize = 0x84;
+const PCI_CAP_ID_MSIX: u8 = 0x11;
+/// Message control: MSI-X enable, function mask.
+const MSIX_ENABLE: u16 = 1 << 15;
+const MSIX_FUNCTION_MASK: u16 = 1 << 14;
 /// Bytes between two queues' notify addresses.
-const NOTIFY_MULTIPLIER: u32 = 4;
+pub(crate) const NOTIFY_MULTIPLIER: u32 = 4;
 
 const VIRTIO_PCI_VENDOR_ID: u16 = 0x1af4;
 const VIRTIO_PCI_DEVICE_ID_BASE: u16 = 0x1040;
@@ -56,6 +84,13 @@ pub struct VirtioPciDevice {
     device: Arc<Mutex<dyn VirtioDevice>>,
     mem: GuestMemoryMmap,
     irq: EventFd,
+    msix: Option<Msix>,
+    /// `msix_config` and each queue's `queue_msix_vector`.
+    config_vector: u16,
+    queue_vectors: Vec<u16>,
+    /// One eventfd per queue (the ioeventfds), and the worker's wake-up.
+    notifiers: Option<(Vec<EventFd>, EventFd)>,
+    paused: bool,
     queues: Vec<Queue>,
     device_feature_select: u32,
     driver_feature_select: u32,
@@ -88,6 +123,11 @@ impl VirtioPciDevice {
             device,
             mem,
             irq,
+            msix: None,
+            config_vector: VIRTIO_MSI_NO_VECTOR,
+            queue_vectors: vec![VIRTIO_MSI_NO_VECTOR; sizes.len()],
+            notifiers: None,
+            paused: false,
             queues,
             device_feature_select: 0,
             driver_feature_select: 0,
@@ -96,6 +136,84 @@ impl VirtioPciDevice {
             config_generation: 0,
             isr: 0,
             queue_select: 0,
+        }
+    }
+
+    /// Give the device MSI-X (one vector per queue plus the configuration vector) and
+    /// announce it in the capability list.
+    pub fn with_msix(mut self, msix: Msix) -> Self {
+        let n = msix.len() as u16;
+        let c = &mut self.config;
+        // Chain the notify capability (0x70) to MSI-X.
+        c.set(0x71, &[MSIX_CAP as u8]);
+        c.set(MSIX_CAP, &[PCI_CAP_ID_MSIX, 0]);
+        c.set(MSIX_CAP + 2, &(n - 1).to_le_bytes());
+        c.set(MSIX_CAP + 4, &(MSIX_TABLE_OFFSET as u32).to_le_bytes());
+        c.set(MSIX_CAP + 8, &(MSIX_PBA_OFFSET as u32).to_le_bytes());
+        c.set_writable(
+            MSIX_CAP + 2,
+            &(MSIX_ENABLE | MSIX_FUNCTION_MASK).to_le_bytes(),
+        );
+        self.msix = Some(msix);
+        self
+    }
+
+    /// Serve notifications on a worker thread: `queue_evts[q]` is queue `q`'s ioeventfd,
+    /// `kick` wakes the worker to process every queue (the driver became ready).
+    pub fn with_notifiers(mut self, queue_evts: Vec<EventFd>, kick: EventFd) -> Self {
+        self.notifiers = Some((queue_evts, kick));
+        self
+    }
+
+    /// Number of queues.
+    pub fn num_queues(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// Stop (or restart) processing requests. Pausing takes the device lock, so it waits
+    /// for a request being processed; afterwards nothing is in flight until the resume.
+    pub fn set_paused(&mut self, paused: bool) {
+        self.paused = paused;
+        lock(&self.device).set_paused(paused);
+    }
+
+    /// The backend's next timed event (see [`VirtioDevice::timer_step`]).
+    pub fn device_timer(&mut self) -> Option<std::time::Duration> {
+        lock(&self.device).timer_step()
+    }
+
+    fn kick_worker(&self) {
+        if let Some((_, kick)) = &self.notifiers {
+            let _ = kick.write(1);
+        }
+    }
+
+    fn msix_control(&self) -> (bool, bool) {
+        if self.msix.is_none() {
+            return (false, false);
+        }
+        let mut b = [0u8; 2];
+        self.config.read(MSIX_CAP as u16 + 2, &mut b);
+        let v = u16::from_le_bytes(b);
+        (v & MSIX_ENABLE != 0, v & MSIX_FUNCTION_MASK != 0)
+    }
+
+    /// A guest read of the PCI configuration space.
+    pub fn read_config_space(&self, offset: u16, data: &mut [u8]) {
+        self.config.read(offset, data);
+    }
+
+    /// A guest write to the PCI configuration space (through the write mask); a change
+    /// of the MSI-X enable or function-mask bit takes effect at once.
+    pub fn write_config_space(&mut self, offset: u16, data: &[u8]) {
+        self.config.write(offset, data);
+        let (offset, len) = (offset, data.len());
+        let ctl = MSIX_CAP as u16 + 2;
+        if offset < ctl + 2 && offset + len as u16 > ctl {
+            let (enabled, masked) = self.msix_control();
+            if let Some(m) = &mut self.msix {
+                m.set_control(enabled, masked);
+            }
         }
     }
 
@@ -220,6 +338,63 @@ impl VirtioPciDevice {
         Ok(())
     }
 
+    /// Load the MSI-X part saved by [`VirtioPciDevice::msix_state`] (after
+    /// [`VirtioPciDevice::restore`], whose configuration space holds the enable bits), and
+    /// program the routes of this VM. Absent (a launcher without MSI-X saved the device):
+    /// every vector stays unassigned and the driver keeps using INTx.
+    pub fn restore_msix(&mut self, s: Option<&TransportMsixState>) -> Result<(), VirtioError> {
+        let Some(s) = s else {
+            return Ok(());
+        };
+        let bad = |why: String| VirtioError::BadState(why);
+        if s.queue_vectors.len() != self.queues.len() {
+            return Err(bad(format!(
+                "{} queue vectors saved for {} queues",
+                s.queue_vectors.len(),
+                self.queues.len()
+            )));
+        }
+        let (enabled, masked) = self.msix_control();
+        match (&mut self.msix, &s.msix) {
+            (Some(m), Some(saved)) => m.restore(saved, enabled, masked)?,
+            (None, None) => {}
+            _ => return Err(bad("MSI-X saved on one side only".into())),
+        }
+        self.config_vector = s.config_vector;
+        self.queue_vectors = s.queue_vectors.clone();
+        Ok(())
+    }
+
+    /// True once the driver touched MSI-X (enabled it, assigned a vector or wrote the
+    /// table). A state whose devices are all untouched is written without MSI-X
+    /// sections, so that a launcher without MSI-X can still load it.
+    pub fn msix_in_use(&self) -> bool {
+        let untouched = self.msix.as_ref().is_none_or(|m| {
+            let st = m.state();
+            st.pba == 0
+                && st
+                    .table
+                    .iter()
+                    .all(|e| *e == super::msix::MsixEntry::default())
+        });
+        self.msix_control().0
+            || self.config_vector != VIRTIO_MSI_NO_VECTOR
+            || self
+                .queue_vectors
+                .iter()
+                .any(|v| *v != VIRTIO_MSI_NO_VECTOR)
+            || !untouched
+    }
+
+    /// The MSI-X table, pending bits and vector assignments, for `VmState`.
+    pub fn msix_state(&self) -> TransportMsixState {
+        TransportMsixState {
+            msix: self.msix.as_ref().map(Msix::state),
+            config_vector: self.config_vector,
+            queue_vectors: self.queue_vectors.clone(),
+        }
+    }
+
     /// The registers, for `VmState`.
     pub fn state(&self) -> VirtioPciState {
         VirtioPciState {
@@ -252,7 +427,7 @@ impl VirtioPciDevice {
     }
 
     fn device_features(&self) -> u64 {
-        lock(&self.device).features() | (1 << VIRTIO_F_VERSION_1)
+        lock(&self.device).features() | (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX)
     }
 
     fn reset(&mut self) {
@@ -265,6 +440,8 @@ impl VirtioPciDevice {
         self.status = 0;
         self.isr = 0;
         self.queue_select = 0;
+        self.config_vector = VIRTIO_MSI_NO_VECTOR;
+        self.queue_vectors.fill(VIRTIO_MSI_NO_VECTOR);
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
@@ -289,6 +466,11 @@ impl VirtioPciDevice {
                 && self.driver_features & (1 << VIRTIO_F_VERSION_1) != 0;
             if !accepted {
                 v &= !VIRTIO_CONFIG_S_FEATURES_OK;
+            } else {
+                let event_idx = self.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+                for q in &mut self.queues {
+                    q.set_event_idx(event_idx);
+                }
             }
         }
         if v & VIRTIO_CONFIG_S_DRIVER_OK != 0 && old & VIRTIO_CONFIG_S_DRIVER_OK == 0 {
@@ -306,6 +488,10 @@ impl VirtioPciDevice {
             }
         }
         self.status = v as u8;
+        if self.driver_ok() {
+            // Buffers posted before DRIVER_OK were not processed: look now.
+            self.kick_worker();
+        }
     }
 
     fn common_read(&mut self, offset: u64, data: &mut [u8]) {
@@ -323,13 +509,16 @@ impl VirtioPciDevice {
                 1 => self.driver_features >> 32,
                 _ => 0,
             },
-            (0x10, 2) => u64::from(VIRTIO_MSI_NO_VECTOR),
+            (0x10, 2) => u64::from(self.config_vector),
             (0x12, 2) => self.queues.len() as u64,
             (0x14, 1) => u64::from(self.status),
             (0x15, 1) => u64::from(self.config_generation),
             (0x16, 2) => u64::from(self.queue_select),
             (0x18, 2) => q.map_or(0, |q| u64::from(q.size())),
-            (0x1a, 2) => u64::from(VIRTIO_MSI_NO_VECTOR),
+            (0x1a, 2) => self
+                .queue_vectors
+                .get(usize::from(self.queue_select))
+                .map_or(u64::from(VIRTIO_MSI_NO_VECTOR), |v| u64::from(*v)),
             (0x1c, 2) => q.map_or(0, |q| u64::from(q.ready())),
             (0x1e, 2) => u64::from(self.queue_select),
             (0x20..=0x37, 4 | 8) => {
@@ -377,6 +566,13 @@ impl VirtioPciDevice {
                     _ => {}
                 }
             }
+            (0x10, 2) => self.config_vector = self.valid_vector(v16),
+            (0x1a, 2) => {
+                let v = self.valid_vector(v16);
+                if let Some(slot) = self.queue_vectors.get_mut(usize::from(self.queue_select)) {
+                    *slot = v;
+                }
+            }
             (0x14, 1) => self.set_status(v as u8),
             (0x16, 2) => self.queue_select = v16,
             (0x18, 2) if queue_cfg_allowed => {
@@ -410,8 +606,20 @@ impl VirtioPciDevice {
         }
     }
 
-    fn notify(&mut self, queue: usize) {
-        if !self.driver_ok() {
+    /// A vector the device has, or "no vector" (which the driver reads back as a refusal).
+    fn valid_vector(&self, v: u16) -> u16 {
+        match &self.msix {
+            Some(m) if usize::from(v) < m.len() => v,
+            _ => VIRTIO_MSI_NO_VECTOR,
+        }
+    }
+
+    /// Complete the available requests of `queue` (a notification arrived), then
+    /// interrupt the driver if it asked for it. Does nothing while paused or before the
+    /// driver is ready. Notifications are suppressed while the queue is being drained,
+    /// and the queue is looked at again if the driver added buffers meanwhile.
+    pub fn process(&mut self, queue: usize) {
+        if self.paused || !self.driver_ok() {
             return;
         }
         let Some(q) = self.queues.get_mut(queue) else {
@@ -420,19 +628,62 @@ impl VirtioPciDevice {
         if !q.ready() {
             return;
         }
-        let used = lock(&self.device).process_queue(queue, q, &self.mem);
-        if used && q.needs_notification(&self.mem).unwrap_or(true) {
-            self.isr |= 1;
-            if let Err(e) = self.irq.write(1) {
-                tracing::warn!(slot = self.slot, "virtio interrupt: {e}");
+        let mut dev = lock(&self.device);
+        let drains = dev.drains_queue(queue);
+        let mut used = false;
+        loop {
+            if drains {
+                let _ = q.disable_notification(&self.mem);
             }
+            let before = q.next_avail();
+            used |= dev.process_queue(queue, q, &self.mem);
+            let progressed = q.next_avail() != before;
+            // Re-enable (for EVENT_IDX: publish avail_event = next_avail); more buffers
+            // may have arrived before the driver could see it. A queue that did not move
+            // (a bogus avail index) is left for the next notification.
+            match q.enable_notification(&self.mem) {
+                Ok(true) if drains && progressed => continue,
+                _ => break,
+            }
+        }
+        drop(dev);
+        if used && q.needs_notification(&self.mem).unwrap_or(true) {
+            self.signal(queue);
         }
     }
 
-    /// Process queue `queue` on behalf of the backend (a frame arrived), exactly as a
-    /// guest notify would: only once the driver is ready, with the interrupt if needed.
-    pub fn notify_from_backend(&mut self, queue: usize) {
-        self.notify(queue);
+    /// Process every queue (a resume, or the driver became ready).
+    pub fn process_all(&mut self) {
+        for q in 0..self.queues.len() {
+            self.process(q);
+        }
+    }
+
+    /// Interrupt the driver for `queue`: its MSI-X vector when MSI-X is on, else INTx.
+    fn signal(&mut self, queue: usize) {
+        let vector = self.queue_vectors.get(queue).copied();
+        if let Some(m) = self.msix.as_mut().filter(|m| m.enabled()) {
+            if let Some(v) = vector.filter(|v| *v != VIRTIO_MSI_NO_VECTOR) {
+                m.signal(usize::from(v));
+            }
+            return;
+        }
+        self.isr |= 1;
+        if let Err(e) = self.irq.write(1) {
+            tracing::warn!(slot = self.slot, "virtio interrupt: {e}");
+        }
+    }
+
+    /// A write to queue `queue`'s notify address that reached the VMM.
+    fn notify(&mut self, queue: usize) {
+        match &self.notifiers {
+            Some((evts, _)) => {
+                if let Some(e) = evts.get(queue) {
+                    let _ = e.write(1);
+                }
+            }
+            None => self.process(queue),
+        }
     }
 
     fn decodes_memory(&self) -> bool {
@@ -459,6 +710,16 @@ impl BusDevice for VirtioPciDevice {
             }
             o if o < DEVICE_OFFSET => {}
             o if o < NOTIFY_OFFSET => lock(&self.device).read_config(o - DEVICE_OFFSET, data),
+            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
+                if let Some(m) = &self.msix {
+                    m.read_table(o - MSIX_TABLE_OFFSET, data);
+                }
+            }
+            o if o >= MSIX_PBA_OFFSET => {
+                if let Some(m) = &self.msix {
+                    m.read_pba(o - MSIX_PBA_OFFSET, data);
+                }
+            }
             _ => {}
         }
     }
@@ -477,6 +738,11 @@ impl BusDevice for VirtioPciDevice {
                     self.notify((rel / u64::from(NOTIFY_MULTIPLIER)) as usize);
                 }
             }
+            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
+                if let Some(m) = &mut self.msix {
+                    m.write_table(o - MSIX_TABLE_OFFSET, data);
+                }
+            }
             _ => {}
         }
         VmEvent::None
@@ -488,10 +754,22 @@ pub struct ConfigHandle(pub Arc<Mutex<VirtioPciDevice>>);
 
 impl PciDevice for ConfigHandle {
     fn config_read(&mut self, offset: u16, data: &mut [u8]) {
-        lock(&self.0).config.read(offset, data);
+        lock(&self.0).read_config_space(offset, data);
     }
 
     fn config_write(&mut self, offset: u16, data: &[u8]) {
-        lock(&self.0).config.write(offset, data);
+        lock(&self.0).write_config_space(offset, data);
     }
+}
+
+/// The MSI-X side of one transport as saved: table and pending bits, and which vector
+/// each queue and the configuration use.
+#[derive(serde::Serialize, serde::Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct TransportMsixState {
+    /// Table and pending bits; `None` for a device without MSI-X.
+    pub msix: Option<MsixState>,
+    /// `msix_config`.
+    pub config_vector: u16,
+    /// `queue_msix_vector` of each queue.
+    pub queue_vectors: Vec<u16>,
 }

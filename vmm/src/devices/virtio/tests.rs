@@ -196,7 +196,7 @@ fn config_space_describes_a_modern_virtio_blk() {
     // BAR sizing.
     h.config_write(0x10, &[0xff; 4]);
     h.config_read(0x10, &mut d);
-    assert_eq!(u32::from_le_bytes(d), 0xffff_c000);
+    assert_eq!(u32::from_le_bytes(d), 0xffff_8000, "a 32 KiB BAR0");
     h.config_write(0x10, &(bar0_address(4) as u32).to_le_bytes());
     h.config_read(0x10, &mut d);
     assert_eq!(u64::from(u32::from_le_bytes(d)), bar0_address(4));
@@ -364,4 +364,76 @@ fn state_roundtrip_continues_the_queue() {
         .unwrap_err()
         .to_string()
         .contains("bytes"));
+}
+
+#[test]
+fn msix_vector_is_pending_while_masked_and_fires_on_unmask() {
+    let kvm = crate::vstate::vm::KvmVm::new().expect("/dev/kvm");
+    let mut rig = Rig::new("msix", false);
+    let block = Block::open(&DiskConfig {
+        path: rig.path.clone(),
+        readonly: false,
+        shared: false,
+    })
+    .unwrap();
+    let msix = super::msix::Msix::new(2, kvm.fd(), kvm.router()).unwrap();
+    rig.dev = VirtioPciDevice::new(
+        4,
+        Arc::new(Mutex::new(block)),
+        rig.ram.memory().clone(),
+        rig.irq.try_clone().unwrap(),
+    )
+    .with_msix(msix);
+    assert_eq!(rig.init(1 << 32) & 4, 4, "driver ready");
+    assert!(
+        !rig.dev.msix_in_use(),
+        "an INTx driver's state needs no MSI-X section"
+    );
+    // The capability list: the four virtio capabilities, then MSI-X (2 vectors, table
+    // and PBA in BAR0); the notify capability keeps its multiplier.
+    let cfg = |dev: &VirtioPciDevice, off: u16| {
+        let mut d = [0u8; 4];
+        dev.read_config_space(off, &mut d);
+        u32::from_le_bytes(d)
+    };
+    assert_eq!(cfg(&rig.dev, 0x80), 4, "notify_off_multiplier");
+    assert_eq!(
+        cfg(&rig.dev, 0x70) >> 8 & 0xff,
+        0x84,
+        "notify cap links to MSI-X"
+    );
+    assert_eq!(cfg(&rig.dev, 0x84) & 0xff, 0x11);
+    assert_eq!(cfg(&rig.dev, 0x84) >> 16, 1, "table size - 1");
+    assert_eq!(cfg(&rig.dev, 0x88), 0x4000);
+    assert_eq!(cfg(&rig.dev, 0x8c), 0x5000);
+    // Queue 0 on vector 0; a vector the device does not have reads back as "none".
+    rig.w(0x16, 0, 2);
+    rig.w(0x1a, 5, 2);
+    assert_eq!(rig.r(0x1a, 2), 0xffff);
+    rig.w(0x1a, 0, 2);
+    assert_eq!(rig.r(0x1a, 2), 0);
+    // Entry 0: an x86 MSI to APIC 0, vector 0x41, unmasked.
+    rig.w(0x4000, 0xfee0_0000, 4);
+    rig.w(0x4004, 0, 4);
+    rig.w(0x4008, 0x41, 4);
+    rig.w(0x400c, 0, 4);
+    assert_eq!(rig.r(0x4000, 4), 0xfee0_0000);
+    // MSI-X on, function masked: a completion only sets the pending bit.
+    rig.dev.write_config_space(0x86, &0xc000u16.to_le_bytes());
+    assert_eq!(rig.request(0, 1, 512, WRITE).1, 0);
+    assert_eq!(rig.r(0x5000, 8), 1, "pending while masked");
+    assert_eq!(rig.r(0x1000, 1), 0, "no INTx with MSI-X on");
+    assert!(rig.irq.read().is_err(), "INTx not pulsed");
+    // Unmasking delivers it and clears the pending bit.
+    rig.dev.write_config_space(0x86, &0x8000u16.to_le_bytes());
+    assert_eq!(rig.r(0x5000, 8), 0);
+    // The table, pending bits and vectors travel with the state.
+    assert!(rig.dev.msix_in_use());
+    let saved = rig.dev.msix_state();
+    assert_eq!(saved.queue_vectors, vec![0]);
+    let table = &saved.msix.as_ref().unwrap().table;
+    assert_eq!(
+        (table[0].address, table[0].data, table[0].control),
+        (0xfee0_0000, 0x41, 0)
+    );
 }
