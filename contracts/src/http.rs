@@ -1,5 +1,7 @@
-//! A deliberately small HTTP/1.1 subset over Unix sockets, shared by the launcher's API
-//! (blocking) and noded's API (tokio).
+//! A deliberately small, blocking HTTP/1.1 subset over Unix sockets: the launcher's
+//! API server (one short-lived thread per connection, as Firecracker's), and the
+//! blocking client that noded's supervisor, `launcher migrate` and the tests use. (noded's
+//! own API is served by hyper and axum, with the same limits: `node/src/api.rs`.)
 //!
 //! Why not a full HTTP stack: both ends are ours, the peers are local processes, and
 //! every byte that arrives from another process must be bounded and checked before it is
@@ -9,16 +11,12 @@
 //! the header section is at most [`MAX_HEADER_BYTES`], a body at most [`MAX_BODY_BYTES`].
 //!
 //! The parsing core works on byte slices ([`parse_request_head`], [`parse_response_head`]);
-//! the blocking ([`read_request`], [`request`]) and async ([`read_request_async`],
-//! [`write_response_async`]) wrappers only move bytes.
+//! the blocking wrappers ([`read_request`], [`request`]) only move bytes.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
-
-#[cfg(feature = "async")]
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Largest accepted header section (request/status line plus headers, including the
 /// blank line). Anything larger is refused before more memory is used.
@@ -499,61 +497,6 @@ pub fn request_raw(
     read_response(&mut stream)
 }
 
-/// Reads one request from an async stream, with the same limits as [`read_request`].
-#[cfg(feature = "async")]
-pub async fn read_request_async<R: AsyncRead + Unpin>(r: &mut R) -> Result<Request, HttpError> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    let (head_end, head) = loop {
-        let n = r.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(HttpError::Eof);
-        }
-        let scan_from = buf.len().saturating_sub(3);
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(end) = find_head_end(&buf[scan_from..]).map(|e| e + scan_from) {
-            if end > MAX_HEADER_BYTES {
-                return Err(HttpError::HeadersTooLarge);
-            }
-            break (end, parse_request_head(&buf[..end])?);
-        }
-        if buf.len() > MAX_HEADER_BYTES {
-            return Err(HttpError::HeadersTooLarge);
-        }
-    };
-    let mut body = buf.split_off(head_end);
-    body.truncate(head.content_length);
-    if body.len() < head.content_length {
-        let already = body.len();
-        body.resize(head.content_length, 0);
-        r.read_exact(&mut body[already..]).await.map_err(|e| {
-            if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                HttpError::Eof
-            } else {
-                HttpError::Io(e)
-            }
-        })?;
-    }
-    Ok(Request {
-        method: head.method,
-        path: head.path,
-        query: head.query,
-        headers: head.headers,
-        body,
-    })
-}
-
-/// Writes a complete, already encoded response to an async stream.
-#[cfg(feature = "async")]
-pub async fn write_response_async<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    response: &[u8],
-) -> Result<(), HttpError> {
-    w.write_all(response).await?;
-    w.flush().await?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -690,24 +633,5 @@ mod tests {
         let e = request(dir.join("missing.sock"), "GET", "/", None).unwrap_err();
         assert!(matches!(e, HttpError::Connect { .. }));
         let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[cfg(feature = "async")]
-    #[test]
-    fn async_reader_matches_blocking() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let bytes = b"POST /v1/vms HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}".to_vec();
-            let r = read_request_async(&mut &bytes[..]).await.unwrap();
-            assert_eq!(r.method, "POST");
-            assert_eq!(r.body, b"{}");
-            let bad = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
-            assert!(matches!(
-                read_request_async(&mut &bad[..]).await,
-                Err(HttpError::TransferEncoding)
-            ));
-        });
     }
 }

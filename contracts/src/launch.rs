@@ -192,13 +192,10 @@ pub struct LaunchOptions {
     pub api_socket: Option<String>,
 }
 
-/// The `--memory` value: whole MiB as `<n>M` when possible, else bytes.
+/// The `--memory` value: the shortest exact binary quantity (`64Mi`, `12Ki`), which
+/// every launcher version reads the same (see [`crate::quantity`]).
 pub fn memory_arg(bytes: u64) -> String {
-    if bytes.is_multiple_of(1 << 20) {
-        format!("{}M", bytes >> 20)
-    } else {
-        bytes.to_string()
-    }
+    crate::quantity::format_binary(bytes)
 }
 
 impl LaunchOptions {
@@ -327,13 +324,13 @@ mod tests {
         assert_eq!(a[0], "run");
         for pair in [
             ["--cmdline", "every=5"],
-            ["--memory", "64M"],
+            ["--memory", "64Mi"],
             ["--disk", "path=/d,readonly=on"],
             ["--net", "tap=tap0,mac=52:54:00:00:00:07"],
             ["--api-socket", "/s/api.sock"],
         ] {
             assert!(a.windows(2).any(|w| w == pair), "{pair:?} in {a:?}");
         }
-        assert_eq!(memory_arg(4096 * 3), "12288");
+        assert_eq!(memory_arg(4096 * 3), "12Ki");
     }
 }

@@ -4,11 +4,12 @@
 //! programs; what crosses between them is defined here once, and both ends use it:
 //! the launcher's control API ([`launcher`]), the migration report ([`report`]), the
 //! launcher's command line ([`launch`]), the limits of a VM ([`limits`]) and the bounded
-//! HTTP/1.1 they travel in ([`http`]). Every wire type is camelCase and refuses unknown
-//! fields.
+//! HTTP/1.1 they travel in ([`http`]), and the one size grammar ([`quantity`]). Every
+//! wire type is camelCase and refuses unknown fields.
 
 pub mod http;
 pub mod launch;
 pub mod launcher;
 pub mod limits;
+pub mod quantity;
 pub mod report;

@@ -1,8 +1,7 @@
 //! Deterministic stand-in for the `http_request` cargo-fuzz target: a few thousand
-//! seeded mutations of the requests the launcher's and noded's API sockets take go
-//! through the same harness (`fuzz/harness/http_request.rs`): both request readers
-//! (blocking and async) must agree, never panic, and end bad input with a non-empty
-//! error. `FUZZ_STANDIN_ITERS` changes the count.
+//! seeded mutations of the requests the launcher's API socket takes go through the
+//! same harness (`fuzz/harness/http_request.rs`): the reader must never panic and must
+//! end bad input with a non-empty error. `FUZZ_STANDIN_ITERS` changes the count.
 
 #[path = "../../fuzz/harness/http_request.rs"]
 mod harness;
@@ -45,12 +44,6 @@ fn seeds() -> Vec<Vec<u8>> {
     ]
 }
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .build()
-        .expect("runtime")
-}
-
 /// With `FUZZ_WRITE_SEEDS` set, write the seeds to `fuzz/corpus/NAME/` for cargo-fuzz.
 fn write_seeds(name: &str, seeds: &[Vec<u8>]) {
     if std::env::var_os("FUZZ_WRITE_SEEDS").is_none() {
@@ -68,23 +61,17 @@ fn write_seeds(name: &str, seeds: &[Vec<u8>]) {
 #[test]
 fn seeds_parse() {
     write_seeds("http_request", &seeds());
-    let rt = rt();
     for s in seeds() {
-        assert!(
-            harness::run(&s, &rt).is_ok(),
-            "{}",
-            String::from_utf8_lossy(&s)
-        );
+        assert!(harness::run(&s).is_ok(), "{}", String::from_utf8_lossy(&s));
     }
 }
 
 #[test]
 fn mutated_requests_fail_cleanly() {
-    let rt = rt();
     let iters = mutate::iterations(5000);
     let (ok, err) =
         mutate::run_mutants("http_request", &seeds(), iters, 0x5eed_0003, 1 << 16, |d| {
-            harness::run(d, &rt)
+            harness::run(d)
         });
     eprintln!("http_request stand-in: {iters} mutants, {ok} parsed, {err} refused");
     assert!(err > 0 && ok > 0, "{ok} parsed, {err} refused");
@@ -93,11 +80,10 @@ fn mutated_requests_fail_cleanly() {
 /// Oversized inputs are refused by the limits, not by running out of memory.
 #[test]
 fn limits() {
-    let rt = rt();
     let mut huge = b"GET /v1/status HTTP/1.1\r\nX: ".to_vec();
     huge.extend(std::iter::repeat_n(b'a', 64 << 10));
     huge.extend_from_slice(b"\r\n\r\n");
-    assert!(harness::run(&huge, &rt).is_err());
+    assert!(harness::run(&huge).is_err());
     let big_body = b"PUT /v1/migrate HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n{}".to_vec();
-    assert!(harness::run(&big_body, &rt).is_err());
+    assert!(harness::run(&big_body).is_err());
 }

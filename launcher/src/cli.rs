@@ -41,6 +41,10 @@ pub enum Command {
     Migrate(crate::migrate_cli::MigrateArgs),
     /// Print what this launcher supports, as one JSON object.
     Capabilities,
+    /// Calls to a running launcher's API (status, pause, resume, shutdown,
+    /// migrate-status, migrate-cancel).
+    #[command(flatten)]
+    Api(crate::api_cli::ApiCmd),
 }
 
 /// `launcher run`.
@@ -53,17 +57,18 @@ pub struct RunArgs {
     #[arg(long)]
     pub initrd: Option<PathBuf>,
     /// Kernel command line.
-    #[arg(long, default_value = "")]
-    pub cmdline: String,
-    /// Guest memory, e.g. 128M, 1G, 512Mi.
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// Guest memory as a Kubernetes quantity: 128Mi, 1Gi (powers of 1024) or 500M, 1G
+    /// (powers of 1000, rounded up to whole 4 KiB pages).
     #[arg(long)]
     pub memory: Option<String>,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
-    pub vcpus: u32,
-    /// Machine type (versioned name, or the alias q35).
-    #[arg(long, default_value = "q35")]
-    pub machine_type: String,
+    /// Number of vCPUs [default: 1].
+    #[arg(long)]
+    pub vcpus: Option<u32>,
+    /// Machine type (versioned name, or the alias q35) [default: q35].
+    #[arg(long)]
+    pub machine_type: Option<String>,
     /// Serial console: stdio, or a file that is appended to.
     #[arg(long, default_value = "stdio")]
     pub serial: String,
@@ -203,10 +208,10 @@ mod tests {
         let r = parses(&o);
         assert_eq!(r.kernel, Some(PathBuf::from("/k.elf")));
         assert_eq!(r.initrd, Some(PathBuf::from("/i")));
-        assert_eq!(r.cmdline, "every=5 x=y");
-        let mem = vmm::config::parse_size(r.memory.as_deref().unwrap()).unwrap();
+        assert_eq!(r.cmdline.as_deref(), Some("every=5 x=y"));
+        let mem = contracts::quantity::parse(r.memory.as_deref().unwrap()).unwrap();
         assert_eq!(mem, boot.memory_bytes);
-        assert_eq!((r.vcpus, r.machine_type.as_str()), (3, "q35"));
+        assert_eq!((r.vcpus, r.machine_type.as_deref()), (Some(3), Some("q35")));
         assert_eq!(r.disk_args().unwrap(), boot.disks);
         assert_eq!(r.net_args().unwrap(), nets);
         assert_eq!(r.serial, "/s/console.log");

@@ -2,6 +2,7 @@
 //! tokio nor SQLite; the node daemon (`noded`, `nodectl`) lives in the `node` crate, and
 //! the two share only the typed contracts of the `contracts` crate.
 
+pub mod api_cli;
 pub mod cli;
 pub mod launch;
 pub mod migrate_cli;

@@ -27,8 +27,9 @@ pub struct MigrateArgs {
     /// Longest acceptable pause, in milliseconds.
     #[arg(long, default_value_t = contracts::launcher::DEFAULT_DOWNTIME_MS)]
     pub downtime_ms: u64,
-    /// Bandwidth cap in bytes per second (0 = unlimited).
-    #[arg(long, default_value_t = 0)]
+    /// Bandwidth cap in bytes per second, as a Kubernetes quantity (16Mi, 100M; 0 =
+    /// unlimited).
+    #[arg(long, default_value = "0", value_parser = parse_bandwidth)]
     pub max_bandwidth: u64,
     /// Throttle the vCPUs when the guest dirties memory faster than the link drains.
     #[arg(long)]
@@ -48,6 +49,10 @@ pub struct MigrateArgs {
     /// Allow plain, unauthenticated and unencrypted TCP to a tcp: destination.
     #[arg(long)]
     pub insecure: bool,
+}
+
+fn parse_bandwidth(s: &str) -> Result<u64, String> {
+    contracts::quantity::parse(s).map_err(|e| e.to_string())
 }
 
 fn api_err(socket: &std::path::Path, e: impl std::fmt::Display) -> LaunchError {
@@ -98,18 +103,19 @@ pub fn run(args: &MigrateArgs) -> Result<i32, LaunchError> {
     let call = std::thread::spawn(move || {
         http::request_with_timeout(&socket, "PUT", "/v1/migrate", Some(&body), None)
     });
-    let tty = std::io::stderr().is_terminal();
+    // On a terminal: a progress bar (indicatif); otherwise one line per iteration.
+    let bar = std::io::stderr().is_terminal().then(progress_bar);
     let mut last_iter = None;
     while !call.is_finished() {
         std::thread::sleep(Duration::from_millis(100));
         if let Ok((200, p)) = http::request(&args.api_socket, "GET", "/v1/migrate", None) {
             if let Ok(p) = serde_json::from_value::<MigrationProgress>(p) {
-                show_progress(&p, tty, &mut last_iter);
+                show_progress(&p, bar.as_ref(), &mut last_iter);
             }
         }
     }
-    if tty && last_iter.is_some() {
-        eprintln!();
+    if let Some(b) = bar {
+        b.finish_and_clear();
     }
     let (status, answer) = call
         .join()
@@ -135,28 +141,52 @@ pub fn run(args: &MigrateArgs) -> Result<i32, LaunchError> {
     }
 }
 
-fn show_progress(p: &MigrationProgress, tty: bool, last_iter: &mut Option<u64>) {
+fn progress_bar() -> indicatif::ProgressBar {
+    let bar =
+        indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+    let style = indicatif::ProgressStyle::with_template(
+        "{spinner} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} {msg}",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    bar.set_style(style);
+    bar
+}
+
+/// On a terminal: the bar (this iteration's sent bytes out of sent plus remaining);
+/// otherwise one line per iteration.
+fn show_progress(
+    p: &MigrationProgress,
+    bar: Option<&indicatif::ProgressBar>,
+    last_iter: &mut Option<u64>,
+) {
     let Some(iter) = p.iteration else {
         return;
     };
+    let downtime = p
+        .expected_downtime_ms
+        .map(|d| format!("{d:.1} ms"))
+        .unwrap_or_else(|| "unknown".into());
+    if let Some(b) = bar {
+        let sent = p.transferred_bytes.unwrap_or(0);
+        b.set_length(sent + p.remaining_bytes.unwrap_or(0));
+        b.set_position(sent);
+        b.set_message(format!(
+            "iteration {iter}, expected downtime {downtime}, throttle {}%",
+            p.throttle_percent.unwrap_or(0)
+        ));
+        return;
+    }
     if *last_iter == Some(iter) {
         return;
     }
     *last_iter = Some(iter);
     let mib = |v: Option<u64>| v.unwrap_or(0) as f64 / (1 << 20) as f64;
-    let line = format!(
-        "iteration {iter}: sent {:.1} MiB, remaining {:.1} MiB, {:.0} MiB/s, expected downtime {}, throttle {}%",
+    eprintln!(
+        "iteration {iter}: sent {:.1} MiB, remaining {:.1} MiB, {:.0} MiB/s, expected downtime {downtime}, throttle {}%",
         mib(p.transferred_bytes),
         mib(p.remaining_bytes),
         mib(p.bandwidth_bytes_per_s),
-        p.expected_downtime_ms
-            .map(|d| format!("{d:.1} ms"))
-            .unwrap_or_else(|| "unknown".into()),
         p.throttle_percent.unwrap_or(0),
     );
-    if tty {
-        eprint!("\r\x1b[2K{line}");
-    } else {
-        eprintln!("{line}");
-    }
 }

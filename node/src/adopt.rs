@@ -36,7 +36,7 @@ impl Daemon {
                 .map(|a| a.pid)
                 .filter(|p| supervisor::pid_alive(*p));
             let pid = if alive { vm.status.pid } else { answered_pid };
-            tracing::info!(vm = %name, state = ?state, pid = ?pid, "reconciling after restart");
+            tracing::info!(vm = %name, phase = state.phase(super::views::now_ms()), pid = pid.unwrap_or(0), "reconciling after restart");
             match state {
                 VmState::Stopped { .. } => {}
                 VmState::Starting { .. } => {

@@ -116,6 +116,8 @@ pub struct Options {
     pub config: Option<PathBuf>,
     /// Join an etcd cluster (`--cluster-endpoints` and the options that go with it).
     pub cluster: Option<crate::cluster::ClusterOptions>,
+    /// Also serve `/metrics` over TCP here (`--metrics-address`).
+    pub metrics_address: Option<std::net::SocketAddr>,
 }
 
 /// A request from the API, with the channel for its reply.
@@ -183,6 +185,7 @@ impl Daemon {
         std::fs::set_permissions(&opts.state_dir, std::fs::Permissions::from_mode(0o700))
             .map_err(io(&opts.state_dir))?;
         let store = Store::open(&opts.state_dir.join("state.db"))?;
+        store.init_events()?;
         let mut settings: NodeSettings = store.get("settings")?.unwrap_or_default();
         if let Some(path) = &opts.config {
             let text = std::fs::read_to_string(path).map_err(io(path))?;
@@ -437,14 +440,29 @@ impl Daemon {
             Ok(child) => {
                 let pid = child.id().unwrap_or(0);
                 tracing::info!(vm = name, version, pid, "launcher started");
+                let what = if applied.is_some() {
+                    format!("launcher {version} started (pid {pid}) with the pending spec change")
+                } else {
+                    format!("launcher {version} started (pid {pid})")
+                };
                 vm.status.pid = Some(pid);
                 vm.status.state = VmState::Running { since: now };
                 vm.launched_at = now;
-                self.counters.starts += 1;
+                self.counters.starts.inc();
                 supervisor::watch_child(child, name.to_string(), pid, self.events.clone());
+                self.event(name, false, "Started", what);
             }
             Err(e) => {
                 tracing::error!(vm = name, error = %e, "cannot start launcher");
+                self.event(
+                    name,
+                    true,
+                    "FailedStart",
+                    format!("cannot start launcher {version}: {e}"),
+                );
+                let Some(vm) = self.vms.get_mut(name) else {
+                    return;
+                };
                 vm.status.state = VmState::Stopped {
                     cause: StopCause::StartFailed(e.to_string()),
                 };
@@ -507,6 +525,12 @@ impl Daemon {
             return;
         }
         tracing::info!(vm = name, from = %source_version, to = version, attempt, "migration starting");
+        self.event(
+            name,
+            false,
+            "MigrationStarted",
+            format!("live migration {source_version} -> {version} (attempt {attempt})"),
+        );
         match supervisor::spawn(&bin, &args, &dir.join(format!("launcher-{g}.log"))) {
             Ok(child) => {
                 let pid = child.id().unwrap_or(0);
@@ -564,7 +588,13 @@ impl Daemon {
             return;
         }
         tracing::info!(vm = name, to = version, "evicting for update");
-        self.counters.evictions += 1;
+        self.event(
+            name,
+            false,
+            "Evicted",
+            format!("shut down for the update to launcher {version} (not live-migratable)"),
+        );
+        self.counters.evictions.inc();
         supervisor::shutdown(PathBuf::from(sock), pid, grace);
     }
 
@@ -602,7 +632,8 @@ impl Daemon {
             vm.source_exit = Some(kind);
             return;
         }
-        tracing::info!(vm = name, pid, exit = ?kind, "launcher ended");
+        let generation = vm.status.generation;
+        let kind = self.exit_recorded(name, pid, generation, kind);
         self.apply_exit(name, &kind, now);
     }
 
@@ -626,6 +657,9 @@ impl Daemon {
         if let Err(e) = self.store.delete_vm(name) {
             tracing::error!(vm = name, error = %e, "cannot delete VM record");
             return;
+        }
+        if let Err(e) = self.store.delete_events(name) {
+            tracing::warn!(vm = name, error = %e, "cannot delete the VM's events");
         }
         self.vms.remove(name);
         let _ = std::fs::remove_dir_all(self.vm_dir(name));
@@ -680,18 +714,16 @@ impl Daemon {
             .or_else(|| report["downtime_ms"].as_f64());
         self.counters.migration(
             &outcome,
-            if outcome == "Succeeded" {
-                downtime
-            } else {
-                None
-            },
+            super::metrics::MigrationFigures::from_report(&report),
         );
+        self.migration_event(name, &result, &outcome, &target_version, downtime);
         let Some(vm) = self.vms.get_mut(name) else {
             return;
         };
         match result {
             MigrationResult::Completed { .. } => {
-                tracing::info!(vm = name, to = %target_version, downtime_ms = ?downtime, "migration completed");
+                tracing::info!(vm = name, to = %target_version, downtime_ms = %downtime.map(|d| format!("{d:.2}")).unwrap_or_else(|| "unknown".into()), "migration completed");
+
                 // The old launcher's socket and the handover socket are not needed any more.
                 for stale in [vm.status.api_socket.as_deref(), Some(incoming.as_str())]
                     .into_iter()
@@ -773,8 +805,26 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         None => None,
     };
     tracing::info!(socket = %opts.socket.display(), state_dir = %opts.state_dir.display(), "noded serving");
-    let launchers_dir = opts.state_dir.join("launchers");
-    tokio::spawn(api::serve(listener, cmd_tx, launchers_dir, cluster));
+    let (changed, changes) = tokio::sync::watch::channel(0u64);
+    let state = api::ApiState {
+        cmds: cmd_tx,
+        launchers_dir: opts.state_dir.join("launchers"),
+        changes,
+        cluster,
+    };
+    tokio::spawn(api::serve(listener, state.clone()));
+    if let Some(addr) = opts.metrics_address {
+        let tcp = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| DaemonError::Io {
+                path: format!("--metrics-address {addr}"),
+                source,
+            })?;
+        tracing::info!(address = %addr, "serving /metrics over TCP");
+        tokio::spawn(super::metrics::serve_tcp(tcp, state));
+    }
+    // Watchers re-read when this moves (see watch.rs); read-only requests do not move it.
+    let bump = || changed.send_modify(|n| *n = n.wrapping_add(1));
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -785,19 +835,28 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     loop {
         tokio::select! {
             Some(cmd) = cmd_rx.recv() => {
+                let writes = !cmd.req.is_read_only();
                 let reply = d.handle(cmd.req);
                 let _ = cmd.reply.send(reply);
                 d.reconcile();
+                if writes {
+                    bump();
+                }
             }
             Some(ev) = ev_rx.recv() => {
                 d.on_event(ev);
                 d.reconcile();
+                bump();
+            }
+            _ = tick.tick() => {
+                d.reconcile();
+                bump();
             }
             Some(call) = call_rx.recv() => {
                 d.on_local_call(call);
                 d.reconcile();
+                bump();
             }
-            _ = tick.tick() => d.reconcile(),
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         }

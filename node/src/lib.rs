@@ -7,13 +7,18 @@
 //! (launcher processes), [`daemon`] (the reconciliation loop), [`adopt`] (adoption after
 //! a restart), [`requests`] (what the loop answers), [`status`] (node status and
 //! metrics), [`api`] (the HTTP API), [`views`] (the JSON shapes the API returns),
-//! [`metrics`], [`remote`] (live migration to and from another node).
+//! [`metrics`], [`remote`] (live migration to and from another node), [`dry_run`]
+//! (checks before acting, `?dryRun`), [`events`] (per-VM events for `vm describe`),
+//! [`watch`] (`?watch=true` streams), [`ctl`] (nodectl).
 
 pub mod adopt;
 pub mod api;
 pub mod cluster;
 pub mod coordinator;
+pub mod ctl;
 pub mod daemon;
+pub mod dry_run;
+pub mod events;
 pub mod launchers;
 pub mod metrics;
 pub mod remote;
@@ -25,3 +30,4 @@ pub mod store;
 pub mod supervisor;
 pub mod views;
 pub mod vm_state;
+pub mod watch;

@@ -1,48 +1,171 @@
-//! Prometheus text-format metrics for `GET /metrics`: the outdated-VM gauge users know
-//! from KubeVirt (`kubevirt_vmi_number_of_outdated`, here `noded_vmi_number_of_outdated`),
-//! migrations by outcome, a downtime histogram, evictions and restarts.
+//! Metrics for `GET /metrics` (on the API socket, and over TCP with
+//! `noded --metrics-address`), in the OpenMetrics text format through the
+//! `prometheus-client` crate. Units are seconds and bytes; every phase and outcome has
+//! a series from the start (zero-valued), so that alerts and rates work on a fresh node.
+//!
+//! - `noded_build_info{version}` — 1;
+//! - `noded_vmi_number_of_outdated` — KubeVirt's `kubevirt_vmi_number_of_outdated`;
+//! - `noded_vms{phase}`, `noded_launchers_installed`, `noded_update_approval_pending`,
+//!   `noded_node_degraded`;
+//! - `noded_migrations_total{outcome}`, `noded_migration_duration_seconds{outcome}`
+//!   (histogram), `noded_migration_transferred_bytes_total{outcome}`,
+//!   `noded_migration_downtime_seconds` (histogram, completed migrations);
+//! - `noded_evictions_total`, `noded_launcher_starts_total`, `noded_launcher_crashes_total`.
+//!
+//! `deploy/prometheus/noded-rules.yaml` alerts on these; a test checks that every
+//! metric name it uses is one this module exports ([`METRIC_NAMES`]).
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
 
-/// Upper bounds (ms) of the downtime histogram buckets.
-pub const DOWNTIME_BUCKETS_MS: &[f64] = &[
-    1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+
+/// Every phase a VM can show (`VmState::phase`).
+pub const PHASES: &[&str] = &[
+    "Stopped",
+    "Starting",
+    "CrashLoopBackOff",
+    "Running",
+    "Migrating",
+    "MigratingOut",
+    "Receiving",
+    "MovedAway",
+    "Evicting",
+    "Stopping",
 ];
+
+/// Every migration outcome.
+pub const OUTCOMES: &[&str] = &["Succeeded", "Failed", "Cancelled"];
+
+/// The names of the exported series (as Prometheus sees them), for the rules test.
+pub const METRIC_NAMES: &[&str] = &[
+    "noded_build_info",
+    "noded_vmi_number_of_outdated",
+    "noded_vms",
+    "noded_launchers_installed",
+    "noded_update_approval_pending",
+    "noded_node_degraded",
+    "noded_migrations_total",
+    "noded_migration_duration_seconds",
+    "noded_migration_transferred_bytes_total",
+    "noded_migration_downtime_seconds",
+    "noded_evictions_total",
+    "noded_launcher_starts_total",
+    "noded_launcher_crashes_total",
+];
+
+/// Upper bounds (seconds) of the downtime histogram: 1 ms to 5 s.
+const DOWNTIME_BUCKETS: &[f64] = &[
+    0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+/// Upper bounds (seconds) of the migration duration histogram: 50 ms to 10 min.
+const DURATION_BUCKETS: &[f64] = &[
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabel {
+    phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabel {
+    version: String,
+}
 
 /// Counters kept by the reconciliation loop (reset when noded restarts, as Prometheus
 /// counters may be).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Counters {
-    /// Finished migrations by outcome.
-    pub migrations: BTreeMap<String, u64>,
-    /// Downtime histogram bucket counts (same length as [`DOWNTIME_BUCKETS_MS`]).
-    pub downtime_buckets: Vec<u64>,
-    /// Sum of observed downtimes (ms).
-    pub downtime_sum_ms: f64,
-    /// Number of observed downtimes.
-    pub downtime_count: u64,
+    migrations: Family<OutcomeLabel, Counter>,
+    duration: Family<OutcomeLabel, Histogram>,
+    transferred: Family<OutcomeLabel, Counter>,
+    downtime: Histogram,
     /// Evictions started.
-    pub evictions: u64,
+    pub evictions: Counter,
     /// Launcher starts (boots and restarts).
-    pub starts: u64,
+    pub starts: Counter,
+    /// Launchers that ended with a failure.
+    pub crashes: Counter,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        let c = Counters {
+            migrations: Family::default(),
+            duration: Family::new_with_constructor(|| {
+                Histogram::new(DURATION_BUCKETS.iter().copied())
+            }),
+            transferred: Family::default(),
+            downtime: Histogram::new(DOWNTIME_BUCKETS.iter().copied()),
+            evictions: Counter::default(),
+            starts: Counter::default(),
+            crashes: Counter::default(),
+        };
+        for o in OUTCOMES {
+            let l = OutcomeLabel {
+                outcome: o.to_string(),
+            };
+            let _ = c.migrations.get_or_create(&l);
+            let _ = c.duration.get_or_create(&l);
+            let _ = c.transferred.get_or_create(&l);
+        }
+        c
+    }
+}
+
+/// What one finished migration contributes.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MigrationFigures {
+    /// Pause in milliseconds (completed migrations).
+    pub downtime_ms: Option<f64>,
+    /// Total time in milliseconds.
+    pub total_ms: Option<f64>,
+    /// Bytes sent.
+    pub transferred_bytes: Option<u64>,
+}
+
+impl MigrationFigures {
+    /// Reads the figures from a launcher's migration report, in either naming (the
+    /// report moves from snake_case to camelCase).
+    pub fn from_report(report: &serde_json::Value) -> Self {
+        let f = |snake: &str, camel: &str| report[snake].as_f64().or(report[camel].as_f64());
+        MigrationFigures {
+            downtime_ms: f("downtime_ms", "downtimeMs"),
+            total_ms: f("total_ms", "totalMs"),
+            transferred_bytes: report["transferred_bytes"]
+                .as_u64()
+                .or(report["transferredBytes"].as_u64()),
+        }
+    }
 }
 
 impl Counters {
     /// Records a finished migration.
-    pub fn migration(&mut self, outcome: &str, downtime_ms: Option<f64>) {
-        *self.migrations.entry(outcome.to_string()).or_default() += 1;
-        if let Some(d) = downtime_ms.filter(|d| d.is_finite() && *d >= 0.0) {
-            if self.downtime_buckets.len() != DOWNTIME_BUCKETS_MS.len() {
-                self.downtime_buckets = vec![0; DOWNTIME_BUCKETS_MS.len()];
+    pub fn migration(&mut self, outcome: &str, figures: MigrationFigures) {
+        let l = OutcomeLabel {
+            outcome: outcome.to_string(),
+        };
+        self.migrations.get_or_create(&l).inc();
+        if let Some(t) = figures.total_ms.filter(|t| t.is_finite() && *t >= 0.0) {
+            self.duration.get_or_create(&l).observe(t / 1000.0);
+        }
+        if let Some(b) = figures.transferred_bytes {
+            self.transferred.get_or_create(&l).inc_by(b);
+        }
+        if outcome == "Succeeded" {
+            if let Some(d) = figures.downtime_ms.filter(|d| d.is_finite() && *d >= 0.0) {
+                self.downtime.observe(d / 1000.0);
             }
-            for (i, b) in DOWNTIME_BUCKETS_MS.iter().enumerate() {
-                if d <= *b {
-                    self.downtime_buckets[i] += 1;
-                }
-            }
-            self.downtime_sum_ms += d;
-            self.downtime_count += 1;
         }
     }
 }
@@ -58,81 +181,118 @@ pub struct Gauges {
     pub launchers: usize,
     /// Approval pending (0/1).
     pub approval_pending: bool,
+    /// The node's Degraded condition.
+    pub degraded: bool,
 }
 
-/// Renders everything in the Prometheus text exposition format.
+fn gauge(v: usize) -> Gauge {
+    let g = Gauge::default();
+    g.set(i64::try_from(v).unwrap_or(i64::MAX));
+    g
+}
+
+/// Renders everything in the OpenMetrics text format.
 pub fn render(c: &Counters, g: &Gauges) -> String {
-    let mut o = String::new();
-    let _ = writeln!(o, "# HELP noded_vmi_number_of_outdated VMs whose launcher is older than the newest installed.");
-    let _ = writeln!(o, "# TYPE noded_vmi_number_of_outdated gauge");
-    let _ = writeln!(o, "noded_vmi_number_of_outdated {}", g.outdated);
-    let _ = writeln!(o, "# HELP noded_vms VMs by phase.");
-    let _ = writeln!(o, "# TYPE noded_vms gauge");
-    for (p, n) in &g.phases {
-        let _ = writeln!(o, "noded_vms{{phase=\"{p}\"}} {n}");
+    let mut r = Registry::default();
+    let build = Family::<VersionLabel, Gauge>::default();
+    build
+        .get_or_create(&VersionLabel {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        })
+        .set(1);
+    r.register("noded_build_info", "noded's version (always 1)", build);
+    r.register(
+        "noded_vmi_number_of_outdated",
+        "VMs whose launcher is older than the target",
+        gauge(g.outdated),
+    );
+    let phases = Family::<PhaseLabel, Gauge>::default();
+    for p in PHASES {
+        let n = g.phases.get(*p).copied().unwrap_or(0);
+        phases
+            .get_or_create(&PhaseLabel {
+                phase: p.to_string(),
+            })
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
-    let _ = writeln!(
-        o,
-        "# HELP noded_launchers_installed Installed launcher versions."
+    r.register("noded_vms", "VMs by phase", phases);
+    r.register(
+        "noded_launchers_installed",
+        "Installed launcher versions",
+        gauge(g.launchers),
     );
-    let _ = writeln!(o, "# TYPE noded_launchers_installed gauge");
-    let _ = writeln!(o, "noded_launchers_installed {}", g.launchers);
-    let _ = writeln!(
-        o,
-        "# HELP noded_update_approval_pending 1 while a new launcher waits for approval."
+    r.register(
+        "noded_update_approval_pending",
+        "1 while a new launcher waits for approval",
+        gauge(usize::from(g.approval_pending)),
     );
-    let _ = writeln!(o, "# TYPE noded_update_approval_pending gauge");
-    let _ = writeln!(
-        o,
-        "noded_update_approval_pending {}",
-        u8::from(g.approval_pending)
+    r.register(
+        "noded_node_degraded",
+        "1 while the node's Degraded condition is True (VMs failing or retrying)",
+        gauge(usize::from(g.degraded)),
     );
-    let _ = writeln!(
-        o,
-        "# HELP noded_migrations_total Finished migrations by outcome."
+    r.register(
+        "noded_migrations",
+        "Finished migrations by outcome",
+        c.migrations.clone(),
     );
-    let _ = writeln!(o, "# TYPE noded_migrations_total counter");
-    for outcome in ["Succeeded", "Failed", "Cancelled"] {
-        let n = c.migrations.get(outcome).copied().unwrap_or(0);
-        let _ = writeln!(o, "noded_migrations_total{{outcome=\"{outcome}\"}} {n}");
+    r.register_with_unit(
+        "noded_migration_duration",
+        "Duration of finished migrations by outcome",
+        Unit::Seconds,
+        c.duration.clone(),
+    );
+    r.register_with_unit(
+        "noded_migration_transferred",
+        "Bytes sent by finished migrations by outcome",
+        Unit::Bytes,
+        c.transferred.clone(),
+    );
+    r.register_with_unit(
+        "noded_migration_downtime",
+        "Pause of completed migrations",
+        Unit::Seconds,
+        c.downtime.clone(),
+    );
+    r.register(
+        "noded_evictions",
+        "Evictions for updates",
+        c.evictions.clone(),
+    );
+    r.register(
+        "noded_launcher_starts",
+        "Launchers started for boots and restarts",
+        c.starts.clone(),
+    );
+    r.register(
+        "noded_launcher_crashes",
+        "Launchers that ended with a failure",
+        c.crashes.clone(),
+    );
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &r) {
+        tracing::error!(error = %e, "cannot encode metrics");
     }
-    let _ = writeln!(
-        o,
-        "# HELP noded_migration_downtime_milliseconds Downtime of completed migrations."
-    );
-    let _ = writeln!(o, "# TYPE noded_migration_downtime_milliseconds histogram");
-    for (i, b) in DOWNTIME_BUCKETS_MS.iter().enumerate() {
-        let n = c.downtime_buckets.get(i).copied().unwrap_or(0);
-        let _ = writeln!(
-            o,
-            "noded_migration_downtime_milliseconds_bucket{{le=\"{b}\"}} {n}"
-        );
+    out
+}
+
+/// Serves `GET /metrics` (and nothing else) over TCP, for a Prometheus that cannot
+/// reach the Unix socket.
+pub async fn serve_tcp(listener: tokio::net::TcpListener, state: super::api::ApiState) {
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(
+                |axum::extract::State(s): axum::extract::State<super::api::ApiState>| async move {
+                    super::api::reply(super::api::ask(&s.cmds, super::requests::Req::Metrics).await)
+                },
+            ),
+        )
+        .with_state(state);
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "metrics listener failed");
     }
-    let _ = writeln!(
-        o,
-        "noded_migration_downtime_milliseconds_bucket{{le=\"+Inf\"}} {}",
-        c.downtime_count
-    );
-    let _ = writeln!(
-        o,
-        "noded_migration_downtime_milliseconds_sum {}",
-        c.downtime_sum_ms
-    );
-    let _ = writeln!(
-        o,
-        "noded_migration_downtime_milliseconds_count {}",
-        c.downtime_count
-    );
-    let _ = writeln!(o, "# HELP noded_evictions_total Evictions for updates.");
-    let _ = writeln!(o, "# TYPE noded_evictions_total counter");
-    let _ = writeln!(o, "noded_evictions_total {}", c.evictions);
-    let _ = writeln!(
-        o,
-        "# HELP noded_launcher_starts_total Launchers started for boots and restarts."
-    );
-    let _ = writeln!(o, "# TYPE noded_launcher_starts_total counter");
-    let _ = writeln!(o, "noded_launcher_starts_total {}", c.starts);
-    o
 }
 
 #[cfg(test)]
@@ -140,11 +300,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn histogram_is_cumulative() {
+    fn series_exist_from_the_start_in_seconds() {
         let mut c = Counters::default();
-        c.migration("Succeeded", Some(3.0));
-        c.migration("Succeeded", Some(40.0));
-        c.migration("Failed", None);
+        let fresh = render(&c, &Gauges::default());
+        for name in METRIC_NAMES {
+            assert!(fresh.contains(name), "{name} missing:\n{fresh}");
+        }
+        assert!(
+            fresh.contains("noded_vms{phase=\"CrashLoopBackOff\"} 0\n"),
+            "{fresh}"
+        );
+        assert!(
+            fresh.contains("noded_migrations_total{outcome=\"Failed\"} 0\n"),
+            "{fresh}"
+        );
+        assert!(fresh.contains("noded_build_info{version=\""), "{fresh}");
+        c.migration(
+            "Succeeded",
+            MigrationFigures::from_report(&serde_json::json!({
+                "downtime_ms": 3.0, "total_ms": 400.0, "transferred_bytes": 1000
+            })),
+        );
+        c.migration(
+            "Succeeded",
+            MigrationFigures::from_report(&serde_json::json!({
+                "downtimeMs": 40.0, "totalMs": 2000.0, "transferredBytes": 24
+            })),
+        );
+        c.migration("Failed", MigrationFigures::default());
         let text = render(
             &c,
             &Gauges {
@@ -152,13 +335,92 @@ mod tests {
                 ..Default::default()
             },
         );
-        assert!(text.contains("noded_vmi_number_of_outdated 2\n"));
+        assert!(text.contains("noded_vmi_number_of_outdated 2\n"), "{text}");
         assert!(text.contains("noded_migrations_total{outcome=\"Succeeded\"} 2\n"));
         assert!(text.contains("noded_migrations_total{outcome=\"Failed\"} 1\n"));
-        assert!(text.contains("bucket{le=\"2\"} 0\n"));
-        assert!(text.contains("bucket{le=\"5\"} 1\n"));
-        assert!(text.contains("bucket{le=\"50\"} 2\n"));
-        assert!(text.contains("bucket{le=\"+Inf\"} 2\n"));
-        assert!(text.contains("noded_migration_downtime_milliseconds_sum 43\n"));
+        assert!(
+            text.contains("noded_migration_downtime_seconds_bucket{le=\"0.002\"} 0\n"),
+            "{text}"
+        );
+        assert!(text.contains("noded_migration_downtime_seconds_bucket{le=\"0.005\"} 1\n"));
+        assert!(text.contains("noded_migration_downtime_seconds_bucket{le=\"0.05\"} 2\n"));
+        assert!(
+            text.contains("noded_migration_downtime_seconds_sum 0.043"),
+            "{text}"
+        );
+        assert!(
+            text.contains("noded_migration_transferred_bytes_total{outcome=\"Succeeded\"} 1024\n")
+        );
+        assert!(
+            text.contains(
+                "noded_migration_duration_seconds_bucket{le=\"2.5\",outcome=\"Succeeded\"} 2\n"
+            ),
+            "{text}"
+        );
+    }
+
+    fn rules_text() -> String {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/prometheus/noded-rules.yaml"
+        );
+        std::fs::read_to_string(path).expect("deploy/prometheus/noded-rules.yaml")
+    }
+
+    #[test]
+    fn alert_rules_use_exported_metrics() {
+        let text = rules_text();
+        let doc: serde_json::Value = serde_norway::from_str(&text).expect("rules are YAML");
+        let rendered = render(&Counters::default(), &Gauges::default());
+        let mut used = 0;
+        for rule in doc["groups"][0]["rules"].as_array().expect("rules") {
+            let expr = rule["expr"].as_str().expect("expr");
+            let mut rest = expr;
+            while let Some(i) = rest.find("noded_") {
+                let name: String = rest[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                rest = &rest[i + name.len()..];
+                let base = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s))
+                    .unwrap_or(&name);
+                assert!(
+                    METRIC_NAMES.contains(&base),
+                    "rule {} uses {name}, which noded does not export",
+                    rule["alert"]
+                );
+                assert!(rendered.contains(&name), "{name} is not in the output");
+                used += 1;
+            }
+        }
+        assert!(used >= 4, "the rules use {used} noded metrics");
+    }
+
+    /// `promtool check rules` (Debian's `prometheus` package; CI installs it).
+    #[test]
+    fn promtool_accepts_the_rules() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/prometheus/noded-rules.yaml"
+        );
+        let out = match std::process::Command::new("promtool")
+            .args(["check", "rules", path])
+            .output()
+        {
+            Ok(o) => o,
+            Err(e) if std::env::var_os("CI").is_none() => {
+                eprintln!("skipping: promtool not installed ({e}); apt-get install prometheus");
+                return;
+            }
+            Err(e) => panic!("promtool is required in CI: {e}"),
+        };
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

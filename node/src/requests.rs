@@ -23,8 +23,8 @@ pub enum Req {
     ListVms,
     /// `GET /v1/vms/{name}`.
     GetVm(String),
-    /// `POST /v1/vms` with a spec.
-    CreateVm(Value),
+    /// `POST /v1/vms` with a spec; `true`: dry run (validate, answer, store nothing).
+    CreateVm(Value, bool),
     /// `PUT /v1/vms/{name}/start`.
     StartVm(String),
     /// `PUT /v1/vms/{name}/stop`.
@@ -37,7 +37,7 @@ pub enum Req {
     ListLaunchers,
     /// `PUT /v1/vms/{name}` with a full spec: applied at once to a stopped VM, and to
     /// a running one as far as it can be (the rest is pending until the next restart).
-    UpdateVm(String, Value),
+    UpdateVm(String, Value, bool),
     /// `POST /v1/launchers`, after the API task staged and probed the copy.
     RegisterLauncher {
         /// What the copy reported.
@@ -53,14 +53,36 @@ pub enum Req {
     Approve,
     /// `GET /v1/config`.
     GetConfig,
-    /// `PUT /v1/config` with a partial settings document.
-    SetConfig(Value),
+    /// `PUT /v1/config` with a partial settings document (and the dry-run flag).
+    SetConfig(Value, bool),
+    /// `GET /v1/vms/{name}/events`.
+    Events(String),
     /// `GET /metrics`.
     Metrics,
     /// `POST /v1/vms/receive`: `{"spec", "listen", "tlsDir"}` (see remote.rs).
     Receive(Value),
     /// `PUT /v1/vms/{name}/migrate`: `{"to", "tlsDir", "tlsServerName"}` (see remote.rs).
     MigrateOut(String, Value),
+}
+
+impl Req {
+    /// Whether answering changes nothing (watchers are not woken for these).
+    pub fn is_read_only(&self) -> bool {
+        matches!(
+            self,
+            Req::Status
+                | Req::ListVms
+                | Req::GetVm(_)
+                | Req::Migrations(_)
+                | Req::Events(_)
+                | Req::ListLaunchers
+                | Req::GetConfig
+                | Req::Metrics
+                | Req::CreateVm(_, true)
+                | Req::UpdateVm(_, _, true)
+                | Req::SetConfig(_, true)
+        )
+    }
 }
 
 /// A reply body.
@@ -157,7 +179,7 @@ impl Daemon {
                 Some(v) => ok(to_value(&self.view(v, &self.plan(now_ms()), true))),
                 None => not_found(&name),
             },
-            Req::CreateVm(spec) => self.create_vm(&spec),
+            Req::CreateVm(spec, dry_run) => self.create_vm(&spec, dry_run),
             Req::StartVm(name) => self.start_request(&name),
             Req::StopVm(name) => self.stop_request(&name, false),
             Req::DeleteVm(name) => self.stop_request(&name, true),
@@ -181,7 +203,7 @@ impl Daemon {
                     .map(|l| to_value(&self.launcher_view(l)))
                     .collect(),
             )),
-            Req::UpdateVm(name, spec) => self.update_vm(&name, &spec),
+            Req::UpdateVm(name, spec, dry_run) => self.update_vm(&name, &spec, dry_run),
             Req::RegisterLauncher {
                 caps,
                 staged,
@@ -190,7 +212,12 @@ impl Daemon {
             } => self.register_launcher(caps, staged, channel, force),
             Req::Approve => self.approve(),
             Req::GetConfig => ok(self.settings.to_json()),
-            Req::SetConfig(patch) => self.set_config(patch),
+            Req::SetConfig(patch, dry_run) => self.set_config(patch, dry_run),
+            Req::Events(name) => match self.store.events(&name) {
+                Ok(_) if !self.vms.contains_key(&name) => not_found(&name),
+                Ok(evs) => ok(Value::Array(evs.iter().map(|(_, e)| to_value(e)).collect())),
+                Err(e) => err(500, e),
+            },
             Req::Metrics => Reply {
                 status: 200,
                 body: Body::Text(self.metrics()),
@@ -212,7 +239,8 @@ impl Daemon {
             VmState::Stopped { cause } => Some(stop_message(cause, vm.spec.run_strategy)),
             _ => vm.status.last_error.clone(),
         };
-        VmView {
+        let mut view = VmView {
+            conditions: Vec::new(),
             name: vm.spec.name.clone(),
             phase: vm.status.state.phase(now).to_string(),
             launcher_version: if vm.status.state.has_launcher() {
@@ -261,7 +289,12 @@ impl Daemon {
             } else {
                 None
             },
+        };
+        if with_spec {
+            let events = self.store.events(&vm.spec.name).unwrap_or_default();
+            view.conditions = super::events::vm_conditions(&view, vm.created_at, &events);
         }
+        view
     }
 
     fn launcher_view(&self, l: &InstalledLauncher) -> LauncherView {
@@ -283,7 +316,7 @@ impl Daemon {
         }
     }
 
-    fn create_vm(&mut self, value: &Value) -> Reply {
+    fn create_vm(&mut self, value: &Value, dry_run: bool) -> Reply {
         let mut spec = match parse_spec(value) {
             Ok(s) => s,
             Err(e) => return err(400, e),
@@ -305,12 +338,18 @@ impl Daemon {
             Ok(m) => m,
             Err(e) => return err(400, e),
         };
+        if let Some(e) = super::dry_run::missing_files(&spec) {
+            return err(400, e);
+        }
         let dir = self.vm_dir(&spec.name);
         if dir.join("migrate-999999.sock").as_os_str().len() > MAX_SOCKET_PATH {
             return err(
                 400,
                 "the state directory path is too long for the VM's unix sockets",
             );
+        }
+        if dry_run {
+            return self.dry_run_view(spec, 200);
         }
         if let Err(e) = std::fs::create_dir_all(&dir) {
             return err(500, format!("{}: {e}", dir.display()));
@@ -326,6 +365,15 @@ impl Daemon {
             return err(500, e);
         }
         tracing::info!(vm = %row.spec.name, machine_type = %row.spec.machine_type, "VM created");
+        self.event(
+            &row.spec.name,
+            false,
+            "Created",
+            format!(
+                "machine type {}, {} vCPU, memory {}, runStrategy {:?}",
+                row.spec.machine_type, row.spec.vcpus, row.spec.memory, row.spec.run_strategy
+            ),
+        );
         let name = row.spec.name.clone();
         self.vms.insert(
             name.clone(),
@@ -521,15 +569,23 @@ impl Daemon {
             return ok(s);
         }
         self.set_approved();
-        tracing::info!(version = ?self.approved, "update approved");
+        tracing::info!(
+            version = self.approved.as_deref().unwrap_or("-"),
+            "update approved"
+        );
         ok(to_value(&self.node_status()))
     }
 
-    fn set_config(&mut self, patch: Value) -> Reply {
+    fn set_config(&mut self, patch: Value, dry_run: bool) -> Reply {
         let new = match super::settings::apply(&self.settings, patch) {
             Ok(s) => s,
             Err(e) => return err(400, e),
         };
+        if dry_run {
+            let mut v = new.to_json();
+            v["dryRun"] = Value::Bool(true);
+            return ok(v);
+        }
         if let Err(e) = self.store.set("settings", &new) {
             return err(500, e);
         }
@@ -609,7 +665,7 @@ impl Daemon {
     /// Applies a new spec: at once to a VM without a launcher; to a running VM, the
     /// strategy fields at once and the rest as a pending change for its next restart
     /// (`restartRequired`), so that a running VM is never stopped by an edit.
-    fn update_vm(&mut self, name: &str, value: &Value) -> Reply {
+    fn update_vm(&mut self, name: &str, value: &Value, dry_run: bool) -> Reply {
         let mut new = match parse_spec(value) {
             Ok(s) => s,
             Err(e) => return err(400, e),
@@ -650,6 +706,9 @@ impl Daemon {
                 Err(e) => return err(400, e),
             }
         };
+        if let Some(e) = super::dry_run::missing_files(&new) {
+            return err(400, e);
+        }
         let Some(vm) = self.vms.get_mut(name) else {
             return not_found(name);
         };
@@ -660,9 +719,24 @@ impl Daemon {
         } else {
             (new, None)
         };
+        if dry_run {
+            let mut view = self.handle(Req::GetVm(name.to_string()));
+            if let Body::Json(v) = &mut view.body {
+                v["spec"] = to_value(&spec);
+                v["pendingSpec"] = pending.as_ref().map(to_value).unwrap_or(Value::Null);
+                v["restartRequired"] = Value::Bool(pending.is_some());
+                v["dryRun"] = Value::Bool(true);
+            }
+            return view;
+        }
         if let Err(e) = self.store.update_spec(&spec) {
             return err(500, e);
         }
+        let changes = if pending.is_some() {
+            "changed; the rest waits for the next restart"
+        } else {
+            "changed"
+        };
         vm.spec = spec;
         vm.status.pending = pending;
         if !self.persist(name) {
@@ -675,6 +749,7 @@ impl Daemon {
                 "spec updated"
             );
         }
+        self.event(name, false, "SpecUpdated", format!("spec {changes}"));
         self.handle(Req::GetVm(name.to_string()))
     }
 }

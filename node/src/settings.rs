@@ -54,43 +54,16 @@ pub enum ApprovalStrategy {
 pub struct GoDuration(pub Duration);
 
 impl GoDuration {
-    /// Parses `1h2m3s`, `1m0s`, `500ms`, `0s`, `1.5s`.
+    /// Parses `1h2m3s`, `1m0s`, `500ms`, `0s`, `1.5s` (jiff's friendly duration
+    /// format, which reads Go's spelling); at most a year.
     pub fn parse(s: &str) -> Option<GoDuration> {
         let s = s.trim();
-        if s.is_empty() {
-            return None;
-        }
         if s == "0" {
             return Some(GoDuration(Duration::ZERO));
         }
-        let mut rest = s;
-        let mut total = 0f64;
-        while !rest.is_empty() {
-            let num_len = rest
-                .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-                .filter(|n| *n > 0)?;
-            let (num, tail) = rest.split_at(num_len);
-            let n: f64 = num.parse().ok()?;
-            let unit_len = tail
-                .find(|c: char| c.is_ascii_digit() || c == '.')
-                .unwrap_or(tail.len());
-            let (unit, tail) = tail.split_at(unit_len);
-            let secs = match unit {
-                "h" => 3600.0,
-                "m" => 60.0,
-                "s" => 1.0,
-                "ms" => 0.001,
-                "us" | "µs" => 0.000_001,
-                "ns" => 0.000_000_001,
-                _ => return None,
-            };
-            total += n * secs;
-            rest = tail;
-        }
-        if !total.is_finite() || total > 366.0 * 86400.0 {
-            return None;
-        }
-        Some(GoDuration(Duration::from_secs_f64(total)))
+        let d: jiff::SignedDuration = s.parse().ok()?;
+        let d = Duration::try_from(d).ok()?;
+        (d <= Duration::from_secs(366 * 86400)).then_some(GoDuration(d))
     }
 
     /// Formats like Go does for whole seconds: `1m0s`, `30s`, `1h0m0s`.
@@ -348,9 +321,9 @@ pub fn normalize_patch(mut patch: Value) -> Result<Value, SettingsError> {
         .and_then(|l| l.get_mut("bandwidthPerMigration"))
     {
         if let Value::String(s) = &*b {
-            let n = super::spec::parse_quantity(s).ok_or_else(|| SettingsError::Invalid {
+            let n = super::spec::parse_quantity(s).map_err(|e| SettingsError::Invalid {
                 key: "liveMigrationConfig.bandwidthPerMigration".into(),
-                reason: format!("{s:?} is not a quantity (e.g. 64Mi, 0)"),
+                reason: e.to_string(),
             })?;
             *b = Value::from(n);
         } else if !b.is_u64() {
@@ -366,7 +339,7 @@ pub fn normalize_patch(mut patch: Value) -> Result<Value, SettingsError> {
 /// Parses a settings document (YAML/JSON) and merges it into `base`.
 pub fn apply_text(base: &NodeSettings, text: &str) -> Result<NodeSettings, SettingsError> {
     let patch: Value =
-        serde_yaml::from_str(text).map_err(|e| SettingsError::Syntax(e.to_string()))?;
+        serde_norway::from_str(text).map_err(|e| SettingsError::Syntax(e.to_string()))?;
     apply(base, patch)
 }
 

@@ -318,33 +318,16 @@ impl VmSpec {
     }
 }
 
-/// Parses a quantity such as `64Mi`, `1G`, `512M`, `1048576` into bytes.
-pub fn parse_quantity(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    if num.is_empty() || num.len() > 20 {
-        return None;
-    }
-    let n: u64 = num.parse().ok()?;
-    let mult: u64 = match unit {
-        "" => 1,
-        "k" | "K" => 1000,
-        "M" => 1000 * 1000,
-        "G" => 1000 * 1000 * 1000,
-        "T" => 1000u64.pow(4),
-        "Ki" => 1 << 10,
-        "Mi" => 1 << 20,
-        "Gi" => 1 << 30,
-        "Ti" => 1 << 40,
-        _ => return None,
-    };
-    n.checked_mul(mult)
+/// Parses a Kubernetes quantity such as `64Mi`, `1G`, `512M`, `1048576` into bytes
+/// (the project's one grammar: `contracts::quantity`).
+pub fn parse_quantity(s: &str) -> Result<u64, contracts::quantity::QuantityError> {
+    contracts::quantity::parse(s)
 }
 
 /// Parses a spec document (YAML or JSON text).
 pub fn parse_spec_text(text: &str) -> Result<VmSpec, SpecError> {
-    let value: Value = serde_yaml::from_str(text).map_err(|e| SpecError::Syntax(e.to_string()))?;
+    let value: Value =
+        serde_norway::from_str(text).map_err(|e| SpecError::Syntax(e.to_string()))?;
     parse_spec(&value)
 }
 
@@ -435,12 +418,7 @@ pub fn parse_spec(value: &Value) -> Result<VmSpec, SpecError> {
             ))
         }
     };
-    let memory_bytes = parse_quantity(&memory).ok_or_else(|| {
-        field_err(
-            "memory",
-            format!("{memory:?} is not a quantity (use e.g. 64Mi, 1Gi, 512M)"),
-        )
-    })?;
+    let memory_bytes = parse_quantity(&memory).map_err(|e| field_err("memory", e.to_string()))?;
     // Decimal units ("1G") are rarely page multiples: round up to whole 4 KiB pages.
     let memory_bytes = memory_bytes.div_ceil(4096) * 4096;
     // The launcher's own limits (contracts::limits): a spec noded accepts must boot.
@@ -659,7 +637,7 @@ mod tests {
             ("name: a\nkernel: k\nmemory: 64Mi", "kernel:"),
             (
                 "name: a\nkernel: /k\nmemory: 64Q",
-                "memory: \"64Q\" is not a quantity",
+                "memory: \"64Q\" is not a quantity: unknown suffix \"Q\"",
             ),
             ("name: a\nkernel: /k", "memory: required"),
             ("name: a\nkernel: /k\nmemory: 64Mi\nvcpus: 0", "vcpus:"),
@@ -763,13 +741,13 @@ mod tests {
 
     #[test]
     fn quantities() {
-        assert_eq!(parse_quantity("64Mi"), Some(64 << 20));
-        assert_eq!(parse_quantity("1G"), Some(1_000_000_000));
-        assert_eq!(parse_quantity("1Gi"), Some(1 << 30));
-        assert_eq!(parse_quantity("4096"), Some(4096));
-        assert_eq!(parse_quantity("Mi"), None);
-        assert_eq!(parse_quantity("1.5Gi"), None);
-        assert_eq!(parse_quantity("99999999999999999999Ti"), None);
+        assert_eq!(parse_quantity("64Mi"), Ok(64 << 20));
+        assert_eq!(parse_quantity("1G"), Ok(1_000_000_000));
+        assert_eq!(parse_quantity("1Gi"), Ok(1 << 30));
+        assert_eq!(parse_quantity("4096"), Ok(4096));
+        assert!(parse_quantity("Mi").is_err());
+        assert!(parse_quantity("1.5Gi").is_err());
+        assert!(parse_quantity("99999999999999999999Ti").is_err());
     }
 
     #[test]

@@ -172,6 +172,11 @@ impl Daemon {
             outdated: plan.verdicts.values().filter(|v| v.outdated).count(),
             launchers: self.launchers.len(),
             approval_pending: self.approval_pending(),
+            degraded: self
+                .node_status()
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Degraded" && c.status == "True"),
             ..Default::default()
         };
         for v in self.vms.values() {

@@ -73,7 +73,7 @@ pub struct MigrationRecord {
 
 /// The database handle (used by the reconciliation loop only).
 pub struct Store {
-    conn: Connection,
+    pub(crate) conn: Connection,
 }
 
 fn damaged(what: impl Into<String>, e: impl std::fmt::Display) -> StoreError {

@@ -51,6 +51,9 @@ pub struct VmView {
     pub cross_host_migratable: bool,
     /// Why not, as KubeVirt names it (`DisksNotLiveMigratable`, ...).
     pub cross_host_reason: Option<String>,
+    /// KubeVirt-style conditions with their last transition time (in `vm get` only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<VmCondition>,
     /// The stored spec (in `vm get` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spec: Option<VmSpec>,
@@ -83,6 +86,24 @@ impl Condition {
             message: message.into(),
         }
     }
+}
+
+/// A VM condition (`Ready`, `LiveMigratable`, `UpToDate`, `RestartRequired`), as
+/// `nodectl vm describe` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmCondition {
+    /// The condition.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// "True" or "False".
+    pub status: String,
+    /// RFC 3339: when the status last changed (as far as the VM's events tell).
+    pub last_transition_time: String,
+    /// CamelCase reason.
+    pub reason: String,
+    /// Human message.
+    pub message: String,
 }
 
 /// The node as shown by `nodectl status`.
@@ -175,26 +196,10 @@ pub fn now_ms() -> Millis {
 
 /// Formats Unix milliseconds as RFC 3339 UTC (`2026-01-02T03:04:05.678Z`).
 pub fn rfc3339(ms: Millis) -> String {
-    let secs = ms.div_euclid(1000);
-    let milli = ms.rem_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let sod = secs.rem_euclid(86_400);
-    // Howard Hinnant's civil-from-days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{milli:03}Z",
-        sod / 3600,
-        (sod / 60) % 60,
-        sod % 60
-    )
+    match jiff::Timestamp::from_millisecond(ms) {
+        Ok(t) => format!("{t:.3}"),
+        Err(_) => format!("(out-of-range time {ms} ms)"),
+    }
 }
 
 #[cfg(test)]

@@ -691,7 +691,7 @@ pub fn boot_pattern_source(serial: &Path, api: &Path, every: u64) -> Launcher {
             "--kernel",
             path_str(guests::pattern_path()),
             "--memory",
-            "64M",
+            "64Mi",
             "--cmdline",
             &cmdline,
         ],

@@ -51,7 +51,7 @@ fn missing_kernel_file_is_refused() {
     let missing = dir.join("no-such-kernel.elf");
     refused(
         &dir,
-        &["--kernel", path(&missing), "--memory", "64M"],
+        &["--kernel", path(&missing), "--memory", "64Mi"],
         &["kernel", "no-such-kernel.elf"],
     );
 }
@@ -63,7 +63,7 @@ fn kernel_that_is_neither_elf_nor_bzimage_is_refused() {
     std::fs::write(&text, "this is a text file, not a kernel\n".repeat(200)).unwrap();
     refused(
         &dir,
-        &["--kernel", path(&text), "--memory", "64M"],
+        &["--kernel", path(&text), "--memory", "64Mi"],
         &["kernel"],
     );
 }
@@ -75,7 +75,7 @@ fn empty_kernel_file_is_refused() {
     std::fs::write(&empty, b"").unwrap();
     refused(
         &dir,
-        &["--kernel", path(&empty), "--memory", "64M"],
+        &["--kernel", path(&empty), "--memory", "64Mi"],
         &["kernel"],
     );
 }
@@ -85,7 +85,7 @@ fn too_little_memory_is_refused() {
     let dir = TempDir::new("bad-small-mem");
     refused(
         &dir,
-        &["--kernel", path(guests::hello_path()), "--memory", "1M"],
+        &["--kernel", path(guests::hello_path()), "--memory", "1Mi"],
         &["memory", "small"],
     );
 }
@@ -109,7 +109,7 @@ fn zero_vcpus_are_refused() {
             "--kernel",
             path(guests::hello_path()),
             "--memory",
-            "32M",
+            "32Mi",
             "--vcpus",
             "0",
         ],
@@ -126,7 +126,7 @@ fn unknown_machine_type_is_refused() {
             "--kernel",
             path(guests::hello_path()),
             "--memory",
-            "32M",
+            "32Mi",
             "--machine-type",
             "pc-i440fx-9.9",
         ],
@@ -153,7 +153,7 @@ fn bad_size_strings_are_refused() {
 #[test]
 fn run_without_a_kernel_is_refused() {
     let dir = TempDir::new("bad-no-kernel");
-    refused(&dir, &["--memory", "32M"], &["--kernel"]);
+    refused(&dir, &["--memory", "32Mi"], &["--kernel"]);
 }
 
 #[test]

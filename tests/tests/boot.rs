@@ -15,7 +15,7 @@ fn hello_exits_with_the_code_it_was_given() {
             "--kernel",
             path(guests::hello_path()),
             "--memory",
-            "32M",
+            "32Mi",
             "--cmdline",
             "exit=42",
         ],
@@ -37,7 +37,7 @@ fn hello_without_exit_code_powers_off_with_status_zero() {
     let dir = TempDir::new("hello-off");
     let serial = dir.join("console.log");
     let mut l = Launcher::run(
-        &["--kernel", path(guests::hello_path()), "--memory", "32M"],
+        &["--kernel", path(guests::hello_path()), "--memory", "32Mi"],
         &serial,
         None,
     );
@@ -54,7 +54,7 @@ fn smp_guest_brings_up_every_vcpu_through_init_sipi() {
             "--kernel",
             path(guests::smp_path()),
             "--memory",
-            "32M",
+            "32Mi",
             "--vcpus",
             "3",
             "--cmdline",
@@ -86,7 +86,7 @@ fn timer_guest_receives_lapic_and_pit_interrupts() {
             "--kernel",
             path(guests::timer_path()),
             "--memory",
-            "32M",
+            "32Mi",
             "--cmdline",
             "lapic=20 pit=20",
         ],
@@ -116,7 +116,7 @@ fn pattern_guest_runs_passes_without_stale_pages() {
             "--kernel",
             path(guests::pattern_path()),
             "--memory",
-            "64M",
+            "64Mi",
             "--cmdline",
             "mib=8 every=20",
         ],
@@ -141,7 +141,7 @@ fn a_guest_reset_reboots_the_vm_in_the_same_launcher() {
                 "--kernel",
                 path(guests::hello_path()),
                 "--memory",
-                "32M",
+                "32Mi",
                 "--cmdline",
                 &cmdline,
             ],

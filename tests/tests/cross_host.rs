@@ -116,7 +116,14 @@ impl Hosts {
         let i = self.launcher(
             host,
             name,
-            &["--kernel", kernel, "--memory", "64M", "--cmdline", &cmdline],
+            &[
+                "--kernel",
+                kernel,
+                "--memory",
+                "64Mi",
+                "--cmdline",
+                &cmdline,
+            ],
         );
         wait_console_until(&mut self.launchers[i], "two pass= lines", |c| {
             last_pass(c) >= 2 * EVERY

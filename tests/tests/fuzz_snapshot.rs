@@ -27,7 +27,7 @@ fn small_snapshot() -> Vec<u8> {
             "--kernel",
             "pattern.elf",
             "--memory",
-            "32M",
+            "32Mi",
             "--cmdline",
             "mib=1 every=50",
         ],

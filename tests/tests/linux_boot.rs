@@ -51,7 +51,7 @@ fn debian_cloud_kernel_prints_its_linux_version_banner() {
             "--kernel",
             kernel.to_str().expect("utf-8 path"),
             "--memory",
-            "256M",
+            "256Mi",
             "--cmdline",
             "console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1 noapic",
         ],

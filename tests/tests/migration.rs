@@ -381,7 +381,7 @@ fn idle_guest_sends_mostly_zero_pages() {
             "--kernel",
             path_str(guests::timer_path()),
             "--memory",
-            "256M",
+            "256Mi",
             "--cmdline",
             "lapic=600 pit=600",
         ],

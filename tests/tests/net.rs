@@ -50,7 +50,7 @@ fn boot_netecho(ns: &Netns, dir: &TempDir, tap: &str, ip: &str, api: &str) -> La
             "--cmdline",
             &cmdline,
             "--memory",
-            "64M",
+            "64Mi",
             "--net",
             &net,
         ],
@@ -242,7 +242,7 @@ fn run_fails(ns: &Netns, net: &str, stdin: Stdio) -> String {
     let out = ns
         .command(bin("launcher"))
         .args(["run", "--kernel", path_str(guests::netecho_path())])
-        .args(["--memory", "64M", "--serial", "/dev/null", "--net", net])
+        .args(["--memory", "64Mi", "--serial", "/dev/null", "--net", net])
         .stdin(stdin)
         .output()
         .expect("run launcher");

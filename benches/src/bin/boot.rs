@@ -58,7 +58,7 @@ fn command(vmm: Vmm, o: &Opts, launcher: &Path, kernel: &Path, cmdline: &str) ->
             let mut c = Command::new(launcher);
             c.arg("run").arg("--kernel").arg(kernel).args([
                 "--memory",
-                &format!("{GUEST_MIB}M"),
+                &format!("{GUEST_MIB}Mi"),
                 "--serial",
                 "stdio",
             ]);

@@ -98,7 +98,7 @@ fn launcher_cmd(launcher: &Path, image: &Path, count: u32) -> Command {
     c.args(["run", "--kernel"])
         .arg(test_guests::blkjournal_path())
         .args(["--cmdline", &format!("bench=all count={count}")])
-        .args(["--memory", "32M", "--serial", "stdio", "--disk"])
+        .args(["--memory", "32Mi", "--serial", "stdio", "--disk"])
         .arg(format!("path={}", image.display()));
     c
 }

@@ -288,7 +288,12 @@ fn ours_once(launcher: &Path, guest: Guest, mib: u64, mode: Mode) -> Sample {
             .arg("run")
             .arg("--kernel")
             .arg(guest.kernel())
-            .args(["--memory", &format!("{mib}M"), "--cmdline", guest.cmdline()])
+            .args([
+                "--memory",
+                &format!("{mib}Mi"),
+                "--cmdline",
+                guest.cmdline(),
+            ])
             .arg("--serial")
             .arg(&log)
             .arg("--api-socket")

@@ -93,7 +93,7 @@ fn start_ours(ns: &Netns, launcher: &Path, dir: &Path) -> Vmm {
         .command(launcher)
         .args(["run", "--kernel"])
         .arg(test_guests::netecho_path())
-        .args(["--cmdline", &cmdline(), "--memory", "64M"])
+        .args(["--cmdline", &cmdline(), "--memory", "64Mi"])
         .args(["--net", "tap=tapo,mac=52:54:00:00:00:01", "--serial"])
         .arg(&console)
         .stdout(Stdio::null())

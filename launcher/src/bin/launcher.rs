@@ -7,7 +7,6 @@ use std::sync::Arc;
 use clap::Parser;
 use launcher::cli::{Cli, Command, RunArgs};
 use launcher::launch::{self, api, runtime, LaunchError};
-use vmm::config::parse_size;
 use vmm::{Vm, VmConfig};
 
 fn main() -> ExitCode {
@@ -35,6 +34,7 @@ fn main() -> ExitCode {
             );
             Ok(0)
         }
+        Command::Api(cmd) => launcher::api_cli::run(&cmd),
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
@@ -50,6 +50,7 @@ fn usage(msg: impl Into<String>) -> LaunchError {
 }
 
 fn run(args: RunArgs) -> Result<i32, LaunchError> {
+    refuse_inapplicable(&args)?;
     launch::signals::install();
     if !args.no_seccomp {
         launch::seccomp::install_process_filter().map_err(|e| usage(e.to_string()))?;
@@ -137,18 +138,24 @@ fn boot(
         .memory
         .as_deref()
         .ok_or_else(|| usage("--memory is required with --kernel (e.g. --memory 128M)"))?;
-    let memory_bytes = parse_size(memory).map_err(|e| usage(e.to_string()))?;
-    let vcpus = contracts::limits::check_vcpus(u64::from(args.vcpus))
+    // Kubernetes quantities (contracts::quantity); decimal sizes are rounded up to pages.
+    let memory_bytes = contracts::quantity::parse(memory)
+        .map_err(|e| usage(format!("--memory {e}")))?
+        .div_ceil(4096)
+        * 4096;
+    let vcpus = contracts::limits::check_vcpus(u64::from(args.vcpus.unwrap_or(1)))
         .map_err(|e| usage(format!("--vcpus: {e}")))?;
     check_memory(memory_bytes)?;
-    let machine_type = launcher::resolve_machine_type(&args.machine_type).map_err(usage)?;
+    let machine_type =
+        launcher::resolve_machine_type(args.machine_type.as_deref().unwrap_or("q35"))
+            .map_err(usage)?;
     let config = VmConfig {
         memory_bytes,
         vcpus,
         machine_type: machine_type.to_string(),
         kernel: kernel.display().to_string(),
         initrd: args.initrd.as_ref().map(|p| p.display().to_string()),
-        cmdline: args.cmdline.clone(),
+        cmdline: args.cmdline.clone().unwrap_or_default(),
         disks: args
             .disk_args()
             .map_err(usage)?
@@ -162,6 +169,34 @@ fn boot(
     let files = runtime::read_boot_files(&config)?;
     let vm = Vm::boot(config, &files.0, files.1.as_deref(), serial.open()?)?;
     Ok((vm, files))
+}
+
+/// `--restore` and `--incoming` continue a VM whose configuration travels with it: the
+/// options that only shape a new VM would be silently ignored, so refuse them.
+fn refuse_inapplicable(args: &RunArgs) -> Result<(), LaunchError> {
+    let from = match (&args.restore, &args.incoming) {
+        (Some(_), _) => "--restore",
+        (None, Some(_)) => "--incoming",
+        (None, None) => return Ok(()),
+    };
+    let given: Vec<&str> = [
+        ("--memory", args.memory.is_some()),
+        ("--vcpus", args.vcpus.is_some()),
+        ("--cmdline", args.cmdline.is_some()),
+        ("--initrd", args.initrd.is_some()),
+        ("--machine-type", args.machine_type.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(name, set)| set.then_some(name))
+    .collect();
+    if given.is_empty() {
+        return Ok(());
+    }
+    Err(usage(format!(
+        "{} cannot be used with {from}: the VM keeps the configuration it was created with (drop {})",
+        given.join(", "),
+        if given.len() == 1 { "it" } else { "them" }
+    )))
 }
 
 /// Refuse memory sizes the host cannot back, before KVM or the kernel says something obscure.

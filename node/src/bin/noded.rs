@@ -42,6 +42,13 @@ struct Cli {
     /// vCPUs offered to VMs [default: 10 × host CPUs, KubeVirt's cpuAllocationRatio].
     #[arg(long)]
     capacity_vcpus: Option<u32>,
+    /// Also serve GET /metrics over TCP on this address (e.g. 127.0.0.1:9464), for
+    /// Prometheus; the API socket serves it too.
+    #[arg(long, value_name = "IP:PORT")]
+    metrics_address: Option<std::net::SocketAddr>,
+    /// Log format on stderr: text, or json (one object per line).
+    #[arg(long, value_enum, env = "NODED_LOG_FORMAT", default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 }
 
 fn host_memory() -> u64 {
@@ -83,8 +90,7 @@ fn cluster_options(cli: &Cli) -> Result<Option<node::cluster::ClusterOptions>, S
         .clone()
         .ok_or("--tls-dir DIR is required in a cluster (mutual TLS between nodes)")?;
     let memory_total = match &cli.capacity_memory {
-        Some(q) => node::spec::parse_quantity(q)
-            .ok_or_else(|| format!("--capacity-memory {q:?} is not a quantity (e.g. 16Gi)"))?,
+        Some(q) => node::spec::parse_quantity(q).map_err(|e| format!("--capacity-memory {e}"))?,
         None => host_memory(),
     };
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
@@ -101,16 +107,25 @@ fn cluster_options(cli: &Cli) -> Result<Option<node::cluster::ClusterOptions>, S
     Ok(Some(opts))
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("NODED_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("NODED_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => fmt.json().flatten_event(true).init(),
+        LogFormat::Text => fmt
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
     let state_dir = match std::path::absolute(&cli.state_dir) {
         Ok(p) => p,
         Err(e) => {
@@ -131,6 +146,7 @@ fn main() -> ExitCode {
         socket,
         config: cli.config,
         cluster,
+        metrics_address: cli.metrics_address,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

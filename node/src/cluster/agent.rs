@@ -339,7 +339,7 @@ async fn follow_config(c: &Cluster, mem: &mut Memory, cl: &Cluster2) {
             "workloadUpdateMethods": cfg.workload_update_strategy.workload_update_methods,
         },
     });
-    let r = c.request(Req::SetConfig(patch)).await;
+    let r = c.request(Req::SetConfig(patch, false)).await;
     if (200..300).contains(&r.status) {
         mem.config_revision = rev;
     } else {
@@ -460,7 +460,7 @@ async fn converge_vms(c: &Cluster, local: &LocalSnapshot, cl: &Cluster2) -> Resu
             continue;
         }
         if l.is_none() && !migration_active_for(cl, name) {
-            let r = c.request(Req::CreateVm(spec_input(&cvm.spec))).await;
+            let r = c.request(Req::CreateVm(spec_input(&cvm.spec), false)).await;
             if (200..300).contains(&r.status) {
                 tracing::info!(vm = %name, "VM placed on this node; created");
                 if cvm.message.is_some() {

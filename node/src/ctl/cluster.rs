@@ -8,7 +8,13 @@ use std::time::Duration;
 use clap::Subcommand;
 use serde_json::Value;
 
-use super::{print_yaml, read_doc, s, table, Client};
+use super::client::Client;
+use super::output::{s, table, yaml};
+use super::read_doc;
+
+fn print_yaml(v: &Value) {
+    print!("{}", yaml(v));
+}
 
 #[derive(Subcommand)]
 pub enum NodeCmd {
@@ -115,16 +121,24 @@ const NODE_HEADERS: &[&str] = &[
 ];
 
 /// Runs a node command.
-pub fn node(c: &Client, cmd: &NodeCmd, json_out: bool) -> Result<(), String> {
+pub async fn node(c: &Client, cmd: &NodeCmd, json_out: bool) -> Result<(), String> {
     let v = match cmd {
-        NodeCmd::List => c.call("GET", "/v1/nodes", None)?,
-        NodeCmd::Get { name } => c.call("GET", &format!("/v1/nodes/{name}"), None)?,
-        NodeCmd::Cordon { name } => c.call("PUT", &format!("/v1/nodes/{name}/cordon"), None)?,
-        NodeCmd::Uncordon { name } => c.call("PUT", &format!("/v1/nodes/{name}/uncordon"), None)?,
+        NodeCmd::List => c.call("GET", "/v1/nodes", None).await?,
+        NodeCmd::Get { name } => c.call("GET", &format!("/v1/nodes/{name}"), None).await?,
+        NodeCmd::Cordon { name } => {
+            c.call("PUT", &format!("/v1/nodes/{name}/cordon"), None)
+                .await?
+        }
+        NodeCmd::Uncordon { name } => {
+            c.call("PUT", &format!("/v1/nodes/{name}/uncordon"), None)
+                .await?
+        }
         NodeCmd::Drain { name, wait } => {
-            let v = c.call("PUT", &format!("/v1/nodes/{name}/drain"), None)?;
+            let v = c
+                .call("PUT", &format!("/v1/nodes/{name}/drain"), None)
+                .await?;
             if *wait {
-                return drain_wait(c, name, json_out);
+                return drain_wait(c, name, json_out).await;
             }
             v
         }
@@ -147,8 +161,8 @@ pub fn node(c: &Client, cmd: &NodeCmd, json_out: bool) -> Result<(), String> {
 
 /// Follows a drain until the node holds only VMs that block it, printing each VM as it
 /// leaves, then a summary. Exit status 1 when VMs block the drain or it was cancelled.
-fn drain_wait(c: &Client, name: &str, json_out: bool) -> Result<(), String> {
-    let first = c.call("GET", &format!("/v1/nodes/{name}"), None)?;
+async fn drain_wait(c: &Client, name: &str, json_out: bool) -> Result<(), String> {
+    let first = c.call("GET", &format!("/v1/nodes/{name}"), None).await?;
     let start: BTreeSet<String> = names(&first["vms"]);
     if !json_out {
         println!("draining node/{name}: {} VM(s)", start.len());
@@ -161,7 +175,7 @@ fn drain_wait(c: &Client, name: &str, json_out: bool) -> Result<(), String> {
     let mut failing_since: Option<std::time::Instant> = None;
     loop {
         // A busy or briefly unreachable cluster does not end the wait; a long outage does.
-        let v = match c.call("GET", &format!("/v1/nodes/{name}"), None) {
+        let v = match c.call("GET", &format!("/v1/nodes/{name}"), None).await {
             Ok(v) => {
                 failing_since = None;
                 v
@@ -171,7 +185,7 @@ fn drain_wait(c: &Client, name: &str, json_out: bool) -> Result<(), String> {
                 if since.elapsed() > Duration::from_secs(60) {
                     return Err(format!("lost track of the drain of node {name}: {e}"));
                 }
-                std::thread::sleep(Duration::from_millis(500));
+                tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             }
         };
@@ -251,7 +265,7 @@ fn drain_wait(c: &Client, name: &str, json_out: bool) -> Result<(), String> {
                 reported_blocked.len()
             ));
         }
-        std::thread::sleep(Duration::from_millis(300));
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
 
@@ -274,15 +288,16 @@ fn names(v: &Value) -> BTreeSet<String> {
 }
 
 /// Runs a cluster command.
-pub fn cluster(c: &Client, cmd: &ClusterCmd, json_out: bool) -> Result<(), String> {
+pub async fn cluster(c: &Client, cmd: &ClusterCmd, json_out: bool) -> Result<(), String> {
     let v = match cmd {
-        ClusterCmd::Status => c.call("GET", "/v1/cluster", None)?,
-        ClusterCmd::Vms => c.call("GET", "/v1/cluster/vms", None)?,
-        ClusterCmd::Migrations => c.call("GET", "/v1/cluster/migrations", None)?,
+        ClusterCmd::Status => c.call("GET", "/v1/cluster", None).await?,
+        ClusterCmd::Vms => c.call("GET", "/v1/cluster/vms", None).await?,
+        ClusterCmd::Migrations => c.call("GET", "/v1/cluster/migrations", None).await?,
         ClusterCmd::Config { command } => match command {
-            ClusterConfigCmd::Get => c.call("GET", "/v1/cluster", None)?["config"].clone(),
+            ClusterConfigCmd::Get => c.call("GET", "/v1/cluster", None).await?["config"].clone(),
             ClusterConfigCmd::Set { file } => {
-                c.call("PUT", "/v1/cluster/config", Some(&read_doc(file)?))?
+                c.call("PUT", "/v1/cluster/config", Some(&read_doc(file)?))
+                    .await?
             }
         },
     };
