@@ -248,7 +248,7 @@ fn boot_source(dir: &TempDir) -> Launcher {
             "--kernel",
             path_str(guests::pattern_path()),
             "--memory",
-            "64M",
+            "64Mi",
             "--cmdline",
             &cmdline,
             "--migration-stall-timeout-ms",

@@ -101,7 +101,7 @@ fn resetting_source(dir: &TempDir) -> Launcher {
             "--kernel",
             path_str(guests::hello_path()),
             "--memory",
-            "32M",
+            "32Mi",
             "--cmdline",
             "reset=kbd",
             "--disk",
