@@ -10,7 +10,8 @@
 //! - `noded_migrations_total{outcome}`, `noded_migration_duration_seconds{outcome}`
 //!   (histogram), `noded_migration_transferred_bytes_total{outcome}`,
 //!   `noded_migration_downtime_seconds` (histogram, completed migrations);
-//! - `noded_evictions_total`, `noded_launcher_starts_total`, `noded_launcher_crashes_total`.
+//! - `noded_evictions_total`, `noded_launcher_starts_total`, `noded_launcher_crashes_total`;
+//! - in a cluster only: `noded_cluster_connected`, `noded_cluster_leader`.
 //!
 //! `deploy/prometheus/noded-rules.yaml` alerts on these; a test checks that every
 //! metric name it uses is one this module exports ([`METRIC_NAMES`]).
@@ -183,6 +184,8 @@ pub struct Gauges {
     pub approval_pending: bool,
     /// The node's Degraded condition.
     pub degraded: bool,
+    /// In a cluster: (etcd reachable with quorum, this node leads).
+    pub cluster: Option<(bool, bool)>,
 }
 
 fn gauge(v: usize) -> Gauge {
@@ -269,6 +272,18 @@ pub fn render(c: &Counters, g: &Gauges) -> String {
         "Launchers that ended with a failure",
         c.crashes.clone(),
     );
+    if let Some((connected, leading)) = g.cluster {
+        r.register(
+            "noded_cluster_connected",
+            "Whether this node reaches a quorate etcd cluster (1) or not (0); without it the cluster makes no new decision, and running VMs keep running",
+            gauge(usize::from(connected)),
+        );
+        r.register(
+            "noded_cluster_leader",
+            "Whether this node leads the cluster",
+            gauge(usize::from(leading)),
+        );
+    }
     let mut out = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &r) {
         tracing::error!(error = %e, "cannot encode metrics");
@@ -336,6 +351,29 @@ mod tests {
             },
         );
         assert!(text.contains("noded_vmi_number_of_outdated 2\n"), "{text}");
+        assert!(
+            !text.contains("noded_cluster_connected"),
+            "single node: no cluster series"
+        );
+        let in_cluster = render(
+            &c,
+            &Gauges {
+                cluster: Some((true, false)),
+                ..Default::default()
+            },
+        );
+        assert!(
+            in_cluster.contains("noded_cluster_connected 1\n"),
+            "{in_cluster}"
+        );
+        assert!(
+            in_cluster.contains("noded_cluster_leader 0\n"),
+            "{in_cluster}"
+        );
+        assert!(
+            in_cluster.trim_end().ends_with("# EOF"),
+            "one exposition, EOF last"
+        );
         assert!(text.contains("noded_migrations_total{outcome=\"Succeeded\"} 2\n"));
         assert!(text.contains("noded_migrations_total{outcome=\"Failed\"} 1\n"));
         assert!(

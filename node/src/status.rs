@@ -184,16 +184,11 @@ impl Daemon {
                 .entry(v.status.state.phase(now).to_string())
                 .or_default() += 1;
         }
-        let mut text = render(&self.counters, &g);
-        if let Some(c) = &self.cluster_status {
-            let flag = |b: bool| if b { 1 } else { 0 };
-            text.push_str(&format!(
-                "# HELP noded_cluster_connected Whether this node reaches a quorate etcd cluster (1) or not (0); without it the cluster makes no new decision, and running VMs keep running.\n# TYPE noded_cluster_connected gauge\nnoded_cluster_connected {}\n# HELP noded_cluster_leader Whether this node leads the cluster.\n# TYPE noded_cluster_leader gauge\nnoded_cluster_leader {}\n",
-                flag(c["connected"] == true),
-                flag(c["leading"] == true),
-            ));
-        }
-        text
+        g.cluster = self
+            .cluster_status
+            .as_ref()
+            .map(|c| (c["connected"] == true, c["leading"] == true));
+        render(&self.counters, &g)
     }
 
     /// The note for VMs on launchers of a channel the node does not follow (it was
