@@ -22,7 +22,7 @@ pub enum QuantityError {
     #[error("{0:?} is not a quantity: it must start with a whole number (e.g. 128Mi, 1Gi, 500M)")]
     NoNumber(String),
     /// A fraction or an exponent.
-    #[error("{0:?}: only whole numbers of bytes are accepted (write 1536Mi, not 1.5Gi)")]
+    #[error("{0:?} is not a quantity: only whole numbers of bytes are accepted (write 1536Mi, not 1.5Gi)")]
     Fraction(String),
     /// An unknown suffix; `hint` suggests the likely meaning.
     #[error("{input:?} is not a quantity: unknown suffix {suffix:?}{hint}; use Ki, Mi, Gi, Ti (powers of 1024) or k, M, G, T (powers of 1000)")]

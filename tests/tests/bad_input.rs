@@ -145,7 +145,7 @@ fn bad_size_strings_are_refused() {
         refused(
             &dir,
             &["--kernel", path(guests::hello_path()), "--memory", size],
-            &["size"],
+            &["--memory", "quantity"],
         );
     }
 }

@@ -21,7 +21,7 @@ use integration_tests::{
 };
 use integration_tests::{journal_seqs, last_journal_seq};
 
-const MEMORY: &str = "32M";
+const MEMORY: &str = "32Mi";
 /// Extra `launcher run` arguments of every launcher started here (e.g. `--no-seccomp`
 /// while debugging with strace).
 const EXTRA: &[&str] = &[];

@@ -161,7 +161,7 @@ fn shutdown(l: &mut Launcher) {
 #[test]
 fn forced_non_convergence_then_lifted_limits_completes() {
     let dir = TempDir::new("mig-recipe");
-    let mut src = boot_pattern(&dir, "128M", 1, 1);
+    let mut src = boot_pattern(&dir, "128Mi", 1, 1);
     let marker = pattern_status(&src, &dir, "src");
     assert_eq!((marker.mib, marker.start_mib), (1, 4), "{marker:?}");
     let (mut dst, uri) = destination(&dir, 1);
@@ -268,7 +268,7 @@ fn src_memory(l: &Launcher) -> u64 {
 #[test]
 fn copy_over_unix_socket() {
     let dir = TempDir::new("mig-unix");
-    let mut src = boot_pattern(&dir, "256M", 32, 1);
+    let mut src = boot_pattern(&dir, "256Mi", 32, 1);
     let (mut dst, uri) = destination(&dir, 1);
     let out = migrate_once(&dir, &mut src, &mut dst, &uri, &[]);
     // The 32 MiB region holds data on every page, so at least that much went over.
@@ -282,7 +282,7 @@ fn copy_over_unix_socket() {
 #[test]
 fn auto_converge_throttles_a_guest_that_outruns_the_link() {
     let dir = TempDir::new("mig-autoconverge");
-    let mut src = boot_pattern(&dir, "256M", 16, 1);
+    let mut src = boot_pattern(&dir, "256Mi", 16, 1);
     let (mut dst, uri) = destination(&dir, 1);
     // 16 MiB rewritten on every pass against 16 MB/s: no pass fits the 300 ms target
     // until the guest is slowed down.
@@ -310,7 +310,7 @@ fn auto_converge_throttles_a_guest_that_outruns_the_link() {
 #[test]
 fn copy_over_tcp() {
     let dir = TempDir::new("mig-tcp");
-    let mut src = boot_pattern(&dir, "256M", 32, 1);
+    let mut src = boot_pattern(&dir, "256Mi", 32, 1);
     let port = integration_tests::free_tcp_port();
     let uri = format!("tcp:127.0.0.1:{port}");
     // Plain TCP must be asked for on both sides (TLS: tests/tests/tls.rs).
@@ -329,7 +329,7 @@ fn copy_over_tcp() {
 #[test]
 fn local_handover_copies_no_memory() {
     let dir = TempDir::new("mig-local");
-    let mut src = boot_pattern(&dir, "256M", 32, 1);
+    let mut src = boot_pattern(&dir, "256Mi", 32, 1);
     let (mut dst, uri) = destination(&dir, 1);
     let out = migrate_once(&dir, &mut src, &mut dst, &uri, &["--local"]);
     assert_eq!(out.u64("normalPages"), 0, "report: {}", out.report);
@@ -345,7 +345,7 @@ fn local_handover_copies_no_memory() {
 #[test]
 fn local_mode_over_tcp_is_refused() {
     let dir = TempDir::new("mig-local-tcp");
-    let mut src = boot_pattern(&dir, "64M", 1, 1);
+    let mut src = boot_pattern(&dir, "64Mi", 1, 1);
     let port = integration_tests::free_tcp_port();
     let out = migrate(
         api_of(&src),
@@ -422,7 +422,7 @@ fn idle_guest_sends_mostly_zero_pages() {
 #[test]
 fn two_vcpu_guest_keeps_running() {
     let dir = TempDir::new("mig-smp");
-    let mut src = boot_pattern(&dir, "128M", 8, 2);
+    let mut src = boot_pattern(&dir, "128Mi", 8, 2);
     let (_, v) = api(api_of(&src), "GET", "/v1/status", None);
     assert_eq!(v.get("vcpus").and_then(|n| n.as_u64()), Some(2), "{v}");
     let (mut dst, uri) = destination(&dir, 1);
@@ -441,7 +441,7 @@ fn two_vcpu_guest_keeps_running() {
 #[test]
 fn ping_pong_ten_times_in_each_mode() {
     let dir = TempDir::new("mig-pingpong");
-    let mut current = boot_pattern(&dir, "128M", 8, 1);
+    let mut current = boot_pattern(&dir, "128Mi", 8, 1);
     let mut last = last_pass(&current.console());
     for (n, local) in (1..=20).map(|n| (n, n > 10)) {
         let (mut next, uri) = destination(&dir, n);

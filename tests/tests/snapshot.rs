@@ -100,7 +100,7 @@ fn shutdown(l: &mut Launcher) {
 fn snapshot_with_stop_continues_in_a_new_process() {
     let dir = TempDir::new("snap-stop");
     let file = dir.join("vm.snap");
-    let mut first = boot_pattern(&dir, "console.log", "64M", 8, 3);
+    let mut first = boot_pattern(&dir, "console.log", "64Mi", 8, 3);
     snapshot(&first, &file, true);
     let status = first.wait();
     assert_eq!(
@@ -151,7 +151,7 @@ fn snapshot_with_stop_continues_in_a_new_process() {
 fn snapshot_without_stop_keeps_the_vm_running_and_restores_too() {
     let dir = TempDir::new("snap-live");
     let file = dir.join("vm.snap");
-    let mut first = boot_pattern(&dir, "console.log", "64M", 8, 2);
+    let mut first = boot_pattern(&dir, "console.log", "64Mi", 8, 2);
     let seen_before = *passes(&first.console()).last().expect("passes");
     snapshot(&first, &file, false);
     assert!(
@@ -192,7 +192,7 @@ fn snapshot_of_a_mostly_idle_vm_holds_only_the_pages_in_use() {
     let dir = TempDir::new("snap-small");
     let file = dir.join("vm.snap");
     let memory: u64 = 512 << 20;
-    let mut l = boot_pattern(&dir, "console.log", "512M", 1, 1);
+    let mut l = boot_pattern(&dir, "console.log", "512Mi", 1, 1);
     snapshot(&l, &file, true);
     assert_eq!(l.wait().code(), Some(0), "stderr: {}", l.stderr());
     let size = std::fs::metadata(&file).expect("snapshot file").len();
@@ -265,7 +265,7 @@ fn crc32(data: &[u8]) -> u32 {
 /// A stopped, valid snapshot of a small `pattern` VM, and its bytes.
 fn good_snapshot(dir: &TempDir) -> (PathBuf, Vec<u8>) {
     let file = dir.join("good.snap");
-    let mut l = boot_pattern(dir, "source.log", "32M", 1, 1);
+    let mut l = boot_pattern(dir, "source.log", "32Mi", 1, 1);
     snapshot(&l, &file, true);
     assert_eq!(l.wait().code(), Some(0), "stderr: {}", l.stderr());
     let bytes = std::fs::read(&file).expect("read snapshot");
