@@ -390,6 +390,11 @@ fn losing_etcd_quorum_stops_decisions_but_no_vm() {
     }
     let (ok, out) = ctl_text(&n1, &["cluster", "status"]);
     assert!(ok && out.contains("ClusterUnavailable"), "{out}");
+    let (ok, out) = ctl_text(&n2, &["status"]);
+    assert!(
+        ok && out.contains("ClusterAvailable") && out.contains("EtcdUnreachable"),
+        "{out}"
+    );
     let f3 = n1.node.file("a3.yaml", &spec("a3", ""));
     let e = n1
         .node

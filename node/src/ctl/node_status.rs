@@ -60,6 +60,25 @@ fn print_status(o: Output, v: &Value) {
     if let Some(m) = v["untestedUpdatePath"].as_str() {
         field("untestedUpdatePath", m.to_string());
     }
+    let c = &v["cluster"];
+    if c.is_object() {
+        let ctl = &c["controller"];
+        println!();
+        field("cluster.node", s(&c["node"]));
+        field("cluster.connected", s(&c["connected"]));
+        if let Some(e) = c["error"].as_str() {
+            field("cluster.error", e.to_string());
+        }
+        field("cluster.leader", s(&ctl["leader"]));
+        field("cluster.targetVersion", s(&ctl["targetVersion"]));
+        println!(
+            "cluster.outdatedVirtualMachineInstanceWorkloads: {}",
+            s(&ctl["outdated"])
+        );
+        if let Some(p) = ctl["updatePaused"].as_str() {
+            field("cluster.updatePaused", p.to_string());
+        }
+    }
     println!();
     table(
         &["CONDITION", "STATUS", "REASON", "MESSAGE"],
@@ -68,6 +87,29 @@ fn print_status(o: Output, v: &Value) {
 }
 
 fn condition_rows(v: &Value) -> Vec<Vec<String>> {
+    let mut rows = node_condition_rows(v);
+    // In a cluster: whether it can decide anything now.
+    let c = &v["cluster"];
+    if c.is_object() {
+        let up = c["connected"] == true;
+        rows.push(vec![
+            "ClusterAvailable".into(),
+            if up { "True" } else { "False" }.into(),
+            if up { "Connected" } else { "EtcdUnreachable" }.into(),
+            if up {
+                format!("leader {}", s(&c["controller"]["leader"]))
+            } else {
+                format!(
+                    "no new cluster decision is made; running VMs keep running: {}",
+                    s(&c["error"])
+                )
+            },
+        ]);
+    }
+    rows
+}
+
+fn node_condition_rows(v: &Value) -> Vec<Vec<String>> {
     v["conditions"]
         .as_array()
         .map(|cs| {
