@@ -67,6 +67,14 @@ pub struct Report {
     pub guest_stall_ms: f64,
     /// copy or local.
     pub mode: String,
+    /// How the guest's dirty pages were tracked: "ring" (KVM's dirty ring) or "bitmap"
+    /// (the fallback); absent in local mode, which tracks nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dirty_tracking: Option<String>,
+    /// The scheduling boost of the switch-over threads ("SCHED_FIFO 10", "nice -10 ...")
+    /// or why there was none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switch_over_boost: Option<String>,
 }
 
 impl Report {
@@ -89,6 +97,8 @@ impl Report {
             throttle_percent: 0,
             guest_stall_ms: 0.0,
             mode: mode.to_string(),
+            dirty_tracking: None,
+            switch_over_boost: None,
         }
     }
 

@@ -221,15 +221,11 @@ fn header_for(frame_type: FrameType, parts: &[&[u8]]) -> Result<FrameHeader, Fra
             max: frame_type.max_payload(),
         });
     }
-    let mut h = crc32fast::Hasher::new();
-    for p in parts {
-        h.update(p);
-    }
     Ok(FrameHeader {
         frame_type,
         flags: 0,
         len: len as u32,
-        crc: h.finalize(),
+        crc: vmm::pages::crc32_of(parts),
     })
 }
 
@@ -361,21 +357,14 @@ pub fn parse_range_table(
     Ok(ranges)
 }
 
-/// Where the data of a memory frame goes (the receiver's guest memory).
+/// Where the data of a memory frame goes (the receiver's guest memory). The reader
+/// calls it only after the whole frame passed its CRC check: nothing unverified ever
+/// reaches guest memory.
 pub trait MemorySink {
-    /// The destination of a validated data range: must be exactly
-    /// `range.len` bytes. The reader writes into it *before* the frame's CRC
-    /// is checked: on a CRC error the bytes are garbage. That is acceptable
-    /// because the destination guest is not running yet and a CRC error
-    /// aborts the whole migration, after which the destination discards its
-    /// memory.
-    fn data_destination(&mut self, range: &MemoryRange) -> Result<&mut [u8], String>;
-    /// A zero range, called only after the CRC matched.
+    /// Store the verified bytes of a data range (`data.len() == range.len`).
+    fn data(&mut self, range: &MemoryRange, data: &[u8]) -> Result<(), String>;
+    /// Make a verified zero range zero.
     fn zero(&mut self, range: &MemoryRange) -> Result<(), String>;
-    /// All data ranges of the frame passed the CRC check (committed).
-    fn commit(&mut self, _ranges: &[MemoryRange]) -> Result<(), String> {
-        Ok(())
-    }
 }
 
 /// A [`MemorySink`] over plain slices, one per region (`(gpa, slice)`).
@@ -400,8 +389,9 @@ impl SliceSink<'_> {
 }
 
 impl MemorySink for SliceSink<'_> {
-    fn data_destination(&mut self, range: &MemoryRange) -> Result<&mut [u8], String> {
-        self.find(range)
+    fn data(&mut self, range: &MemoryRange, data: &[u8]) -> Result<(), String> {
+        self.find(range)?.copy_from_slice(data);
+        Ok(())
     }
 
     fn zero(&mut self, range: &MemoryRange) -> Result<(), String> {
@@ -535,6 +525,10 @@ impl<W: Write> FrameWriter<W> {
 pub struct FrameReader<R: Read> {
     inner: R,
     bytes_read: u64,
+    /// The data bytes of the memory frame being read, held until its CRC is checked
+    /// (reused: allocated once at the size of the largest frame seen, at most
+    /// [`MAX_MEMORY_PAYLOAD`]).
+    data: Vec<u8>,
 }
 
 impl<R: Read> FrameReader<R> {
@@ -542,6 +536,7 @@ impl<R: Read> FrameReader<R> {
         FrameReader {
             inner,
             bytes_read: 0,
+            data: Vec::new(),
         }
     }
 
@@ -603,12 +598,10 @@ impl<R: Read> FrameReader<R> {
         self.read_payload(h)
     }
 
-    /// Reads the payload of a memory frame into `sink`. The table is read
-    /// and fully validated against `layout` before any data byte is read;
-    /// data ranges are read straight into the sink's slices while the CRC is
-    /// computed; zero ranges and the commit are applied only after the CRC
-    /// matched. On error, the data written so far is garbage (see
-    /// [`MemorySink::data_destination`]).
+    /// Reads the payload of a memory frame into `sink`. The table is read and fully
+    /// validated against `layout` before any data byte is read; the data bytes are read
+    /// into a buffer (bounded by the header's checked length) and handed to the sink only
+    /// after the CRC over the whole payload matched.
     pub fn read_memory<S: MemorySink + ?Sized>(
         &mut self,
         h: &FrameHeader,
@@ -636,43 +629,22 @@ impl<R: Read> FrameReader<R> {
         self.read_exact_or(&mut entries, "memory range table", false)?;
         hasher.update(&entries);
         let ranges = parse_range_table(count, &entries, payload_len, layout)?;
-        let mut summary = MemoryFrameSummary {
-            ranges: count,
-            ..Default::default()
-        };
-        for r in ranges.iter().filter(|r| r.kind == RangeKind::Data) {
-            let sink_err = |reason: String| FrameError::Sink {
-                gpa: r.gpa,
-                len: r.len,
-                reason,
-            };
-            let dst = sink.data_destination(r).map_err(sink_err)?;
-            if dst.len() as u64 != r.len {
-                return Err(sink_err(format!(
-                    "destination has {} bytes for a range of {}",
-                    dst.len(),
-                    r.len
-                )));
-            }
-            Self::read_exact_counted(&mut self.inner, &mut self.bytes_read, dst, "memory data")?;
-            hasher.update(dst);
-            summary.data_bytes += r.len;
-        }
-        check_crc(h, hasher.finalize())?;
-        for r in ranges.iter().filter(|r| r.kind == RangeKind::Zero) {
-            sink.zero(r).map_err(|reason| FrameError::Sink {
-                gpa: r.gpa,
-                len: r.len,
-                reason,
-            })?;
-            summary.zero_bytes += r.len;
-        }
-        sink.commit(&ranges).map_err(|reason| FrameError::Sink {
-            gpa: ranges[0].gpa,
-            len: 0,
-            reason,
-        })?;
-        Ok(summary)
+        // parse_range_table checked that the data ranges fill the rest of the payload.
+        let data_len = (payload_len - range_table_len(count)) as usize;
+        let mut data = std::mem::take(&mut self.data);
+        data.resize(data_len, 0);
+        let read = Self::read_exact_counted(
+            &mut self.inner,
+            &mut self.bytes_read,
+            &mut data,
+            "memory data",
+        );
+        hasher.update(&data);
+        let result = read
+            .and_then(|()| check_crc(h, hasher.finalize()))
+            .and_then(|()| apply_ranges(&ranges, &data, sink));
+        self.data = data;
+        result
     }
 
     fn read_exact_or(
@@ -715,6 +687,39 @@ impl<R: Read> FrameReader<R> {
         }
         Ok(())
     }
+}
+
+/// Hands the verified ranges of a memory frame to `sink`, data ranges with their bytes.
+fn apply_ranges<S: MemorySink + ?Sized>(
+    ranges: &[MemoryRange],
+    data: &[u8],
+    sink: &mut S,
+) -> Result<MemoryFrameSummary, FrameError> {
+    let mut summary = MemoryFrameSummary {
+        ranges: ranges.len() as u32,
+        ..Default::default()
+    };
+    let mut at = 0usize;
+    for r in ranges {
+        let sink_err = |reason: String| FrameError::Sink {
+            gpa: r.gpa,
+            len: r.len,
+            reason,
+        };
+        match r.kind {
+            RangeKind::Data => {
+                let bytes = &data[at..at + r.len as usize];
+                at += r.len as usize;
+                sink.data(r, bytes).map_err(sink_err)?;
+                summary.data_bytes += r.len;
+            }
+            RangeKind::Zero => {
+                sink.zero(r).map_err(sink_err)?;
+                summary.zero_bytes += r.len;
+            }
+        }
+    }
+    Ok(summary)
 }
 
 fn expect_type(h: &FrameHeader, expected: FrameType) -> Result<(), FrameError> {

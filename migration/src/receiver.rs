@@ -10,6 +10,7 @@ use std::os::fd::OwnedFd;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use vmm::devices::serial::SerialOut;
+use vmm::machine::PreparedVm;
 use vmm::vstate::memory::{GuestRam, RamRegion};
 use vmm::{Vm, VmState};
 
@@ -55,20 +56,20 @@ pub fn capabilities(local_mode: bool) -> ReceiverCapabilities {
     }
 }
 
-/// Writes incoming pages straight into the not-yet-running guest's memory.
-struct RamSink<'a>(&'a GuestRam);
+/// Stores verified pages into the not-yet-running guest's memory at their offset.
+struct RamSink<'a>(&'a PreparedVm);
 
 impl MemorySink for RamSink<'_> {
-    fn data_destination(&mut self, range: &MemoryRange) -> Result<&mut [u8], String> {
-        // SAFETY: no VM runs on this memory yet (the VM is created after Complete), and
-        // the frame reader holds one destination slice at a time.
-        unsafe { self.0.host_slice_mut(range.gpa, range.len) }
-            .ok_or_else(|| "range is not guest RAM".to_string())
+    fn data(&mut self, range: &MemoryRange, data: &[u8]) -> Result<(), String> {
+        self.0
+            .load_memory(range.gpa, data)
+            .map_err(|e| e.to_string())
     }
 
     fn zero(&mut self, range: &MemoryRange) -> Result<(), String> {
-        self.data_destination(range)?.fill(0);
-        Ok(())
+        self.0
+            .load_zero(range.gpa, range.len)
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -250,7 +251,7 @@ fn receive_on<R: Read, W: std::io::Write>(
                 let vm = prepared.as_ref().ok_or_else(|| {
                     ReceiveError::Protocol("memory frame before memory exists".into())
                 })?;
-                r.read_memory(&h, &layout, &mut RamSink(vm.ram()))?;
+                r.read_memory(&h, &layout, &mut RamSink(vm))?;
             }
             FrameType::State => {
                 phase.advance(Incoming::State).map_err(proto)?;

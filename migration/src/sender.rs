@@ -82,21 +82,19 @@ pub struct SendOptions {
 struct DirtyLogging<'a>(&'a Vm);
 
 impl<'a> DirtyLogging<'a> {
-    fn on(vm: &'a Vm) -> Result<Self, SendError> {
-        vm.kvm()
-            .set_dirty_logging(true)
+    /// Also says which mechanism KVM uses (ring or bitmap), for the report.
+    fn on(vm: &'a Vm) -> Result<(Self, vmm::machine::DirtyTracking), SendError> {
+        // From a clean slate: what was written before now is sent by iteration 0.
+        let mode = vm
+            .start_dirty_log()
             .map_err(|e| SendError::Vm(e.to_string()))?;
-        // Start from a clean slate: what the VMM wrote before now is sent by iteration 0.
-        for i in 0..vm.ram().regions().len() {
-            vm.ram().take_vmm_dirty(i);
-        }
-        Ok(Self(vm))
+        Ok((Self(vm), mode))
     }
 }
 
 impl Drop for DirtyLogging<'_> {
     fn drop(&mut self) {
-        if let Err(e) = self.0.kvm().set_dirty_logging(false) {
+        if let Err(e) = self.0.stop_dirty_log() {
             tracing::error!("cannot turn dirty logging off: {e}");
         }
     }
@@ -161,8 +159,7 @@ impl Drop for Throttler {
 pub fn layout_of(vm: &Vm) -> MemoryLayout {
     MemoryLayout {
         regions: vm
-            .ram()
-            .regions()
+            .memory_regions()
             .iter()
             .map(|r| MemoryRegion {
                 gpa: r.gpa,
@@ -219,12 +216,6 @@ struct Sender<'a> {
     copy_buf: Vec<u8>,
 }
 
-fn is_zero(page: &[u8]) -> bool {
-    // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets aligned middle part.
-    let (head, mid, tail) = unsafe { page.align_to::<u64>() };
-    head.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
-}
-
 impl Sender<'_> {
     /// A message from the return path, if one is waiting; a refusal or error ends the migration.
     fn poll_back(&mut self) -> Result<(), SendError> {
@@ -276,48 +267,34 @@ impl Sender<'_> {
             self.poll_back()?;
             let chunk = (len - off).min(FRAME_DATA_BYTES);
             let base = gpa + off;
-            let live = self.vm.ram().host_slice(base, chunk).ok_or_else(|| {
-                SendError::Vm(format!("range {base:#x}+{chunk:#x} is not guest RAM"))
-            })?;
-            // Copy first: the CRC must cover exactly the bytes that go on the wire, and the
-            // guest may change its memory between the checksum and the write. A page the
-            // guest changes after this copy is dirty again and goes in the next iteration.
+            // Copy first (through the volatile accessors): the CRC must cover exactly the
+            // bytes that go on the wire, and the guest may change its memory meanwhile. A
+            // page the guest changes after this copy is dirty again and goes next time.
             let mut copy = std::mem::take(&mut self.copy_buf);
-            copy.clear();
-            copy.extend_from_slice(live);
-            let mem = &copy[..];
+            copy.resize(chunk as usize, 0);
+            self.vm
+                .read_memory(base, &mut copy)
+                .map_err(|e| SendError::Vm(e.to_string()))?;
             self.buf_ranges.clear();
             let mut data: Vec<&[u8]> = Vec::new();
-            let pages = chunk / PAGE_SIZE;
-            let mut p = 0;
-            while p < pages {
-                let page = &mem[(p * PAGE_SIZE) as usize..((p + 1) * PAGE_SIZE) as usize];
-                let zero = is_zero(page);
-                let first = p;
-                p += 1;
-                while p < pages
-                    && is_zero(&mem[(p * PAGE_SIZE) as usize..((p + 1) * PAGE_SIZE) as usize])
-                        == zero
-                {
-                    p += 1;
-                }
-                let n = p - first;
-                let rgpa = base + first * PAGE_SIZE;
-                if zero {
-                    self.report.zero_pages += n;
+            let runs = vmm::pages::page_runs(&copy, MAX_MEMORY_RANGES as usize);
+            let consumed = runs.last().map_or(chunk, |r| (r.offset + r.len) as u64);
+            for run in &runs {
+                let rgpa = base + run.offset as u64;
+                let pages = run.len as u64 / PAGE_SIZE;
+                if run.zero {
+                    self.report.zero_pages += pages;
                     if !skip_zero {
-                        self.buf_ranges.push(MemoryRange::zero(rgpa, n * PAGE_SIZE));
+                        self.buf_ranges
+                            .push(MemoryRange::zero(rgpa, run.len as u64));
                     }
                 } else {
-                    self.report.normal_pages += n;
-                    self.buf_ranges.push(MemoryRange::data(rgpa, n * PAGE_SIZE));
-                    data.push(&mem[(first * PAGE_SIZE) as usize..(p * PAGE_SIZE) as usize]);
-                }
-                if self.buf_ranges.len() as u32 >= MAX_MEMORY_RANGES {
-                    break;
+                    self.report.normal_pages += pages;
+                    self.buf_ranges
+                        .push(MemoryRange::data(rgpa, run.len as u64));
+                    data.push(&copy[run.offset..run.offset + run.len]);
                 }
             }
-            let consumed = p * PAGE_SIZE;
             if !self.buf_ranges.is_empty() {
                 let ranges = std::mem::take(&mut self.buf_ranges);
                 let r = self.w.write_memory(&ranges, &data);
@@ -331,17 +308,14 @@ impl Sender<'_> {
         Ok(())
     }
 
-    /// Harvest KVM's and the VMM's dirty bitmaps into one per region.
+    /// Harvest KVM's and the VMM's dirty pages into one bitmap per region.
     fn collect_dirty(&self, into: &mut [DirtyBitmap]) -> Result<(), SendError> {
-        for (i, bm) in into.iter_mut().enumerate() {
-            let kvm = self
-                .vm
-                .kvm()
-                .take_dirty_log(i)
-                .map_err(|e| SendError::Vm(e.to_string()))?;
-            bm.merge_kvm(&kvm)
-                .map_err(|e| SendError::Vm(e.to_string()))?;
-            bm.merge_words(&self.vm.ram().take_vmm_dirty(i))
+        let harvested = self
+            .vm
+            .harvest_dirty()
+            .map_err(|e| SendError::Vm(e.to_string()))?;
+        for (bm, words) in into.iter_mut().zip(harvested) {
+            bm.merge_words(&words)
                 .map_err(|e| SendError::Vm(e.to_string()))?;
         }
         Ok(())
@@ -369,7 +343,7 @@ pub fn send(vm: &Arc<Vm>, stream: Stream, opts: &SendOptions) -> Report {
     };
     let span = tracing::info_span!("migration", mode = mode_name);
     let _e = span.enter();
-    let mut report = Report::new(mode_name, vm.ram().size());
+    let mut report = Report::new(mode_name, vm.memory_bytes());
     let start = Instant::now();
     // A stalled connection must not block a write for ever (least of all while paused).
     let _ = stream.set_write_timeout(Some(transport::stall_timeout()));
@@ -490,7 +464,7 @@ fn run(
 
     let logging;
     let mut stats = MigrationStats {
-        memory_bytes: vm.ram().size(),
+        memory_bytes: vm.memory_bytes(),
         state_bytes_estimate: 64 << 10,
         ..Default::default()
     };
@@ -513,7 +487,7 @@ fn run(
                 })
                 .collect();
             let frame = crate::frame::encode_control_frame(&SenderMessage::MemoryFds { regions })?;
-            transport::send_fds(unix, &frame, &vm.ram().raw_fds()).map_err(|e| {
+            transport::send_fds(unix, &frame, &vm.memory_fds()).map_err(|e| {
                 SendError::Frame(FrameError::Io(std::io::Error::other(e.to_string())))
             })?;
             // Wait until the destination has mapped the memory and built the VM shell,
@@ -538,14 +512,16 @@ fn run(
         }
         MigrationMode::Copy => {
             s.report.setup_ms = ms(start.elapsed());
-            logging = Some(DirtyLogging::on(vm)?);
+            let (on, mode) = DirtyLogging::on(vm)?;
+            logging = Some(on);
+            s.report.dirty_tracking = Some(mode.name().to_string());
             // Iteration 0: everything that holds data; never-written memfd ranges are holes.
             let t0 = Instant::now();
             let sent0 = s.w.bytes_written();
-            for r in vm.ram().regions() {
+            for (i, r) in vm.memory_regions().iter().enumerate() {
                 let mut data_pages = 0;
-                for (a, b) in r.data_ranges() {
-                    s.send_range(r.gpa + a, b - a, true)?;
+                for (a, b) in vm.memory_data_ranges(i) {
+                    s.send_range(a, b - a, true)?;
                     data_pages += (b - a) / PAGE_SIZE;
                 }
                 // Holes were never written: zero pages that cost nothing to skip.

@@ -137,14 +137,9 @@ fn pattern_status(l: &Launcher, dir: &TempDir, name: &str) -> guests::PatternSta
     assert_eq!(status, 200, "snapshot: {v}");
     let mut f = std::fs::File::open(&file).expect("open snapshot");
     let (_state, ram) = vmm::snapshot::read(&mut f).expect("read snapshot");
-    let bytes = ram
-        .host_slice(
-            guests::PATTERN_STATUS_ADDR,
-            guests::PATTERN_STATUS_SIZE as u64,
-        )
-        .expect("status block is RAM");
     let mut b = [0u8; guests::PATTERN_STATUS_SIZE];
-    b.copy_from_slice(bytes);
+    ram.read_into(guests::PATTERN_STATUS_ADDR, &mut b)
+        .expect("status block is RAM");
     let _ = std::fs::remove_file(&file);
     guests::PatternStatus::from_bytes(&b).expect("status block magic missing")
 }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod devices;
 pub mod layout;
 pub mod machine;
+pub mod pages;
 pub mod snapshot;
 pub mod state;
 pub mod sync;

@@ -20,6 +20,9 @@ use crate::vstate::memory::{GuestRam, MemoryError};
 use crate::vstate::vcpu::{self, VcpuContext, VcpuError, VcpuHandle, VmStop};
 use crate::vstate::vm::{KvmVm, VmError};
 
+mod live;
+pub use live::{DirtyTracking, RamRange};
+
 /// Errors creating, controlling or saving a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum MachineError {
@@ -372,16 +375,6 @@ impl Vm {
         &self.config
     }
 
-    /// Guest RAM.
-    pub fn ram(&self) -> &GuestRam {
-        &self.ram
-    }
-
-    /// The KVM VM (dirty logging).
-    pub fn kvm(&self) -> &KvmVm {
-        &self.kvm
-    }
-
     /// The platform devices.
     pub fn platform(&self) -> &Platform {
         &self.platform
@@ -398,11 +391,6 @@ pub struct PreparedVm {
 }
 
 impl PreparedVm {
-    /// The guest memory (an incoming copy migration writes pages into it).
-    pub fn ram(&self) -> &GuestRam {
-        &self.ram
-    }
-
     /// Load `state` and create the devices; the vCPUs start paused.
     pub fn restore(self, state: VmState, serial_out: SerialOut) -> Result<Vm, MachineError> {
         let Self { fds, kvm, ram, irq } = self;

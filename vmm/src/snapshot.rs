@@ -21,7 +21,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::config::resolve_machine_type;
 use crate::state::{StateError, VmState, MAX_STATE_BYTES};
-use crate::vstate::memory::{GuestRam, PAGE_SIZE};
+use crate::vstate::memory::GuestRam;
 
 /// File magic.
 pub const MAGIC: &[u8; 8] = b"LVMSNAP\0";
@@ -79,21 +79,17 @@ pub enum SnapshotError {
 
 fn write_record(w: &mut impl Write, kind: u32, parts: &[&[u8]]) -> std::io::Result<()> {
     let len: usize = parts.iter().map(|p| p.len()).sum();
-    let mut crc = crc32fast::Hasher::new();
-    for p in parts {
-        crc.update(p);
-    }
     w.write_all(&kind.to_le_bytes())?;
     w.write_all(&(len as u64).to_le_bytes())?;
-    w.write_all(&crc.finalize().to_le_bytes())?;
+    w.write_all(&crate::pages::crc32_of(parts).to_le_bytes())?;
     for p in parts {
         w.write_all(p)?;
     }
     Ok(())
 }
 
-/// Write a snapshot of a paused VM.
-pub fn write(
+/// Write a snapshot of a paused VM (through [`crate::Vm::write_snapshot`]).
+pub(crate) fn write(
     w: &mut impl Write,
     state: &VmState,
     ram: &GuestRam,
@@ -114,31 +110,18 @@ pub fn write(
             let mut off = start;
             while off < end {
                 let len = ((end - off) as usize).min(chunk);
-                ram.memory()
-                    .read_slice(&mut buf[..len], GuestAddress(r.gpa + off))
+                ram.read_into(r.gpa + off, &mut buf[..len])
                     .map_err(|e| SnapshotError::Memory(e.to_string()))?;
-                // Emit runs of non-zero pages.
-                let pages = len.div_ceil(PAGE_SIZE as usize);
-                let mut p = 0;
-                while p < pages {
-                    let page = |i: usize| {
-                        let s = i * PAGE_SIZE as usize;
-                        &buf[s..(s + PAGE_SIZE as usize).min(len)]
-                    };
-                    if page(p).iter().all(|&b| b == 0) {
-                        p += 1;
+                // Runs of non-zero pages become records; zero pages are left out.
+                for run in crate::pages::page_runs(&buf[..len], usize::MAX) {
+                    if run.zero {
                         continue;
                     }
-                    let first = p;
-                    while p < pages && !page(p).iter().all(|&b| b == 0) {
-                        p += 1;
-                    }
-                    let s = first * PAGE_SIZE as usize;
-                    let e = (p * PAGE_SIZE as usize).min(len);
-                    let gpa = r.gpa + off + s as u64;
-                    write_record(w, KIND_MEMORY, &[&gpa.to_le_bytes(), &buf[s..e]])?;
+                    let gpa = r.gpa + off + run.offset as u64;
+                    let data = &buf[run.offset..run.offset + run.len];
+                    write_record(w, KIND_MEMORY, &[&gpa.to_le_bytes(), data])?;
                     records += 1;
-                    memory_bytes += (e - s) as u64;
+                    memory_bytes += run.len as u64;
                 }
                 off += len as u64;
             }

@@ -235,7 +235,7 @@ pub fn write_snapshot(
     let state = vm.save_state(&guard)?;
     let f = std::fs::File::create(&tmp).map_err(|e| file_err("cannot create snapshot", e))?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-    let stats = vmm::snapshot::write(&mut w, &state, vm.ram());
+    let stats = vm.write_snapshot(&mut w, &state, &guard);
     let stats = match stats {
         Ok(s) => s,
         Err(e) => {

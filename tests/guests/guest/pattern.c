@@ -5,6 +5,9 @@
  * the region, set up a TSS with an I/O permission bitmap and SYSEXIT to 64-bit CPL3 with
  * IF=0. CPL3 part (native speed): zero the first dword of every 4 KiB page of the region,
  * then for pass p = 1, 2, ... increment the first dword of every page and verify it equals p.
+ * With fill=1 it first fills every byte of the region with non-zero data (the memory of a
+ * busy guest, for the bulk-copy benchmark), and each pass also checks the second qword of
+ * every page it rewrites; busy=N limits the passes to the region's first N MiB.
  */
 #include "guest.h"
 
@@ -24,8 +27,14 @@ struct status {
 #define EXIT_STALE 3
 #define EXIT_BAD_CONFIG 2
 
-static uptr region_start, region_end;
-static u32 every;
+static uptr region_start, region_end, busy_end;
+static u32 every, fill;
+
+/* The fill value of the qword at `a`: never zero, different on every qword. */
+static inline u64 fill_value(uptr a)
+{
+    return ((u64)a * 0x9e3779b97f4a7c15ull) | 1;
+}
 
 /* 64-bit TSS followed by the I/O permission bitmap (ports 0 to 0x60f). Ports past the end of
  * the bitmap (beyond the TSS limit) are denied. */
@@ -65,10 +74,15 @@ NORETURN static void stale(uptr addr, u32 expected, u32 got)
 NORETURN void pattern_user_main(void)
 {
     volatile struct status *st = (volatile struct status *)(uptr)STATUS_ADDR;
-    const uptr start = region_start, end = region_end;
+    const uptr start = region_start, end = busy_end;
     const u32 k = every;
     uptr a;
 
+    if (fill) {
+        for (a = start; a != region_end; a += 8)
+            *(volatile u64 *)a = fill_value(a);
+        puts("pattern: filled\n");
+    }
     for (a = start; a != end; a += PAGE)
         *(volatile u32 *)a = 0;
     for (u32 p = 1;; p++) {
@@ -79,6 +93,8 @@ NORETURN void pattern_user_main(void)
             u32 v = *(volatile u32 *)a;
             if (__builtin_expect(v != p, 0))
                 stale(a, p, v);
+            if (fill && __builtin_expect(*(volatile u64 *)(a + 8) != fill_value(a + 8), 0))
+                stale(a + 8, (u32)fill_value(a + 8), (u32) * (volatile u64 *)(a + 8));
         }
         putc('B');
         if (k && p % k == 0) {
@@ -101,10 +117,14 @@ __asm__(".text\n"
 
 void guest_main(void)
 {
-    u32 mib = 32, start = 4, k = 100;
+    u32 mib = 32, start = 4, k = 100, f = 0, busy = 0;
     cmdline_u32("mib", &mib);
     cmdline_u32("start", &start);
     cmdline_u32("every", &k);
+    cmdline_u32("fill", &f);
+    cmdline_u32("busy", &busy);
+    if (busy == 0 || busy > mib)
+        busy = mib;
     puts("pattern: booted mib=");
     put_dec(mib);
     puts(" start=");
@@ -125,7 +145,9 @@ void guest_main(void)
     }
     region_start = s;
     region_end = s + len;
+    busy_end = s + ((u64)busy << 20);
     every = k;
+    fill = f;
 
     volatile struct status *st = (volatile struct status *)(uptr)STATUS_ADDR;
     st->pass = 0;

@@ -53,6 +53,27 @@ pub struct VmKvmState {
     pub clock: kvm_clock_data,
 }
 
+/// How KVM reports the pages the guest wrote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum DirtyTracking {
+    /// Per-vCPU dirty rings (`KVM_CAP_DIRTY_LOG_RING`): cost proportional to the pages
+    /// written, not to the memory size.
+    Ring,
+    /// `KVM_GET_DIRTY_LOG` bitmaps, one per slot (the fallback).
+    Bitmap,
+}
+
+impl DirtyTracking {
+    /// The name used in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            DirtyTracking::Ring => "ring",
+            DirtyTracking::Bitmap => "bitmap",
+        }
+    }
+}
+
 /// Host capabilities probed once (invariant: optional is optional).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct HostCaps {
@@ -193,8 +214,21 @@ impl KvmVm {
         self.update_slots(if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 })
     }
 
+    /// How this VM tracks the guest's dirty pages.
+    pub fn dirty_tracking(&self) -> DirtyTracking {
+        DirtyTracking::Bitmap
+    }
+
+    /// Pages the guest wrote since the previous harvest, one bitmap per RAM slot (one bit
+    /// per 4 KiB page, in 64-bit words), cleared in KVM as they are read.
+    pub fn harvest_dirty(&self) -> Result<Vec<Vec<u64>>, VmError> {
+        (0..self.slots.len())
+            .map(|i| self.take_dirty_log(i))
+            .collect()
+    }
+
     /// Fetch and clear KVM's dirty bitmap of RAM region `index` (one bit per 4 KiB page).
-    pub fn take_dirty_log(&self, index: usize) -> Result<Vec<u64>, VmError> {
+    fn take_dirty_log(&self, index: usize) -> Result<Vec<u64>, VmError> {
         let &(slot, _, size, _) = self
             .slots
             .get(index)
