@@ -90,6 +90,10 @@ pub struct RunArgs {
     /// Do not install seccomp filters (for debugging; see launch/seccomp.rs).
     #[arg(long)]
     pub no_seccomp: bool,
+    /// Dirty-page tracking for live migration: KVM's dirty ring where the host has it
+    /// (on, the default), or the dirty bitmap only (off).
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = ["on", "off"])]
+    pub dirty_ring: String,
     /// Data disk (virtio-blk on a raw file): path=FILE[,readonly=on][,shared=on]; repeatable.
     #[arg(long = "disk", value_name = "SPEC", conflicts_with_all = ["restore", "incoming"])]
     pub disks: Vec<String>,

@@ -304,6 +304,10 @@ impl Sender<'_> {
             drop(data);
             self.copy_buf = copy;
             off += consumed;
+            // A busy guest must not wait on a full dirty ring until the next pass.
+            self.vm
+                .drain_dirty_rings()
+                .map_err(|e| SendError::Vm(e.to_string()))?;
         }
         Ok(())
     }

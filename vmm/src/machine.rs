@@ -174,6 +174,7 @@ impl Vm {
                 let mut fds = Vec::new();
                 for id in 0..config.vcpus {
                     let fd = vcpu::create(kvm.fd(), id)?;
+                    kvm.attach_vcpu(&fd)?;
                     let cpuid = vcpu::build_cpuid(kvm.kvm(), id, config.vcpus)?;
                     vcpu::configure(&fd, id, &cpuid)?;
                     if id == 0 {
@@ -230,9 +231,12 @@ impl Vm {
         kvm.fd()
             .register_irqfd(&irq, layout::COM1_IRQ)
             .map_err(|e| MachineError::Host(format!("irqfd: {e}")))?;
-        let fds = (0..vcpus)
-            .map(|id| vcpu::create(kvm.fd(), id))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut fds = Vec::new();
+        for id in 0..vcpus {
+            let fd = vcpu::create(kvm.fd(), id)?;
+            kvm.attach_vcpu(&fd)?;
+            fds.push(fd);
+        }
         Ok(PreparedVm { kvm, ram, irq, fds })
     }
 

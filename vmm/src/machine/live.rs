@@ -93,6 +93,12 @@ impl Vm {
         Ok(kvm)
     }
 
+    /// Keep the dirty rings from filling during a long copy (their entries are kept for
+    /// the next [`Vm::harvest_dirty`]); nothing to do with the bitmap.
+    pub fn drain_dirty_rings(&self) -> Result<(), MachineError> {
+        Ok(self.kvm.drain_dirty_rings()?)
+    }
+
     /// Write a snapshot of this paused VM (`state` from [`Vm::save_state`]) to `w`.
     pub fn write_snapshot(
         &self,

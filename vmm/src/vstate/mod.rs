@@ -1,5 +1,6 @@
 //! The KVM-facing state of a VM: memory, the VM fd, and vCPUs.
 
+pub mod dirty_ring;
 pub mod memory;
 pub mod vcpu;
 pub mod vm;

@@ -626,6 +626,12 @@ fn run_once(id: u8, vcpu: &mut VcpuFd, ctx: &VcpuContext) -> Option<VmStop> {
             }
             VcpuExit::MmioWrite(addr, data) => ctx.mmio.write(addr, data),
             VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen => VmEvent::None,
+            VcpuExit::Unsupported(kvm_bindings::KVM_EXIT_DIRTY_RING_FULL) => {
+                // The ring is full until the migration harvests it (it drains after every
+                // frame): wait a little rather than spin, then try again.
+                std::thread::sleep(Duration::from_micros(200));
+                VmEvent::None
+            }
             VcpuExit::Shutdown => VmEvent::Reset,
             VcpuExit::SystemEvent(kind, _) => match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => VmEvent::PowerOff,

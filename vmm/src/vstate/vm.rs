@@ -12,7 +12,16 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use super::dirty_ring::DirtyRings;
 use super::memory::{GuestRam, PAGE_SIZE};
+
+static DIRTY_RING_ALLOWED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Whether VMs created from now on may use KVM's dirty ring where the host has it
+/// (default yes; `launcher run --dirty-ring off` says no and keeps the bitmap).
+pub fn allow_dirty_ring(allowed: bool) {
+    DIRTY_RING_ALLOWED.store(allowed, std::sync::atomic::Ordering::Relaxed);
+}
 
 /// Errors from VM-level KVM calls.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +45,13 @@ pub enum VmError {
         /// The error from KVM.
         source: kvm_ioctls::Error,
     },
+}
+
+fn ring_error(what: &'static str, e: std::io::Error) -> VmError {
+    VmError::Ioctl {
+        what,
+        source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
+    }
 }
 
 fn ioctl<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VmError> {
@@ -91,6 +107,8 @@ pub struct KvmVm {
     caps: HostCaps,
     /// (slot, gpa, size, host address) of every RAM slot.
     slots: Vec<(u32, u64, u64, u64)>,
+    /// The dirty rings, when the host has them and they are allowed.
+    ring: Option<DirtyRings>,
 }
 
 impl KvmVm {
@@ -118,6 +136,12 @@ impl KvmVm {
             adjust_clock: kvm.check_extension(Cap::AdjustClock),
         };
         let fd = ioctl("KVM_CREATE_VM", kvm.create_vm())?;
+        // The ring must be enabled before the first vCPU exists; optional, as every cap.
+        let ring = if DIRTY_RING_ALLOWED.load(std::sync::atomic::Ordering::Relaxed) {
+            DirtyRings::enable(&fd, kvm.check_extension_int(Cap::DirtyLogRing))
+        } else {
+            None
+        };
         ioctl("KVM_SET_TSS_ADDR", fd.set_tss_address(0xfffb_d000))?;
         ioctl(
             "KVM_SET_IDENTITY_MAP_ADDR",
@@ -144,6 +168,7 @@ impl KvmVm {
             router,
             caps,
             slots: Vec::new(),
+            ring,
         })
     }
 
@@ -216,15 +241,49 @@ impl KvmVm {
 
     /// How this VM tracks the guest's dirty pages.
     pub fn dirty_tracking(&self) -> DirtyTracking {
-        DirtyTracking::Bitmap
+        if self.ring.is_some() {
+            DirtyTracking::Ring
+        } else {
+            DirtyTracking::Bitmap
+        }
+    }
+
+    /// Map the dirty ring of a vCPU just created on this VM (nothing without a ring).
+    pub fn attach_vcpu(&self, vcpu: &kvm_ioctls::VcpuFd) -> Result<(), VmError> {
+        match &self.ring {
+            Some(r) => r
+                .attach(vcpu)
+                .map_err(|e| ring_error("mapping the dirty ring", e)),
+            None => Ok(()),
+        }
+    }
+
+    fn slot_pages(&self) -> Vec<u64> {
+        self.slots.iter().map(|s| s.2 / PAGE_SIZE).collect()
     }
 
     /// Pages the guest wrote since the previous harvest, one bitmap per RAM slot (one bit
     /// per 4 KiB page, in 64-bit words), cleared in KVM as they are read.
     pub fn harvest_dirty(&self) -> Result<Vec<Vec<u64>>, VmError> {
-        (0..self.slots.len())
-            .map(|i| self.take_dirty_log(i))
-            .collect()
+        match &self.ring {
+            Some(r) => r
+                .harvest(&self.fd, &self.slot_pages())
+                .map_err(|e| ring_error("harvesting the dirty rings", e)),
+            None => (0..self.slots.len())
+                .map(|i| self.take_dirty_log(i))
+                .collect(),
+        }
+    }
+
+    /// Empty the dirty rings into the pending set so that no vCPU waits on a full ring
+    /// (call often during a long copy; nothing to do with the bitmap).
+    pub fn drain_dirty_rings(&self) -> Result<(), VmError> {
+        match &self.ring {
+            Some(r) => r
+                .drain(&self.fd, &self.slot_pages())
+                .map_err(|e| ring_error("draining the dirty rings", e)),
+            None => Ok(()),
+        }
     }
 
     /// Fetch and clear KVM's dirty bitmap of RAM region `index` (one bit per 4 KiB page).
