@@ -9,6 +9,7 @@
 //!
 //! The wire format is described for readers in `docs/wire-protocol.md`.
 
+pub mod boost;
 pub mod dirty;
 pub mod frame;
 pub mod policy;

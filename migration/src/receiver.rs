@@ -14,9 +14,10 @@ use vmm::machine::PreparedVm;
 use vmm::vstate::memory::{GuestRam, RamRegion};
 use vmm::{Vm, VmState};
 
+use crate::boost::Boost;
 use crate::frame::{FrameError, FrameReader, FrameType, FrameWriter, MemoryRange, MemorySink};
 use crate::protocol::{
-    self, Incoming, MemoryLayout, MigrationMode, ReceiverCapabilities, ReceiverMessage,
+    self, Hello, Incoming, MemoryLayout, MigrationMode, ReceiverCapabilities, ReceiverMessage,
     ReceiverPhase, RefuseReason, SenderMessage, VersionRange,
 };
 use crate::transport::{FdReader, Stream, MAX_FDS};
@@ -174,14 +175,63 @@ fn refuse<W: std::io::Write>(w: &mut FrameWriter<W>, reason: RefuseReason) -> Re
     ReceiveError::Refused(reason)
 }
 
+/// What the handshake settled.
+struct Accepted {
+    hello: Hello,
+    vcpus: u8,
+    /// Copy mode: the VM shell, built before pre-copy starts.
+    prepared: Option<PreparedVm>,
+}
+
+/// What pre-copy delivered.
+struct Received {
+    prepared: Option<PreparedVm>,
+    state_bytes: Option<Vec<u8>>,
+    tap_fds: Vec<OwnedFd>,
+    /// Raised at the state frame (the source is paused from just before it).
+    boost: Option<Boost>,
+}
+
 fn receive_on<R: Read, W: std::io::Write>(
     r: &mut FrameReader<R>,
     w: &mut FrameWriter<W>,
     serial: SerialOut,
     unix: bool,
     opts: &ReceiveOptions,
-    mut take_fds: impl FnMut(&mut FrameReader<R>) -> Vec<OwnedFd>,
+    take_fds: impl FnMut(&mut FrameReader<R>) -> Vec<OwnedFd>,
 ) -> Result<(Vm, ReceiveStats), ReceiveError> {
+    let accepted = handshake(r, w, unix)?;
+    let hello = accepted.hello.clone();
+    let received = receive_precopy(r, w, accepted, take_fds)?;
+    let boost = received.boost.as_ref().map(|b| b.applied().to_string());
+    tracing::info!(boost = boost.as_deref().unwrap_or("none"), "switch-over");
+    let vm = load(
+        w,
+        &hello,
+        received.prepared,
+        received.state_bytes,
+        received.tap_fds,
+        serial,
+        opts,
+    )?;
+    let go_to_resume_us = handover(r, w, &vm)?;
+    drop(received.boost);
+    Ok((
+        vm,
+        ReceiveStats {
+            local: hello.mode == MigrationMode::Local,
+            bytes: r.bytes_read(),
+            go_to_resume_us,
+        },
+    ))
+}
+
+/// Preamble and Hello; refuse or Accept (building the VM shell in copy mode first).
+fn handshake<R: Read, W: std::io::Write>(
+    r: &mut FrameReader<R>,
+    w: &mut FrameWriter<W>,
+    unix: bool,
+) -> Result<Accepted, ReceiveError> {
     r.read_preamble()?;
     let hello = match r.read_control_frame::<SenderMessage>()? {
         SenderMessage::Hello(h) => h,
@@ -213,7 +263,6 @@ fn receive_on<R: Read, W: std::io::Write>(
             )),
         ));
     }
-    let layout: MemoryLayout = hello.memory.clone();
     let Ok(vcpus) = u8::try_from(hello.vcpus) else {
         return Err(refuse(
             w,
@@ -221,7 +270,7 @@ fn receive_on<R: Read, W: std::io::Write>(
         ));
     };
     // Build the VM shell now, while the source runs: it keeps KVM setup out of the pause.
-    let mut prepared = match hello.mode {
+    let prepared = match hello.mode {
         MigrationMode::Copy => match GuestRam::new(total)
             .map_err(|e| e.to_string())
             .and_then(|ram| Vm::prepare(ram, vcpus).map_err(|e| e.to_string()))
@@ -239,23 +288,49 @@ fn receive_on<R: Read, W: std::io::Write>(
         memory = total,
         "accepted incoming migration"
     );
+    Ok(Accepted {
+        hello,
+        vcpus,
+        prepared,
+    })
+}
+
+/// Frames until Complete: memory (copy mode), memory and TAP fds (local mode), state.
+fn receive_precopy<R: Read, W: std::io::Write>(
+    r: &mut FrameReader<R>,
+    w: &mut FrameWriter<W>,
+    accepted: Accepted,
+    mut take_fds: impl FnMut(&mut FrameReader<R>) -> Vec<OwnedFd>,
+) -> Result<Received, ReceiveError> {
+    let Accepted {
+        hello,
+        vcpus,
+        prepared,
+    } = accepted;
+    let layout: MemoryLayout = hello.memory.clone();
     let mut phase = ReceiverPhase::accepted(hello.mode);
-    let mut state_bytes: Option<Vec<u8>> = None;
-    let mut tap_fds: Vec<OwnedFd> = Vec::new();
+    let mut got = Received {
+        prepared,
+        state_bytes: None,
+        tap_fds: Vec::new(),
+        boost: None,
+    };
     let proto = |e: protocol::ProtocolError| ReceiveError::Protocol(e.to_string());
     loop {
         let h = r.read_header()?;
         match h.frame_type {
             FrameType::Memory => {
                 phase.advance(Incoming::Memory).map_err(proto)?;
-                let vm = prepared.as_ref().ok_or_else(|| {
+                let vm = got.prepared.as_ref().ok_or_else(|| {
                     ReceiveError::Protocol("memory frame before memory exists".into())
                 })?;
                 r.read_memory(&h, &layout, &mut RamSink(vm))?;
             }
             FrameType::State => {
                 phase.advance(Incoming::State).map_err(proto)?;
-                state_bytes = Some(r.read_state(&h)?);
+                // The source is paused: loading and starting must not wait for a core.
+                got.boost = Some(Boost::current_thread());
+                got.state_bytes = Some(r.read_state(&h)?);
             }
             FrameType::Control => {
                 let msg: SenderMessage = r.read_control(&h)?;
@@ -264,44 +339,21 @@ fn receive_on<R: Read, W: std::io::Write>(
                     SenderMessage::MemoryFds { regions } => {
                         protocol::check_memory_fds(&regions, &layout).map_err(proto)?;
                         let fds = take_fds(r);
-                        if fds.len() != regions.len() {
-                            return Err(ReceiveError::Protocol(format!(
-                                "MemoryFds announced {} regions but {} file descriptors arrived",
-                                regions.len(),
-                                fds.len()
-                            )));
-                        }
-                        let regs = regions
-                            .iter()
-                            .zip(fds)
-                            .map(|(m, fd)| RamRegion {
-                                gpa: m.gpa,
-                                size: m.size,
-                                file: File::from(fd),
-                            })
-                            .collect();
-                        let adopted = GuestRam::from_regions(regs)
-                            .map_err(|e| refuse(w, RefuseReason::LoadFailed(e.to_string())))?;
-                        // Map and fault in now, while the source guest still runs.
-                        adopted.prefault();
-                        prepared = Some(
-                            Vm::prepare(adopted, vcpus)
-                                .map_err(|e| refuse(w, RefuseReason::LoadFailed(e.to_string())))?,
-                        );
+                        got.prepared = Some(adopt_memory(w, &regions, fds, vcpus)?);
                         // Only now may the sender pause: the pause pays for registers only.
                         w.write_control(&ReceiverMessage::MemoryMapped)?;
                     }
                     SenderMessage::NetFds { count } => {
-                        tap_fds = take_fds(r);
-                        if tap_fds.len() != count as usize {
+                        got.tap_fds = take_fds(r);
+                        if got.tap_fds.len() != count as usize {
                             return Err(ReceiveError::Protocol(format!(
                                 "NetFds announced {count} TAPs but {} file descriptors arrived",
-                                tap_fds.len()
+                                got.tap_fds.len()
                             )));
                         }
                     }
                     SenderMessage::IterationDone { .. } => {}
-                    SenderMessage::Complete => break,
+                    SenderMessage::Complete => return Ok(got),
                     SenderMessage::Cancel { reason } | SenderMessage::Error { reason } => {
                         return Err(ReceiveError::SenderEnded(reason))
                     }
@@ -315,6 +367,48 @@ fn receive_on<R: Read, W: std::io::Write>(
             }
         }
     }
+}
+
+/// Local mode: map the handed-over memfds, fault them in and build the VM shell, all
+/// while the source guest still runs.
+fn adopt_memory<W: std::io::Write>(
+    w: &mut FrameWriter<W>,
+    regions: &[protocol::FdRegion],
+    fds: Vec<OwnedFd>,
+    vcpus: u8,
+) -> Result<PreparedVm, ReceiveError> {
+    if fds.len() != regions.len() {
+        return Err(ReceiveError::Protocol(format!(
+            "MemoryFds announced {} regions but {} file descriptors arrived",
+            regions.len(),
+            fds.len()
+        )));
+    }
+    let regs = regions
+        .iter()
+        .zip(fds)
+        .map(|(m, fd)| RamRegion {
+            gpa: m.gpa,
+            size: m.size,
+            file: File::from(fd),
+        })
+        .collect();
+    let adopted = GuestRam::from_regions(regs)
+        .map_err(|e| refuse(w, RefuseReason::LoadFailed(e.to_string())))?;
+    adopted.prefault();
+    Vm::prepare(adopted, vcpus).map_err(|e| refuse(w, RefuseReason::LoadFailed(e.to_string())))
+}
+
+/// Decode and check the state, attach the network, restore the VM (paused) and say Ready.
+fn load<W: std::io::Write>(
+    w: &mut FrameWriter<W>,
+    hello: &Hello,
+    prepared: Option<PreparedVm>,
+    state_bytes: Option<Vec<u8>>,
+    tap_fds: Vec<OwnedFd>,
+    serial: SerialOut,
+    opts: &ReceiveOptions,
+) -> Result<Vm, ReceiveError> {
     let t_complete = Instant::now();
     let state_bytes = state_bytes.ok_or_else(|| ReceiveError::Protocol("no state frame".into()))?;
     let prepared =
@@ -334,7 +428,7 @@ fn receive_on<R: Read, W: std::io::Write>(
     vmm::devices::virtio::netcfg::attach_incoming(&mut state.config.nets, tap_fds, &opts.nets)
         .map_err(|e| refuse(w, RefuseReason::LoadFailed(e)))?;
     if state.config.machine_type != hello.machine_type
-        || state.config.memory_bytes != total
+        || state.config.memory_bytes != hello.memory.total_bytes()
         || u32::from(state.config.vcpus) != hello.vcpus
     {
         return Err(refuse(
@@ -350,6 +444,15 @@ fn receive_on<R: Read, W: std::io::Write>(
         restore_us = t_complete.elapsed().as_micros() as u64,
         "state loaded; waiting for Go"
     );
+    Ok(vm)
+}
+
+/// Wait for Go, start the VM and say Started; returns microseconds from Go to running.
+fn handover<R: Read, W: std::io::Write>(
+    r: &mut FrameReader<R>,
+    w: &mut FrameWriter<W>,
+    vm: &Vm,
+) -> Result<u64, ReceiveError> {
     match r.read_control_frame::<SenderMessage>()? {
         SenderMessage::Go => {}
         SenderMessage::Cancel { reason } | SenderMessage::Error { reason } => {
@@ -380,12 +483,5 @@ fn receive_on<R: Read, W: std::io::Write>(
         resumed_realtime_ns,
         go_to_resume_us,
     });
-    Ok((
-        vm,
-        ReceiveStats {
-            local: hello.mode == MigrationMode::Local,
-            bytes: r.bytes_read(),
-            go_to_resume_us,
-        },
-    ))
+    Ok(go_to_resume_us)
 }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use vmm::Vm;
 
+use crate::boost::Boost;
 use crate::dirty::DirtyBitmap;
 use crate::frame::{FrameError, FrameReader, FrameWriter, MemoryRange, MAX_MEMORY_RANGES};
 use crate::policy::{self, Decision, MigrationLimits, MigrationStats, Throttle};
@@ -434,14 +435,50 @@ pub fn send(vm: &Arc<Vm>, stream: Stream, opts: &SendOptions) -> Report {
     s.report
 }
 
+/// Handshake, pre-copy, switch-over and handover, in that order.
 fn run(
     s: &mut Sender<'_>,
     unix: Option<&std::os::unix::net::UnixStream>,
     start: Instant,
     throttler: Option<&Throttler>,
 ) -> Result<(), SendError> {
+    let layout = layout_of(s.vm);
+    handshake(s, &layout)?;
+    let mut dirty: Vec<DirtyBitmap> = layout
+        .regions
+        .iter()
+        .map(|r| DirtyBitmap::for_region(r.gpa, r.size))
+        .collect::<Result<_, _>>()
+        .map_err(|e| SendError::Vm(e.to_string()))?;
+    let logging = match s.opts.mode {
+        MigrationMode::Local => {
+            hand_over_fds(s, unix, &layout)?;
+            s.report.setup_ms = ms(start.elapsed());
+            s.report.iterations = 1;
+            None
+        }
+        MigrationMode::Copy => {
+            s.report.setup_ms = ms(start.elapsed());
+            let (logging, mode) = DirtyLogging::on(s.vm)?;
+            s.report.dirty_tracking = Some(mode.name().to_string());
+            precopy(s, &mut dirty, start, throttler)?;
+            Some(logging)
+        }
+    };
+    s.report.throughput_bytes_per_s =
+        (s.w.bytes_written() as f64 / start.elapsed().as_secs_f64().max(1e-6)) as u64;
+    // The pause must not wait for a core behind other VMs' vCPUs.
+    let boost = Boost::current_thread();
+    s.report.switch_over_boost = Some(boost.applied().to_string());
+    let paused = switch_over(s, &mut dirty, logging.is_some(), throttler)?;
+    let result = handover(s, paused, logging);
+    drop(boost);
+    result
+}
+
+/// Preamble, Hello, and the destination's Accept.
+fn handshake(s: &mut Sender<'_>, layout: &MemoryLayout) -> Result<(), SendError> {
     let vm = s.vm;
-    let layout = layout_of(vm);
     s.w.write_preamble()?;
     s.w.write_control(&SenderMessage::Hello(Hello {
         versions: VersionRange::ours(),
@@ -458,181 +495,202 @@ fn run(
     if !matches!(answer, ReceiverMessage::Accept { .. }) {
         return Err(s.unexpected(Ok(answer)));
     }
+    Ok(())
+}
 
-    let mut dirty: Vec<DirtyBitmap> = layout
+/// Local mode: the memfds (and TAPs) travel once with `SCM_RIGHTS`; waits until the
+/// destination has mapped them and built its VM shell, so none of that is in the pause.
+fn hand_over_fds(
+    s: &mut Sender<'_>,
+    unix: Option<&std::os::unix::net::UnixStream>,
+    layout: &MemoryLayout,
+) -> Result<(), SendError> {
+    let unix = unix.ok_or_else(|| {
+        SendError::Protocol(
+            "local mode needs a unix: destination (file descriptors cannot cross TCP)".into(),
+        )
+    })?;
+    let fd_err = |e: transport::TransportError| {
+        SendError::Frame(FrameError::Io(std::io::Error::other(e.to_string())))
+    };
+    let regions: Vec<FdRegion> = layout
         .regions
         .iter()
-        .map(|r| DirtyBitmap::for_region(r.gpa, r.size))
-        .collect::<Result<_, _>>()
-        .map_err(|e| SendError::Vm(e.to_string()))?;
+        .map(|r| FdRegion {
+            gpa: r.gpa,
+            size: r.size,
+            file_offset: 0,
+        })
+        .collect();
+    let frame = crate::frame::encode_control_frame(&SenderMessage::MemoryFds { regions })?;
+    transport::send_fds(unix, &frame, &s.vm.memory_fds()).map_err(fd_err)?;
+    let mapped = s.wait_back(READY_TIMEOUT, "MemoryMapped")?;
+    s.phase
+        .advance(&mapped)
+        .map_err(|e| SendError::Protocol(e.to_string()))?;
+    // The TAPs go along: frames that arrive during the pause wait in their queues.
+    let taps = s.vm.net_fds();
+    if !taps.is_empty() {
+        let frame = crate::frame::encode_control_frame(&SenderMessage::NetFds {
+            count: taps.len() as u32,
+        })?;
+        transport::send_fds(unix, &frame, &taps).map_err(fd_err)?;
+    }
+    Ok(())
+}
 
-    let logging;
+/// Copy mode: iteration 0 sends everything that holds data, then each iteration sends
+/// what was dirtied during the previous one, until the policy says switch over.
+fn precopy(
+    s: &mut Sender<'_>,
+    dirty: &mut [DirtyBitmap],
+    start: Instant,
+    throttler: Option<&Throttler>,
+) -> Result<(), SendError> {
+    let vm = s.vm;
+    let t0 = Instant::now();
+    let sent0 = s.w.bytes_written();
+    for (i, r) in vm.memory_regions().iter().enumerate() {
+        let mut data_pages = 0;
+        for (a, b) in vm.memory_data_ranges(i) {
+            s.send_range(a, b - a, true)?;
+            data_pages += (b - a) / PAGE_SIZE;
+        }
+        // Holes were never written: zero pages that cost nothing to skip.
+        s.report.zero_pages += r.size / PAGE_SIZE - data_pages;
+    }
+    s.w.write_control(&SenderMessage::IterationDone { iteration: 0 })?;
     let mut stats = MigrationStats {
         memory_bytes: vm.memory_bytes(),
         state_bytes_estimate: 64 << 10,
         ..Default::default()
     };
     let mut throttle = Throttle::default();
-    match s.opts.mode {
-        MigrationMode::Local => {
-            let unix = unix.ok_or_else(|| {
-                SendError::Protocol(
-                    "local mode needs a unix: destination (file descriptors cannot cross TCP)"
-                        .into(),
-                )
-            })?;
-            let regions: Vec<FdRegion> = layout
-                .regions
-                .iter()
-                .map(|r| FdRegion {
-                    gpa: r.gpa,
-                    size: r.size,
-                    file_offset: 0,
-                })
-                .collect();
-            let frame = crate::frame::encode_control_frame(&SenderMessage::MemoryFds { regions })?;
-            transport::send_fds(unix, &frame, &vm.memory_fds()).map_err(|e| {
-                SendError::Frame(FrameError::Io(std::io::Error::other(e.to_string())))
-            })?;
-            // Wait until the destination has mapped the memory and built the VM shell,
-            // so that none of that happens inside the pause.
-            let mapped = s.wait_back(READY_TIMEOUT, "MemoryMapped")?;
-            s.phase
-                .advance(&mapped)
-                .map_err(|e| SendError::Protocol(e.to_string()))?;
-            // The TAPs go along: frames that arrive during the pause wait in their queues.
-            let taps = vm.net_fds();
-            if !taps.is_empty() {
-                let frame = crate::frame::encode_control_frame(&SenderMessage::NetFds {
-                    count: taps.len() as u32,
-                })?;
-                transport::send_fds(unix, &frame, &taps).map_err(|e| {
-                    SendError::Frame(FrameError::Io(std::io::Error::other(e.to_string())))
-                })?;
-            }
-            s.report.setup_ms = ms(start.elapsed());
-            s.report.iterations = 1;
-            logging = None;
+    let mut period_start = t0;
+    let mut period_sent = s.w.bytes_written() - sent0;
+    loop {
+        s.check_cancel()?;
+        s.poll_back()?;
+        let elapsed_period = period_start.elapsed();
+        s.collect_dirty(dirty)?;
+        let dirty_bytes: u64 = dirty.iter().map(|d| d.dirty_bytes()).sum();
+        update_stats(&mut stats, elapsed_period, period_sent, dirty_bytes, start);
+        stats.transferred_bytes = s.w.bytes_written();
+        s.report.dirty_rate_pages_per_s = stats.dirty_rate_bytes_per_s / PAGE_SIZE;
+        let mut limits = s.opts.limits;
+        limits.max_bandwidth = s.opts.rate.get();
+        limits.downtime_target = Duration::from_millis(s.opts.downtime_ms.load(Ordering::Relaxed));
+        report_progress(s, &stats, &limits, throttle.percent);
+        let decision = policy::decide(&stats, &limits);
+        if policy::fits_target(&stats, &limits) {
+            stats.iterations_within_target += 1;
         }
-        MigrationMode::Copy => {
-            s.report.setup_ms = ms(start.elapsed());
-            let (on, mode) = DirtyLogging::on(vm)?;
-            logging = Some(on);
-            s.report.dirty_tracking = Some(mode.name().to_string());
-            // Iteration 0: everything that holds data; never-written memfd ranges are holes.
-            let t0 = Instant::now();
-            let sent0 = s.w.bytes_written();
-            for (i, r) in vm.memory_regions().iter().enumerate() {
-                let mut data_pages = 0;
-                for (a, b) in vm.memory_data_ranges(i) {
-                    s.send_range(a, b - a, true)?;
-                    data_pages += (b - a) / PAGE_SIZE;
-                }
-                // Holes were never written: zero pages that cost nothing to skip.
-                s.report.zero_pages += r.size / PAGE_SIZE - data_pages;
+        match decision {
+            Decision::SwitchOver => break,
+            Decision::Abort(reason) => return Err(SendError::Abandoned(reason.to_string())),
+            Decision::Continue => {}
+        }
+        if limits.auto_converge {
+            throttle = policy::auto_converge(throttle, period_sent, dirty_bytes);
+            if let Some(t) = throttler {
+                t.set(throttle.percent);
             }
-            s.w.write_control(&SenderMessage::IterationDone { iteration: 0 })?;
-            let mut period_start = t0;
-            let mut period_sent = s.w.bytes_written() - sent0;
-            stats.iteration = 0;
-            loop {
-                s.check_cancel()?;
-                s.poll_back()?;
-                let elapsed_period = period_start.elapsed();
-                s.collect_dirty(&mut dirty)?;
-                let dirty_bytes: u64 = dirty.iter().map(|d| d.dirty_bytes()).sum();
-                let secs = elapsed_period.as_secs_f64().max(1e-6);
-                stats.bandwidth_bytes_per_s = (period_sent as f64 / secs) as u64;
-                stats.dirty_rate_bytes_per_s = (dirty_bytes as f64 / secs) as u64;
-                stats.sent_in_last_period = period_sent;
-                stats.dirtied_in_last_period = dirty_bytes;
-                stats.elapsed = start.elapsed();
-                if dirty_bytes < stats.remaining_dirty_bytes || stats.iteration == 0 {
-                    stats.last_progress = stats.elapsed;
-                }
-                // Iteration 0 "had" everything it sent left to send.
-                stats.previous_remaining_dirty_bytes = if stats.iteration == 0 {
-                    period_sent
-                } else {
-                    stats.remaining_dirty_bytes
-                };
-                stats.remaining_dirty_bytes = dirty_bytes;
-                stats.transferred_bytes = s.w.bytes_written();
-                s.report.dirty_rate_pages_per_s = stats.dirty_rate_bytes_per_s / PAGE_SIZE;
-                let mut limits = s.opts.limits;
-                limits.max_bandwidth = s.opts.rate.get();
-                limits.downtime_target =
-                    Duration::from_millis(s.opts.downtime_ms.load(Ordering::Relaxed));
-                let expected = policy::expected_downtime(&stats, &limits);
-                tracing::info!(
-                    iteration = stats.iteration,
-                    remaining = dirty_bytes,
-                    bandwidth = stats.bandwidth_bytes_per_s,
-                    "pre-copy iteration"
-                );
-                let progress = Progress {
-                    iteration: stats.iteration,
-                    transferred_bytes: stats.transferred_bytes,
-                    remaining_bytes: dirty_bytes,
-                    bandwidth_bytes_per_s: stats.bandwidth_bytes_per_s,
-                    expected_downtime_ms: expected.map(ms).unwrap_or(f64::INFINITY),
-                    throttle_percent: throttle.percent,
-                };
-                if let Some(cb) = &s.opts.progress {
-                    cb(&progress);
-                }
-                let decision = policy::decide(&stats, &limits);
-                if policy::fits_target(&stats, &limits) {
-                    stats.iterations_within_target += 1;
-                }
-                match decision {
-                    Decision::SwitchOver => break,
-                    Decision::Abort(reason) => {
-                        return Err(SendError::Abandoned(reason.to_string()))
-                    }
-                    Decision::Continue => {}
-                }
-                if limits.auto_converge {
-                    throttle = policy::auto_converge(throttle, period_sent, dirty_bytes);
-                    if let Some(t) = throttler {
-                        t.set(throttle.percent);
-                    }
-                    s.report.throttle_percent = s.report.throttle_percent.max(throttle.percent);
-                }
-                period_start = Instant::now();
-                let before = s.w.bytes_written();
-                s.send_dirty(&mut dirty)?;
-                stats.iteration += 1;
-                s.w.write_control(&SenderMessage::IterationDone {
-                    iteration: stats.iteration,
-                })?;
-                period_sent = s.w.bytes_written() - before;
-                if period_sent == 0 {
-                    // Nothing was dirty: give the guest a moment rather than spin.
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-            }
-            s.report.iterations = stats.iteration + 1;
+            s.report.throttle_percent = s.report.throttle_percent.max(throttle.percent);
+        }
+        period_start = Instant::now();
+        let before = s.w.bytes_written();
+        s.send_dirty(dirty)?;
+        stats.iteration += 1;
+        s.w.write_control(&SenderMessage::IterationDone {
+            iteration: stats.iteration,
+        })?;
+        period_sent = s.w.bytes_written() - before;
+        if period_sent == 0 {
+            // Nothing was dirty: give the guest a moment rather than spin.
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
-    s.report.throughput_bytes_per_s =
-        (s.w.bytes_written() as f64 / start.elapsed().as_secs_f64().max(1e-6)) as u64;
+    s.report.iterations = stats.iteration + 1;
+    Ok(())
+}
 
-    // Switch-over: pause. Dropping the guard on any error below resumes the source.
+/// The policy's inputs after a pass that sent `period_sent` bytes in `elapsed_period`
+/// and left `dirty_bytes` dirty.
+fn update_stats(
+    stats: &mut MigrationStats,
+    elapsed_period: Duration,
+    period_sent: u64,
+    dirty_bytes: u64,
+    start: Instant,
+) {
+    let secs = elapsed_period.as_secs_f64().max(1e-6);
+    stats.bandwidth_bytes_per_s = (period_sent as f64 / secs) as u64;
+    stats.dirty_rate_bytes_per_s = (dirty_bytes as f64 / secs) as u64;
+    stats.sent_in_last_period = period_sent;
+    stats.dirtied_in_last_period = dirty_bytes;
+    stats.elapsed = start.elapsed();
+    if dirty_bytes < stats.remaining_dirty_bytes || stats.iteration == 0 {
+        stats.last_progress = stats.elapsed;
+    }
+    // Iteration 0 "had" everything it sent left to send.
+    stats.previous_remaining_dirty_bytes = if stats.iteration == 0 {
+        period_sent
+    } else {
+        stats.remaining_dirty_bytes
+    };
+    stats.remaining_dirty_bytes = dirty_bytes;
+}
+
+fn report_progress(s: &Sender<'_>, stats: &MigrationStats, limits: &MigrationLimits, pct: u8) {
+    let expected = policy::expected_downtime(stats, limits);
+    tracing::info!(
+        iteration = stats.iteration,
+        remaining = stats.remaining_dirty_bytes,
+        bandwidth = stats.bandwidth_bytes_per_s,
+        "pre-copy iteration"
+    );
+    if let Some(cb) = &s.opts.progress {
+        cb(&Progress {
+            iteration: stats.iteration,
+            transferred_bytes: stats.transferred_bytes,
+            remaining_bytes: stats.remaining_dirty_bytes,
+            bandwidth_bytes_per_s: stats.bandwidth_bytes_per_s,
+            expected_downtime_ms: expected.map(ms).unwrap_or(f64::INFINITY),
+            throttle_percent: pct,
+        });
+    }
+}
+
+/// The VM paused for the switch-over, and when that happened.
+struct Paused<'a> {
+    guard: vmm::PauseGuard<'a>,
+    at: Instant,
+    realtime_ns: u64,
+}
+
+/// Pause; last dirty pages; state; Complete; wait for Ready. Dropping the guard on any
+/// error resumes the source.
+fn switch_over<'a>(
+    s: &mut Sender<'a>,
+    dirty: &mut [DirtyBitmap],
+    copy: bool,
+    throttler: Option<&Throttler>,
+) -> Result<Paused<'a>, SendError> {
+    let vm = s.vm;
     s.check_cancel()?;
-    let pause_at = Instant::now();
-    let pause_realtime = realtime_ns();
+    let at = Instant::now();
+    let realtime_ns = realtime_ns();
     let guard = vm.pause().map_err(|e| SendError::Vm(e.to_string()))?;
     if let Some(t) = throttler {
         t.set(0);
     }
     // No bandwidth cap for the final transfer: the guest is stopped.
     s.opts.rate.set(0);
-    if logging.is_some() {
-        s.collect_dirty(&mut dirty)?;
-        s.send_dirty(&mut dirty)?;
+    if copy {
+        s.collect_dirty(dirty)?;
+        s.send_dirty(dirty)?;
     }
-    let t_dirty = pause_at.elapsed();
+    let t_dirty = at.elapsed();
     let state = vm
         .save_state(&guard)
         .map_err(|e| SendError::Vm(e.to_string()))?;
@@ -642,12 +700,12 @@ fn run(
     s.phase
         .sent_complete()
         .map_err(|e| SendError::Protocol(e.to_string()))?;
-    let t_sent = pause_at.elapsed();
+    let t_sent = at.elapsed();
     let ready = s.wait_back(transport::stall_timeout().min(READY_TIMEOUT), "Ready")?;
     tracing::info!(
         final_pages_us = t_dirty.as_micros() as u64,
         state_sent_us = t_sent.as_micros() as u64,
-        ready_us = pause_at.elapsed().as_micros() as u64,
+        ready_us = at.elapsed().as_micros() as u64,
         "switch-over"
     );
     s.phase
@@ -656,6 +714,26 @@ fn run(
     if !matches!(ready, ReceiverMessage::Ready) {
         return Err(s.unexpected(Ok(ready)));
     }
+    Ok(Paused {
+        guard,
+        at,
+        realtime_ns,
+    })
+}
+
+/// Release the disks, send Go (the point of no return) and wait for Started; only an
+/// explicit Abort lets the source run again after Go.
+fn handover(
+    s: &mut Sender<'_>,
+    paused: Paused<'_>,
+    logging: Option<DirtyLogging<'_>>,
+) -> Result<(), SendError> {
+    let vm = s.vm;
+    let Paused {
+        guard,
+        at: pause_at,
+        realtime_ns: pause_realtime,
+    } = paused;
     // Last chance to cancel (a guest reset during pre-copy cancels through the launcher).
     s.check_cancel()?;
     // One owner: the data disks' locks go with Go. If anything fails before the destination
@@ -663,14 +741,12 @@ fn run(
     // cannot).
     vm.release_disk_locks(&guard)
         .map_err(|e| SendError::Vm(e.to_string()))?;
-    // Point of no return: from Go on, only an explicit Abort lets the source run again.
     s.w.write_control(&SenderMessage::Go)?;
     s.phase
         .sent_go()
         .map_err(|e| SendError::Protocol(e.to_string()))?;
     drop(logging);
-    let started = s.wait_back(transport::stall_timeout().min(STARTED_TIMEOUT), "Started");
-    let started = match started {
+    let started = match s.wait_back(transport::stall_timeout().min(STARTED_TIMEOUT), "Started") {
         Ok(m) => m,
         Err(e) => {
             guard.keep_paused();

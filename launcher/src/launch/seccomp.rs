@@ -202,6 +202,12 @@ const PROCESS_SYSCALLS: &[i64] = &[
     libc::SYS_readlinkat,
     libc::SYS_getdents64,
     libc::SYS_restart_syscall,
+    // The switch-over boost (migration/src/boost.rs): the calling thread's own policy.
+    libc::SYS_sched_setscheduler,
+    libc::SYS_sched_getscheduler,
+    libc::SYS_sched_getparam,
+    libc::SYS_setpriority,
+    libc::SYS_getpriority,
     // Installing a further filter (the vCPU threads' own) can only narrow what is allowed.
     libc::SYS_seccomp,
 ];
