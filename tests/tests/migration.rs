@@ -320,6 +320,59 @@ fn copy_over_tcp() {
     shutdown(&mut dst);
 }
 
+/// A guest whose memory is full of data (`fill=1`: every byte of its 96 MiB region,
+/// checked again on the pages it keeps rewriting) moves without a stale page, with KVM's
+/// dirty ring (the default where the host has it) and with the bitmap only; the report
+/// says which tracking was used.
+#[test]
+fn filled_guest_with_the_dirty_ring_and_with_the_bitmap() {
+    let ring = vmm::vstate::vm::dirty_ring_available();
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        assert!(
+            ring,
+            "CI hosts have KVM_CAP_DIRTY_LOG_RING (see PLATFORM.md)"
+        );
+    }
+    for (n, (flag, want)) in [
+        ("on", if ring { "ring" } else { "bitmap" }),
+        ("off", "bitmap"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let dir = TempDir::new(&format!("mig-filled-{flag}"));
+        let serial = dir.join("console.log");
+        let sock = dir.join("src.sock");
+        let cmdline = format!("mib=96 fill=1 busy=32 every={EVERY}");
+        let mut src = Launcher::run(
+            &[
+                "--kernel",
+                path_str(guests::pattern_path()),
+                "--memory",
+                "256M",
+                "--cmdline",
+                &cmdline,
+                "--dirty-ring",
+                flag,
+            ],
+            &serial,
+            Some(&sock),
+        );
+        src.wait_api();
+        wait_console_until(&mut src, "two pass= lines", |c| last_pass(c) >= 2 * EVERY);
+        assert!(src.console().contains("pattern: filled"));
+        let (mut dst, uri) = destination(&dir, n + 1);
+        let out = migrate_once(&dir, &mut src, &mut dst, &uri, &[]);
+        assert_eq!(out.str("dirty_tracking"), want, "report: {}", out.report);
+        assert!(
+            out.u64("normal_pages") >= 96 * 256,
+            "report: {}",
+            out.report
+        );
+        shutdown(&mut dst);
+    }
+}
+
 /// Local mode hands the memfds over: almost nothing travels on the socket.
 #[test]
 fn local_handover_copies_no_memory() {

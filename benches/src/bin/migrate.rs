@@ -2,17 +2,18 @@
 //! between two processes on this host, in the same run.
 //!
 //! ```text
-//! cargo run --release -p benches --bin migrate [-- --runs N] [--no-write]
-//!                                              [--launcher PATH] [--qemu PATH]
+//! cargo run --release -p benches --bin migrate -- [--runs N] [--write] [--cases ...]
+//!     [--filled-mib 1024 --filled-mib 4096] [--bitmap] [--launcher PATH] [--qemu PATH]
 //! ```
 //!
-//! Guests: an idle one (`timer` counting 10 ms ticks, halted in between) and `pattern`
-//! rewriting a 32 MiB region in a loop (`mib=32 every=0`); guest memory 256 MiB and
-//! 1 GiB. Modes:
+//! Guests: an idle one (`timer` counting 10 ms ticks, halted in between), `pattern`
+//! rewriting a 32 MiB region in a loop (`mib=32 every=0`), on 256 MiB and 1 GiB; and a
+//! guest whose memory is full of data (`pattern fill=1 busy=1`) on 1 GiB (and 4 GiB when
+//! asked). Modes:
 //! - **copy**: ours `launcher migrate --to unix:...` (bandwidth unlimited, downtime
 //!   target 300 ms, the defaults); QEMU `migrate unix:...` after
 //!   `migrate-set-parameters {max-bandwidth: 1e12, downtime-limit: 300}` (QEMU's default
-//!   cap is 128 MiB/s).
+//!   cap is 128 MiB/s). The filled guest also over TCP with TLS 1.3 on both.
 //! - **local**: ours `--local` (the memfds are handed over, no page copied); QEMU 7.2's
 //!   closest equivalent, guest RAM in a shared file (`memory-backend-file`, `/dev/shm`,
 //!   `share=on`) mapped by both processes with the `x-ignore-shared` capability, so
@@ -21,18 +22,22 @@
 //! Per migration it records total time, downtime, bytes on the wire and throughput
 //! (bytes over total time), from our report (`launcher migrate` JSON) and from QEMU's
 //! `query-migrate` (`total-time`, `downtime`, `ram.transferred`). It also measures the
-//! raw Unix-socket throughput (two threads, 1 MiB writes) in the same run. It prints a
-//! Markdown table of medians with the ratios ours/QEMU and, unless `--no-write`, writes
-//! it to `docs/migration-benchmarks.md` together with the command.
+//! raw Unix-socket and TCP-loopback throughput (two threads, 1 MiB writes) in the same
+//! run. It prints a Markdown table of medians with the ratios ours/QEMU and, with
+//! `--write`, writes it to `docs/migration-benchmarks.md` together with the command.
 
-use benches::{median, workspace_root};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use benches::{median, workspace_root};
+use clap::Parser;
+
+#[path = "migrate/procs.rs"]
+mod procs;
+#[path = "migrate/vmms.rs"]
+mod vmms;
 
 /// Safety deadline for any wait (kills hung children; never part of a result).
 const SAFETY: Duration = Duration::from_secs(120);
@@ -41,45 +46,87 @@ const NOTES_MARKER: &str = "<!-- hand-written notes below: kept when the table i
 /// How long a guest runs after its banner before it is migrated.
 const WARM: Duration = Duration::from_millis(500);
 
+/// Our launcher against QEMU 7.2, migrating the same tiny guests, in one run.
+#[derive(Parser)]
+#[command(name = "migrate")]
 struct Opts {
-    runs: usize,
+    /// Migrations per case and VMM (the table shows medians).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    runs: u32,
+    /// Write the table to docs/migration-benchmarks.md (otherwise only print it).
+    #[arg(long)]
     write: bool,
+    /// Which cases: the classic table (idle and pattern guests), the filled guest, or both.
+    #[arg(long, value_enum, default_value_t = Cases::All)]
+    cases: Cases,
+    /// Memory sizes (MiB) of the filled guest; repeatable.
+    #[arg(long = "filled-mib", default_values_t = [1024u64])]
+    filled_mib: Vec<u64>,
+    /// Our source uses the dirty bitmap only (`launcher run --dirty-ring off`).
+    #[arg(long)]
+    bitmap: bool,
+    /// Our launcher binary (default: a fresh release build).
+    #[arg(long)]
     launcher: Option<PathBuf>,
+    /// QEMU binary.
+    #[arg(long, default_value = "qemu-system-x86_64")]
     qemu: String,
 }
 
-fn parse_args() -> Opts {
-    let mut o = Opts {
-        runs: 3,
-        write: true,
-        launcher: None,
-        qemu: "qemu-system-x86_64".into(),
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let mut val = |name: &str| {
-            args.next()
-                .unwrap_or_else(|| fail(&format!("{name} needs a value")))
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Cases {
+    All,
+    Classic,
+    Filled,
+}
+
+/// What every migration needs.
+struct Ctx {
+    launcher: PathBuf,
+    qemu: String,
+    bitmap: bool,
+    tls: TlsDirs,
+}
+
+/// Certificates of one CA for both VMMs' TLS migrations.
+struct TlsDirs {
+    _scratch: procs::Scratch,
+    ours_src: PathBuf,
+    ours_dst: PathBuf,
+    qemu_server: PathBuf,
+    qemu_client: PathBuf,
+}
+
+impl TlsDirs {
+    fn new() -> Self {
+        let s = procs::Scratch::new("tls");
+        let ca = integration_tests::tls_ca::Ca::new("bench CA");
+        let (ours_src, ours_dst) = (s.join("src"), s.join("dst"));
+        ca.tls_dir(&ours_src, &["source.test"]);
+        ca.tls_dir(&ours_dst, &["127.0.0.1"]);
+        // QEMU's x509 directory layout: ca-cert.pem, {server,client}-{cert,key}.pem.
+        let qemu_dir = |name: &str, role: &str| {
+            let d = s.join(name);
+            ca.tls_dir(&d, &["127.0.0.1"]);
+            let mv = |from: &str, to: String| {
+                std::fs::rename(d.join(from), d.join(to))
+                    .unwrap_or_else(|e| fail(&format!("TLS files: {e}")))
+            };
+            mv("ca.pem", "ca-cert.pem".into());
+            mv("cert.pem", format!("{role}-cert.pem"));
+            mv("key.pem", format!("{role}-key.pem"));
+            d
         };
-        match a.as_str() {
-            "--runs" => {
-                o.runs = val("--runs")
-                    .parse()
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .unwrap_or_else(|| fail("--runs takes a positive number"))
-            }
-            "--no-write" => o.write = false,
-            "--launcher" => o.launcher = Some(PathBuf::from(val("--launcher"))),
-            "--qemu" => o.qemu = val("--qemu"),
-            "-h" | "--help" => {
-                println!("usage: migrate [--runs N] [--no-write] [--launcher PATH] [--qemu PATH]");
-                std::process::exit(0);
-            }
-            other => fail(&format!("unknown argument {other:?} (try --help)")),
+        let qemu_server = qemu_dir("qemu-server", "server");
+        let qemu_client = qemu_dir("qemu-client", "client");
+        TlsDirs {
+            _scratch: s,
+            ours_src,
+            ours_dst,
+            qemu_server,
+            qemu_client,
         }
     }
-    o
 }
 
 fn first_line(cmd: &str, args: &[&str]) -> String {
@@ -99,107 +146,6 @@ fn first_line(cmd: &str, args: &[&str]) -> String {
 }
 
 // ---------------------------------------------------------------------------------
-// Processes and files
-// ---------------------------------------------------------------------------------
-
-/// A scratch directory, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Self {
-        let p =
-            std::env::temp_dir().join(format!("lvm-bench-migrate-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p)
-            .unwrap_or_else(|e| fail(&format!("mkdir {}: {e}", p.display())));
-        Self(p)
-    }
-    fn join(&self, n: &str) -> PathBuf {
-        self.0.join(n)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A child killed (SIGKILL) and reaped on drop.
-struct Proc(Child);
-
-impl Proc {
-    fn spawn(cmd: &mut Command, what: &str) -> Self {
-        Proc(
-            cmd.stdin(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| fail(&format!("cannot start {what}: {e}"))),
-        )
-    }
-    fn alive(&mut self) -> bool {
-        matches!(self.0.try_wait(), Ok(None))
-    }
-    fn wait(&mut self) -> Option<i32> {
-        let end = Instant::now() + SAFETY;
-        loop {
-            if let Ok(Some(s)) = self.0.try_wait() {
-                return s.code();
-            }
-            if Instant::now() > end {
-                let _ = self.0.kill();
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn file_out(p: &Path) -> Stdio {
-    Stdio::from(std::fs::File::create(p).unwrap_or_else(|e| fail(&format!("{}: {e}", p.display()))))
-}
-
-/// Wait until `path` contains `needle` while `proc` runs.
-fn wait_file(path: &Path, needle: &str, proc: &mut Proc, what: &str) {
-    let end = Instant::now() + SAFETY;
-    loop {
-        let text = std::fs::read(path).unwrap_or_default();
-        if String::from_utf8_lossy(&text).contains(needle) {
-            return;
-        }
-        if !proc.alive() {
-            fail(&format!("{what} exited before printing {needle:?}"));
-        }
-        if Instant::now() > end {
-            fail(&format!("{what} never printed {needle:?}"));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-fn wait_socket(path: &Path, proc: &mut Proc, what: &str) {
-    let end = Instant::now() + SAFETY;
-    while UnixStream::connect(path).is_err() {
-        if !proc.alive() {
-            fail(&format!(
-                "{what} exited before its socket {} appeared",
-                path.display()
-            ));
-        }
-        if Instant::now() > end {
-            fail(&format!("{what}: {} never appeared", path.display()));
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-// ---------------------------------------------------------------------------------
 // Guests and results
 // ---------------------------------------------------------------------------------
 
@@ -207,6 +153,7 @@ fn wait_socket(path: &Path, proc: &mut Proc, what: &str) {
 enum Guest {
     Idle,
     Pattern,
+    Filled,
 }
 
 impl Guest {
@@ -214,25 +161,30 @@ impl Guest {
         match self {
             Guest::Idle => "idle (timer)",
             Guest::Pattern => "pattern mib=32",
+            Guest::Filled => "filled (pattern fill=1)",
         }
     }
     fn kernel(self) -> &'static Path {
         match self {
             Guest::Idle => test_guests::timer_path(),
-            Guest::Pattern => test_guests::pattern_path(),
+            Guest::Pattern | Guest::Filled => test_guests::pattern_path(),
         }
     }
-    fn cmdline(self) -> &'static str {
+    /// The command line for a guest of `mib` MiB.
+    fn cmdline(self, mib: u64) -> String {
         match self {
             // About 11 days of ticks: it stays idle for the whole benchmark.
-            Guest::Idle => "lapic=100000000 pit=100000000",
-            Guest::Pattern => "mib=32 every=0",
+            Guest::Idle => "lapic=100000000 pit=100000000".into(),
+            Guest::Pattern => "mib=32 every=0".into(),
+            // All RAM below 3 GiB from 4 MiB on, but the last 4 MiB.
+            Guest::Filled => format!("mib={} fill=1 busy=1 every=0", mib.min(3072) - 8),
         }
     }
     fn banner(self) -> &'static str {
         match self {
             Guest::Idle => "timer: booted",
             Guest::Pattern => "pattern: booted",
+            Guest::Filled => "pattern: filled",
         }
     }
 }
@@ -243,12 +195,28 @@ enum Mode {
     Local,
 }
 
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Unix,
+    Tls,
+}
+
+/// One row of the table.
+struct Case {
+    guest: Guest,
+    mib: u64,
+    mode: Mode,
+    transport: Transport,
+}
+
+#[derive(Clone, Debug, Default)]
 struct Sample {
     total_ms: f64,
     downtime_ms: f64,
     transferred: f64,
     iterations: f64,
+    /// Ours: dirty tracking and switch-over boost.
+    note: String,
 }
 
 impl Sample {
@@ -263,258 +231,14 @@ impl Sample {
 }
 
 // ---------------------------------------------------------------------------------
-// Ours
-// ---------------------------------------------------------------------------------
-
-fn http(sock: &Path, method: &str, path: &str) -> Option<Value> {
-    let mut s = UnixStream::connect(sock).ok()?;
-    s.set_read_timeout(Some(SAFETY)).ok();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    serde_json::from_str(out.split_once("\r\n\r\n")?.1).ok()
-}
-
-fn ours_once(launcher: &Path, guest: Guest, mib: u64, mode: Mode) -> Sample {
-    let d = Scratch::new("ours");
-    let log = d.join("console.log");
-    let (a, b, mig) = (d.join("a.sock"), d.join("b.sock"), d.join("mig.sock"));
-    let mut src = Proc::spawn(
-        Command::new(launcher)
-            .arg("run")
-            .arg("--kernel")
-            .arg(guest.kernel())
-            .args([
-                "--memory",
-                &format!("{mib}Mi"),
-                "--cmdline",
-                guest.cmdline(),
-            ])
-            .arg("--serial")
-            .arg(&log)
-            .arg("--api-socket")
-            .arg(&a)
-            .stdout(Stdio::null())
-            .stderr(file_out(&d.join("src.err"))),
-        "the source launcher",
-    );
-    wait_file(&log, guest.banner(), &mut src, "the source launcher");
-    wait_socket(&a, &mut src, "the source launcher");
-    let uri = format!("unix:{}", mig.display());
-    let mut dst = Proc::spawn(
-        Command::new(launcher)
-            .args(["run", "--incoming", &uri])
-            .arg("--serial")
-            .arg(d.join("dst.log"))
-            .arg("--api-socket")
-            .arg(&b)
-            .stdout(Stdio::null())
-            .stderr(file_out(&d.join("dst.err"))),
-        "the destination launcher",
-    );
-    wait_socket(&b, &mut dst, "the destination launcher");
-    std::thread::sleep(WARM);
-    let mut cmd = Command::new(launcher);
-    cmd.arg("migrate")
-        .arg("--api-socket")
-        .arg(&a)
-        .args(["--to", &uri]);
-    if mode == Mode::Local {
-        cmd.arg("--local");
-    }
-    let out = cmd
-        .stderr(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| fail(&format!("launcher migrate: {e}")));
-    let report: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|_| fail(&format!("launcher migrate printed no report: {:?}", out)));
-    if report["status"] != "completed" {
-        fail(&format!("our migration failed: {report}"));
-    }
-    if src.wait() != Some(64) {
-        fail("the source launcher did not exit 64 after the migration");
-    }
-    match http(&b, "GET", "/v1/status") {
-        Some(v) if v["state"] == "running" => {}
-        other => fail(&format!(
-            "the destination does not run the guest: {other:?}"
-        )),
-    }
-    let f = |k: &str| report[k].as_f64().unwrap_or(f64::NAN);
-    Sample {
-        total_ms: f("totalMs"),
-        downtime_ms: f("downtimeMs"),
-        transferred: f("transferredBytes"),
-        iterations: f("iterations"),
-    }
-}
-
-// ---------------------------------------------------------------------------------
-// QEMU
-// ---------------------------------------------------------------------------------
-
-/// A QMP connection.
-struct Qmp {
-    r: BufReader<UnixStream>,
-    w: UnixStream,
-}
-
-impl Qmp {
-    fn connect(path: &Path, proc: &mut Proc) -> Self {
-        wait_socket(path, proc, "QEMU");
-        let s = UnixStream::connect(path).unwrap_or_else(|e| fail(&format!("QMP connect: {e}")));
-        s.set_read_timeout(Some(SAFETY)).ok();
-        let w = s.try_clone().expect("clone");
-        let mut q = Qmp {
-            r: BufReader::new(s),
-            w,
-        };
-        q.line(); // greeting
-        q.cmd("qmp_capabilities", json!({}));
-        q
-    }
-
-    fn line(&mut self) -> Value {
-        let mut l = String::new();
-        match self.r.read_line(&mut l) {
-            Ok(n) if n > 0 => serde_json::from_str(&l).unwrap_or(Value::Null),
-            _ => fail("QMP connection closed"),
-        }
-    }
-
-    fn cmd(&mut self, name: &str, args: Value) -> Value {
-        let msg = json!({"execute": name, "arguments": args});
-        writeln!(self.w, "{msg}").unwrap_or_else(|e| fail(&format!("QMP write: {e}")));
-        loop {
-            let v = self.line();
-            if let Some(r) = v.get("return") {
-                return r.clone();
-            }
-            if let Some(e) = v.get("error") {
-                fail(&format!("QMP {name}: {e}"));
-            }
-            // An event: skip.
-        }
-    }
-}
-
-fn qemu_cmd(o: &Opts, guest: Guest, mib: u64, mode: Mode, shm: &Path, qmp: &Path) -> Command {
-    let mut c = Command::new(&o.qemu);
-    c.args([
-        "-accel",
-        "kvm",
-        "-m",
-        &format!("{mib}M"),
-        "-nographic",
-        "-no-reboot",
-    ]);
-    match mode {
-        Mode::Copy => {
-            c.args(["-M", "q35"]);
-        }
-        Mode::Local => {
-            c.arg("-object")
-                .arg(format!(
-                    "memory-backend-file,id=ram0,size={mib}M,mem-path={},share=on",
-                    shm.display()
-                ))
-                .args(["-M", "q35,memory-backend=ram0"]);
-        }
-    }
-    c.arg("-kernel")
-        .arg(guest.kernel())
-        .args(["-append", guest.cmdline()])
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()));
-    c
-}
-
-fn qemu_once(o: &Opts, guest: Guest, mib: u64, mode: Mode) -> Sample {
-    let d = Scratch::new("qemu");
-    let shm = PathBuf::from(format!("/dev/shm/lvm-bench-migrate-{}", std::process::id()));
-    let _ = std::fs::remove_file(&shm);
-    let (sq, dq, mig) = (d.join("src.qmp"), d.join("dst.qmp"), d.join("mig.sock"));
-    let log = d.join("src.log");
-    let mut src = Proc::spawn(
-        qemu_cmd(o, guest, mib, mode, &shm, &sq)
-            .stdout(file_out(&log))
-            .stderr(file_out(&d.join("src.err"))),
-        "QEMU (source)",
-    );
-    wait_file(&log, guest.banner(), &mut src, "QEMU (source)");
-    let mut dst = Proc::spawn(
-        qemu_cmd(o, guest, mib, mode, &shm, &dq)
-            .args(["-incoming", "defer"])
-            .stdout(file_out(&d.join("dst.log")))
-            .stderr(file_out(&d.join("dst.err"))),
-        "QEMU (destination)",
-    );
-    let mut qs = Qmp::connect(&sq, &mut src);
-    let mut qd = Qmp::connect(&dq, &mut dst);
-    if mode == Mode::Local {
-        let caps = json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]});
-        qs.cmd("migrate-set-capabilities", caps.clone());
-        qd.cmd("migrate-set-capabilities", caps);
-    }
-    let uri = format!("unix:{}", mig.display());
-    qd.cmd("migrate-incoming", json!({"uri": uri}));
-    qs.cmd(
-        "migrate-set-parameters",
-        json!({"max-bandwidth": 1_000_000_000_000u64, "downtime-limit": 300}),
-    );
-    std::thread::sleep(WARM);
-    qs.cmd("migrate", json!({"uri": uri}));
-    let end = Instant::now() + SAFETY;
-    let info = loop {
-        let v = qs.cmd("query-migrate", json!({}));
-        match v["status"].as_str() {
-            Some("completed") => break v,
-            Some("failed") | Some("cancelled") => fail(&format!("QEMU migration failed: {v}")),
-            _ => {}
-        }
-        if Instant::now() > end {
-            fail("QEMU migration did not complete");
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    };
-    // The destination runs the guest.
-    let end = Instant::now() + SAFETY;
-    loop {
-        let st = qd.cmd("query-status", json!({}));
-        if st["status"] == "running" {
-            break;
-        }
-        if Instant::now() > end {
-            fail(&format!("the QEMU destination does not run: {st}"));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    drop((qs, qd));
-    drop((src, dst));
-    let _ = std::fs::remove_file(&shm);
-    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
-    Sample {
-        total_ms: f(&info["total-time"]),
-        downtime_ms: f(&info["downtime"]),
-        transferred: f(&info["ram"]["transferred"]),
-        iterations: f(&info["ram"]["dirty-sync-count"]),
-    }
-}
-
-// ---------------------------------------------------------------------------------
 // Raw socket throughput
 // ---------------------------------------------------------------------------------
 
-/// Bytes per second through a Unix stream socket pair, one writer and one reader
-/// thread, 1 MiB writes, 4 GiB in total.
-fn socket_throughput() -> f64 {
+/// Bytes per second from `a` to `b`, one writer and one reader thread, 1 MiB writes,
+/// 4 GiB in total.
+fn pair_throughput<S: Read + Write + Send + 'static>(mut a: S, mut b: S) -> f64 {
     const CHUNK: usize = 1 << 20;
     const TOTAL: usize = 4 << 30;
-    let (mut a, mut b) = UnixStream::pair().expect("socketpair");
     let reader = std::thread::spawn(move || {
         let mut buf = vec![0u8; CHUNK];
         let mut got = 0usize;
@@ -534,8 +258,19 @@ fn socket_throughput() -> f64 {
         sent += CHUNK;
     }
     let got = reader.join().expect("reader");
-    let secs = t.elapsed().as_secs_f64();
-    got as f64 / secs
+    got as f64 / t.elapsed().as_secs_f64()
+}
+
+fn unix_throughput() -> f64 {
+    let (a, b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    pair_throughput(a, b)
+}
+
+fn tcp_throughput() -> f64 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let a = std::net::TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+    let (b, _) = l.accept().expect("accept");
+    pair_throughput(a, b)
 }
 
 // ---------------------------------------------------------------------------------
@@ -543,9 +278,7 @@ fn socket_throughput() -> f64 {
 // ---------------------------------------------------------------------------------
 
 struct Row {
-    guest: Guest,
-    mib: u64,
-    mode: Mode,
+    case: Case,
     ours: Vec<Sample>,
     qemu: Vec<Sample>,
 }
@@ -582,12 +315,46 @@ fn size(mib: u64) -> String {
     }
 }
 
+fn cases(o: &Opts) -> Vec<Case> {
+    let mut v = Vec::new();
+    if o.cases != Cases::Filled {
+        for guest in [Guest::Idle, Guest::Pattern] {
+            for mib in [256u64, 1024] {
+                for mode in [Mode::Copy, Mode::Local] {
+                    v.push(Case {
+                        guest,
+                        mib,
+                        mode,
+                        transport: Transport::Unix,
+                    });
+                }
+            }
+        }
+    }
+    if o.cases != Cases::Classic {
+        for &mib in &o.filled_mib {
+            for transport in [Transport::Unix, Transport::Tls] {
+                v.push(Case {
+                    guest: Guest::Filled,
+                    mib,
+                    mode: Mode::Copy,
+                    transport,
+                });
+            }
+        }
+    }
+    v
+}
+
 fn main() {
-    let o = parse_args();
+    let o = Opts::parse();
     if !Path::new("/dev/kvm").exists() {
         fail("/dev/kvm is missing: this benchmark runs KVM guests");
     }
-    let launcher = launcher_path(&o);
+    if o.filled_mib.iter().any(|&m| !(64..=65536).contains(&m)) {
+        fail("--filled-mib takes sizes from 64 to 65536 MiB");
+    }
+    let launcher = benches::launcher_path("migrate", o.launcher.as_ref());
     let qemu_version = first_line(&o.qemu, &["--version"]);
     if qemu_version == "unknown" || qemu_version.is_empty() {
         fail(&format!(
@@ -596,52 +363,61 @@ fn main() {
         ));
     }
     let launcher_version = first_line(launcher.to_str().unwrap_or("launcher"), &["--version"]);
-
-    let mut rows = Vec::new();
-    for guest in [Guest::Idle, Guest::Pattern] {
-        for mib in [256u64, 1024] {
-            for mode in [Mode::Copy, Mode::Local] {
-                rows.push(Row {
-                    guest,
-                    mib,
-                    mode,
-                    ours: Vec::new(),
-                    qemu: Vec::new(),
-                });
-            }
-        }
-    }
-    let mut sockets = Vec::new();
-    for i in 0..o.runs {
-        sockets.push(socket_throughput());
+    let ctx = Ctx {
+        launcher,
+        qemu: o.qemu.clone(),
+        bitmap: o.bitmap,
+        tls: TlsDirs::new(),
+    };
+    let mut rows: Vec<Row> = cases(&o)
+        .into_iter()
+        .map(|case| Row {
+            case,
+            ours: Vec::new(),
+            qemu: Vec::new(),
+        })
+        .collect();
+    let (mut unix, mut tcp) = (Vec::new(), Vec::new());
+    let n = rows.len();
+    for i in 0..o.runs as usize {
+        unix.push(unix_throughput());
+        tcp.push(tcp_throughput());
         for (k, row) in rows.iter_mut().enumerate() {
-            eprint!(
-                "\rmigrate: run {}/{}, case {}/{}   ",
-                i + 1,
-                o.runs,
-                k + 1,
-                8
-            );
+            eprint!("\rmigrate: run {}/{}, case {}/{n}   ", i + 1, o.runs, k + 1);
             // Alternate which VMM goes first.
             if (i + k) % 2 == 0 {
-                row.ours
-                    .push(ours_once(&launcher, row.guest, row.mib, row.mode));
-                row.qemu.push(qemu_once(&o, row.guest, row.mib, row.mode));
+                row.ours.push(vmms::ours_once(&ctx, &row.case));
+                row.qemu.push(vmms::qemu_once(&ctx, &row.case));
             } else {
-                row.qemu.push(qemu_once(&o, row.guest, row.mib, row.mode));
-                row.ours
-                    .push(ours_once(&launcher, row.guest, row.mib, row.mode));
+                row.qemu.push(vmms::qemu_once(&ctx, &row.case));
+                row.ours.push(vmms::ours_once(&ctx, &row.case));
             }
         }
-        sockets.push(socket_throughput());
+        unix.push(unix_throughput());
+        tcp.push(tcp_throughput());
     }
     eprintln!();
-    let socket = median(sockets.clone());
+    let (unix, tcp) = (median(unix), median(tcp));
+    let t = table(&rows, unix, tcp);
+    let socket_line = format!(
+        "Raw socket throughput in the same run (two threads, 1 MiB writes, 4 GiB, median of {}): Unix **{} MiB/s**, TCP loopback **{} MiB/s**.",
+        2 * o.runs,
+        mib_s(unix),
+        mib_s(tcp)
+    );
+    println!("{t}\n{socket_line}");
+    if o.write {
+        write_doc(&o, &t, &socket_line, &launcher_version, &qemu_version);
+    }
+}
 
+fn table(rows: &[Row], unix: f64, tcp: f64) -> String {
     let mut t = String::new();
-    t.push_str("| guest | RAM | mode | total ms ours | total ms QEMU | ratio | downtime ms ours | downtime ms QEMU | ratio | MiB sent ours | MiB sent QEMU | MiB/s ours | MiB/s QEMU | ours / socket | QEMU / socket | iterations ours / QEMU |\n");
-    t.push_str("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
-    for r in &rows {
+    t.push_str("| guest | RAM | mode | link | total ms ours | total ms QEMU | ratio | downtime ms ours | downtime ms QEMU | ratio | MiB sent ours | MiB sent QEMU | MiB/s ours | MiB/s QEMU | ours / socket | QEMU / socket | iterations ours / QEMU | ours: tracking, boost |\n");
+    t.push_str(
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+    );
+    for r in rows {
         let (ot, qt) = (med(&r.ours, |s| s.total_ms), med(&r.qemu, |s| s.total_ms));
         let (od, qd) = (
             med(&r.ours, |s| s.downtime_ms),
@@ -659,11 +435,15 @@ fn main() {
             med(&r.ours, |s| s.iterations),
             med(&r.qemu, |s| s.iterations),
         );
+        let (link, socket) = match r.case.transport {
+            Transport::Unix => ("unix", unix),
+            Transport::Tls => ("tcp+tls", tcp),
+        };
         t.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.1} | {} | {} | {:.3} | {:.3} | {} / {} |\n",
-            r.guest.name(),
-            size(r.mib),
-            match r.mode {
+            "| {} | {} | {} | {link} | {} | {} | {} | {} | {} | {} | {:.1} | {:.1} | {} | {} | {:.3} | {:.3} | {} / {} | {} |\n",
+            r.case.guest.name(),
+            size(r.case.mib),
+            match r.case.mode {
                 Mode::Copy => "copy",
                 Mode::Local => "local",
             },
@@ -681,30 +461,26 @@ fn main() {
             qp / socket,
             oi,
             qi,
+            r.ours.first().map_or("", |s| s.note.as_str()),
         ));
     }
-    let socket_line = format!(
-        "Raw Unix-socket throughput in the same run (two threads, 1 MiB writes, 4 GiB, median of {}): **{} MiB/s**.",
-        sockets.len(),
-        mib_s(socket)
-    );
-    println!("{t}\n{socket_line}");
+    t
+}
 
-    if o.write {
-        let doc = workspace_root().join("docs/migration-benchmarks.md");
-        let mut text = render_doc(&o, &t, &socket_line, &launcher_version, &qemu_version);
-        // Hand-written notes after the marker survive a regeneration.
-        if let Some(i) = std::fs::read_to_string(&doc)
-            .ok()
-            .and_then(|old| old.find(NOTES_MARKER).map(|i| old[i..].to_string()))
-        {
-            text.push('\n');
-            text.push_str(&i);
-        }
-        std::fs::write(&doc, text)
-            .unwrap_or_else(|e| fail(&format!("cannot write {}: {e}", doc.display())));
-        eprintln!("migrate: wrote {}", doc.display());
+fn write_doc(o: &Opts, t: &str, socket_line: &str, ours: &str, qemu: &str) {
+    let doc = workspace_root().join("docs/migration-benchmarks.md");
+    let mut text = render_doc(o, t, socket_line, ours, qemu);
+    // Hand-written notes after the marker survive a regeneration.
+    if let Some(i) = std::fs::read_to_string(&doc)
+        .ok()
+        .and_then(|old| old.find(NOTES_MARKER).map(|i| old[i..].to_string()))
+    {
+        text.push('\n');
+        text.push_str(&i);
     }
+    std::fs::write(&doc, text)
+        .unwrap_or_else(|e| fail(&format!("cannot write {}: {e}", doc.display())));
+    eprintln!("migrate: wrote {}", doc.display());
 }
 
 fn render_doc(o: &Opts, table: &str, socket: &str, ours: &str, qemu: &str) -> String {
@@ -723,14 +499,15 @@ fn render_doc(o: &Opts, table: &str, socket: &str, ours: &str, qemu: &str) -> St
 Written by `benches/src/bin/migrate.rs`; regenerate with
 
 ```
-cargo run --release -p benches --bin migrate -- --runs {runs}
+cargo run --release -p benches --bin migrate -- --runs {runs} --write
 ```
 
 Machine: {cpu}, {ncpu} vCPUs, Linux {kernel} (nested KVM, see `docs/platform.md`).
 Ours: `{ours}` (release build). QEMU: `{qemu}`.
 
 Each cell is the median of {runs} migrations. Every migration is between two fresh
-processes on this host over a Unix socket; the guest runs for 0.5 s after its banner
+processes on this host, over a Unix socket or over TCP on the loopback with TLS 1.3
+(mutual certificates on both VMMs); the guest runs for 0.5 s after its banner
 before the migration starts, and the benchmark checks afterwards that the destination
 runs the guest (our `GET /v1/status`, QEMU's `query-status`) and that our source exited
 with status 64.
@@ -747,7 +524,10 @@ with status 64.
 - **MiB sent**: ours `transferred_bytes` (every byte written to the stream, headers
   included); QEMU `ram.transferred`.
 - **MiB/s**: bytes sent over total time, for both; **/ socket**: that throughput over the
-  raw socket throughput above.
+  raw throughput of the same kind of socket (Unix, or plain TCP on the loopback for the
+  TLS rows) measured in the same run.
+- **ours: tracking, boost**: which dirty tracking our source used (KVM's dirty ring or
+  the bitmap) and the scheduling boost of the switch-over threads.
 - **iterations**: ours `iterations`, QEMU `ram.dirty-sync-count`.
 
 ## Commands
@@ -779,7 +559,16 @@ on both sides, and `migrate-set-capabilities` `x-ignore-shared: true` on both be
 
 The idle guest is `timer` with `lapic=100000000 pit=100000000` (halted between 100 Hz
 ticks); the busy guest is `pattern` with `mib=32 every=0` (it rewrites the first dword of
-each of the 8192 pages of its 32 MiB region on every pass and checks them all).
+each of the 8192 pages of its 32 MiB region on every pass and checks them all). The
+filled guest is `pattern` with `fill=1 busy=1 every=0` and a region of all RAM below
+3 GiB but 8 MiB (1016 MiB of a 1 GiB guest, 3064 MiB of a 4 GiB guest, whose last GiB
+above 4 GiB stays unwritten): it writes non-zero data into every byte of the region at
+CPL3, then keeps rewriting the first MiB.
+
+TLS: ours `launcher run --incoming tcp:127.0.0.1:PORT --tls-dir D` and `launcher migrate
+--to tcp:127.0.0.1:PORT --tls-dir S`; QEMU `-object tls-creds-x509,id=tls0,dir=...,
+endpoint=server|client,verify-peer=on` and `migrate-set-parameters {{"tls-creds": "tls0"}}`
+on both sides, one CA for all.
 "#,
         runs = o.runs,
         ncpu = std::thread::available_parallelism()
@@ -791,8 +580,4 @@ each of the 8192 pages of its 32 MiB region on every pass and checks them all).
 
 fn fail(msg: &str) -> ! {
     benches::fail("migrate", msg)
-}
-
-fn launcher_path(o: &Opts) -> PathBuf {
-    benches::launcher_path("migrate", o.launcher.as_ref())
 }

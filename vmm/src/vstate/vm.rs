@@ -17,6 +17,13 @@ use super::memory::{GuestRam, PAGE_SIZE};
 
 static DIRTY_RING_ALLOWED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
+/// Whether this host's KVM offers the dirty ring at the size we use.
+pub fn dirty_ring_available() -> bool {
+    let need = (super::dirty_ring::RING_ENTRIES as usize
+        * std::mem::size_of::<kvm_bindings::kvm_dirty_gfn>()) as i32;
+    Kvm::new().is_ok_and(|k| k.check_extension_int(Cap::DirtyLogRing) >= need)
+}
+
 /// Whether VMs created from now on may use KVM's dirty ring where the host has it
 /// (default yes; `launcher run --dirty-ring off` says no and keeps the bitmap).
 pub fn allow_dirty_ring(allowed: bool) {
