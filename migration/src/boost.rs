@@ -6,6 +6,11 @@
 //! (allowed down to `RLIMIT_NICE`), else leaves it as it is; it never fails. Dropping the
 //! guard restores the thread's previous policy and nice value. What was applied, or why
 //! nothing was, goes into the migration report.
+//!
+//! The boost is set with `SCHED_RESET_ON_FORK`: threads created while it holds (the
+//! destination's vCPU and RX threads are spawned by the boosted receiver) start with the
+//! normal policy and nice 0 instead of inheriting it. Without the flag a guest's vCPU
+//! would run at real-time priority for ever.
 
 /// Real-time priority used for the switch-over (low among real-time priorities, so
 /// kernel threads and other real-time work still preempt it).
@@ -47,13 +52,25 @@ impl Boost {
         let raised = policy >= 0
             && got == 0
             // SAFETY: as above; `fifo` is a valid parameter block.
-            && unsafe { libc::sched_setscheduler(tid, libc::SCHED_FIFO, &fifo) } == 0;
+            && unsafe {
+                libc::sched_setscheduler(tid, libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK, &fifo)
+            } == 0;
         if raised {
             b.restore_policy = Some((policy, old));
             b.applied = format!("SCHED_FIFO {FIFO_PRIORITY}");
             return b;
         }
         let fifo_err = last_error();
+        if policy >= 0 && got == 0 {
+            // Unprivileged threads may set the flag on their own policy; it keeps the nice
+            // boost from being inherited too.
+            // SAFETY: as above, our own thread and its current parameters.
+            if unsafe { libc::sched_setscheduler(tid, policy | libc::SCHED_RESET_ON_FORK, &old) }
+                == 0
+            {
+                b.restore_policy = Some((policy, old));
+            }
+        }
         // SAFETY: get/setpriority on our own thread id (Linux nice values are per thread).
         let nice = unsafe {
             *libc::__errno_location() = 0;
@@ -105,13 +122,31 @@ mod tests {
     }
 
     #[test]
+    fn threads_spawned_while_boosted_do_not_inherit_it() {
+        let b = Boost::current_thread();
+        let child = std::thread::spawn(|| {
+            // SAFETY: querying our own thread.
+            let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as u32) };
+            (policy() & !libc::SCHED_RESET_ON_FORK, nice)
+        })
+        .join()
+        .unwrap();
+        drop(b);
+        assert_eq!(
+            child,
+            (libc::SCHED_OTHER, 0),
+            "a spawned thread inherited the boost"
+        );
+    }
+
+    #[test]
     fn boost_is_reported_and_undone() {
         let before = policy();
         {
             let b = Boost::current_thread();
             assert!(!b.applied().is_empty());
             if b.applied().starts_with("SCHED_FIFO") {
-                assert_eq!(policy(), libc::SCHED_FIFO);
+                assert_eq!(policy() & !libc::SCHED_RESET_ON_FORK, libc::SCHED_FIFO);
             }
         }
         assert_eq!(policy(), before, "the policy is restored on drop");
