@@ -680,7 +680,16 @@ fn switch_over<'a>(
     s.check_cancel()?;
     let at = Instant::now();
     let realtime_ns = realtime_ns();
-    let guard = vm.pause().map_err(|e| SendError::Vm(e.to_string()))?;
+    let (guard, vcpus_boosted) = vm
+        .pause_boosted()
+        .map_err(|e| SendError::Vm(e.to_string()))?;
+    if let Some(b) = s.report.switch_over_boost.as_mut() {
+        b.push_str(if vcpus_boosted {
+            "; vCPUs SCHED_FIFO while pausing"
+        } else {
+            "; vCPUs not boosted (SCHED_FIFO refused)"
+        });
+    }
     if let Some(t) = throttler {
         t.set(0);
     }

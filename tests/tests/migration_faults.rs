@@ -86,11 +86,39 @@ fn assert_source_survived(
     );
     assert!(src.alive(), "the source exited: {}", src.stderr());
     assert_eq!(vm_state(api_of(src)), "running");
+    // The switch-over boost is undone: no thread of the source runs the guest (or
+    // anything else) at real-time priority any more.
+    let rt = realtime_threads(src.child.id());
+    assert!(rt.is_empty(), "threads left at real-time priority: {rt:?}");
     // Twice: the guest makes progress, then more (not a last gasp).
     wait_new_pass(src);
     wait_new_pass(src);
     assert!(src.alive(), "the source exited: {}", src.stderr());
     assert_pattern_consistent(&src.console(), EVERY);
+}
+
+/// Names of the threads of process `pid` whose scheduling policy is not the normal one
+/// (field 41 of `/proc/PID/task/TID/stat`).
+fn realtime_threads(pid: u32) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("task dir")
+        .flatten()
+    {
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        // The name is in parentheses and may hold spaces: split after the last ')'.
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let policy = rest.split_whitespace().nth(38).unwrap_or("0");
+        if policy != "0" {
+            out.push(format!(
+                "{} policy {policy}",
+                head.split_once('(').map_or("", |x| x.1)
+            ));
+        }
+    }
+    out
 }
 
 /// After the failures, the source can still migrate for real (nothing was left

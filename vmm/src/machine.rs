@@ -70,6 +70,9 @@ pub struct Vm {
     stop_rx: Mutex<Receiver<VmStop>>,
     /// Nesting depth of pause guards; vCPUs run only at 0.
     pause_depth: Mutex<usize>,
+    /// The vCPU threads run at real-time priority ([`Vm::pause_boosted`]); undone
+    /// before they run guest code again.
+    vcpus_boosted: std::sync::atomic::AtomicBool,
 }
 
 /// Pauses every vCPU while alive, resumes them when dropped (crosvm style), so that
@@ -207,6 +210,7 @@ impl Vm {
             config,
             stop_rx: Mutex::new(stop_rx),
             pause_depth: Mutex::new(0),
+            vcpus_boosted: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -258,6 +262,34 @@ impl Vm {
         })
     }
 
+    /// [`Vm::pause`] for a migration's switch-over: the vCPU threads first move to
+    /// real-time priority, so that on a busy host they answer the pause at once instead of
+    /// waiting for a slice of a core; they are back at the normal policy before they run
+    /// guest code again (any resume). Also says whether the boost was allowed.
+    pub fn pause_boosted(&self) -> Result<(PauseGuard<'_>, bool), MachineError> {
+        let boosted = self.vcpus.iter().all(|v| v.set_boost(true));
+        self.vcpus_boosted
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        match self.pause() {
+            Ok(g) => Ok((g, boosted)),
+            Err(e) => {
+                self.unboost_vcpus();
+                Err(e)
+            }
+        }
+    }
+
+    fn unboost_vcpus(&self) {
+        if self
+            .vcpus_boosted
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            for v in &self.vcpus {
+                v.set_boost(false);
+            }
+        }
+    }
+
     /// Pause without a guard (an API client's explicit pause); undo with [`Vm::resume`].
     pub fn hold_pause(&self) -> Result<(), MachineError> {
         let mut depth = self.pause_depth.lock().unwrap_or_else(|e| e.into_inner());
@@ -296,6 +328,8 @@ impl Vm {
         }
         *depth -= 1;
         if *depth == 0 {
+            // Guest code never runs at real-time priority.
+            self.unboost_vcpus();
             self.virtio.resume();
             for v in &self.vcpus {
                 v.resume()?;
@@ -452,6 +486,7 @@ impl PreparedVm {
             config: state.config,
             stop_rx: Mutex::new(stop_rx),
             pause_depth: Mutex::new(1),
+            vcpus_boosted: std::sync::atomic::AtomicBool::new(false),
         })
     }
 }

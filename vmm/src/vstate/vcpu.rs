@@ -407,6 +407,9 @@ pub struct VcpuHandle {
     thread: Option<JoinHandle<VcpuFd>>,
 }
 
+/// Real-time priority of a vCPU thread while it is asked to pause for a switch-over.
+const VCPU_BOOST_PRIORITY: i32 = 10;
+
 /// How long a vCPU may take to acknowledge a pause.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -472,6 +475,27 @@ impl VcpuHandle {
                 libc::pthread_kill(t.as_pthread_t(), kick_signal());
             }
         }
+    }
+
+    /// Run this vCPU's thread at real-time priority (`SCHED_FIFO`, so that it answers a
+    /// pause at once however busy the host is) or back at the normal policy. Returns
+    /// whether the change was allowed.
+    pub fn set_boost(&self, on: bool) -> bool {
+        use std::os::unix::thread::JoinHandleExt;
+        let Some(t) = &self.thread else {
+            return false;
+        };
+        let (policy, priority) = if on {
+            (libc::SCHED_FIFO, VCPU_BOOST_PRIORITY)
+        } else {
+            (libc::SCHED_OTHER, 0)
+        };
+        let param = libc::sched_param {
+            sched_priority: priority,
+        };
+        // SAFETY: the pthread is alive or exited but not joined (we hold its JoinHandle),
+        // so its pthread_t is valid; `param` is a valid parameter block.
+        unsafe { libc::pthread_setschedparam(t.as_pthread_t(), policy, &param) == 0 }
     }
 
     /// Ask the vCPU to pause; wait for its acknowledgement.
