@@ -24,6 +24,7 @@ use crate::protocol::{
 };
 use crate::report::{Outcome, Progress, Report};
 use crate::transport::{self, RateLimit, RateLimitedWriter, Stream};
+use guards::{DirtyLogging, Throttler};
 
 /// Largest data payload of one memory frame we build (well under the 64 MiB bound,
 /// small enough that a cancel or a lifted bandwidth cap takes effect quickly).
@@ -77,83 +78,6 @@ pub struct SendOptions {
     pub downtime_ms: Arc<std::sync::atomic::AtomicU64>,
     /// Called after every pre-copy iteration (the launcher publishes it on its API).
     pub progress: Option<ProgressFn>,
-}
-
-/// Turns KVM dirty logging on, and off again on drop, whatever happens.
-struct DirtyLogging<'a>(&'a Vm);
-
-impl<'a> DirtyLogging<'a> {
-    /// Also says which mechanism KVM uses (ring or bitmap), for the report.
-    fn on(vm: &'a Vm) -> Result<(Self, vmm::machine::DirtyTracking), SendError> {
-        // From a clean slate: what was written before now is sent by iteration 0.
-        let mode = vm
-            .start_dirty_log()
-            .map_err(|e| SendError::Vm(e.to_string()))?;
-        Ok((Self(vm), mode))
-    }
-}
-
-impl Drop for DirtyLogging<'_> {
-    fn drop(&mut self) {
-        if let Err(e) = self.0.stop_dirty_log() {
-            tracing::error!("cannot turn dirty logging off: {e}");
-        }
-    }
-}
-
-/// Throttles the vCPUs from a helper thread while alive (auto-converge).
-struct Throttler {
-    percent: Arc<std::sync::atomic::AtomicU8>,
-    stop: Arc<AtomicBool>,
-    stalled_us: Arc<std::sync::atomic::AtomicU64>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Throttler {
-    fn start(vm: Arc<Vm>) -> Self {
-        let percent = Arc::new(std::sync::atomic::AtomicU8::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let stalled_us = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (p, s, st) = (percent.clone(), stop.clone(), stalled_us.clone());
-        let thread = std::thread::Builder::new()
-            .name("mig-throttle".into())
-            .spawn(move || {
-                while !s.load(Ordering::Relaxed) {
-                    let pct = u32::from(p.load(Ordering::Relaxed));
-                    if pct > 0 {
-                        let slice = THROTTLE_PERIOD * pct / 100;
-                        vm.throttle(slice);
-                        st.fetch_add(slice.as_micros() as u64, Ordering::Relaxed);
-                    }
-                    std::thread::park_timeout(THROTTLE_PERIOD);
-                }
-            })
-            .ok();
-        Self {
-            percent,
-            stop,
-            stalled_us,
-            thread,
-        }
-    }
-
-    fn set(&self, pct: u8) {
-        self.percent.store(pct, Ordering::Relaxed);
-    }
-
-    fn stalled(&self) -> Duration {
-        Duration::from_micros(self.stalled_us.load(Ordering::Relaxed))
-    }
-}
-
-impl Drop for Throttler {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            t.thread().unpark();
-            let _ = t.join();
-        }
-    }
 }
 
 /// The memory layout of `vm` as the protocol describes it.
@@ -800,3 +724,6 @@ fn handover(
         }
     }
 }
+
+#[path = "sender_guards.rs"]
+mod guards;
