@@ -500,7 +500,7 @@ fn render_doc(o: &Opts, table: &str, socket: &str, ours: &str, qemu: &str) -> St
 Written by `benches/src/bin/migrate.rs`; regenerate with
 
 ```
-cargo run --release -p benches --bin migrate -- --runs {runs} --write
+cargo run --release -p benches --bin migrate -- --runs {runs} --write{filled}
 ```
 
 Machine: {cpu}, {ncpu} vCPUs, Linux {kernel} (nested KVM, see `docs/platform.md`).
@@ -573,6 +573,11 @@ endpoint=server|client,verify-peer=on` and `migrate-set-parameters {{"tls-creds"
 on both sides, one CA for all.
 "#,
         runs = o.runs,
+        filled = o
+            .filled_mib
+            .iter()
+            .map(|m| format!(" --filled-mib {m}"))
+            .collect::<String>(),
         ncpu = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(0),
