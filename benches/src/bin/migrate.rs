@@ -2,7 +2,7 @@
 //! between two processes on this host, in the same run.
 //!
 //! ```text
-//! cargo run --release -p benches --bin migrate -- [--runs N] [--write] [--cases ...]
+//! cargo run --release -p benches --bin migrate -- [--runs N] [--write-docs] [--cases ...]
 //!     [--filled-mib 1024 --filled-mib 4096] [--bitmap] [--launcher PATH] [--qemu PATH]
 //! ```
 //!
@@ -24,7 +24,7 @@
 //! `query-migrate` (`total-time`, `downtime`, `ram.transferred`). It also measures the
 //! raw Unix-socket and TCP-loopback throughput (two threads, 1 MiB writes) in the same
 //! run. It prints a Markdown table of medians with the ratios ours/QEMU and, with
-//! `--write`, writes it to `docs/migration-benchmarks.md` together with the command.
+//! `--write-docs`, writes it to `docs/migration-benchmarks.md` together with the command.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -51,11 +51,11 @@ const WARM: Duration = Duration::from_millis(500);
 #[command(name = "migrate")]
 struct Opts {
     /// Migrations per case and VMM (the table shows medians).
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
-    runs: u32,
-    /// Write the table to docs/migration-benchmarks.md (otherwise only print it).
-    #[arg(long)]
-    write: bool,
+    #[arg(long, default_value_t = 3, value_parser = benches::positive)]
+    runs: usize,
+    /// `--write-docs` (the table into docs/migration-benchmarks.md) and `--launcher`.
+    #[command(flatten)]
+    common: benches::CommonArgs,
     /// Which cases: the classic table (idle and pattern guests), the filled guest, or both.
     #[arg(long, value_enum, default_value_t = Cases::All)]
     cases: Cases,
@@ -65,11 +65,8 @@ struct Opts {
     /// Our source uses the dirty bitmap only (`launcher run --dirty-ring off`).
     #[arg(long)]
     bitmap: bool,
-    /// Our launcher binary (default: a fresh release build).
-    #[arg(long)]
-    launcher: Option<PathBuf>,
     /// QEMU binary.
-    #[arg(long, default_value = "qemu-system-x86_64")]
+    #[arg(long, default_value = benches::QEMU)]
     qemu: String,
 }
 
@@ -355,7 +352,7 @@ fn main() {
     if o.filled_mib.iter().any(|&m| !(64..=65536).contains(&m)) {
         fail("--filled-mib takes sizes from 64 to 65536 MiB");
     }
-    let launcher = benches::launcher_path("migrate", o.launcher.as_ref());
+    let launcher = o.common.launcher("migrate");
     let qemu_version = first_line(&o.qemu, &["--version"]);
     if qemu_version == "unknown" || qemu_version.is_empty() {
         fail(&format!(
@@ -380,7 +377,7 @@ fn main() {
         .collect();
     let (mut unix, mut tcp) = (Vec::new(), Vec::new());
     let n = rows.len();
-    for i in 0..o.runs as usize {
+    for i in 0..o.runs {
         unix.push(unix_throughput());
         tcp.push(tcp_throughput());
         for (k, row) in rows.iter_mut().enumerate() {
@@ -407,9 +404,7 @@ fn main() {
         mib_s(tcp)
     );
     println!("{t}\n{socket_line}");
-    if o.write {
-        write_doc(&o, &t, &socket_line, &launcher_version, &qemu_version);
-    }
+    write_doc(&o, &t, &socket_line, &launcher_version, &qemu_version);
 }
 
 fn table(rows: &[Row], unix: f64, tcp: f64) -> String {
@@ -468,20 +463,19 @@ fn table(rows: &[Row], unix: f64, tcp: f64) -> String {
     t
 }
 
+/// With `--write-docs`: the table into docs/migration-benchmarks.md, keeping the
+/// hand-written notes after [`NOTES_MARKER`].
 fn write_doc(o: &Opts, t: &str, socket_line: &str, ours: &str, qemu: &str) {
-    let doc = workspace_root().join("docs/migration-benchmarks.md");
+    const DOC: &str = "docs/migration-benchmarks.md";
     let mut text = render_doc(o, t, socket_line, ours, qemu);
-    // Hand-written notes after the marker survive a regeneration.
-    if let Some(i) = std::fs::read_to_string(&doc)
+    if let Some(i) = std::fs::read_to_string(workspace_root().join(DOC))
         .ok()
         .and_then(|old| old.find(NOTES_MARKER).map(|i| old[i..].to_string()))
     {
         text.push('\n');
         text.push_str(&i);
     }
-    std::fs::write(&doc, text)
-        .unwrap_or_else(|e| fail(&format!("cannot write {}: {e}", doc.display())));
-    eprintln!("migrate: wrote {}", doc.display());
+    o.common.docs.write("migrate", DOC, &text);
 }
 
 fn render_doc(o: &Opts, table: &str, socket: &str, ours: &str, qemu: &str) -> String {
@@ -500,7 +494,7 @@ fn render_doc(o: &Opts, table: &str, socket: &str, ours: &str, qemu: &str) -> St
 Written by `benches/src/bin/migrate.rs`; regenerate with
 
 ```
-cargo run --release -p benches --bin migrate -- --runs {runs} --write{filled}
+cargo run --release -p benches --bin migrate -- --runs {runs} --write-docs{filled}
 ```
 
 Machine: {cpu}, {ncpu} vCPUs, Linux {kernel} (nested KVM, see `docs/platform.md`).
