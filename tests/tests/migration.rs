@@ -363,9 +363,9 @@ fn filled_guest_with_the_dirty_ring_and_with_the_bitmap() {
         assert!(src.console().contains("pattern: filled"));
         let (mut dst, uri) = destination(&dir, n + 1);
         let out = migrate_once(&dir, &mut src, &mut dst, &uri, &[]);
-        assert_eq!(out.str("dirty_tracking"), want, "report: {}", out.report);
+        assert_eq!(out.str("dirtyTracking"), want, "report: {}", out.report);
         assert!(
-            out.u64("normal_pages") >= 96 * 256,
+            out.u64("normalPages") >= 96 * 256,
             "report: {}",
             out.report
         );

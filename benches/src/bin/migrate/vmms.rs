@@ -89,14 +89,14 @@ pub fn ours_once(ctx: &Ctx, case: &Case) -> Sample {
     }
     let f = |k: &str| report[k].as_f64().unwrap_or(f64::NAN);
     Sample {
-        total_ms: f("total_ms"),
-        downtime_ms: f("downtime_ms"),
-        transferred: f("transferred_bytes"),
+        total_ms: f("totalMs"),
+        downtime_ms: f("downtimeMs"),
+        transferred: f("transferredBytes"),
         iterations: f("iterations"),
         note: format!(
             "{}, boost {}",
-            report["dirty_tracking"].as_str().unwrap_or("-"),
-            report["switch_over_boost"].as_str().unwrap_or("-")
+            report["dirtyTracking"].as_str().unwrap_or("-"),
+            report["switchOverBoost"].as_str().unwrap_or("-")
         ),
     }
 }
