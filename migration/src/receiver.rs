@@ -200,7 +200,7 @@ fn receive_on<R: Read, W: std::io::Write>(
     opts: &ReceiveOptions,
     take_fds: impl FnMut(&mut FrameReader<R>) -> Vec<OwnedFd>,
 ) -> Result<(Vm, ReceiveStats), ReceiveError> {
-    let accepted = handshake(r, w, unix)?;
+    let accepted = handshake(r, w, unix, opts)?;
     let hello = accepted.hello.clone();
     let received = receive_precopy(r, w, accepted, take_fds)?;
     let boost = received.boost.as_ref().map(|b| b.applied().to_string());
@@ -231,6 +231,7 @@ fn handshake<R: Read, W: std::io::Write>(
     r: &mut FrameReader<R>,
     w: &mut FrameWriter<W>,
     unix: bool,
+    opts: &ReceiveOptions,
 ) -> Result<Accepted, ReceiveError> {
     r.read_preamble()?;
     let hello = match r.read_control_frame::<SenderMessage>()? {

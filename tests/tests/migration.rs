@@ -364,11 +364,7 @@ fn filled_guest_with_the_dirty_ring_and_with_the_bitmap() {
         let (mut dst, uri) = destination(&dir, n + 1);
         let out = migrate_once(&dir, &mut src, &mut dst, &uri, &[]);
         assert_eq!(out.str("dirtyTracking"), want, "report: {}", out.report);
-        assert!(
-            out.u64("normalPages") >= 96 * 256,
-            "report: {}",
-            out.report
-        );
+        assert!(out.u64("normalPages") >= 96 * 256, "report: {}", out.report);
         shutdown(&mut dst);
     }
 }
