@@ -349,7 +349,7 @@ fn filled_guest_with_the_dirty_ring_and_with_the_bitmap() {
                 "--kernel",
                 path_str(guests::pattern_path()),
                 "--memory",
-                "256M",
+                "256Mi",
                 "--cmdline",
                 &cmdline,
                 "--dirty-ring",

@@ -28,7 +28,7 @@ pub fn ours_once(ctx: &Ctx, case: &Case) -> Sample {
             .arg("run")
             .arg("--kernel")
             .arg(case.guest.kernel())
-            .args(["--memory", &format!("{}M", case.mib)])
+            .args(["--memory", &format!("{}Mi", case.mib)])
             .args(["--cmdline", &case.guest.cmdline(case.mib)])
             .args(["--dirty-ring", if ctx.bitmap { "off" } else { "on" }])
             .arg("--serial")
