@@ -92,8 +92,8 @@ pub struct RunArgs {
     pub no_seccomp: bool,
     /// Dirty-page tracking for live migration: KVM's dirty ring where the host has it
     /// (on, the default), or the dirty bitmap only (off).
-    #[arg(long, value_name = "on|off", default_value = "on", value_parser = ["on", "off"])]
-    pub dirty_ring: String,
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = on_off)]
+    pub dirty_ring: bool,
     /// Data disk (virtio-blk on a raw file): path=FILE[,readonly=on][,shared=on]; repeatable.
     #[arg(long = "disk", value_name = "SPEC", conflicts_with_all = ["restore", "incoming"])]
     pub disks: Vec<String>,
@@ -168,6 +168,15 @@ pub fn attach_early(
         }
     }
     Ok(())
+}
+
+/// clap value parser for an `on|off` switch.
+fn on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("{s:?} is neither on nor off")),
+    }
 }
 
 #[cfg(test)]

@@ -51,7 +51,7 @@ fn usage(msg: impl Into<String>) -> LaunchError {
 
 fn run(args: RunArgs) -> Result<i32, LaunchError> {
     refuse_inapplicable(&args)?;
-    vmm::vstate::vm::allow_dirty_ring(args.dirty_ring == "on");
+    vmm::vstate::vm::allow_dirty_ring(args.dirty_ring);
     launch::signals::install();
     if !args.no_seccomp {
         launch::seccomp::install_process_filter().map_err(|e| usage(e.to_string()))?;
