@@ -92,7 +92,7 @@ pub struct RunArgs {
     pub no_seccomp: bool,
     /// Dirty-page tracking for live migration: KVM's dirty ring where the host has it
     /// (on, the default), or the dirty bitmap only (off).
-    #[arg(long, value_name = "on|off", default_value = "on", value_parser = on_off)]
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = on_off, action = clap::ArgAction::Set)]
     pub dirty_ring: bool,
     /// Data disk (virtio-blk on a raw file): path=FILE[,readonly=on][,shared=on]; repeatable.
     #[arg(long = "disk", value_name = "SPEC", conflicts_with_all = ["restore", "incoming"])]
