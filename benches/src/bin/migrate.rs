@@ -126,22 +126,6 @@ impl TlsDirs {
     }
 }
 
-fn first_line(cmd: &str, args: &[&str]) -> String {
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .ok()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_string()
-        })
-        .unwrap_or_else(|| "unknown".into())
-}
-
 // ---------------------------------------------------------------------------------
 // Guests and results
 // ---------------------------------------------------------------------------------
@@ -353,14 +337,15 @@ fn main() {
         fail("--filled-mib takes sizes from 64 to 65536 MiB");
     }
     let launcher = o.common.launcher("migrate");
-    let qemu_version = first_line(&o.qemu, &["--version"]);
+    let qemu_version = benches::first_line(&o.qemu, &["--version"]);
     if qemu_version == "unknown" || qemu_version.is_empty() {
         fail(&format!(
             "cannot run {}: install qemu-system-x86 (apt-get install qemu-system-x86)",
             o.qemu
         ));
     }
-    let launcher_version = first_line(launcher.to_str().unwrap_or("launcher"), &["--version"]);
+    let launcher_version =
+        benches::first_line(launcher.to_str().unwrap_or("launcher"), &["--version"]);
     let ctx = Ctx {
         launcher,
         qemu: o.qemu.clone(),
