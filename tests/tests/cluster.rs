@@ -110,14 +110,9 @@ fn placement_puts_vms_on_nodes_with_capacity() {
     // Room for two 64 MiB VMs each.
     let n1 = f.node("n1", 1, "150Mi", &launcher);
     let n2 = f.node("n2", 2, "150Mi", &launcher);
-    let nodes = n1.wait_cluster("two nodes", |_| {
-        n1.node
-            .try_ctl(&["node", "list"])
-            .ok()
-            .and_then(|v| v.as_array().map(|a| a.len() == 2))
-            .unwrap_or(false)
-    });
-    assert!(nodes.is_empty());
+    // Both nodes are in the node list (Fabric::node waits for each), both Ready.
+    let list = n1.node.ctl(&["node", "list"]);
+    assert_eq!(list.as_array().map(Vec::len), Some(2), "{list}");
     // All five are created through n1; four fit, two per node.
     for i in 1..=5 {
         create(&n1, &format!("v{i}"), "");

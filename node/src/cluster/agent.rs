@@ -16,7 +16,7 @@ use super::etcd::{EtcdError, Versioned, Write};
 use super::local::{LocalCall, LocalSnapshot, LocalVm};
 use super::model::{
     self, spec_input, ClusterConfig, ClusterVm, MigrationPhase, MigrationReason, MigrationRecord,
-    NodeConfig, NodeObject, UpdateGrant, VmStatusReport,
+    NodeObject, UpdateGrant, VmStatusReport,
 };
 use super::Cluster;
 use crate::requests::Req;
@@ -45,7 +45,8 @@ struct Cluster2 {
     vms: BTreeMap<String, Versioned<ClusterVm>>,
     migrations: Vec<Versioned<MigrationRecord>>,
     grants: BTreeMap<String, UpdateGrant>,
-    my_config: NodeConfig,
+    /// The whole read, for the revisions of keys this node writes back.
+    snap: super::etcd::Snapshot,
     config: Option<Versioned<ClusterConfig>>,
 }
 
@@ -163,10 +164,6 @@ async fn read_cluster(c: &Cluster) -> Result<Cluster2, EtcdError> {
     let vms = snap.list::<ClusterVm>("vms")?;
     let migrations = snap.list::<MigrationRecord>("migrations")?;
     let grants = snap.list::<UpdateGrant>("updates")?;
-    let my_config = snap
-        .get::<NodeConfig>(&model::key("nodeconfig", &c.opts.node_name))?
-        .map(|v| v.value)
-        .unwrap_or_default();
     let config = snap.get::<ClusterConfig>(&model::config_key())?;
     let controller = snap
         .get::<model::ControllerStatus>(&model::controller_key())?
@@ -179,8 +176,8 @@ async fn read_cluster(c: &Cluster) -> Result<Cluster2, EtcdError> {
         vms: vms.into_iter().map(|v| (v.name.clone(), v)).collect(),
         migrations,
         grants: grants.into_iter().map(|g| (g.name, g.value)).collect(),
-        my_config,
         config,
+        snap,
     })
 }
 
@@ -233,13 +230,12 @@ async fn publish_node(
         channel: local.channel.clone(),
         noded_version: env!("CARGO_PKG_VERSION").to_string(),
     };
-    let _ = &cl.my_config;
     let bytes = serde_json::to_vec(&obj).unwrap_or_default();
     if mem.node_object.as_ref() == Some(&bytes) {
         return Ok(());
     }
     let key = model::key("nodes", me);
-    let cur = c.etcd.get::<serde_json::Value>(&key).await?;
+    let cur = cl.snap.get::<serde_json::Value>(&key)?;
     let w = Write::put(key, &obj, cur.map_or(0, |v| v.revision))?.with_lease(lease);
     if c.etcd.commit(vec![w], None).await? {
         mem.node_object = Some(bytes);
@@ -278,7 +274,7 @@ async fn publish_statuses(
             continue;
         }
         let key = model::key("vmstatus", name);
-        let cur = c.etcd.get::<VmStatusReport>(&key).await?;
+        let cur = cl.snap.get::<VmStatusReport>(&key)?;
         if let Some(cur) = &cur {
             // Another node reports it too (it is arriving or leaving): the node it is
             // assigned to wins the key.
@@ -300,7 +296,7 @@ async fn publish_statuses(
     for name in gone {
         mem.statuses.remove(&name);
         let key = model::key("vmstatus", &name);
-        if let Some(cur) = c.etcd.get::<VmStatusReport>(&key).await? {
+        if let Some(cur) = cl.snap.get::<VmStatusReport>(&key)? {
             if cur.value.node == *me {
                 c.etcd
                     .commit(

@@ -102,9 +102,11 @@ fn node_view(
 }
 
 async fn nodes(c: &Cluster, one: Option<&str>) -> Result<Reply, EtcdError> {
-    let (objs, _) = c.etcd.list::<NodeObject>("nodes").await?;
-    let (cfgs, _) = c.etcd.list::<NodeConfig>("nodeconfig").await?;
-    let (vms, _) = c.etcd.list::<ClusterVm>("vms").await?;
+    // One read at one revision: the node, its VMs and its migrations agree.
+    let snap = c.etcd.snapshot().await?;
+    let objs = snap.list::<NodeObject>("nodes")?;
+    let cfgs = snap.list::<NodeConfig>("nodeconfig")?;
+    let vms = snap.list::<ClusterVm>("vms")?;
     let objs: BTreeMap<String, NodeObject> = objs.into_iter().map(|o| (o.name, o.value)).collect();
     let cfgs: BTreeMap<String, NodeConfig> = cfgs.into_iter().map(|o| (o.name, o.value)).collect();
     let vms: Vec<(&String, &ClusterVm)> = vms.iter().map(|v| (&v.name, &v.value)).collect();
@@ -130,14 +132,12 @@ async fn nodes(c: &Cluster, one: Option<&str>) -> Result<Reply, EtcdError> {
         )),
         Some(n) => {
             let mut v = view(n);
-            let ctl = c
-                .etcd
-                .get::<model::ControllerStatus>(&model::controller_key())
-                .await?
+            let ctl = snap
+                .get::<model::ControllerStatus>(&model::controller_key())?
                 .map(|x| x.value)
                 .unwrap_or_default();
-            let (statuses, _) = c.etcd.list::<VmStatusReport>("vmstatus").await?;
-            let (recs, _) = c.etcd.list::<MigrationRecord>("migrations").await?;
+            let statuses = snap.list::<VmStatusReport>("vmstatus")?;
+            let recs = snap.list::<MigrationRecord>("migrations")?;
             v["blocked"] = json!(ctl.drain_blocked.get(n).cloned().unwrap_or_default());
             v["vmStatuses"] = json!(statuses
                 .into_iter()

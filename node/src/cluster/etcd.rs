@@ -356,15 +356,6 @@ impl Etcd {
             .await?
             .id())
     }
-
-    /// Whether etcd answers a linearizable read now (the health probe peers ask about).
-    pub async fn healthy(&self) -> bool {
-        self.call("health", |mut c| async move {
-            c.get(format!("{PREFIX}health"), None).await
-        })
-        .await
-        .is_ok()
-    }
 }
 
 /// The whole cluster state at one revision.

@@ -95,10 +95,20 @@ impl Daemon {
     fn local_snapshot(&self) -> LocalSnapshot {
         let now = now_ms();
         let plan = self.plan(now);
+        let is_version = |s: &str| s.chars().next().is_some_and(|c| c.is_ascii_digit());
+        // One read of each VM's records (this runs every agent round, in the loop).
+        let mut updates = Vec::new();
         let vms = self
             .vms
             .iter()
             .map(|(name, vm)| {
+                let records = self.store.migrations(name).unwrap_or_default();
+                let last_migration = records.iter().max_by_key(|m| m.id).cloned();
+                updates.extend(records.into_iter().filter(|m| {
+                    m.finished_at.is_some()
+                        && is_version(&m.source_version)
+                        && is_version(&m.target_version)
+                }));
                 let moved_to = match &vm.status.state {
                     VmState::Stopped {
                         cause: StopCause::MovedAway(to),
@@ -116,11 +126,7 @@ impl Daemon {
                     message: vm.status.last_error.clone(),
                     active,
                     moved_to,
-                    last_migration: self
-                        .store
-                        .migrations(name)
-                        .ok()
-                        .and_then(|r| r.into_iter().max_by_key(|m| m.id)),
+                    last_migration,
                     api_socket: vm.status.api_socket.clone(),
                 }
             })
@@ -136,17 +142,6 @@ impl Daemon {
                     l.capabilities.migration_protocol.min,
                     l.capabilities.migration_protocol.max,
                 ],
-            })
-            .collect();
-        let is_version = |s: &str| s.chars().next().is_some_and(|c| c.is_ascii_digit());
-        let updates = self
-            .vms
-            .keys()
-            .flat_map(|n| self.store.migrations(n).unwrap_or_default())
-            .filter(|m| {
-                m.finished_at.is_some()
-                    && is_version(&m.source_version)
-                    && is_version(&m.target_version)
             })
             .collect();
         LocalSnapshot {
