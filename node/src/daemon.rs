@@ -686,22 +686,7 @@ impl Daemon {
         if current != record {
             return;
         }
-        let (outcome, report) = match &result {
-            MigrationResult::Completed { report } => ("Succeeded".to_string(), report.clone()),
-            MigrationResult::Failed {
-                outcome,
-                error,
-                report,
-            } => {
-                let mut r = if report.is_object() {
-                    report.clone()
-                } else {
-                    serde_json::json!({})
-                };
-                r["error"] = serde_json::Value::from(error.clone());
-                (outcome.clone(), r)
-            }
-        };
+        let (outcome, report) = result.record();
         if let Err(e) = self
             .store
             .migration_finished(record, now, &outcome, &report)

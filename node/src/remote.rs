@@ -324,23 +324,10 @@ impl Daemon {
     /// The end of a cross-node migration job.
     pub(crate) fn on_remote_done(&mut self, name: &str, record: i64, result: MigrationResult) {
         let now = now_ms();
-        let (outcome, report, error) = match &result {
-            MigrationResult::Completed { report } => {
-                ("Succeeded".to_string(), report.clone(), None)
-            }
-            MigrationResult::Failed {
-                outcome,
-                error,
-                report,
-            } => {
-                let mut r = if report.is_object() {
-                    report.clone()
-                } else {
-                    json!({})
-                };
-                r["error"] = Value::from(error.clone());
-                (outcome.clone(), r, Some(error.clone()))
-            }
+        let (outcome, report) = result.record();
+        let error = match &result {
+            MigrationResult::Completed { .. } => None,
+            MigrationResult::Failed { error, .. } => Some(error.clone()),
         };
         if let Err(e) = self
             .store

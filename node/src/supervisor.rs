@@ -105,6 +105,30 @@ pub enum MigrationResult {
     },
 }
 
+impl MigrationResult {
+    /// The record's outcome (`Succeeded`, `Failed`, `Cancelled`) and the report to keep
+    /// (a failure's error folded into it), as both the local and the cross-node
+    /// migration paths record them.
+    pub fn record(&self) -> (String, Value) {
+        match self {
+            MigrationResult::Completed { report } => ("Succeeded".to_string(), report.clone()),
+            MigrationResult::Failed {
+                outcome,
+                error,
+                report,
+            } => {
+                let mut r = if report.is_object() {
+                    report.clone()
+                } else {
+                    Value::Object(Default::default())
+                };
+                r["error"] = Value::from(error.clone());
+                (outcome.clone(), r)
+            }
+        }
+    }
+}
+
 /// Arguments of `launcher run` for a fresh boot.
 pub fn run_args(spec: &VmSpec, serial: &Path, api_socket: &Path) -> Vec<String> {
     LaunchOptions {
