@@ -40,13 +40,21 @@ impl Daemon {
             match state {
                 VmState::Stopped { .. } => {}
                 VmState::Starting { .. } => {
-                    if let (Some(pid), Some(a)) = (pid, answered) {
+                    // A launcher spawned just before the daemon died may not answer on
+                    // its API socket yet: it is found by its command line, adopted, and
+                    // never started a second time.
+                    let pid =
+                        pid.or_else(|| sock.as_deref().and_then(supervisor::find_pid_with_arg));
+                    if let Some(pid) = pid {
                         let Some(vm) = self.vms.get_mut(&name) else {
                             continue;
                         };
                         vm.status.pid = Some(pid);
-                        vm.status.launcher_version = Some(a.version.clone());
+                        if let Some(a) = &answered {
+                            vm.status.launcher_version = Some(a.version.clone());
+                        }
                         vm.status.state = VmState::Running { since: now };
+                        vm.launched_at = now;
                         supervisor::watch_pid(name.clone(), pid, self.events.clone());
                         self.persist(&name);
                     }
