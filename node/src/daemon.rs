@@ -159,6 +159,12 @@ pub struct Daemon {
     pub(crate) grants: Option<BTreeSet<String>>,
     /// In a cluster, what the node last knew of it (`/v1/status`, metrics).
     pub(crate) cluster_status: Option<serde_json::Value>,
+    /// In a cluster, nothing starts while the lease is not surely alive (fencing.rs).
+    pub(crate) held: bool,
+    /// This node fenced itself, and why; nothing starts until it rejoined (fencing.rs).
+    pub(crate) fenced: Option<String>,
+    /// In a cluster, the watchdog file every launcher is started with.
+    pub(crate) watchdog: Option<PathBuf>,
 }
 
 /// Longest path a unix socket may have.
@@ -232,6 +238,9 @@ impl Daemon {
             events,
             grants: None,
             cluster_status: None,
+            held: false,
+            fenced: None,
+            watchdog: None,
         })
     }
 
@@ -368,6 +377,11 @@ impl Daemon {
             }
             self.persist(&name);
         }
+        if !self.may_start() {
+            // In a cluster whose lease is not surely alive, or after a fence: what runs
+            // goes on, nothing new starts (fencing.rs).
+            return;
+        }
         for action in p.actions {
             // In a cluster, updates wait for the leader's grant (cluster-wide limits,
             // canary, waves); starts are the node's own business.
@@ -420,6 +434,7 @@ impl Daemon {
         vm.status.pid = None;
         let args = supervisor::run_args(&vm.spec, &vm.serial_log, &api_socket);
         let spec = vm.spec.clone();
+        let args = self.watchdog_args(args);
         // Spec first, then status: a crash in between restarts with the new spec and a
         // still-pending copy of it, which applies the same change again.
         if applied.is_some() {
@@ -521,6 +536,7 @@ impl Daemon {
         vm.target_exit = None;
         let args = supervisor::incoming_args(&incoming, &vm.serial_log, &target_socket);
         let memory_bytes = vm.spec.memory_bytes;
+        let args = self.watchdog_args(args);
         if !self.persist(name) {
             return;
         }
@@ -779,10 +795,14 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
             return Err(e);
         }
     };
+    // In a cluster: the fence marker and the start gate first, then adoption.
+    d.init_fencing(opts.cluster.is_some());
     d.adopt().await;
     // In a cluster, no update runs before the leader grants it.
     let cluster = match opts.cluster.clone() {
-        Some(c) => {
+        Some(mut c) => {
+            c.watchdog_file = d.watchdog_file();
+            c.state_dir = Some(opts.state_dir.clone());
             d.grants = Some(BTreeSet::new());
             tracing::info!(node = %c.node_name, endpoints = ?c.endpoints, "joining the cluster");
             Some(crate::cluster::Cluster::start(c, call_tx).await)

@@ -19,6 +19,7 @@ pub mod ctl;
 pub mod daemon;
 pub mod dry_run;
 pub mod events;
+pub mod fencing;
 pub mod launchers;
 pub mod metrics;
 pub mod remote;

@@ -35,6 +35,7 @@ pub const PHASES: &[&str] = &[
     "MigratingOut",
     "Receiving",
     "MovedAway",
+    "Fenced",
     "Evicting",
     "Stopping",
 ];

@@ -176,6 +176,7 @@ impl Daemon {
             return err(500, e);
         }
         let args = remote_incoming_args(&listen, &tls, &serial, &api_socket, &row.spec);
+        let args = self.watchdog_args(args);
         self.vms.insert(
             name.clone(),
             Vm {

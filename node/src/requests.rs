@@ -152,12 +152,23 @@ fn stop_message(cause: &StopCause, strategy: RunStrategy) -> String {
         StopCause::ReceiveFailed(why) => format!(
             "incoming migration failed: {why}; the VM still runs on the source node (nodectl vm delete)"
         ),
+        StopCause::Fenced(why) => format!(
+            "killed when this node fenced itself ({why}); the cluster restarts it as its runStrategy says"
+        ),
     }
 }
 
 impl Daemon {
     /// Answers one request.
     pub fn handle(&mut self, req: Req) -> Reply {
+        if let Some(why) = &self.fenced {
+            if matches!(req, Req::StartVm(_) | Req::Receive(_) | Req::MigrateOut(..)) {
+                return err(
+                    409,
+                    format!("this node fenced itself ({why}); it starts nothing until it has rejoined the cluster"),
+                );
+            }
+        }
         match req {
             Req::Status => {
                 let mut v = to_value(&self.node_status());
@@ -403,7 +414,7 @@ impl Daemon {
             return not_found(name);
         };
         if let VmState::Stopped {
-            cause: StopCause::MovedAway(_) | StopCause::ReceiveFailed(_),
+            cause: StopCause::MovedAway(_) | StopCause::ReceiveFailed(_) | StopCause::Fenced(_),
         } = &vm.status.state
         {
             return err(

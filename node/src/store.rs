@@ -310,6 +310,12 @@ impl Store {
         Ok(())
     }
 
+    /// Removes a key of the key-value table (absent is fine).
+    pub fn delete_key(&self, key: &str) -> Result<(), StoreError> {
+        self.conn.execute("DELETE FROM kv WHERE key = ?1", [key])?;
+        Ok(())
+    }
+
     /// Opens a migration record (outcome `Running`); returns its id.
     pub fn migration_started(
         &self,

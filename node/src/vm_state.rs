@@ -37,6 +37,9 @@ pub enum StopCause {
     /// An incoming migration from another node (`nodectl vm receive`) failed: nothing
     /// runs here; the VM still runs on the source node.
     ReceiveFailed(String),
+    /// This node fenced itself (it lost its etcd lease, docs/cluster.md): the launcher
+    /// was killed, and the cluster owns the VM now; never restarted here.
+    Fenced(String),
 }
 
 /// The recorded state of one VM (stored as JSON, written before acting).
@@ -151,6 +154,9 @@ impl VmState {
             VmState::Stopped {
                 cause: StopCause::MovedAway(_),
             } => "MovedAway",
+            VmState::Stopped {
+                cause: StopCause::Fenced(_),
+            } => "Fenced",
             VmState::Stopped { .. } => "Stopped",
             VmState::Receiving { .. } => "Receiving",
             VmState::MigratingOut { .. } => "MigratingOut",

@@ -670,6 +670,8 @@ pub mod node;
 
 pub mod cluster;
 
+pub mod run_watch;
+
 /// SIGKILL a child process by pid (one the caller spawned and has not reaped yet).
 pub fn kill_pid(pid: u32) {
     // SAFETY: kill(2) on the pid of a child the caller spawned and has not reaped yet.

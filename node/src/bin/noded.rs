@@ -102,6 +102,8 @@ fn cluster_options(cli: &Cli) -> Result<Option<node::cluster::ClusterOptions>, S
         lease_ttl: cli.lease_ttl,
         memory_total,
         vcpus_total: cli.capacity_vcpus.unwrap_or(cpus * 10),
+        watchdog_file: None,
+        state_dir: None,
     };
     opts.validate().map_err(|e| e.to_string())?;
     Ok(Some(opts))

@@ -18,7 +18,7 @@ use super::model::{
     self, spec_input, ClusterConfig, ClusterVm, MigrationPhase, MigrationReason, MigrationRecord,
     NodeObject, UpdateGrant, VmStatusReport,
 };
-use super::Cluster;
+use super::{fence, Cluster};
 use crate::requests::Req;
 
 /// How often a round runs without a wake-up.
@@ -48,6 +48,10 @@ struct Cluster2 {
     /// The whole read, for the revisions of keys this node writes back.
     snap: super::etcd::Snapshot,
     config: Option<Versioned<ClusterConfig>>,
+    /// Live nodes (their lease holds).
+    nodes: BTreeMap<String, NodeObject>,
+    /// Nodes the leader recorded as failed.
+    failures: BTreeMap<String, model::NodeFailureRecord>,
 }
 
 /// Runs forever: the lease keeper and the rounds.
@@ -86,7 +90,30 @@ async fn push_state(c: &Cluster) {
 async fn keep_lease(c: Cluster) {
     let ttl = c.opts.lease_ttl;
     let every = Duration::from_millis(ttl * 1000 / 3);
+    let mut previous = c.state().lease;
     loop {
+        // The lease of the previous run first: alive, it is resumed (the node never
+        // left); expired, the cluster may have restarted this node's VMs elsewhere, so
+        // whatever still runs here is fenced before a new lease is taken.
+        if let Some(old) = previous {
+            match resume(&c, old).await {
+                Ok(true) => {
+                    previous = None;
+                    if let Err(()) = keep_alive(&c, old, every).await {
+                        fence::fence(&c, "the node's lease expired in etcd").await;
+                    }
+                    continue;
+                }
+                Ok(false) => {
+                    previous = None;
+                    fence::fence(&c, "the node's lease expired in etcd while noded was away").await;
+                }
+                Err(()) => {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            }
+        }
         let id = match c.etcd.grant(ttl as i64).await {
             Ok(id) => id,
             Err(e) => {
@@ -99,12 +126,72 @@ async fn keep_lease(c: Cluster) {
             s.lease = Some(id);
             s.renewed = Some(Instant::now());
         });
+        save(&c);
         tracing::info!(lease = id, ttl, "node lease granted");
+        if let Err(()) = keep_alive(&c, id, every).await {
+            fence::fence(&c, "the node's lease expired in etcd").await;
+        }
+    }
+}
+
+/// Whether the lease of the previous run is still alive (then it is this node's again,
+/// renewed as of what etcd says is left); `Err` when etcd does not answer.
+async fn resume(c: &Cluster, id: i64) -> Result<bool, ()> {
+    let r = tokio::time::timeout(
+        super::etcd::CALL_TIMEOUT,
+        c.etcd.client().lease_time_to_live(id, None),
+    )
+    .await;
+    match r {
+        Ok(Ok(r)) if r.ttl() > 0 => {
+            let ttl = c.opts.lease_ttl as i64;
+            let used = Duration::from_secs((ttl - r.ttl()).max(0) as u64 + 1);
+            c.update(|s| {
+                s.lease = Some(id);
+                s.renewed = Instant::now().checked_sub(used);
+            });
+            tracing::info!(
+                lease = id,
+                left = r.ttl(),
+                "node lease of the previous run resumed"
+            );
+            Ok(true)
+        }
+        Ok(Ok(_)) => Ok(false),
+        Ok(Err(e)) if e.to_string().contains("not found") => Ok(false),
+        _ => Err(()),
+    }
+}
+
+/// Saves the lease id and the peers for the next run.
+fn save(c: &Cluster) {
+    if let Some(dir) = &c.opts.state_dir {
+        let st = c.state();
+        super::persisted::save(
+            dir,
+            &super::persisted::Saved {
+                lease: st.lease,
+                peers: st.peers,
+            },
+        );
+    }
+}
+
+/// Renews lease `id` until etcd says it expired (`Err`).
+async fn keep_alive(c: &Cluster, id: i64, every: Duration) -> Result<(), ()> {
+    let ttl = c.opts.lease_ttl;
+    {
         let mut client = c.etcd.client();
-        let Ok(Ok((mut keeper, mut stream))) =
-            tokio::time::timeout(super::etcd::CALL_TIMEOUT, client.lease_keep_alive(id)).await
-        else {
-            continue;
+        let (mut keeper, mut stream) = loop {
+            match tokio::time::timeout(super::etcd::CALL_TIMEOUT, client.lease_keep_alive(id)).await
+            {
+                Ok(Ok(ks)) => break ks,
+                _ => {
+                    c.etcd.stream_failed();
+                    client = c.etcd.client();
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            }
         };
         loop {
             let sent = Instant::now();
@@ -119,7 +206,7 @@ async fn keep_lease(c: Cluster) {
                 }
                 Ok(Ok(Some(_))) => {
                     tracing::warn!(lease = id, "node lease expired; granting a new one");
-                    break;
+                    return Err(());
                 }
                 other => {
                     tracing::debug!(lease = id, ok = other.is_ok(), "lease renewal failed");
@@ -134,7 +221,7 @@ async fn keep_lease(c: Cluster) {
                         .await
                         {
                             if r.ttl() <= 0 {
-                                break;
+                                return Err(());
                             }
                         }
                     }
@@ -168,6 +255,16 @@ async fn read_cluster(c: &Cluster) -> Result<Cluster2, EtcdError> {
     let controller = snap
         .get::<model::ControllerStatus>(&model::controller_key())?
         .map(|v| v.value);
+    let nodes: BTreeMap<String, NodeObject> = snap
+        .list::<NodeObject>("nodes")?
+        .into_iter()
+        .map(|n| (n.name, n.value))
+        .collect();
+    let failures = snap
+        .list::<model::NodeFailureRecord>("nodefailures")?
+        .into_iter()
+        .map(|f| (f.name, f.value))
+        .collect();
     c.update(|s| {
         s.leader = controller.as_ref().map(|x| x.leader.clone());
         s.controller = controller;
@@ -178,7 +275,34 @@ async fn read_cluster(c: &Cluster) -> Result<Cluster2, EtcdError> {
         grants: grants.into_iter().map(|g| (g.name, g.value)).collect(),
         config,
         snap,
+        nodes,
+        failures,
     })
+}
+
+/// Keeps the peers' addresses (for the peer check of fence.rs) from the node list;
+/// saved for the next run when they change.
+fn update_peers(c: &Cluster, cl: &Cluster2) {
+    let me = &c.opts.node_name;
+    let mut peers: Vec<(String, SocketAddr)> = cl
+        .nodes
+        .iter()
+        .filter(|(n, _)| *n != me)
+        .filter_map(|(n, o)| Some((n.clone(), o.migration_address.parse().ok()?)))
+        .collect();
+    // A peer that is gone right now is still asked (it may answer later); one the
+    // cluster forgot for good (no VM, no record) is dropped with it.
+    for (n, a) in c.state().peers {
+        if !peers.iter().any(|(x, _)| *x == n) && cl.failures.contains_key(&n) {
+            peers.push((n, a));
+        }
+    }
+    peers.sort();
+    if peers != c.state().peers {
+        tracing::info!(peers = ?peers, "peers for the fence check");
+        c.update(|s| s.peers = peers);
+        save(c);
+    }
 }
 
 async fn round(c: &Cluster, mem: &mut Memory) -> Result<(), EtcdError> {
@@ -194,14 +318,66 @@ async fn round(c: &Cluster, mem: &mut Memory) -> Result<(), EtcdError> {
     let Some(lease) = lease else {
         return Ok(());
     };
+    update_peers(c, &cl);
+    if !c.state().lease_valid(Duration::from_secs(c.opts.lease_ttl)) {
+        return Ok(()); // a round acts only under a lease surely alive
+    }
     publish_node(c, mem, &local, &cl, lease).await?;
     publish_statuses(c, mem, &local, &cl, lease).await?;
+    if local.fenced.is_some() || c.state().fenced.is_some() {
+        return rejoin(c, &local, &cl).await;
+    }
     follow_config(c, mem, &cl).await;
     follow_grants(c, mem, &cl).await;
     adopt_local(c, &local, &cl).await?;
     converge_vms(c, &local, &cl).await?;
     migrations(c, &local, &cl).await?;
     publish_updates(c, mem, &local).await?;
+    c.update(|s| s.reconciled_lease = Some(lease));
+    Ok(())
+}
+
+/// After a fence, under a new lease: every fenced VM still assigned to this node is
+/// handed back to the cluster (which restarts it as its runStrategy says, here or
+/// elsewhere), every local copy is removed, and only then is the fence lifted. Nothing
+/// this node ran is started again by it.
+async fn rejoin(c: &Cluster, local: &LocalSnapshot, cl: &Cluster2) -> Result<(), EtcdError> {
+    let me = &c.opts.node_name;
+    let why = local
+        .fenced
+        .clone()
+        .or_else(|| c.state().fenced)
+        .unwrap_or_default();
+    for l in &local.vms {
+        let name = &l.spec.name;
+        if l.phase != "Fenced" && !l.active {
+            continue;
+        }
+        if l.active {
+            // The fence killed it; its exit is on the way.
+            tracing::warn!(vm = %name, "a launcher still runs after the fence; killing it again");
+            c.ask(|tx| LocalCall::Fence(why.clone(), tx)).await;
+            return Ok(());
+        }
+        if let Some(v) = cl.vms.get(name) {
+            if v.value.node_name.as_deref() == Some(me.as_str()) && !migration_active_for(cl, name)
+            {
+                let mut next = v.value.clone();
+                next.node_name = None;
+                next.evict = None;
+                next.message = Some(format!("stopped by the fence of node {me}: {why}"));
+                let w = Write::put(model::key("vms", name), &next, v.revision)?;
+                if !c.etcd.commit(vec![w], None).await? {
+                    return Ok(()); // changed meanwhile: next round
+                }
+                tracing::info!(vm = %name, "fenced VM handed back to the cluster");
+            }
+        }
+        c.request(Req::DeleteVm(name.clone())).await;
+    }
+    c.ask(LocalCall::Unfence).await;
+    c.update(|s| s.fenced = None);
+    tracing::info!("rejoined the cluster after a fence");
     Ok(())
 }
 
@@ -492,9 +668,10 @@ async fn converge_vms(c: &Cluster, local: &LocalSnapshot, cl: &Cluster2) -> Resu
     Ok(())
 }
 
-/// A free port for an incoming migration.
+/// A free port for an incoming migration (the first port of the migration address
+/// answers peer checks, fence.rs).
 fn free_port(base: SocketAddr, taken: &BTreeSet<u16>) -> Option<u16> {
-    (0..PORT_RANGE)
+    (1..PORT_RANGE)
         .map(|i| base.port().saturating_add(i))
         .filter(|p| !taken.contains(p))
         .find(|p| TcpListener::bind(SocketAddr::new(base.ip(), *p)).is_ok())
@@ -535,6 +712,16 @@ async fn migrations(c: &Cluster, local: &LocalSnapshot, cl: &Cluster2) -> Result
             continue;
         }
         let l = by_name.get(m.vm.as_str()).copied();
+        if m.target == *me
+            && matches!(
+                m.phase,
+                MigrationPhase::TargetReady | MigrationPhase::Running
+            )
+            && !cl.nodes.contains_key(&m.source)
+        {
+            source_lost(c, cl, rec, l).await?;
+            continue;
+        }
         if m.target == *me && m.phase == MigrationPhase::Scheduled {
             target_step(c, cl, rec, l, &taken, &tls).await?;
             continue;
@@ -706,6 +893,82 @@ async fn target_step(
             set_phase(c, &now, |r| fail(r, &why), vec![]).await?;
         }
     }
+    Ok(())
+}
+
+/// The target's side of a migration whose source node is gone: this node decides
+/// where the VM runs. Running here (the source sent `Go` and this launcher started):
+/// it stays, and the record says so. Not running here once the source is surely fenced
+/// (the leader's failure record is older than the grace period): `Go` can never come,
+/// so the incoming launcher is removed and the migration fails; the leader then
+/// restarts the VM as its runStrategy says.
+async fn source_lost(
+    c: &Cluster,
+    cl: &Cluster2,
+    rec: &Versioned<MigrationRecord>,
+    l: Option<&LocalVm>,
+) -> Result<(), EtcdError> {
+    let m = &rec.value;
+    let me = &c.opts.node_name;
+    let runs_here = match l {
+        Some(l) if l.active && l.phase == "Running" => true,
+        Some(l) if l.active => match &l.api_socket {
+            Some(s) => crate::supervisor::status(std::path::Path::new(s))
+                .await
+                .is_some_and(|v| v.state == contracts::launcher::Phase::Running),
+            None => false,
+        },
+        _ => false,
+    };
+    if runs_here {
+        let Some(vm) = cl.vms.get(&m.vm) else {
+            return Ok(());
+        };
+        let mut moved = vm.value.clone();
+        moved.node_name = Some(me.clone());
+        let w = Write::put(model::key("vms", &m.vm), &moved, vm.revision)?;
+        let now = model::now();
+        let source = m.source.clone();
+        if set_phase(
+            c,
+            rec,
+            |r| {
+                r.phase = MigrationPhase::Succeeded;
+                r.finished_at = Some(now);
+                r.error = Some(format!(
+                    "source node {source} failed after the handover; the VM runs on the target"
+                ));
+            },
+            vec![w],
+        )
+        .await?
+        {
+            tracing::warn!(vm = %m.vm, from = %m.source, "source node failed after the handover: the VM stays here");
+        }
+        return Ok(());
+    }
+    let grace = cl
+        .config
+        .as_ref()
+        .map_or(10, |c| c.value.node_failure.grace_period)
+        .saturating_mul(1000);
+    let fenced = cl
+        .failures
+        .get(&m.source)
+        .is_some_and(|f| model::now() >= f.since.saturating_add(grace));
+    if !fenced {
+        return Ok(()); // the source may still send Go: wait
+    }
+    if l.is_some_and(|l| l.active) {
+        tracing::warn!(vm = %m.vm, from = %m.source, "source node failed before the handover: removing the incoming launcher");
+        c.request(Req::DeleteVm(m.vm.clone())).await;
+        return Ok(());
+    }
+    let why = format!(
+        "source node {} failed before the handover; the VM is restarted as its runStrategy says",
+        m.source
+    );
+    set_phase(c, rec, |r| fail(r, &why), vec![]).await?;
     Ok(())
 }
 

@@ -271,6 +271,9 @@ async fn set_config(c: &Cluster, patch: Value) -> Result<Reply, EtcdError> {
         Ok(c) => c,
         Err(e) => return Ok(err(400, format!("invalid cluster configuration: {e}"))),
     };
+    if let Err(why) = cfg.validate() {
+        return Ok(err(400, format!("invalid cluster configuration: {why}")));
+    }
     if c.etcd
         .commit(vec![Write::put(key, &cfg, rev)?], None)
         .await?

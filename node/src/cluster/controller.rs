@@ -18,6 +18,13 @@
 //!    `batchSize`, each wave only after the previous one ended; the rollout pauses
 //!    itself once `maxFailures` update migrations to the target version failed.
 //!
+//! 4. **Node failure.** A node that is gone (its lease expired) while VMs are assigned
+//!    to it is recorded as failed; once `nodeFailure.gracePeriod` has passed since, it
+//!    has fenced itself (docs/cluster.md), and its VMs are unassigned: `Always` and
+//!    `RerunOnFailure` ones are placed elsewhere, `Manual` and `Halted` ones stay
+//!    stopped with the reason. A VM in a migration whose other node is alive waits for
+//!    that node to say where it runs; host-local disks keep a VM waiting for its node.
+//!
 //! Drain migrations and update grants both count against
 //! `parallelMigrationsPerCluster` and `parallelOutboundMigrationsPerNode`.
 
@@ -26,7 +33,7 @@ use std::collections::BTreeMap;
 
 use super::model::{
     Blocked, ClusterConfig, ClusterVm, ControllerStatus, MigrationPhase, MigrationReason,
-    MigrationRecord, NodeConfig, NodeObject, UpdateGrant, VmStatusReport,
+    MigrationRecord, NodeConfig, NodeFailureRecord, NodeObject, UpdateGrant, VmStatusReport,
 };
 use crate::launchers::compare_versions;
 use crate::spec::{EvictionStrategy, RunStrategy};
@@ -57,6 +64,8 @@ pub struct View {
     pub config: ClusterConfig,
     /// What the leader published last round (wave number).
     pub previous: ControllerStatus,
+    /// Nodes recorded as failed, and since when.
+    pub failures: BTreeMap<String, NodeFailureRecord>,
 }
 
 /// One write the leader makes.
@@ -101,8 +110,29 @@ pub enum Decision {
         /// VM.
         vm: String,
     },
+    /// Record that a node holding VMs is gone (its lease expired).
+    NodeLost {
+        /// Node.
+        node: String,
+    },
+    /// A failed node is back (a new lease): forget the failure.
+    NodeBack {
+        /// Node.
+        node: String,
+    },
+    /// Unassign a VM of a failed, fenced node; placement restarts it elsewhere as its
+    /// runStrategy says. Written only while the node is still absent.
+    Reschedule {
+        /// VM.
+        vm: String,
+        /// The failed node.
+        node: String,
+        /// Why (shown to the user).
+        reason: String,
+    },
     /// Fail a migration that never started moving data because its source or target
-    /// node is gone (`Scheduled` only: from `TargetReady` on, the source decides).
+    /// node is gone (`Scheduled`), or whose both nodes failed (any phase: both are
+    /// fenced). Otherwise, from `TargetReady` on, the live node decides.
     Abandon {
         /// VM.
         vm: String,
@@ -143,6 +173,7 @@ struct Planner<'a> {
 pub fn plan(v: &View) -> Plan {
     let mut p = Planner::new(v);
     p.abandon();
+    p.node_failures();
     p.place();
     p.drain();
     p.update();
@@ -268,19 +299,38 @@ impl<'a> Planner<'a> {
         }
     }
 
+    /// A node gone for longer than the grace period after the leader saw it gone: it
+    /// has fenced itself by now (docs/cluster.md, the timing argument).
+    fn fenced(&self, node: &str) -> bool {
+        let grace = self.v.config.node_failure.grace_period.saturating_mul(1000);
+        !self.v.nodes.contains_key(node)
+            && self
+                .v
+                .failures
+                .get(node)
+                .is_some_and(|f| self.v.now >= f.since.saturating_add(grace))
+    }
+
     fn abandon(&mut self) {
         for m in &self.v.migrations {
-            if m.phase != MigrationPhase::Scheduled {
-                continue;
-            }
-            let gone = [&m.source, &m.target]
-                .into_iter()
-                .find(|n| !self.v.nodes.contains_key(n.as_str()));
-            if let Some(n) = gone {
+            let why = if m.phase == MigrationPhase::Scheduled {
+                [&m.source, &m.target]
+                    .into_iter()
+                    .find(|n| !self.v.nodes.contains_key(n.as_str()))
+                    .map(|n| format!("node {n} is not ready before it started"))
+            } else if m.phase.active() && self.fenced(&m.source) && self.fenced(&m.target) {
+                Some(format!(
+                    "nodes {} and {} both failed and are fenced",
+                    m.source, m.target
+                ))
+            } else {
+                None
+            };
+            if let Some(reason) = why {
                 self.out.decisions.push(Decision::Abandon {
                     vm: m.vm.clone(),
                     id: m.id.clone(),
-                    reason: format!("node {n} is not ready"),
+                    reason,
                 });
                 self.in_flight = self.in_flight.saturating_sub(1);
                 if let Some(o) = self.outbound.get_mut(&m.source) {
@@ -293,6 +343,68 @@ impl<'a> Planner<'a> {
                     }
                 }
             }
+        }
+    }
+
+    /// Records nodes that are gone with VMs assigned, forgets those back, and unassigns
+    /// the VMs of nodes fenced by now.
+    fn node_failures(&mut self) {
+        let mut referenced: BTreeMap<&str, ()> = BTreeMap::new();
+        for vm in self.v.vms.values() {
+            if let Some(n) = &vm.node_name {
+                referenced.insert(n, ());
+            }
+        }
+        for m in self.v.migrations.iter().filter(|m| m.phase.active()) {
+            referenced.insert(&m.source, ());
+            referenced.insert(&m.target, ());
+        }
+        for node in referenced.keys() {
+            if !self.v.nodes.contains_key(*node) && !self.v.failures.contains_key(*node) {
+                self.out.decisions.push(Decision::NodeLost {
+                    node: node.to_string(),
+                });
+            }
+        }
+        for node in self.v.failures.keys() {
+            if self.v.nodes.contains_key(node) {
+                self.out
+                    .decisions
+                    .push(Decision::NodeBack { node: node.clone() });
+            }
+        }
+        let grace = self.v.config.node_failure.grace_period;
+        for (name, vm) in &self.v.vms {
+            let Some(node) = vm.node_name.as_deref() else {
+                continue;
+            };
+            if !self.fenced(node) || self.migrating(name) {
+                continue;
+            }
+            if vm.host_affinity.as_deref() == Some(node) {
+                self.out.status.unschedulable.push(Blocked {
+                    vm: name.clone(),
+                    reason: format!("waits for node {node}, which failed and holds its disks"),
+                });
+                continue;
+            }
+            let reason = match vm.spec.run_strategy {
+                RunStrategy::Always | RunStrategy::RerunOnFailure => format!(
+                    "node {node} failed (lease expired, fenced after {grace}s): restarted elsewhere"
+                ),
+                s => format!(
+                    "node {node} failed (lease expired, fenced after {grace}s): stopped, not restarted (runStrategy {s:?})"
+                ),
+            };
+            if let Some(u) = self.usage.get_mut(node) {
+                u.memory = u.memory.saturating_sub(vm.spec.memory_bytes);
+                u.vcpus = u.vcpus.saturating_sub(vm.spec.vcpus);
+            }
+            self.out.decisions.push(Decision::Reschedule {
+                vm: name.clone(),
+                node: node.to_string(),
+                reason,
+            });
         }
     }
 
@@ -363,6 +475,9 @@ impl<'a> Planner<'a> {
             .map(|(n, _)| n.clone())
             .collect();
         for node in draining {
+            if !self.v.nodes.contains_key(&node) {
+                continue; // gone: its VMs wait for the node-failure rules
+            }
             let vms: Vec<(String, ClusterVm)> = self
                 .v
                 .vms
@@ -629,3 +744,7 @@ fn channel_follows(node_channel: &str, launcher_channel: &str) -> bool {
 #[cfg(test)]
 #[path = "controller_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "controller_failure_tests.rs"]
+mod failure_tests;

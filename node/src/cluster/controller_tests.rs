@@ -6,7 +6,7 @@ use crate::spec::parse_spec_text;
 
 const GIB: u64 = 1 << 30;
 
-fn node(name: &str, mem_gib: u64, versions: &[&str]) -> NodeObject {
+pub(super) fn node(name: &str, mem_gib: u64, versions: &[&str]) -> NodeObject {
     NodeObject {
         name: name.into(),
         ready: true,
@@ -29,7 +29,7 @@ fn node(name: &str, mem_gib: u64, versions: &[&str]) -> NodeObject {
     }
 }
 
-fn vm(name: &str, extra: &str, node: Option<&str>) -> ClusterVm {
+pub(super) fn vm(name: &str, extra: &str, node: Option<&str>) -> ClusterVm {
     let spec = parse_spec_text(&format!(
         "name: {name}\nkernel: /k\nmemory: 1Gi\nmachineType: q35-1.0\n{extra}"
     ))
@@ -45,7 +45,7 @@ fn vm(name: &str, extra: &str, node: Option<&str>) -> ClusterVm {
     }
 }
 
-fn running(node: &str, version: &str) -> VmStatusReport {
+pub(super) fn running(node: &str, version: &str) -> VmStatusReport {
     VmStatusReport {
         node: node.into(),
         phase: "Running".into(),
@@ -55,7 +55,7 @@ fn running(node: &str, version: &str) -> VmStatusReport {
     }
 }
 
-fn view(nodes: &[NodeObject]) -> View {
+pub(super) fn view(nodes: &[NodeObject]) -> View {
     View {
         now: 1_000_000,
         nodes: nodes.iter().map(|n| (n.name.clone(), n.clone())).collect(),
@@ -474,7 +474,7 @@ fn a_scheduled_migration_to_a_node_that_is_gone_is_abandoned_and_the_vm_moves_el
     assert!(p.decisions.contains(&Decision::Abandon {
         vm: "x".into(),
         id: "1-0".into(),
-        reason: "node b is not ready".into()
+        reason: "node b is not ready before it started".into()
     }));
     assert_eq!(migrations(&p), vec![("x".into(), "a".into(), "c".into())]);
     // Once the source sends (TargetReady and later), only it decides the outcome.

@@ -103,6 +103,12 @@ pub enum Write {
         /// Expected mod revision.
         expect: i64,
     },
+    /// No write: the transaction holds only while `key` does not exist (a node's object,
+    /// say, which its lease keeps alive).
+    Absent {
+        /// Key.
+        key: String,
+    },
 }
 
 impl Write {
@@ -337,6 +343,9 @@ impl Etcd {
                 Write::Delete { key, expect } => {
                     compares.push(Compare::mod_revision(key.clone(), CompareOp::Equal, expect));
                     ops.push(TxnOp::delete(key, None));
+                }
+                Write::Absent { key } => {
+                    compares.push(Compare::mod_revision(key, CompareOp::Equal, 0));
                 }
             }
         }

@@ -12,7 +12,7 @@ use super::controller::{self, Decision, View};
 use super::etcd::{EtcdError, LeaderGuard, Versioned, Write};
 use super::model::{
     self, ClusterConfig, ClusterVm, ControllerStatus, EvictOrder, MigrationPhase, MigrationReason,
-    MigrationRecord, NodeConfig, NodeObject, UpdateGrant, VmStatusReport,
+    MigrationRecord, NodeConfig, NodeFailureRecord, NodeObject, UpdateGrant, VmStatusReport,
 };
 use super::Cluster;
 
@@ -106,6 +106,7 @@ struct Read {
     grants: BTreeMap<String, i64>,
     records: Vec<Versioned<MigrationRecord>>,
     controller_rev: i64,
+    failure_revs: BTreeMap<String, i64>,
 }
 
 async fn read(c: &Cluster) -> Result<Read, EtcdError> {
@@ -118,6 +119,7 @@ async fn read(c: &Cluster) -> Result<Read, EtcdError> {
     let grants = snap.list::<UpdateGrant>("updates")?;
     let config = snap.get::<ClusterConfig>(&model::config_key())?;
     let controller = snap.get::<ControllerStatus>(&model::controller_key())?;
+    let failures = snap.list::<NodeFailureRecord>("nodefailures")?;
     let view = View {
         now: model::now(),
         nodes: nodes.into_iter().map(|n| (n.name, n.value)).collect(),
@@ -137,8 +139,13 @@ async fn read(c: &Cluster) -> Result<Read, EtcdError> {
             .as_ref()
             .map(|c| c.value.clone())
             .unwrap_or_default(),
+        failures: failures
+            .iter()
+            .map(|f| (f.name.clone(), f.value.clone()))
+            .collect(),
     };
     Ok(Read {
+        failure_revs: failures.into_iter().map(|f| (f.name, f.revision)).collect(),
         view,
         vms: vms.into_iter().map(|v| (v.name, v.revision)).collect(),
         grants: grants.into_iter().map(|g| (g.name, g.revision)).collect(),
@@ -257,13 +264,49 @@ fn writes_for(d: &Decision, r: &Read) -> Result<Option<Vec<Write>>, EtcdError> {
             };
             let mut next = rec.value.clone();
             next.phase = MigrationPhase::Failed;
-            next.error = Some(format!("abandoned before it started: {reason}"));
+            next.error = Some(format!("abandoned: {reason}"));
             next.finished_at = Some(model::now());
             Some(vec![Write::put(
                 model::migration_key(vm, id),
                 &next,
                 rec.revision,
             )?])
+        }
+        Decision::NodeLost { node } => Some(vec![
+            Write::put(
+                model::key("nodefailures", node),
+                &NodeFailureRecord {
+                    since: model::now(),
+                },
+                0,
+            )?,
+            Write::Absent {
+                key: model::key("nodes", node),
+            },
+        ]),
+        Decision::NodeBack { node } => r.failure_revs.get(node).map(|rev| {
+            vec![Write::Delete {
+                key: model::key("nodefailures", node),
+                expect: *rev,
+            }]
+        }),
+        Decision::Reschedule { vm, node, reason } => {
+            let Some(w) = vm_write(vm, &|v| {
+                v.node_name = None;
+                v.evict = None;
+                v.message = Some(reason.clone());
+            })?
+            else {
+                return Ok(None);
+            };
+            // Only while the node is still gone: a node that came back meanwhile keeps
+            // its VMs (it never stopped holding its lease long enough to fence).
+            Some(vec![
+                w,
+                Write::Absent {
+                    key: model::key("nodes", node),
+                },
+            ])
         }
         Decision::Revoke { vm } => r.grants.get(vm).map(|rev| {
             vec![Write::Delete {

@@ -50,6 +50,8 @@ pub struct LocalSnapshot {
     pub channel: String,
     /// Finished same-node update migrations (for the cluster's records).
     pub updates: Vec<MigrationRecord>,
+    /// This node fenced itself, and why.
+    pub fenced: Option<String>,
 }
 
 /// A call from the cluster tasks into the loop.
@@ -65,6 +67,12 @@ pub enum LocalCall {
     SetGrants(Option<BTreeSet<String>>),
     /// What this node knows of the cluster, for `/v1/status` and the metrics.
     ClusterStatus(Value),
+    /// Hold starts (`true`) while the lease is not surely alive, or allow them again.
+    Hold(bool),
+    /// This node is cut off: kill every launcher now (answers once done).
+    Fence(String, oneshot::Sender<()>),
+    /// The fenced VMs were handed back to the cluster: lift the fence.
+    Unfence(oneshot::Sender<()>),
 }
 
 impl Daemon {
@@ -82,6 +90,28 @@ impl Daemon {
             }
             LocalCall::SetGrants(g) => self.grants = g,
             LocalCall::ClusterStatus(v) => self.cluster_status = Some(v),
+            LocalCall::Hold(h) => {
+                if h != self.held {
+                    tracing::info!(
+                        held = h,
+                        "{}",
+                        if h {
+                            "lease not surely alive: holding starts"
+                        } else {
+                            "lease alive and reconciled: starts allowed"
+                        }
+                    );
+                }
+                self.held = h;
+            }
+            LocalCall::Fence(why, tx) => {
+                self.fence(&why);
+                let _ = tx.send(());
+            }
+            LocalCall::Unfence(tx) => {
+                self.unfence();
+                let _ = tx.send(());
+            }
         }
     }
 
@@ -149,6 +179,7 @@ impl Daemon {
             launchers,
             channel: self.settings.channel.as_str().to_string(),
             updates,
+            fenced: self.fenced.clone(),
         }
     }
 }

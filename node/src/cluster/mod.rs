@@ -23,9 +23,12 @@ pub mod agent;
 pub mod api;
 pub mod controller;
 pub mod etcd;
+pub mod fence;
 pub mod leader;
 pub mod local;
 pub mod model;
+pub mod peer;
+pub mod persisted;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -54,6 +57,10 @@ pub struct ClusterOptions {
     pub memory_total: u64,
     /// vCPUs offered to VMs.
     pub vcpus_total: u32,
+    /// The launchers' watchdog file, fed while the node is healthy (set by the daemon).
+    pub watchdog_file: Option<PathBuf>,
+    /// Where the lease id and the peer list are kept across restarts (set by the daemon).
+    pub state_dir: Option<PathBuf>,
 }
 
 /// Errors of the cluster options.
@@ -138,6 +145,15 @@ pub struct ClusterState {
     pub renewed: Option<Instant>,
     /// The leader's last published status.
     pub controller: Option<model::ControllerStatus>,
+    /// The other nodes' peer-check addresses, as last read (kept across restarts).
+    #[serde(skip)]
+    pub peers: Vec<(String, SocketAddr)>,
+    /// This node fenced itself, and why (until it rejoined).
+    pub fenced: Option<String>,
+    /// The lease under which the agent last completed a round (starts are allowed
+    /// only once the current lease is reconciled).
+    #[serde(skip)]
+    pub reconciled_lease: Option<i64>,
 }
 
 impl ClusterState {
@@ -176,6 +192,11 @@ impl Cluster {
                 }
             }
         };
+        let saved = opts
+            .state_dir
+            .as_deref()
+            .map(persisted::load)
+            .unwrap_or_default();
         let c = Cluster {
             state: Arc::new(Mutex::new(ClusterState {
                 node: opts.node_name.clone(),
@@ -183,9 +204,14 @@ impl Cluster {
                 error: None,
                 leader: None,
                 leading: false,
-                lease: None,
+                // The lease of the previous run: peers are asked about it until etcd
+                // answers (keep_lease then resumes it, or finds it expired and fences).
+                lease: saved.lease,
                 renewed: None,
                 controller: None,
+                peers: saved.peers,
+                fenced: None,
+                reconciled_lease: None,
             })),
             opts: Arc::new(opts),
             etcd,
@@ -194,6 +220,7 @@ impl Cluster {
         };
         tokio::spawn(agent::run(c.clone()));
         tokio::spawn(leader::run(c.clone()));
+        tokio::spawn(fence::run(c.clone()));
         tokio::spawn(watch(c.clone()));
         c
     }

@@ -15,6 +15,7 @@
 //! | `migrations/VM/ID` | [`MigrationRecord`] | leader (creates), source and target nodes (phases) | none |
 //! | `updates/VM` | [`UpdateGrant`] | leader | none |
 //! | `config` | [`ClusterConfig`] | nodectl via any noded | none |
+//! | `nodefailures/NAME` | [`NodeFailureRecord`] (a node seen gone) | leader | none |
 //! | `controller` | [`ControllerStatus`] | leader | none |
 //! | `election/…` | etcd election keys | etcd's election API | each candidate's |
 
@@ -333,6 +334,16 @@ impl Default for NodeFailure {
     }
 }
 
+/// A node the leader found gone (its lease expired) while VMs were assigned to it. Its
+/// VMs run elsewhere once `since + nodeFailure.gracePeriod` has passed: by then the
+/// node has fenced itself (docs/cluster.md, "Node failure").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeFailureRecord {
+    /// When the leader first saw the node gone (ms since the epoch).
+    pub since: u64,
+}
+
 /// The one cluster configuration (`nodectl cluster config set`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -348,6 +359,27 @@ pub struct ClusterConfig {
     #[serde(default)]
     pub node_failure: NodeFailure,
 }
+
+impl ClusterConfig {
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        let g = self.node_failure.grace_period;
+        let min = MIN_GRACE_PERIOD_S;
+        if !(min..=3600).contains(&g) {
+            return Err(format!(
+                "nodeFailure.gracePeriod {g}: use {min} to 3600 seconds (a frozen node's launchers need up to their {}s watchdog to fence themselves, docs/cluster.md)",
+                crate::fencing::WATCHDOG_TIMEOUT_MS / 1000
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The shortest `nodeFailure.gracePeriod`: the timing argument of docs/cluster.md needs
+/// the launcher watchdog (5 s) to fire before `lease expiry + grace`, and a node feeds
+/// it until at most `TTL − 3 s` after its last renewal: 5 − 3 = 2 s, rounded up with
+/// room for a slow host.
+pub const MIN_GRACE_PERIOD_S: u64 = 5;
 
 /// A blocked VM and why, as the leader reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
