@@ -190,6 +190,15 @@ pub struct LaunchOptions {
     pub serial: Option<String>,
     /// Control API socket.
     pub api_socket: Option<String>,
+    /// `--watchdog-file`: a file noded keeps touching; the launcher kills itself
+    /// (SIGKILL, fencing its VM) when the file's mtime is older than the timeout, or the
+    /// file is missing (docs/cluster.md: a frozen noded's VMs must stop).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watchdog_file: Option<String>,
+    /// `--watchdog-timeout-ms` (the launcher's default, 5000, when absent); only with
+    /// `watchdog_file` (the launcher refuses it alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watchdog_timeout_ms: Option<u64>,
 }
 
 /// The `--memory` value: the shortest exact binary quantity (`64Mi`, `12Ki`), which
@@ -240,6 +249,12 @@ impl LaunchOptions {
         }
         if let Some(s) = &self.api_socket {
             opt("--api-socket", s.clone());
+        }
+        if let Some(f) = &self.watchdog_file {
+            opt("--watchdog-file", f.clone());
+        }
+        if let Some(ms) = self.watchdog_timeout_ms {
+            opt("--watchdog-timeout-ms", ms.to_string());
         }
         if matches!(self.source, VmSource::Incoming { insecure: true, .. }) {
             a.push("--insecure".into());
@@ -319,6 +334,8 @@ mod tests {
             nets: vec![NetArg::parse("tap=tap0,mac=52:54:00:00:00:07").unwrap()],
             serial: Some("/s/console.log".into()),
             api_socket: Some("/s/api.sock".into()),
+            watchdog_file: Some("/s/watchdog".into()),
+            watchdog_timeout_ms: Some(3000),
         };
         let a = o.to_argv();
         assert_eq!(a[0], "run");
@@ -328,9 +345,40 @@ mod tests {
             ["--disk", "path=/d,readonly=on"],
             ["--net", "tap=tap0,mac=52:54:00:00:00:07"],
             ["--api-socket", "/s/api.sock"],
+            ["--watchdog-file", "/s/watchdog"],
+            ["--watchdog-timeout-ms", "3000"],
         ] {
             assert!(a.windows(2).any(|w| w == pair), "{pair:?} in {a:?}");
         }
         assert_eq!(memory_arg(4096 * 3), "12Ki");
+        // Without a watchdog, neither flag is given (an older launcher does not know them).
+        let plain = LaunchOptions {
+            watchdog_file: None,
+            watchdog_timeout_ms: None,
+            ..o
+        };
+        assert!(!plain.to_argv().iter().any(|a| a.starts_with("--watchdog")));
+    }
+
+    #[test]
+    fn options_stored_without_the_watchdog_fields_still_read() {
+        let o = LaunchOptions {
+            source: VmSource::Restore("/snap".into()),
+            nets: Vec::new(),
+            serial: None,
+            api_socket: None,
+            watchdog_file: None,
+            watchdog_timeout_ms: None,
+        };
+        let json = serde_json::to_string(&o).unwrap();
+        assert!(!json.contains("watchdog"), "{json}");
+        assert_eq!(serde_json::from_str::<LaunchOptions>(&json).unwrap(), o);
+        let fed = LaunchOptions {
+            watchdog_file: Some("/w".into()),
+            watchdog_timeout_ms: Some(1000),
+            ..o
+        };
+        let json = serde_json::to_string(&fed).unwrap();
+        assert_eq!(serde_json::from_str::<LaunchOptions>(&json).unwrap(), fed);
     }
 }

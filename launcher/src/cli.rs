@@ -25,7 +25,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Boot a VM (or continue one from a snapshot or an incoming migration) and run it.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Write a snapshot of the VM that the launcher at --api-socket runs.
     Snapshot {
         /// The launcher's API socket.
@@ -102,6 +102,15 @@ pub struct RunArgs {
     /// per interface of the VM, in order; the VM keeps its MAC).
     #[arg(long = "net", value_name = "SPEC")]
     pub nets: Vec<String>,
+    /// Fence through a watchdog: a file that noded keeps touching. When its mtime is
+    /// older than --watchdog-timeout-ms, or it is missing or unreadable (at start too),
+    /// the launcher kills itself with SIGKILL at once (see launcher/src/watchdog.rs).
+    #[arg(long, value_name = "PATH")]
+    pub watchdog_file: Option<PathBuf>,
+    /// How long the watchdog file may go untouched, in milliseconds (500 to 600000)
+    /// [default: 5000]; needs --watchdog-file.
+    #[arg(long, value_name = "MS")]
+    pub watchdog_timeout_ms: Option<u64>,
     /// Test only: each vCPU thread makes a forbidden system call once its seccomp filter
     /// is installed, which must kill the process (tests/tests/security.rs).
     #[arg(long, hide = true)]
@@ -121,6 +130,16 @@ impl RunArgs {
     /// The `--net` values, parsed.
     pub fn net_args(&self) -> Result<Vec<NetArg>, String> {
         self.nets.iter().map(|n| NetArg::parse(n)).collect()
+    }
+
+    /// The watchdog of `--watchdog-file` and `--watchdog-timeout-ms`, checked (None
+    /// without `--watchdog-file`).
+    pub fn watchdog(&self) -> Result<Option<crate::watchdog::Watchdog>, String> {
+        crate::watchdog::Watchdog::from_args(
+            self.watchdog_file.as_deref(),
+            self.watchdog_timeout_ms,
+        )
+        .map_err(|e| e.to_string())
     }
 }
 
@@ -191,7 +210,7 @@ mod tests {
         match Cli::try_parse_from(&argv) {
             Ok(Cli {
                 command: Command::Run(r),
-            }) => r,
+            }) => *r,
             Ok(other) => panic!("{argv:?} parsed as {other:?}"),
             Err(e) => panic!("{argv:?} does not parse: {e}"),
         }
@@ -217,6 +236,8 @@ mod tests {
             nets: nets.clone(),
             serial: Some("/s/console.log".into()),
             api_socket: Some("/s/api.sock".into()),
+            watchdog_file: Some("/run/wd/vm1".into()),
+            watchdog_timeout_ms: Some(2500),
         };
         let r = parses(&o);
         assert_eq!(r.kernel, Some(PathBuf::from("/k.elf")));
@@ -229,6 +250,9 @@ mod tests {
         assert_eq!(r.net_args().unwrap(), nets);
         assert_eq!(r.serial, "/s/console.log");
         assert_eq!(r.api_socket, Some(PathBuf::from("/s/api.sock")));
+        let wd = r.watchdog().unwrap().unwrap();
+        assert_eq!(wd.file, PathBuf::from("/run/wd/vm1"));
+        assert_eq!(wd.timeout, std::time::Duration::from_millis(2500));
         for source in [
             VmSource::Restore("/snap".into()),
             VmSource::Incoming {
@@ -252,9 +276,14 @@ mod tests {
                 nets: nets.clone(),
                 serial: None,
                 api_socket: None,
+                watchdog_file: Some("/w".into()),
+                watchdog_timeout_ms: None,
             };
             let r = parses(&o);
             assert_eq!(r.net_args().unwrap(), nets);
+            // The launcher's default timeout when the builder gives none.
+            let wd = r.watchdog().unwrap().unwrap();
+            assert_eq!(wd.timeout, crate::watchdog::DEFAULT_TIMEOUT);
             match source {
                 VmSource::Restore(p) => assert_eq!(r.restore, Some(PathBuf::from(p))),
                 VmSource::Incoming {
@@ -293,6 +322,47 @@ mod tests {
         assert!(e.contains("mac=zz is not a MAC address"), "{e}");
         let e = r.disk_args().unwrap_err();
         assert!(e.contains("unknown or empty key \"cache\""), "{e}");
+    }
+
+    fn run_args(extra: &[&str]) -> RunArgs {
+        let mut argv = vec!["launcher", "run", "--kernel", "/k"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(&argv) {
+            Ok(Cli {
+                command: Command::Run(r),
+            }) => *r,
+            other => panic!("{argv:?}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn watchdog_flags_are_checked() {
+        assert!(run_args(&[]).watchdog().unwrap().is_none());
+        for ms in ["500", "600000"] {
+            let wd = run_args(&["--watchdog-file", "/w", "--watchdog-timeout-ms", ms])
+                .watchdog()
+                .unwrap()
+                .unwrap();
+            assert_eq!(wd.timeout.as_millis().to_string(), ms);
+        }
+        for ms in ["0", "499", "600001"] {
+            let e = run_args(&["--watchdog-file", "/w", "--watchdog-timeout-ms", ms])
+                .watchdog()
+                .unwrap_err();
+            assert!(
+                e.contains(&format!("--watchdog-timeout-ms {ms}")) && e.contains("500 to 600000"),
+                "{e}"
+            );
+        }
+        let e = run_args(&["--watchdog-timeout-ms", "1000"])
+            .watchdog()
+            .unwrap_err();
+        assert!(e.contains("needs --watchdog-file"), "{e}");
+        // An empty path is refused (by clap, before our own check).
+        let e = Cli::try_parse_from(["launcher", "run", "--kernel", "/k", "--watchdog-file", ""])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--watchdog-file"), "{e}");
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod launch;
 pub mod migrate_cli;
 pub mod migrate_glue;
+pub mod watchdog;
 
 fn knob_list(v: &'static str) -> impl Iterator<Item = &'static str> {
     v.split(',').map(str::trim).filter(|s| !s.is_empty())

@@ -92,6 +92,8 @@ pub fn remote_incoming_args(
         nets: spec.interfaces.iter().map(|n| n.launcher_arg()).collect(),
         serial: Some(serial.display().to_string()),
         api_socket: Some(api_socket.display().to_string()),
+        watchdog_file: None,
+        watchdog_timeout_ms: None,
     }
     .to_argv()
 }

@@ -148,6 +148,8 @@ pub fn run_args(spec: &VmSpec, serial: &Path, api_socket: &Path) -> Vec<String> 
         nets: spec.interfaces.iter().map(|n| n.launcher_arg()).collect(),
         serial: Some(serial.display().to_string()),
         api_socket: Some(api_socket.display().to_string()),
+        watchdog_file: None,
+        watchdog_timeout_ms: None,
     }
     .to_argv()
 }
@@ -169,6 +171,8 @@ pub fn incoming_args(incoming: &Path, serial: &Path, api_socket: &Path) -> Vec<S
         nets: Vec::new(),
         serial: Some(serial.display().to_string()),
         api_socket: Some(api_socket.display().to_string()),
+        watchdog_file: None,
+        watchdog_timeout_ms: None,
     }
     .to_argv()
 }

@@ -20,7 +20,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Snapshot {
             api_socket,
             file,
@@ -51,6 +51,7 @@ fn usage(msg: impl Into<String>) -> LaunchError {
 
 fn run(args: RunArgs) -> Result<i32, LaunchError> {
     refuse_inapplicable(&args)?;
+    let watchdog = args.watchdog().map_err(usage)?;
     vmm::vstate::vm::allow_dirty_ring(args.dirty_ring);
     launch::signals::install();
     if !args.no_seccomp {
@@ -58,6 +59,11 @@ fn run(args: RunArgs) -> Result<i32, LaunchError> {
         launch::seccomp::set_selftest(args.seccomp_selftest);
         vmm::vstate::vcpu::set_thread_start_hook(launch::seccomp::vcpu_thread_start);
         vmm::devices::virtio::worker::set_worker_start_hook(launch::seccomp::worker_thread_start);
+    }
+    // Before any guest exists (boot, restore or incoming): a stale or missing file
+    // fences here already, so the guest of an unfed launcher never runs.
+    if let Some(w) = watchdog {
+        w.start().map_err(|e| usage(e.to_string()))?;
     }
     if let Some(ms) = args.migration_stall_timeout_ms.filter(|ms| *ms > 0) {
         migration::transport::set_stall_timeout(std::time::Duration::from_millis(ms));

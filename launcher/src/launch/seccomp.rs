@@ -264,9 +264,20 @@ pub fn worker_thread_start(name: &str) -> Result<(), String> {
     })
 }
 
-/// The process-wide filter for every other thread.
+/// The process-wide filter for every other thread. Besides [`PROCESS_SYSCALLS`], it
+/// allows `kill` of this process only (the pid when the filter is built): the watchdog
+/// fences with `kill(getpid(), SIGKILL)` (crate::watchdog); no other process may be
+/// signalled.
 pub fn process_filter() -> Result<BpfProgram, SeccompError> {
-    let rules = PROCESS_SYSCALLS.iter().map(|&s| (s, Vec::new())).collect();
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        PROCESS_SYSCALLS.iter().map(|&s| (s, Vec::new())).collect();
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    let own_pid = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, pid as u64)
+        .map_err(|e| SeccompError::Build("process", e.to_string()))?;
+    let rule = SeccompRule::new(vec![own_pid])
+        .map_err(|e| SeccompError::Build("process", e.to_string()))?;
+    rules.insert(libc::SYS_kill, vec![rule]);
     compile("process", rules, SeccompAction::Errno(libc::EPERM as u32))
 }
 
@@ -339,6 +350,52 @@ mod tests {
                 "worker threads may call {s}"
             );
         }
+    }
+
+    /// In a forked child (the filter applies to that process only): `kill` of its own pid
+    /// is allowed (the watchdog's fence), `kill` of another process is refused.
+    #[test]
+    fn the_process_filter_allows_kill_of_this_process_only() {
+        // SAFETY: fork(2); the child builds the filter for its own pid (glibc's malloc is
+        // fork-safe), makes system calls, takes no other lock and leaves with _exit.
+        let child = unsafe { libc::fork() };
+        assert!(child >= 0, "fork failed");
+        if child == 0 {
+            let code = match process_filter() {
+                Err(_) => 10,
+                Ok(prog) => {
+                    if seccompiler::apply_filter(&prog).is_err() {
+                        11
+                    } else {
+                        // SAFETY: signal 0 only checks that the target exists and may be
+                        // signalled; nothing is delivered.
+                        let own = unsafe { libc::kill(libc::getpid(), 0) };
+                        // SAFETY: as above, to the parent (the test process).
+                        let parent = unsafe { libc::kill(libc::getppid(), 0) };
+                        let errno = std::io::Error::last_os_error().raw_os_error();
+                        if own != 0 {
+                            12
+                        } else if parent != -1 || errno != Some(libc::EPERM) {
+                            13
+                        } else {
+                            // SAFETY: the fence itself: SIGKILL of this child.
+                            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+                            14
+                        }
+                    }
+                }
+            };
+            // SAFETY: ends the forked child without running the parent's destructors.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waitpid on the child just forked, into a local.
+        assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+        assert!(
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGKILL,
+            "the child did not end by its own SIGKILL: exit code {}",
+            libc::WEXITSTATUS(status)
+        );
     }
 
     #[test]
