@@ -115,9 +115,11 @@ pub struct RunArgs {
     /// is installed, which must kill the process (tests/tests/security.rs).
     #[arg(long, hide = true)]
     pub seccomp_selftest: bool,
-    /// Test only: give up a migration stream after this many milliseconds without
-    /// progress instead of 60 s (tests that stall connections on purpose).
-    #[arg(long, hide = true, value_name = "MS")]
+    /// Give up a migration stream after this many milliseconds without a byte moving
+    /// [default: 60000]. noded sets 15000 in a cluster, so that a migration to a node
+    /// that died behind a dead link ends (the source resumes) well before the operator
+    /// would notice; tests that stall connections on purpose set less.
+    #[arg(long, value_name = "MS")]
     pub migration_stall_timeout_ms: Option<u64>,
 }
 

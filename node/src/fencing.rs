@@ -25,6 +25,9 @@ const FENCED_KEY: &str = "fenced";
 /// The watchdog file's name in the state directory.
 pub const WATCHDOG_FILE: &str = "watchdog";
 
+/// In a cluster: a migration stream with no byte moving for this long is given up.
+pub const STALL_TIMEOUT_MS: u64 = 15_000;
+
 /// How long a launcher runs unfed before it kills itself (ms). The timing argument in
 /// docs/cluster.md uses it: it is shorter than the lease TTL plus the grace period.
 pub const WATCHDOG_TIMEOUT_MS: u64 = 5000;
@@ -54,13 +57,17 @@ impl Daemon {
         !self.held && self.fenced.is_none()
     }
 
-    /// The launcher arguments that arm its watchdog, in a cluster.
+    /// The launcher arguments of a cluster node: the watchdog, and a migration stall
+    /// timeout short enough that a migration to a node that died behind a dead link
+    /// (no RST ever comes) ends, and the source resumes, in [`STALL_TIMEOUT_MS`].
     pub(crate) fn watchdog_args(&self, mut args: Vec<String>) -> Vec<String> {
         if let Some(f) = &self.watchdog {
             args.push("--watchdog-file".into());
             args.push(f.display().to_string());
             args.push("--watchdog-timeout-ms".into());
             args.push(WATCHDOG_TIMEOUT_MS.to_string());
+            args.push("--migration-stall-timeout-ms".into());
+            args.push(STALL_TIMEOUT_MS.to_string());
         }
         args
     }

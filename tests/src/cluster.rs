@@ -320,6 +320,33 @@ impl ClusterNode {
         v[v.len().saturating_sub(lines)..].join("\n")
     }
 
+    /// The last lines of every launcher log of this node (for failure messages).
+    pub fn launcher_logs(&self, lines: usize) -> String {
+        let mut out = String::new();
+        let Ok(vms) = std::fs::read_dir(self.node.state().join("vms")) else {
+            return out;
+        };
+        for vm in vms.flatten() {
+            let Ok(files) = std::fs::read_dir(vm.path()) else {
+                continue;
+            };
+            for f in files.flatten() {
+                let name = f.file_name().to_string_lossy().to_string();
+                if !(name.starts_with("launcher-") && name.ends_with(".log")) {
+                    continue;
+                }
+                let text = std::fs::read_to_string(f.path()).unwrap_or_default();
+                let v: Vec<&str> = text.lines().collect();
+                out.push_str(&format!(
+                    "  [{}/{name}]\n  {}\n",
+                    vm.file_name().to_string_lossy(),
+                    v[v.len().saturating_sub(lines)..].join("\n  ")
+                ));
+            }
+        }
+        out
+    }
+
     /// Waits until `f` holds for the cluster's VM list.
     pub fn wait_cluster(&self, what: &str, mut f: impl FnMut(&[Value]) -> bool) -> Vec<Value> {
         self.node.wait_until(what, || {

@@ -11,6 +11,7 @@ use std::sync::Mutex;
 use integration_tests::cluster::{etcd_available, ClusterNode, Fabric};
 use integration_tests::netns::require_ip;
 use integration_tests::node::{boots, last_pass};
+use integration_tests::run_watch::RunWatch;
 use integration_tests::{bin, guests};
 use serde_json::Value;
 
@@ -84,7 +85,14 @@ fn running_on_any(all: &[&ClusterNode], vm: &str) -> String {
 
 fn logs(all: &[&ClusterNode]) -> String {
     all.iter()
-        .map(|x| format!("--- {}:\n{}", x.name, x.log_tail(80)))
+        .map(|x| {
+            format!(
+                "--- {}:\n{}\n{}",
+                x.name,
+                x.log_tail(80),
+                x.launcher_logs(8)
+            )
+        })
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -212,7 +220,11 @@ fn drain_moves_vms_as_their_eviction_strategy_says() {
         logs(&nodes)
     );
     assert!(out.contains("lm: live-migrated to"), "{out}");
-    assert!(out.contains("lmip: live-migrated to"), "{out}");
+    assert!(
+        out.contains("lmip: live-migrated to"),
+        "{out}\n{}",
+        logs(&nodes)
+    );
     assert!(out.contains("none: stopped"), "{out}");
     assert!(
         out.contains("blocked: local") && out.contains("DisksNotLiveMigratable"),
@@ -375,6 +387,15 @@ fn losing_etcd_quorum_stops_decisions_but_no_vm() {
     f.kill_member(0);
     create(&n2, "a2", "");
     let a2 = running_on_any(&nodes, "a2");
+    // Every copy of both guests is followed from here on (tests/src/run_watch.rs).
+    let watched: Vec<(String, std::path::PathBuf)> = nodes
+        .iter()
+        .map(|n| (n.name.clone(), n.node.state()))
+        .collect();
+    let watches: Vec<(&str, RunWatch)> = ["a1", "a2"]
+        .into_iter()
+        .map(|vm| (vm, RunWatch::start(vm, &watched)))
+        .collect();
     // Two down: no quorum. Nothing running stops; nothing new is decided; status says why.
     f.kill_member(1);
     for n in nodes {
@@ -414,6 +435,20 @@ fn losing_etcd_quorum_stops_decisions_but_no_vm() {
         let n = node_by_name(&nodes, at);
         assert_eq!(boots(&n.node.console(vm)), 1, "{vm} restarted");
     }
+    // No node fenced itself: their peers said the control plane was down.
+    let mut longest = 0;
+    for (vm, w) in watches {
+        let r = w.finish();
+        assert!(r.double_runs.is_empty(), "{vm}: {:?}", r.double_runs);
+        assert_eq!(r.boots, 0, "{vm} was restarted");
+        longest = longest.max(r.longest_down.as_millis());
+    }
+    for n in nodes {
+        assert!(!n.node.log().contains("FENCING"), "{}", n.log_tail(40));
+    }
+    println!(
+        "FAULT-RESULT case=quorum-loss vms=2 restarted=0 double_runs=0 longest_down_ms={longest}"
+    );
 }
 
 /// The most migrations of `recs` in flight at one instant, over all and per source node.

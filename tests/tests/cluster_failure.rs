@@ -93,7 +93,14 @@ fn watch(all: &[ClusterNode], vm: &str) -> RunWatch {
 
 fn logs(all: &[ClusterNode]) -> String {
     all.iter()
-        .map(|x| format!("--- {}:\n{}", x.name, x.log_tail(60)))
+        .map(|x| {
+            format!(
+                "--- {}:\n{}\n{}",
+                x.name,
+                x.log_tail(60),
+                x.launcher_logs(8)
+            )
+        })
         .collect::<Vec<_>>()
         .join("\n")
 }

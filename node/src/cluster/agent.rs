@@ -330,8 +330,15 @@ async fn round(c: &Cluster, mem: &mut Memory) -> Result<(), EtcdError> {
     follow_config(c, mem, &cl).await;
     follow_grants(c, mem, &cl).await;
     adopt_local(c, &local, &cl).await?;
-    converge_vms(c, &local, &cl).await?;
-    migrations(c, &local, &cl).await?;
+    // Under a lease not yet reconciled (just joined or rejoined), the first round only
+    // reports and stops what runs elsewhere; launchers start from the next round, once
+    // the fence monitor fed the watchdog for this lease (fence.rs).
+    if c.state().reconciled_lease == Some(lease) {
+        converge_vms(c, &local, &cl).await?;
+        migrations(c, &local, &cl).await?;
+    } else {
+        stop_strays(c, &local, &cl).await;
+    }
     publish_updates(c, mem, &local).await?;
     c.update(|s| s.reconciled_lease = Some(lease));
     Ok(())
@@ -666,6 +673,28 @@ async fn converge_vms(c: &Cluster, local: &LocalSnapshot, cl: &Cluster2) -> Resu
         }
     }
     Ok(())
+}
+
+/// Stops local VMs that the cluster assigned elsewhere (or deleted): the part of
+/// [`converge_vms`] that starts nothing.
+async fn stop_strays(c: &Cluster, local: &LocalSnapshot, cl: &Cluster2) {
+    let me = &c.opts.node_name;
+    for l in local
+        .vms
+        .iter()
+        .filter(|l| l.active && l.phase != "Receiving")
+    {
+        let name = &l.spec.name;
+        let assigned = cl.vms.get(name).and_then(|v| v.value.node_name.clone());
+        if assigned.as_deref() == Some(me.as_str())
+            || migration_active_for(cl, name)
+            || !cl.vms.contains_key(name)
+        {
+            continue;
+        }
+        tracing::warn!(vm = %name, assigned = ?assigned, "VM runs here but is assigned elsewhere; stopping it");
+        c.request(Req::StopVm(name.clone())).await;
+    }
 }
 
 /// A free port for an incoming migration (the first port of the migration address

@@ -100,8 +100,12 @@ pub async fn run(c: Cluster) {
     start_server(&c, tls.clone());
     let mut last_feed: Option<Instant> = None;
     let mut last_verdict: Option<Verdict> = None;
+    let mut first = true;
     loop {
-        tokio::time::sleep(TICK).await;
+        // The first look at once: the watchdog file must exist before any launcher starts.
+        if !std::mem::take(&mut first) {
+            tokio::time::sleep(TICK).await;
+        }
         let st = c.state();
         if st.fenced.is_some() {
             continue; // the agent rejoins; nothing is fed meanwhile
