@@ -57,15 +57,24 @@ fn setup(f: &mut Fabric) -> Vec<ClusterNode> {
     n1.node.ctl(&["cluster", "config", "set", "-f", &cfg]);
     n1.node.ctl(&["node", "cordon", "n2"]);
     n1.node.ctl(&["node", "cordon", "n3"]);
+    // `always` has a disk on shared storage: its lock (an OFD lock of the launcher) goes
+    // with the fenced launcher, so the copy started elsewhere can take it.
+    let disk = n1.node.dir.join("shared.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk");
+    let shared = format!(
+        "disks:\n- name: data\n  path: {}\n  shared: true\n",
+        disk.display()
+    );
     for (vm, rs) in [
         ("always", "Always"),
         ("rerun", "RerunOnFailure"),
         ("manual", "Manual"),
     ] {
-        let f = n1.node.file(
-            &format!("{vm}.yaml"),
-            &spec(vm, &format!("runStrategy: {rs}\n")),
+        let extra = format!(
+            "runStrategy: {rs}\n{}",
+            if vm == "always" { shared.as_str() } else { "" }
         );
+        let f = n1.node.file(&format!("{vm}.yaml"), &spec(vm, &extra));
         n1.node.ctl(&["vm", "create", "-f", &f]);
     }
     for vm in ["always", "rerun", "manual"] {

@@ -173,17 +173,20 @@ fn trial(subnet: u8, victim: Victim, when: When) {
     // The VM runs on a live node, exactly once, and its migration record is over.
     let deadline = Instant::now() + integration_tests::SAFETY;
     let at = loop {
-        let r = row(live, "mv");
+        // Records first, then the row (at least as new), then the node's own word.
         let over = records(live)
             .iter()
             .all(|m| m["phase"] == "Succeeded" || m["phase"] == "Failed");
+        let r = row(live, "mv");
         if let Some(v) = &r {
-            if v["phase"] == "Running"
-                && v["node"].is_string()
-                && v["node"] != dead.as_str()
-                && over
-            {
-                break v["node"].as_str().unwrap_or("").to_string();
+            let node = v["node"].as_str().unwrap_or_default().to_string();
+            let local_running = all
+                .iter()
+                .find(|n| n.name == node && n.name != dead)
+                .and_then(|n| n.node.try_ctl(&["vm", "get", "mv"]).ok())
+                .is_some_and(|l| l["phase"] == "Running");
+            if v["phase"] == "Running" && over && local_running {
+                break node;
             }
         }
         assert!(

@@ -105,6 +105,14 @@ fn condition_rows(v: &Value) -> Vec<Vec<String>> {
                 )
             },
         ]);
+        if let Some(why) = c["fenced"].as_str() {
+            rows.push(vec![
+                "Fenced".into(),
+                "True".into(),
+                "SelfFenced".into(),
+                format!("this node killed its VMs and starts nothing until it has rejoined: {why}"),
+            ]);
+        }
     }
     rows
 }
