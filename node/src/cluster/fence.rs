@@ -101,6 +101,8 @@ pub async fn run(c: Cluster) {
     let mut last_feed: Option<Instant> = None;
     let mut last_verdict: Option<Verdict> = None;
     let mut first = true;
+    // The loop starts holding (fencing.rs); tell it only of changes.
+    let mut held = true;
     loop {
         // The first look at once: the watchdog file must exist before any launcher starts.
         if !std::mem::take(&mut first) {
@@ -115,11 +117,11 @@ pub async fn run(c: Cluster) {
         let reconciled = st.lease.is_some() && st.reconciled_lease == st.lease;
         if fresh && reconciled {
             feed(&c, &mut last_feed);
-            let _ = c.calls.send(LocalCall::Hold(false)).await;
+            hold(&c, &mut held, false).await;
             last_verdict = None;
             continue;
         }
-        let _ = c.calls.send(LocalCall::Hold(true)).await;
+        hold(&c, &mut held, true).await;
         let Some(lease) = st.lease else {
             // Never had a lease since start: nothing can have been restarted elsewhere
             // on its account yet; wait for etcd, keep what runs (the previous lease, if
@@ -137,6 +139,12 @@ pub async fn run(c: Cluster) {
             continue;
         }
         check(&c, &tls, lease, &mut last_feed, &mut last_verdict).await;
+    }
+}
+
+async fn hold(c: &Cluster, held: &mut bool, now: bool) {
+    if *held != now && c.calls.send(LocalCall::Hold(now)).await.is_ok() {
+        *held = now;
     }
 }
 
