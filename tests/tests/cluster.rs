@@ -339,7 +339,7 @@ fn a_new_leader_finishes_the_drain_when_the_leader_dies() {
         let n = &all[ti].node;
         let before = last_pass(&n.console(vm)).unwrap_or(0);
         n.wait_pass_above(vm, before);
-        assert_eq!(boots(&n.console(vm)), 0, "{vm} rebooted");
+        assert_eq!(boots(&n.console(vm)), 0, "{vm} rebooted\n{}", logs(&refs));
     }
     let now = leader(&all[ti]).expect("leader");
     assert_ne!(now, l, "a live node leads now");

@@ -180,11 +180,14 @@ fn save(c: &Cluster) {
 /// Renews lease `id` until etcd says it expired (`Err`).
 async fn keep_alive(c: &Cluster, id: i64, every: Duration) -> Result<(), ()> {
     let ttl = c.opts.lease_ttl;
+    // One renewal may take at most a renewal interval: a stalled stream (or member) is
+    // replaced by the next member long before the peers would see the lease run low and
+    // the node fence itself (fence.rs).
+    let limit = every.min(super::etcd::CALL_TIMEOUT);
     {
         let mut client = c.etcd.client();
         let (mut keeper, mut stream) = loop {
-            match tokio::time::timeout(super::etcd::CALL_TIMEOUT, client.lease_keep_alive(id)).await
-            {
+            match tokio::time::timeout(limit, client.lease_keep_alive(id)).await {
                 Ok(Ok(ks)) => break ks,
                 _ => {
                     c.etcd.stream_failed();
@@ -195,7 +198,7 @@ async fn keep_alive(c: &Cluster, id: i64, every: Duration) -> Result<(), ()> {
         };
         loop {
             let sent = Instant::now();
-            let ok = tokio::time::timeout(super::etcd::CALL_TIMEOUT, async {
+            let ok = tokio::time::timeout(limit, async {
                 keeper.keep_alive().await?;
                 stream.message().await
             })
@@ -215,7 +218,7 @@ async fn keep_alive(c: &Cluster, id: i64, every: Duration) -> Result<(), ()> {
                     if !valid {
                         // It may have expired in etcd meanwhile: probe with a fresh stream.
                         if let Ok(Ok(r)) = tokio::time::timeout(
-                            super::etcd::CALL_TIMEOUT,
+                            limit,
                             c.etcd.client().lease_time_to_live(id, None),
                         )
                         .await
@@ -225,13 +228,8 @@ async fn keep_alive(c: &Cluster, id: i64, every: Duration) -> Result<(), ()> {
                             }
                         }
                     }
-                    tokio::time::sleep(Duration::from_millis(300)).await;
-                    match tokio::time::timeout(
-                        super::etcd::CALL_TIMEOUT,
-                        c.etcd.client().lease_keep_alive(id),
-                    )
-                    .await
-                    {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    match tokio::time::timeout(limit, c.etcd.client().lease_keep_alive(id)).await {
                         Ok(Ok((k, s))) => {
                             keeper = k;
                             stream = s;
