@@ -40,6 +40,33 @@ pub struct Fabric {
     tag: String,
 }
 
+/// Called first by every cluster test. They are compiled as ignored where `ip` or `etcd`
+/// was missing at build time outside CI (`tests/tool_probe.rs`), so a test that runs
+/// expects both: their absence is a failure that says what to install.
+pub fn require_cluster_tools() {
+    crate::netns::require_ip();
+    assert!(
+        etcd_available(),
+        "the cluster tests need etcd (etcd-server); .ci/run installs it"
+    );
+}
+
+/// The tails of noded's and the launchers' logs of `nodes`, for failure messages.
+pub fn logs<'a>(nodes: impl IntoIterator<Item = &'a ClusterNode>) -> String {
+    nodes
+        .into_iter()
+        .map(|x| {
+            format!(
+                "--- {}:\n{}\n{}",
+                x.name,
+                x.log_tail(80),
+                x.launcher_logs(8)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// True when etcd (Debian `etcd-server`) is installed.
 pub fn etcd_available() -> bool {
     Command::new("etcd")
@@ -318,6 +345,27 @@ impl ClusterNode {
         let log = self.node.log();
         let v: Vec<&str> = log.lines().collect();
         v[v.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// The cluster row of one VM, or `None` (also when this node does not answer).
+    pub fn try_cluster_vm(&self, name: &str) -> Option<Value> {
+        self.node
+            .try_ctl(&["cluster", "vms"])
+            .ok()?
+            .as_array()?
+            .iter()
+            .find(|v| v["name"] == name)
+            .cloned()
+    }
+
+    /// The cluster's migration records, oldest first (empty when this node does not
+    /// answer).
+    pub fn try_migrations(&self) -> Vec<Value> {
+        self.node
+            .try_ctl(&["cluster", "migrations"])
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
     }
 
     /// The last lines of every launcher log of this node (for failure messages).

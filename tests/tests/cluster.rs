@@ -8,25 +8,13 @@
 use std::process::Command;
 use std::sync::Mutex;
 
-use integration_tests::cluster::{etcd_available, ClusterNode, Fabric};
-use integration_tests::netns::require_ip;
+use integration_tests::cluster::{logs, require_cluster_tools, ClusterNode, Fabric};
 use integration_tests::node::{boots, last_pass};
 use integration_tests::run_watch::RunWatch;
 use integration_tests::{bin, guests};
 use serde_json::Value;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-/// Called first by every test here. They are compiled as ignored where `ip` or `etcd` was
-/// missing at build time outside CI (`tests/tool_probe.rs`), so a test that runs expects
-/// both: their absence is a failure that says what to install.
-fn require_tools() {
-    require_ip();
-    assert!(
-        etcd_available(),
-        "the cluster tests need etcd (etcd-server); .ci/run installs it"
-    );
-}
 
 fn spec(name: &str, extra: &str) -> String {
     format!(
@@ -83,20 +71,6 @@ fn running_on_any(all: &[&ClusterNode], vm: &str) -> String {
     }
 }
 
-fn logs(all: &[&ClusterNode]) -> String {
-    all.iter()
-        .map(|x| {
-            format!(
-                "--- {}:\n{}\n{}",
-                x.name,
-                x.log_tail(80),
-                x.launcher_logs(8)
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 fn running_on(n: &ClusterNode, vm: &str) -> String {
     running_on_any(&[n], vm)
 }
@@ -111,7 +85,7 @@ fn node_by_name<'a>(nodes: &'a [&'a ClusterNode], name: &str) -> &'a ClusterNode
     ignore = "iproute2 or etcd-server is not installed (CI installs them)"
 )]
 fn placement_puts_vms_on_nodes_with_capacity() {
-    require_tools();
+    require_cluster_tools();
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let mut f = Fabric::new("pl", 21, 3);
     let launcher = integration_tests::bin("launcher");
@@ -180,7 +154,7 @@ fn placement_puts_vms_on_nodes_with_capacity() {
     ignore = "iproute2 or etcd-server is not installed (CI installs them)"
 )]
 fn drain_moves_vms_as_their_eviction_strategy_says() {
-    require_tools();
+    require_cluster_tools();
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let mut f = Fabric::new("dr", 22, 3);
     let launcher = integration_tests::bin("launcher");
@@ -217,13 +191,13 @@ fn drain_moves_vms_as_their_eviction_strategy_says() {
     assert!(
         !ok && out.contains("blocked: local"),
         "a VM with a host-local disk must block the drain:\n{out}\n{}",
-        logs(&nodes)
+        logs(nodes)
     );
     assert!(out.contains("lm: live-migrated to"), "{out}");
     assert!(
         out.contains("lmip: live-migrated to"),
         "{out}\n{}",
-        logs(&nodes)
+        logs(nodes)
     );
     assert!(out.contains("none: stopped"), "{out}");
     assert!(
@@ -280,7 +254,7 @@ fn leader(n: &ClusterNode) -> Option<String> {
     ignore = "iproute2 or etcd-server is not installed (CI installs them)"
 )]
 fn a_new_leader_finishes_the_drain_when_the_leader_dies() {
-    require_tools();
+    require_cluster_tools();
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let mut f = Fabric::new("lf", 23, 3);
     let launcher = integration_tests::bin("launcher");
@@ -332,14 +306,19 @@ fn a_new_leader_finishes_the_drain_when_the_leader_dies() {
     assert!(
         ok,
         "the drain must finish under the new leader:\n{out}\n{}",
-        logs(&refs)
+        logs(refs.iter().copied())
     );
     for vm in ["m1", "m2", "m3"] {
         assert_eq!(running_on(&all[ti], vm), t);
         let n = &all[ti].node;
         let before = last_pass(&n.console(vm)).unwrap_or(0);
         n.wait_pass_above(vm, before);
-        assert_eq!(boots(&n.console(vm)), 0, "{vm} rebooted\n{}", logs(&refs));
+        assert_eq!(
+            boots(&n.console(vm)),
+            0,
+            "{vm} rebooted\n{}",
+            logs(refs.iter().copied())
+        );
     }
     let now = leader(&all[ti]).expect("leader");
     assert_ne!(now, l, "a live node leads now");
@@ -374,7 +353,7 @@ fn a_new_leader_finishes_the_drain_when_the_leader_dies() {
     ignore = "iproute2 or etcd-server is not installed (CI installs them)"
 )]
 fn losing_etcd_quorum_stops_decisions_but_no_vm() {
-    require_tools();
+    require_cluster_tools();
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let mut f = Fabric::new("eq", 24, 3);
     let launcher = integration_tests::bin("launcher");
@@ -482,7 +461,7 @@ fn peak_in_flight(recs: &[&Value]) -> (usize, usize) {
     ignore = "iproute2 or etcd-server is not installed (CI installs them)"
 )]
 fn a_fleet_update_goes_canary_first_within_the_limits_and_pauses_on_failures() {
-    require_tools();
+    require_cluster_tools();
     let v9 = integration_tests::launcher_of_version("9.0.0");
     let v91 = integration_tests::launcher_of_version("9.1.0");
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());

@@ -12,26 +12,16 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use integration_tests::cluster::{etcd_available, ClusterNode, Fabric};
-use integration_tests::netns::require_ip;
+use integration_tests::cluster::{logs, require_cluster_tools, ClusterNode, Fabric};
 use integration_tests::node::{boots, kill_processes_mentioning, processes_mentioning};
-use integration_tests::run_watch::{RunReport, RunWatch};
+use integration_tests::run_watch::RunWatch;
 use integration_tests::{bin, guests};
-use serde_json::Value;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// The grace period these tests configure (docs/cluster.md: it must exceed the launcher
 /// watchdog's 5 s minus the 3 s check margin; 5 s keeps the tests short).
 const GRACE_S: u64 = 5;
-
-fn require_tools() {
-    require_ip();
-    assert!(
-        etcd_available(),
-        "the cluster tests need etcd (etcd-server); .ci/run installs it"
-    );
-}
 
 fn spec(name: &str, extra: &str) -> String {
     format!(
@@ -92,44 +82,23 @@ fn setup(f: &mut Fabric) -> Vec<ClusterNode> {
     all
 }
 
-fn watch(all: &[ClusterNode], vm: &str) -> RunWatch {
+/// One watch per VM of [`setup`], over every node.
+fn watch_all(all: &[ClusterNode]) -> Vec<(&'static str, RunWatch)> {
     let nodes: Vec<(String, PathBuf)> = all
         .iter()
         .map(|n| (n.name.clone(), n.node.state()))
         .collect();
-    RunWatch::start(vm, &nodes)
-}
-
-fn logs(all: &[ClusterNode]) -> String {
-    all.iter()
-        .map(|x| {
-            format!(
-                "--- {}:\n{}\n{}",
-                x.name,
-                x.log_tail(60),
-                x.launcher_logs(8)
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-/// The cluster's row of `vm`, read through node `n`.
-fn row(n: &ClusterNode, vm: &str) -> Option<Value> {
-    n.node
-        .try_ctl(&["cluster", "vms"])
-        .ok()?
-        .as_array()?
-        .iter()
-        .find(|v| v["name"] == vm)
-        .cloned()
+    ["always", "rerun", "manual"]
+        .into_iter()
+        .map(|vm| (vm, RunWatch::start(vm, &nodes)))
+        .collect()
 }
 
 /// Waits until `vm` runs on a node other than n1, through node `via`; returns the node.
 fn runs_elsewhere(via: &ClusterNode, all: &[ClusterNode], vm: &str) -> String {
     let deadline = Instant::now() + integration_tests::SAFETY;
     loop {
-        if let Some(v) = row(via, vm) {
+        if let Some(v) = via.try_cluster_vm(vm) {
             if v["phase"] == "Running" && v["node"].is_string() && v["node"] != "n1" {
                 return v["node"].as_str().unwrap_or("").to_string();
             }
@@ -137,37 +106,50 @@ fn runs_elsewhere(via: &ClusterNode, all: &[ClusterNode], vm: &str) -> String {
         assert!(
             Instant::now() < deadline,
             "{vm} never ran elsewhere: {:?}\n{}",
-            row(via, vm),
+            via.try_cluster_vm(vm),
             logs(all)
         );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
 
-/// The checks every failure test ends with, and its `FAULT-RESULT` line.
-fn conclude(case: &str, all: &[ClusterNode], via: &ClusterNode, reports: &[(&str, RunReport)]) {
-    let mut restarted = 0;
+/// The checks every failure test ends with, and its `FAULT-RESULT` line: no double run;
+/// `always` and `rerun` booted again elsewhere; `manual` stopped, with the reason, and
+/// run by no launcher anywhere.
+fn conclude(case: &str, all: &[ClusterNode], via: &ClusterNode, watches: Vec<(&str, RunWatch)>) {
     let mut longest = 0u128;
-    for (vm, r) in reports {
+    for (vm, w) in watches {
+        let r = w.finish();
         assert!(
             r.double_runs.is_empty(),
             "{vm} ran twice: {:?}\n{}",
             r.double_runs,
             logs(all)
         );
-        if *vm != "manual" {
-            restarted += usize::from(r.boots > 0);
+        if vm == "manual" {
+            assert_eq!(r.boots, 0, "manual was started again\n{}", logs(all));
+        } else {
+            assert!(r.boots > 0, "{vm} was not restarted: {r:?}\n{}", logs(all));
             longest = longest.max(r.longest_down.as_millis());
         }
     }
-    // Manual stays stopped, with the reason.
-    let m = row(via, "manual").expect("manual is still a cluster VM");
+    let m = via
+        .try_cluster_vm("manual")
+        .expect("manual is still a cluster VM");
     assert!(m["node"].is_null(), "{m}");
-    let why = m["message"].as_str().unwrap_or_default().to_string();
+    let why = m["message"].as_str().unwrap_or_default();
     assert!(
-        why.contains("failed") && why.contains("Manual") || why.contains("fence"),
+        why.contains("failed") && why.contains("runStrategy Manual"),
         "{m}"
     );
+    let procs: Vec<i32> = all
+        .iter()
+        .flat_map(|n| {
+            processes_mentioning(&n.node.state().join("vms/manual/").display().to_string())
+        })
+        .collect();
+    assert!(procs.is_empty(), "manual runs: {procs:?}");
+    let restarted = 2;
     println!(
         "FAULT-RESULT case={case} vms=3 restarted={restarted} double_runs=0 longest_down_ms={longest}"
     );
@@ -214,14 +196,11 @@ fn rejoined_cleanly(all: &[ClusterNode]) {
     ignore = "iproute2 or etcd-server is not installed (CI installs them)"
 )]
 fn a_killed_node_s_vms_run_elsewhere_exactly_once() {
-    require_tools();
+    require_cluster_tools();
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let mut f = Fabric::new("fk", 31, 3);
     let mut all = setup(&mut f);
-    let watches: Vec<(&str, RunWatch)> = ["always", "rerun", "manual"]
-        .into_iter()
-        .map(|vm| (vm, watch(&all, vm)))
-        .collect();
+    let watches = watch_all(&all);
     // The node dies: links down, noded and every launcher killed.
     f.set_link(1, false);
     all[0].node.kill_daemon();
@@ -230,7 +209,7 @@ fn a_killed_node_s_vms_run_elsewhere_exactly_once() {
         runs_elsewhere(&all[1], &all, vm);
     }
     for vm in ["always", "rerun"] {
-        let n = row(&all[1], vm).expect("row")["node"]
+        let n = all[1].try_cluster_vm(vm).expect("row")["node"]
             .as_str()
             .unwrap_or("")
             .to_string();
@@ -243,9 +222,7 @@ fn a_killed_node_s_vms_run_elsewhere_exactly_once() {
     f.set_link(1, true);
     all[0].node.spawn_daemon();
     rejoined_cleanly(&all);
-    let reports: Vec<(&str, RunReport)> =
-        watches.into_iter().map(|(v, w)| (v, w.finish())).collect();
-    conclude("kill-node", &all, &all[1], &reports);
+    conclude("kill-node", &all, &all[1], watches);
     all.clear();
 }
 
@@ -255,14 +232,11 @@ fn a_killed_node_s_vms_run_elsewhere_exactly_once() {
     ignore = "iproute2 or etcd-server is not installed (CI installs them)"
 )]
 fn a_cut_off_node_fences_itself_before_its_vms_run_elsewhere() {
-    require_tools();
+    require_cluster_tools();
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let mut f = Fabric::new("fp", 32, 3);
     let mut all = setup(&mut f);
-    let watches: Vec<(&str, RunWatch)> = ["always", "rerun", "manual"]
-        .into_iter()
-        .map(|vm| (vm, watch(&all, vm)))
-        .collect();
+    let watches = watch_all(&all);
     // n1 loses its network: it reaches neither etcd nor its peers, and keeps running.
     f.set_link(1, false);
     all[0].node.wait_until("n1 fences itself", || {
@@ -293,9 +267,7 @@ fn a_cut_off_node_fences_itself_before_its_vms_run_elsewhere() {
     // Healed: n1 rejoins, hands back nothing twice.
     f.set_link(1, true);
     rejoined_cleanly(&all);
-    let reports: Vec<(&str, RunReport)> =
-        watches.into_iter().map(|(v, w)| (v, w.finish())).collect();
-    conclude("partition", &all, &all[1], &reports);
+    conclude("partition", &all, &all[1], watches);
     all.clear();
 }
 
@@ -305,14 +277,11 @@ fn a_cut_off_node_fences_itself_before_its_vms_run_elsewhere() {
     ignore = "iproute2 or etcd-server is not installed (CI installs them)"
 )]
 fn a_frozen_noded_s_launchers_fence_themselves() {
-    require_tools();
+    require_cluster_tools();
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let mut f = Fabric::new("fs", 33, 3);
     let mut all = setup(&mut f);
-    let watches: Vec<(&str, RunWatch)> = ["always", "rerun", "manual"]
-        .into_iter()
-        .map(|vm| (vm, watch(&all, vm)))
-        .collect();
+    let watches = watch_all(&all);
     let pid = all[0].node.daemon_pid().expect("noded runs") as i32;
     // SAFETY: kill(2) with SIGSTOP on the noded this test started.
     unsafe {
@@ -342,8 +311,6 @@ fn a_frozen_noded_s_launchers_fence_themselves() {
         libc::kill(pid, libc::SIGCONT);
     }
     rejoined_cleanly(&all);
-    let reports: Vec<(&str, RunReport)> =
-        watches.into_iter().map(|(v, w)| (v, w.finish())).collect();
-    conclude("sigstop", &all, &all[1], &reports);
+    conclude("sigstop", &all, &all[1], watches);
     all.clear();
 }

@@ -10,12 +10,10 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use integration_tests::cluster::{etcd_available, ClusterNode, Fabric};
-use integration_tests::netns::require_ip;
+use integration_tests::cluster::{logs, require_cluster_tools, Fabric};
 use integration_tests::node::{kill_processes_mentioning, processes_mentioning};
 use integration_tests::run_watch::RunWatch;
 use integration_tests::{bin, guests};
-use serde_json::Value;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -33,50 +31,10 @@ enum When {
     AfterGo,
 }
 
-fn require_tools() {
-    require_ip();
-    assert!(
-        etcd_available(),
-        "the cluster tests need etcd (etcd-server); .ci/run installs it"
-    );
-}
-
-fn logs(all: &[ClusterNode]) -> String {
-    all.iter()
-        .map(|x| {
-            format!(
-                "--- {}:\n{}\n{}",
-                x.name,
-                x.log_tail(60),
-                x.launcher_logs(8)
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-fn row(n: &ClusterNode, vm: &str) -> Option<Value> {
-    n.node
-        .try_ctl(&["cluster", "vms"])
-        .ok()?
-        .as_array()?
-        .iter()
-        .find(|v| v["name"] == vm)
-        .cloned()
-}
-
-fn records(n: &ClusterNode) -> Vec<Value> {
-    n.node
-        .try_ctl(&["cluster", "migrations"])
-        .ok()
-        .and_then(|v| v.as_array().cloned())
-        .unwrap_or_default()
-}
-
 /// One trial: VM `mv` on n1, drained to n2 (n3 cordoned until the kill); `victim` is
 /// killed at `when`. Returns the node the VM runs on at the end.
 fn trial(subnet: u8, victim: Victim, when: When) {
-    require_tools();
+    require_cluster_tools();
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let tag = format!("m{subnet}");
     let mut f = Fabric::new(&tag, subnet, 3);
@@ -124,7 +82,7 @@ fn trial(subnet: u8, victim: Victim, when: When) {
     let deadline = Instant::now() + integration_tests::SAFETY;
     loop {
         let hit = match when {
-            When::PreCopy => records(n2).iter().any(|r| r["phase"] == "Running"),
+            When::PreCopy => n2.try_migrations().iter().any(|r| r["phase"] == "Running"),
             When::AfterGo => n2
                 .node
                 .try_ctl(&["vm", "get", "mv"])
@@ -136,7 +94,7 @@ fn trial(subnet: u8, victim: Victim, when: When) {
         assert!(
             Instant::now() < deadline,
             "the migration never reached {when:?}: {:?}\n{}",
-            records(n2),
+            n2.try_migrations(),
             logs(&all)
         );
         std::thread::sleep(Duration::from_millis(if when == When::AfterGo {
@@ -152,7 +110,8 @@ fn trial(subnet: u8, victim: Victim, when: When) {
         Victim::Source => (0usize, 1usize),
         Victim::Target => (1, 0),
     };
-    let phase_at_kill = records(&all[survivor])
+    let phase_at_kill = all[survivor]
+        .try_migrations()
         .last()
         .map(|r| r["phase"].clone())
         .unwrap_or_default();
@@ -161,7 +120,7 @@ fn trial(subnet: u8, victim: Victim, when: When) {
             phase_at_kill,
             "Running",
             "the kill must hit pre-copy: {:?}",
-            records(&all[survivor])
+            all[survivor].try_migrations()
         );
     }
     f.set_link(vi as u8 + 1, false);
@@ -174,10 +133,11 @@ fn trial(subnet: u8, victim: Victim, when: When) {
     let deadline = Instant::now() + integration_tests::SAFETY;
     let at = loop {
         // Records first, then the row (at least as new), then the node's own word.
-        let over = records(live)
+        let over = live
+            .try_migrations()
             .iter()
             .all(|m| m["phase"] == "Succeeded" || m["phase"] == "Failed");
-        let r = row(live, "mv");
+        let r = live.try_cluster_vm("mv");
         if let Some(v) = &r {
             let node = v["node"].as_str().unwrap_or_default().to_string();
             let local_running = all
@@ -192,7 +152,7 @@ fn trial(subnet: u8, victim: Victim, when: When) {
         assert!(
             Instant::now() < deadline,
             "mv never settled on a live node: {r:?} {:?}\n{}",
-            records(live),
+            live.try_migrations(),
             logs(&all)
         );
         std::thread::sleep(Duration::from_millis(200));
@@ -221,7 +181,8 @@ fn trial(subnet: u8, victim: Victim, when: When) {
         "one launcher runs mv: {procs:?}\n{}",
         logs(&all)
     );
-    let outcome = records(live)
+    let outcome = live
+        .try_migrations()
         .last()
         .map(|r| format!("{}", r["phase"]))
         .unwrap_or_default();

@@ -331,11 +331,10 @@ async fn round(c: &Cluster, mem: &mut Memory) -> Result<(), EtcdError> {
     // Under a lease not yet reconciled (just joined or rejoined), the first round only
     // reports and stops what runs elsewhere; launchers start from the next round, once
     // the fence monitor fed the watchdog for this lease (fence.rs).
+    remove_strays(c, &local, &cl).await;
     if c.state().reconciled_lease == Some(lease) {
         converge_vms(c, &local, &cl).await?;
         migrations(c, &local, &cl).await?;
-    } else {
-        stop_strays(c, &local, &cl).await;
     }
     publish_updates(c, mem, &local).await?;
     c.update(|s| s.reconciled_lease = Some(lease));
@@ -579,7 +578,7 @@ fn migration_active_for(cl: &Cluster2, vm: &str) -> bool {
         .any(|m| m.value.vm == vm && m.value.phase.active())
 }
 
-/// Creates, stops and removes local VMs as the cluster says.
+/// Creates, evicts and deletes the VMs the cluster assigned to this node.
 async fn converge_vms(c: &Cluster, local: &LocalSnapshot, cl: &Cluster2) -> Result<(), EtcdError> {
     let me = &c.opts.node_name;
     let by_name: BTreeMap<&str, &LocalVm> = local
@@ -651,7 +650,13 @@ async fn converge_vms(c: &Cluster, local: &LocalSnapshot, cl: &Cluster2) -> Resu
             }
         }
     }
-    // Local VMs the cluster put elsewhere, or deleted.
+    Ok(())
+}
+
+/// Removes local VMs the cluster put elsewhere (or deleted): stops the running ones, so
+/// that nothing runs twice, and deletes the stopped ones. Starts nothing.
+async fn remove_strays(c: &Cluster, local: &LocalSnapshot, cl: &Cluster2) {
+    let me = &c.opts.node_name;
     for l in &local.vms {
         let name = &l.spec.name;
         let assigned = cl.vms.get(name).and_then(|v| v.value.node_name.clone());
@@ -669,29 +674,6 @@ async fn converge_vms(c: &Cluster, local: &LocalSnapshot, cl: &Cluster2) -> Resu
             tracing::warn!(vm = %name, assigned = ?assigned, "VM runs here but is assigned elsewhere; stopping it");
             c.request(Req::StopVm(name.clone())).await;
         }
-    }
-    Ok(())
-}
-
-/// Stops local VMs that the cluster assigned elsewhere (or deleted): the part of
-/// [`converge_vms`] that starts nothing.
-async fn stop_strays(c: &Cluster, local: &LocalSnapshot, cl: &Cluster2) {
-    let me = &c.opts.node_name;
-    for l in local
-        .vms
-        .iter()
-        .filter(|l| l.active && l.phase != "Receiving")
-    {
-        let name = &l.spec.name;
-        let assigned = cl.vms.get(name).and_then(|v| v.value.node_name.clone());
-        if assigned.as_deref() == Some(me.as_str())
-            || migration_active_for(cl, name)
-            || !cl.vms.contains_key(name)
-        {
-            continue;
-        }
-        tracing::warn!(vm = %name, assigned = ?assigned, "VM runs here but is assigned elsewhere; stopping it");
-        c.request(Req::StopVm(name.clone())).await;
     }
 }
 
