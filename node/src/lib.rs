@@ -32,3 +32,26 @@ pub mod supervisor;
 pub mod views;
 pub mod vm_state;
 pub mod watch;
+
+/// Runs a program's async main on a tokio runtime and turns its outcome into the exit
+/// status: 0, or 1 with `PROGRAM: error` on stderr (also when the runtime cannot start).
+pub fn block_on_main<E: std::fmt::Display>(
+    program: &str,
+    runtime: std::io::Result<tokio::runtime::Runtime>,
+    main: impl std::future::Future<Output = Result<(), E>>,
+) -> std::process::ExitCode {
+    let rt = match runtime {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{program}: cannot start the runtime: {e}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    match rt.block_on(main) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{program}: {e}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}

@@ -23,9 +23,8 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::coordinator::{ExitKind, Millis, StopCause, VmState, VmStatus};
-use super::daemon::{Daemon, Vm, MAX_SOCKET_PATH};
+use super::daemon::{Daemon, Vm};
 use super::requests::{err, Body, Reply};
-use super::spec::parse_spec;
 use super::store::VmRow;
 use super::supervisor::{self, Answer, Event, MigrationResult};
 use super::views::now_ms;
@@ -73,16 +72,16 @@ fn only_fields(body: &Value, allowed: &[&str]) -> Result<(), Reply> {
     }
 }
 
-/// `launcher run --incoming` arguments for a VM coming from another node. Unlike a local
+/// `launcher run --incoming` options for a VM coming from another node. Unlike a local
 /// handover, no TAP descriptor travels with the guest: the target opens its own TAPs
 /// (`--net`, same MACs); disks come with the migration stream's state.
-pub fn remote_incoming_args(
+pub fn remote_incoming_options(
     listen: &str,
     tls_dir: &str,
     serial: &Path,
     api_socket: &Path,
     spec: &super::spec::VmSpec,
-) -> Vec<String> {
+) -> LaunchOptions {
     LaunchOptions {
         source: VmSource::Incoming {
             uri: listen.to_string(),
@@ -94,8 +93,8 @@ pub fn remote_incoming_args(
         api_socket: Some(api_socket.display().to_string()),
         watchdog_file: None,
         watchdog_timeout_ms: None,
+        migration_stall_timeout_ms: None,
     }
-    .to_argv()
 }
 
 impl Daemon {
@@ -112,36 +111,12 @@ impl Daemon {
             Ok(t) => t,
             Err(r) => return r,
         };
-        let mut spec = match parse_spec(body.get("spec").unwrap_or(&Value::Null)) {
-            Ok(s) => s,
-            Err(e) => return err(400, e),
-        };
-        if self.vms.contains_key(&spec.name) {
-            return err(409, format!("VM {} already exists", spec.name));
-        }
-        // The source's spec carries the MACs; keep them (the guest must not notice).
-        spec.assign_macs(None);
-        if let Some(e) = self.interface_conflict(&spec) {
-            return err(409, e);
-        }
-        let Some(launcher) = self.effective().cloned() else {
-            return err(
-                409,
-                "no launcher installed: run `nodectl launcher install --path PATH` first",
-            );
-        };
-        spec.machine_type = match self.resolve_machine_type(&spec.machine_type) {
-            Ok(m) => m,
-            Err(e) => return err(400, e),
+        let (spec, launcher) = match self.admit_new_vm(body.get("spec").unwrap_or(&Value::Null)) {
+            Ok(admitted) => admitted,
+            Err(reply) => return reply,
         };
         let name = spec.name.clone();
         let dir = self.vm_dir(&name);
-        if dir.join("migrate-999999.sock").as_os_str().len() > MAX_SOCKET_PATH {
-            return err(
-                400,
-                "the state directory path is too long for the VM's unix sockets",
-            );
-        }
         if let Err(e) = std::fs::create_dir_all(&dir) {
             return err(500, format!("{}: {e}", dir.display()));
         }
@@ -177,8 +152,13 @@ impl Daemon {
         if let Err(e) = self.store.insert_vm(&row) {
             return err(500, e);
         }
-        let args = remote_incoming_args(&listen, &tls, &serial, &api_socket, &row.spec);
-        let args = self.watchdog_args(args);
+        let args = self.launch_argv(remote_incoming_options(
+            &listen,
+            &tls,
+            &serial,
+            &api_socket,
+            &row.spec,
+        ));
         self.vms.insert(
             name.clone(),
             Vm {
@@ -609,13 +589,14 @@ mod tests {
         let spec =
             parse_spec_text("name: a\nkernel: /k\nmemory: 64Mi\ninterfaces: [{tap: t0, mac: \"52:54:00:00:00:01\"}]")
                 .unwrap();
-        let a = remote_incoming_args(
+        let a = remote_incoming_options(
             "tcp:10.0.0.2:4000",
             "/tls",
             Path::new("/c.log"),
             Path::new("/a.sock"),
             &spec,
-        );
+        )
+        .to_argv();
         assert!(a
             .windows(2)
             .any(|w| w == ["--incoming", "tcp:10.0.0.2:4000"]));

@@ -327,38 +327,48 @@ impl Daemon {
         }
     }
 
-    fn create_vm(&mut self, value: &Value, dry_run: bool) -> Reply {
-        let mut spec = match parse_spec(value) {
-            Ok(s) => s,
-            Err(e) => return err(400, e),
-        };
+    /// The checks every new VM's spec passes on this node, for `vm create` and for a VM
+    /// received from another node: a valid spec with a new name, MACs assigned (a spec
+    /// that carries them keeps them), no interface conflict, a launcher installed that
+    /// offers the machine type, and socket paths that fit. Returns the spec with its
+    /// machine type resolved, and the launcher that will run it.
+    pub(crate) fn admit_new_vm(&self, value: &Value) -> Result<(VmSpec, InstalledLauncher), Reply> {
+        let mut spec = parse_spec(value).map_err(|e| err(400, e))?;
         if self.vms.contains_key(&spec.name) {
-            return err(409, format!("VM {} already exists", spec.name));
+            return Err(err(409, format!("VM {} already exists", spec.name)));
         }
         spec.assign_macs(None);
         if let Some(e) = self.interface_conflict(&spec) {
-            return err(409, e);
+            return Err(err(409, e));
         }
-        if self.effective().is_none() {
-            return err(
+        let Some(launcher) = self.effective().cloned() else {
+            return Err(err(
                 409,
                 "no launcher installed: run `nodectl launcher install --path PATH` first",
-            );
+            ));
+        };
+        spec.machine_type = self
+            .resolve_machine_type(&spec.machine_type)
+            .map_err(|e| err(400, e))?;
+        let dir = self.vm_dir(&spec.name);
+        if dir.join("migrate-999999.sock").as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(err(
+                400,
+                "the state directory path is too long for the VM's unix sockets",
+            ));
         }
-        spec.machine_type = match self.resolve_machine_type(&spec.machine_type) {
-            Ok(m) => m,
-            Err(e) => return err(400, e),
+        Ok((spec, launcher))
+    }
+
+    fn create_vm(&mut self, value: &Value, dry_run: bool) -> Reply {
+        let spec = match self.admit_new_vm(value) {
+            Ok((spec, _)) => spec,
+            Err(reply) => return reply,
         };
         if let Some(e) = super::dry_run::missing_files(&spec) {
             return err(400, e);
         }
         let dir = self.vm_dir(&spec.name);
-        if dir.join("migrate-999999.sock").as_os_str().len() > MAX_SOCKET_PATH {
-            return err(
-                400,
-                "the state directory path is too long for the VM's unix sockets",
-            );
-        }
         if dry_run {
             return self.dry_run_view(spec, 200);
         }

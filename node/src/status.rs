@@ -21,32 +21,8 @@ impl Daemon {
             |f: &dyn Fn(&VmState) -> bool| self.vms.values().filter(|v| f(&v.status.state)).count();
         let migrating = count(&|s| matches!(s, VmState::Migrating { .. }));
         let evicting = count(&|s| matches!(s, VmState::Evicting { .. }));
-        let failing: Vec<&str> = self
-            .vms
-            .values()
-            .filter(|v| match &v.status.state {
-                VmState::Stopped {
-                    cause: StopCause::Failed(_) | StopCause::StartFailed(_),
-                } => true,
-                VmState::Starting { not_before, .. } => *not_before > now,
-                VmState::Backoff { .. } => true,
-                _ => false,
-            })
-            .map(|v| v.spec.name.as_str())
-            .collect();
-        let blocked: Vec<String> = plan
-            .verdicts
-            .iter()
-            .filter(|(_, v)| {
-                v.outdated
-                    && v.reason.as_deref().is_some_and(|r| {
-                        r.contains("Evict is not enabled")
-                            || r.contains("refuses eviction")
-                            || r.contains("does not offer")
-                    })
-            })
-            .map(|(n, v)| format!("{n}: {}", v.reason.as_deref().unwrap_or("")))
-            .collect();
+        let failing = self.failing_vms(now);
+        let blocked = blocked_updates(&plan);
         let methods_empty = self
             .settings
             .workload_update_strategy
@@ -67,52 +43,14 @@ impl Daemon {
                 "install one with nodectl launcher install --path PATH",
             ),
         });
-        conditions.push(if migrating + evicting > 0 {
-            Condition::new(
-                "Progressing",
-                true,
-                "UpdatingWorkloads",
-                format!(
-                    "{migrating} migrating, {evicting} evicting, {} outdated",
-                    outdated.len()
-                ),
-            )
-        } else if outdated.is_empty() {
-            Condition::new(
-                "Progressing",
-                false,
-                "UpToDate",
-                "every VM runs the target launcher",
-            )
-        } else if self.approval_pending() {
-            Condition::new(
-                "Progressing",
-                false,
-                "WaitingForApproval",
-                "run nodectl update approve",
-            )
-        } else if methods_empty {
-            Condition::new(
-                "Progressing",
-                false,
-                "WorkloadUpdatesDisabled",
-                "workloadUpdateMethods is empty",
-            )
-        } else if blocked.len() == outdated.len() {
-            Condition::new(
-                "Progressing",
-                false,
-                "OutdatedWorkloadsBlocked",
-                "every outdated VM is blocked; see Upgradeable",
-            )
-        } else {
-            Condition::new(
-                "Progressing",
-                true,
-                "UpdatingWorkloads",
-                format!("{} outdated", outdated.len()),
-            )
-        });
+        conditions.push(progressing(&Progress {
+            migrating,
+            evicting,
+            outdated: outdated.len(),
+            blocked: blocked.len(),
+            approval_pending: self.approval_pending(),
+            methods_empty,
+        }));
         conditions.push(if failing.is_empty() {
             Condition::new("Degraded", false, "AsExpected", "")
         } else {
@@ -165,6 +103,22 @@ impl Daemon {
         }
     }
 
+    /// VMs that failed, crash-loop or wait in back-off: the Degraded condition's list.
+    fn failing_vms(&self, now: i64) -> Vec<&str> {
+        self.vms
+            .values()
+            .filter(|v| match &v.status.state {
+                VmState::Stopped {
+                    cause: StopCause::Failed(_) | StopCause::StartFailed(_),
+                } => true,
+                VmState::Starting { not_before, .. } => *not_before > now,
+                VmState::Backoff { .. } => true,
+                _ => false,
+            })
+            .map(|v| v.spec.name.as_str())
+            .collect()
+    }
+
     pub(crate) fn metrics(&self) -> String {
         let now = now_ms();
         let plan = self.plan(now);
@@ -214,5 +168,82 @@ impl Daemon {
             self.settings.channel.as_str(),
             off.join(", ")
         ))
+    }
+}
+
+/// Outdated VMs that no enabled update method can move, with the planner's reason: the
+/// Upgradeable condition's list.
+fn blocked_updates(plan: &super::coordinator::Plan) -> Vec<String> {
+    plan.verdicts
+        .iter()
+        .filter(|(_, v)| {
+            v.outdated
+                && v.reason.as_deref().is_some_and(|r| {
+                    r.contains("Evict is not enabled")
+                        || r.contains("refuses eviction")
+                        || r.contains("does not offer")
+                })
+        })
+        .map(|(n, v)| format!("{n}: {}", v.reason.as_deref().unwrap_or("")))
+        .collect()
+}
+
+/// What the Progressing condition is decided from.
+struct Progress {
+    migrating: usize,
+    evicting: usize,
+    outdated: usize,
+    blocked: usize,
+    approval_pending: bool,
+    methods_empty: bool,
+}
+
+/// The Progressing condition: updating, up to date, or why the update waits.
+fn progressing(p: &Progress) -> Condition {
+    if p.migrating + p.evicting > 0 {
+        Condition::new(
+            "Progressing",
+            true,
+            "UpdatingWorkloads",
+            format!(
+                "{} migrating, {} evicting, {} outdated",
+                p.migrating, p.evicting, p.outdated
+            ),
+        )
+    } else if p.outdated == 0 {
+        Condition::new(
+            "Progressing",
+            false,
+            "UpToDate",
+            "every VM runs the target launcher",
+        )
+    } else if p.approval_pending {
+        Condition::new(
+            "Progressing",
+            false,
+            "WaitingForApproval",
+            "run nodectl update approve",
+        )
+    } else if p.methods_empty {
+        Condition::new(
+            "Progressing",
+            false,
+            "WorkloadUpdatesDisabled",
+            "workloadUpdateMethods is empty",
+        )
+    } else if p.blocked == p.outdated {
+        Condition::new(
+            "Progressing",
+            false,
+            "OutdatedWorkloadsBlocked",
+            "every outdated VM is blocked; see Upgradeable",
+        )
+    } else {
+        Condition::new(
+            "Progressing",
+            true,
+            "UpdatingWorkloads",
+            format!("{} outdated", p.outdated),
+        )
     }
 }

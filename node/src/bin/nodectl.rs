@@ -9,21 +9,11 @@ use node::ctl::{default_sigpipe, run, Cli};
 fn main() -> ExitCode {
     default_sigpipe();
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("nodectl: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    match rt.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("nodectl: {e}");
-            ExitCode::from(1)
-        }
-    }
+    node::block_on_main(
+        "nodectl",
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        run(cli),
+    )
 }

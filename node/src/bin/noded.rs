@@ -150,22 +150,12 @@ fn main() -> ExitCode {
         cluster,
         metrics_address: cli.metrics_address,
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("noded: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    match rt.block_on(run(opts)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("noded: {e}");
-            ExitCode::from(1)
-        }
-    }
+    node::block_on_main(
+        "noded",
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build(),
+        run(opts),
+    )
 }

@@ -749,83 +749,107 @@ async fn migrations(c: &Cluster, local: &LocalSnapshot, cl: &Cluster2) -> Result
             continue;
         };
         match m.phase {
-            MigrationPhase::TargetReady => {
-                let listen = m.listen.clone().unwrap_or_default();
-                if l.phase != "MigratingOut" && l.moved_to.is_none() {
-                    let body = json!({"to": listen, "tlsDir": tls});
-                    let r = c.request(Req::MigrateOut(m.vm.clone(), body)).await;
-                    if !(200..300).contains(&r.status) {
-                        let why = format!("the source refused: {:?}", r.body);
-                        set_phase(c, rec, |r| fail(r, &why), vec![]).await?;
-                        continue;
-                    }
-                    tracing::info!(vm = %m.vm, to = %m.target, "migrating to another node for the cluster");
-                }
-                let from = l.launcher_version.clone();
-                set_phase(
-                    c,
-                    rec,
-                    |r| {
-                        r.phase = MigrationPhase::Running;
-                        r.from_version = from;
-                    },
-                    vec![],
-                )
-                .await?;
-            }
-            MigrationPhase::Running => {
-                let report = l.last_migration.as_ref().map(|x| x.report.clone());
-                // The launcher's exit (64) can mark the VM moved a moment before the
-                // migration job files its report: wait for the report (a little).
-                let reported = l
-                    .last_migration
-                    .as_ref()
-                    .is_some_and(|x| x.finished_at.is_some() && x.report.is_object());
-                let patience = model::now() < m.created_at + 30_000;
-                if l.moved_to.is_some() && l.moved_to == m.listen && !reported && patience {
-                    continue;
-                }
-                if l.moved_to.is_some() && l.moved_to == m.listen {
-                    let Some(vm) = cl.vms.get(&m.vm) else {
-                        continue;
-                    };
-                    let mut moved = vm.value.clone();
-                    moved.node_name = Some(m.target.clone());
-                    let w = Write::put(model::key("vms", &m.vm), &moved, vm.revision)?;
-                    let now = model::now();
-                    if set_phase(
-                        c,
-                        rec,
-                        |r| {
-                            r.phase = MigrationPhase::Succeeded;
-                            r.finished_at = Some(now);
-                            r.report = report;
-                        },
-                        vec![w],
-                    )
-                    .await?
-                    {
-                        tracing::info!(vm = %m.vm, to = %m.target, "VM moved to another node");
-                    }
-                } else if l.phase != "MigratingOut" {
-                    let why = l
-                        .message
-                        .clone()
-                        .unwrap_or_else(|| "the migration failed".into());
-                    set_phase(
-                        c,
-                        rec,
-                        |r| {
-                            fail(r, &why);
-                            r.report = report;
-                        },
-                        vec![],
-                    )
-                    .await?;
-                }
-            }
+            MigrationPhase::TargetReady => source_send(c, rec, l, &tls).await?,
+            MigrationPhase::Running => source_finish(c, cl, rec, l).await?,
             _ => {}
         }
+    }
+    Ok(())
+}
+
+/// The source's side once the target listens: ask the local daemon to send the VM (once)
+/// and mark the record `Running`.
+async fn source_send(
+    c: &Cluster,
+    rec: &Versioned<MigrationRecord>,
+    l: &LocalVm,
+    tls: &str,
+) -> Result<(), EtcdError> {
+    let m = &rec.value;
+    let listen = m.listen.clone().unwrap_or_default();
+    if l.phase != "MigratingOut" && l.moved_to.is_none() {
+        let body = json!({"to": listen, "tlsDir": tls});
+        let r = c.request(Req::MigrateOut(m.vm.clone(), body)).await;
+        if !(200..300).contains(&r.status) {
+            let why = format!("the source refused: {:?}", r.body);
+            set_phase(c, rec, |r| fail(r, &why), vec![]).await?;
+            return Ok(());
+        }
+        tracing::info!(vm = %m.vm, to = %m.target, "migrating to another node for the cluster");
+    }
+    let from = l.launcher_version.clone();
+    set_phase(
+        c,
+        rec,
+        |r| {
+            r.phase = MigrationPhase::Running;
+            r.from_version = from;
+        },
+        vec![],
+    )
+    .await?;
+    Ok(())
+}
+
+/// The source's side of a `Running` migration: once the VM moved to the record's
+/// listener (and its report is filed), reassign the VM to the target and mark the
+/// record `Succeeded` in one transaction; if the VM stopped migrating without moving,
+/// mark it `Failed` with the daemon's message.
+async fn source_finish(
+    c: &Cluster,
+    cl: &Cluster2,
+    rec: &Versioned<MigrationRecord>,
+    l: &LocalVm,
+) -> Result<(), EtcdError> {
+    let m = &rec.value;
+    let report = l.last_migration.as_ref().map(|x| x.report.clone());
+    // The launcher's exit (64) can mark the VM moved a moment before the
+    // migration job files its report: wait for the report (a little).
+    let reported = l
+        .last_migration
+        .as_ref()
+        .is_some_and(|x| x.finished_at.is_some() && x.report.is_object());
+    let patience = model::now() < m.created_at + 30_000;
+    if l.moved_to.is_some() && l.moved_to == m.listen && !reported && patience {
+        return Ok(());
+    }
+    if l.moved_to.is_some() && l.moved_to == m.listen {
+        let Some(vm) = cl.vms.get(&m.vm) else {
+            return Ok(());
+        };
+        let mut moved = vm.value.clone();
+        moved.node_name = Some(m.target.clone());
+        let w = Write::put(model::key("vms", &m.vm), &moved, vm.revision)?;
+        let now = model::now();
+        if set_phase(
+            c,
+            rec,
+            |r| {
+                r.phase = MigrationPhase::Succeeded;
+                r.finished_at = Some(now);
+                r.report = report;
+            },
+            vec![w],
+        )
+        .await?
+        {
+            tracing::info!(vm = %m.vm, to = %m.target, "VM moved to another node");
+        }
+    } else if l.phase != "MigratingOut" {
+        let why = l
+            .message
+            .clone()
+            .unwrap_or_else(|| "the migration failed".into());
+        set_phase(
+            c,
+            rec,
+            |r| {
+                fail(r, &why);
+                r.report = report;
+            },
+            vec![],
+        )
+        .await?;
     }
     Ok(())
 }

@@ -577,64 +577,11 @@ impl<'a> Planner<'a> {
     }
 
     fn update(&mut self) {
-        // Each node's target: its newest launcher on its channel.
-        let targets: BTreeMap<&str, &str> = self
-            .v
-            .nodes
-            .iter()
-            .filter_map(|(name, n)| {
-                n.launchers
-                    .iter()
-                    .filter(|l| channel_follows(&n.channel, &l.channel))
-                    .map(|l| l.version.as_str())
-                    .max_by(|a, b| compare_versions(a, b))
-                    .map(|t| (name.as_str(), t))
-            })
-            .collect();
-        self.out.status.target_version = targets
-            .values()
-            .max_by(|a, b| compare_versions(a, b))
-            .map(|s| s.to_string());
-        let mut outdated: Vec<(String, String, String)> = Vec::new(); // (vm, node, target)
-        for (name, s) in &self.v.statuses {
-            let (Some(t), Some(have)) = (targets.get(s.node.as_str()), &s.launcher_version) else {
-                continue;
-            };
-            let on_node = self
-                .v
-                .vms
-                .get(name)
-                .is_some_and(|vm| vm.node_name.as_deref() == Some(s.node.as_str()));
-            if on_node && compare_versions(have, t) == Ordering::Less {
-                outdated.push((name.clone(), s.node.clone(), t.to_string()));
-            }
-        }
+        let outdated = self.outdated_vms();
         self.out.status.outdated = outdated.len() as u32;
-        // Grants that are done or moot go; failed ones go too (the VM waits for a later
-        // wave).
-        let mut live = 0;
-        for (vm, g) in &self.v.grants {
-            let still = outdated
-                .iter()
-                .any(|(n, node, t)| n == vm && *node == g.node && *t == g.version);
-            let failed = self.v.migrations.iter().any(|m| {
-                m.vm == *vm
-                    && m.reason == MigrationReason::Update
-                    && m.phase == MigrationPhase::Failed
-                    && m.created_at >= g.granted_at
-            });
-            if !still || failed {
-                self.out.decisions.push(Decision::Revoke { vm: vm.clone() });
-                self.in_flight = self.in_flight.saturating_sub(1);
-                if let Some(o) = self.outbound.get_mut(&g.node) {
-                    *o = o.saturating_sub(1);
-                }
-            } else {
-                live += 1;
-            }
-        }
+        let live = self.settle_grants(&outdated);
         let strategy = &self.v.config.workload_update_strategy;
-        let mut wave = self.v.previous.wave;
+        let wave = self.v.previous.wave;
         if strategy.workload_update_methods.is_empty() || outdated.is_empty() {
             self.out.status.wave = if outdated.is_empty() { None } else { wave };
             return;
@@ -663,15 +610,86 @@ impl<'a> Planner<'a> {
             self.out.status.wave = wave;
             return;
         }
-        // A canary first: until one VM runs the rollout's version (nodes that have not
-        // installed it yet do not count), only one at a time.
+        self.out.status.wave = self.grant_wave(outdated, &target);
+    }
+
+    /// The VMs running an older launcher than their node's target (the node's newest
+    /// launcher on its channel), as `(vm, node, target)`; also sets the rollout's
+    /// target version in the status.
+    fn outdated_vms(&mut self) -> Vec<(String, String, String)> {
+        let targets: BTreeMap<&str, &str> = self
+            .v
+            .nodes
+            .iter()
+            .filter_map(|(name, n)| {
+                n.launchers
+                    .iter()
+                    .filter(|l| channel_follows(&n.channel, &l.channel))
+                    .map(|l| l.version.as_str())
+                    .max_by(|a, b| compare_versions(a, b))
+                    .map(|t| (name.as_str(), t))
+            })
+            .collect();
+        self.out.status.target_version = targets
+            .values()
+            .max_by(|a, b| compare_versions(a, b))
+            .map(|s| s.to_string());
+        let mut outdated = Vec::new();
+        for (name, s) in &self.v.statuses {
+            let (Some(t), Some(have)) = (targets.get(s.node.as_str()), &s.launcher_version) else {
+                continue;
+            };
+            let on_node = self
+                .v
+                .vms
+                .get(name)
+                .is_some_and(|vm| vm.node_name.as_deref() == Some(s.node.as_str()));
+            if on_node && compare_versions(have, t) == Ordering::Less {
+                outdated.push((name.clone(), s.node.clone(), t.to_string()));
+            }
+        }
+        outdated
+    }
+
+    /// Revokes the grants that are done, moot or failed (a failed VM waits for a later
+    /// wave) and returns how many are still running.
+    fn settle_grants(&mut self, outdated: &[(String, String, String)]) -> usize {
+        let mut live = 0;
+        for (vm, g) in &self.v.grants {
+            let still = outdated
+                .iter()
+                .any(|(n, node, t)| n == vm && *node == g.node && *t == g.version);
+            let failed = self.v.migrations.iter().any(|m| {
+                m.vm == *vm
+                    && m.reason == MigrationReason::Update
+                    && m.phase == MigrationPhase::Failed
+                    && m.created_at >= g.granted_at
+            });
+            if !still || failed {
+                self.out.decisions.push(Decision::Revoke { vm: vm.clone() });
+                self.in_flight = self.in_flight.saturating_sub(1);
+                if let Some(o) = self.outbound.get_mut(&g.node) {
+                    *o = o.saturating_sub(1);
+                }
+            } else {
+                live += 1;
+            }
+        }
+        live
+    }
+
+    /// Grants the next wave within the parallel limits: a canary first (until one VM
+    /// runs the rollout's version, nodes that have not installed it yet aside, only one
+    /// at a time), then batches of `batchSize`. Returns the wave number now running.
+    fn grant_wave(&mut self, outdated: Vec<(String, String, String)>, target: &str) -> Option<u32> {
+        let mut wave = self.v.previous.wave;
         let any_updated = self
             .v
             .statuses
             .values()
-            .any(|s| s.launcher_version.as_deref() == Some(target.as_str()));
+            .any(|s| s.launcher_version.as_deref() == Some(target));
         let size = if any_updated {
-            strategy.batch_size.max(1)
+            self.v.config.workload_update_strategy.batch_size.max(1)
         } else {
             1
         };
@@ -680,18 +698,17 @@ impl<'a> Planner<'a> {
             Some(w) if any_updated => w + 1,
             Some(w) => w,
         };
-        let draining = |node: &str| {
-            self.v
-                .node_configs
-                .get(node)
-                .is_some_and(|c| c.drain_requested_at.is_some())
-        };
         let mut granted = 0;
         for (vm, node, version) in outdated {
             if granted >= size {
                 break;
             }
-            if draining(&node) || self.migrating(&vm) || self.v.grants.contains_key(&vm) {
+            let draining = self
+                .v
+                .node_configs
+                .get(&node)
+                .is_some_and(|c| c.drain_requested_at.is_some());
+            if draining || self.migrating(&vm) || self.v.grants.contains_key(&vm) {
                 continue;
             }
             if !self.may_start(&node) {
@@ -710,7 +727,7 @@ impl<'a> Planner<'a> {
                 },
             });
         }
-        self.out.status.wave = wave;
+        wave
     }
 }
 

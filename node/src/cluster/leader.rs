@@ -221,28 +221,7 @@ fn writes_for(d: &Decision, r: &Read) -> Result<Option<Vec<Write>>, EtcdError> {
             }
         })?),
         Decision::Migrate { vm, source, target } => {
-            let now = model::now();
-            let id = format!("{now:013}-{}", SEQ.fetch_add(1, Ordering::Relaxed));
-            let rec = MigrationRecord {
-                id: id.clone(),
-                vm: vm.clone(),
-                reason: MigrationReason::Drain,
-                source: source.clone(),
-                target: target.clone(),
-                phase: MigrationPhase::Scheduled,
-                listen: None,
-                from_version: r
-                    .view
-                    .statuses
-                    .get(vm)
-                    .and_then(|s| s.launcher_version.clone()),
-                to_version: None,
-                created_at: now,
-                finished_at: None,
-                error: None,
-                report: None,
-            };
-            let mut w = vec![Write::put(model::migration_key(vm, &id), &rec, 0)?];
+            let mut w = vec![new_drain_record(vm, source, target, r)?];
             // The VM must still be where the plan saw it.
             if let Some(x) = vm_write(vm, &|_| {})? {
                 w.push(x);
@@ -254,24 +233,7 @@ fn writes_for(d: &Decision, r: &Read) -> Result<Option<Vec<Write>>, EtcdError> {
             grant,
             r.grants.get(vm).copied().unwrap_or(0),
         )?]),
-        Decision::Abandon { vm, id, reason } => {
-            let Some(rec) = r
-                .records
-                .iter()
-                .find(|x| x.value.id == *id && x.value.vm == *vm)
-            else {
-                return Ok(None);
-            };
-            let mut next = rec.value.clone();
-            next.phase = MigrationPhase::Failed;
-            next.error = Some(format!("abandoned: {reason}"));
-            next.finished_at = Some(model::now());
-            Some(vec![Write::put(
-                model::migration_key(vm, id),
-                &next,
-                rec.revision,
-            )?])
-        }
+        Decision::Abandon { vm, id, reason } => abandon(vm, id, reason, r)?.map(|w| vec![w]),
         Decision::NodeLost { node } => Some(vec![
             Write::put(
                 model::key("nodefailures", node),
@@ -315,6 +277,53 @@ fn writes_for(d: &Decision, r: &Read) -> Result<Option<Vec<Write>>, EtcdError> {
             }]
         }),
     })
+}
+
+/// A new `Scheduled` record of a drain migration (its key must not exist yet).
+fn new_drain_record(vm: &str, source: &str, target: &str, r: &Read) -> Result<Write, EtcdError> {
+    let now = model::now();
+    let id = format!("{now:013}-{}", SEQ.fetch_add(1, Ordering::Relaxed));
+    let rec = MigrationRecord {
+        id: id.clone(),
+        vm: vm.to_string(),
+        reason: MigrationReason::Drain,
+        source: source.to_string(),
+        target: target.to_string(),
+        phase: MigrationPhase::Scheduled,
+        listen: None,
+        from_version: r
+            .view
+            .statuses
+            .get(vm)
+            .and_then(|s| s.launcher_version.clone()),
+        to_version: None,
+        created_at: now,
+        finished_at: None,
+        error: None,
+        report: None,
+    };
+    Write::put(model::migration_key(vm, &id), &rec, 0)
+}
+
+/// Marks a migration record `Failed` with the reason it was abandoned, if the record
+/// is still the one the plan saw.
+fn abandon(vm: &str, id: &str, reason: &str, r: &Read) -> Result<Option<Write>, EtcdError> {
+    let Some(rec) = r
+        .records
+        .iter()
+        .find(|x| x.value.id == id && x.value.vm == vm)
+    else {
+        return Ok(None);
+    };
+    let mut next = rec.value.clone();
+    next.phase = MigrationPhase::Failed;
+    next.error = Some(format!("abandoned: {reason}"));
+    next.finished_at = Some(model::now());
+    Ok(Some(Write::put(
+        model::migration_key(vm, id),
+        &next,
+        rec.revision,
+    )?))
 }
 
 /// Keeps the newest [`RECORDS_KEPT`] records per VM; records of VMs that no longer

@@ -9,7 +9,7 @@ use clap::Subcommand;
 use serde_json::Value;
 
 use super::client::Client;
-use super::output::{s, table, yaml};
+use super::output::{rows, s, table, yaml};
 use super::read_doc;
 
 fn print_yaml(v: &Value) {
@@ -328,24 +328,18 @@ pub async fn cluster(c: &Client, cmd: &ClusterCmd, json_out: bool) -> Result<(),
             }
         }
         ClusterCmd::Vms => {
-            let rows: Vec<Vec<String>> = v
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .map(|x| {
-                            vec![
-                                s(&x["name"]),
-                                s(&x["node"]),
-                                s(&x["phase"]),
-                                s(&x["launcherVersion"]),
-                                s(&x["runStrategy"]),
-                                s(&x["evictionStrategy"]),
-                                x["message"].as_str().unwrap_or("").to_string(),
-                            ]
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
+            let rows = rows(
+                &v,
+                &[
+                    "name",
+                    "node",
+                    "phase",
+                    "launcherVersion",
+                    "runStrategy",
+                    "evictionStrategy",
+                    "message",
+                ],
+            );
             table(
                 &[
                     "NAME",
@@ -360,24 +354,10 @@ pub async fn cluster(c: &Client, cmd: &ClusterCmd, json_out: bool) -> Result<(),
             );
         }
         ClusterCmd::Migrations => {
-            let rows: Vec<Vec<String>> = v
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .map(|m| {
-                            vec![
-                                s(&m["id"]),
-                                s(&m["vm"]),
-                                s(&m["reason"]),
-                                s(&m["source"]),
-                                s(&m["target"]),
-                                s(&m["phase"]),
-                                m["error"].as_str().unwrap_or("").to_string(),
-                            ]
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
+            let rows = rows(
+                &v,
+                &["id", "vm", "reason", "source", "target", "phase", "error"],
+            );
             table(
                 &["ID", "VM", "REASON", "SOURCE", "TARGET", "PHASE", "ERROR"],
                 &rows,

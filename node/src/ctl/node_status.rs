@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::Subcommand;
 use serde_json::Value;
 
-use super::output::{print_event, print_structured, s, table, table_text, yaml, Output};
+use super::output::{print_event, print_structured, rows, s, table, table_text, yaml, Output};
 use super::{read_doc, Ctx};
 
 /// `nodectl update` subcommands.
@@ -118,21 +118,7 @@ fn condition_rows(v: &Value) -> Vec<Vec<String>> {
 }
 
 fn node_condition_rows(v: &Value) -> Vec<Vec<String>> {
-    v["conditions"]
-        .as_array()
-        .map(|cs| {
-            cs.iter()
-                .map(|c| {
-                    vec![
-                        s(&c["type"]),
-                        s(&c["status"]),
-                        s(&c["reason"]),
-                        c["message"].as_str().unwrap_or("").to_string(),
-                    ]
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+    rows(&v["conditions"], &["type", "status", "reason", "message"])
 }
 
 /// One line per status change: the time, the counts and the conditions that are True.

@@ -37,6 +37,26 @@ pub fn s(v: &Value) -> String {
     }
 }
 
+/// The rows of a table from a JSON array of objects: one cell per field, `-` for a
+/// missing field, except the last field (a message or an error), which is empty when
+/// missing.
+pub fn rows(v: &Value, fields: &[&str]) -> Vec<Vec<String>> {
+    let Some((last, first)) = fields.split_last() else {
+        return Vec::new();
+    };
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .map(|x| {
+                    let mut row: Vec<String> = first.iter().map(|f| s(&x[*f])).collect();
+                    row.push(x[*last].as_str().unwrap_or("").to_string());
+                    row
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Renders rows under headers with aligned columns (kubectl's look: no borders, two
 /// spaces between columns).
 pub fn table_text(headers: &[&str], rows: &[Vec<String>]) -> String {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::Subcommand;
 use serde_json::{json, Value};
 
-use super::output::{print_event, print_structured, s, table, table_text, yaml, Output};
+use super::output::{print_event, print_structured, rows, s, table, table_text, yaml, Output};
 use super::{parse_duration, read_doc, Ctx};
 
 /// `nodectl vm` subcommands.
@@ -314,26 +314,7 @@ pub async fn run(ctx: &Ctx, cmd: VmCmd) -> Result<(), String> {
             name,
             wait,
             timeout,
-        } => {
-            let mut v = c
-                .call("PUT", &format!("/v1/vms/{name}/start"), None)
-                .await?;
-            if wait {
-                v = wait_for(ctx, &name, timeout, |v| match v["phase"].as_str() {
-                    Some("Running") => Ok(true),
-                    Some("CrashLoopBackOff") => {
-                        Err(format!("VM {name} does not start: {}", s(&v["message"])))
-                    }
-                    Some("Stopped") if v["message"].is_string() => {
-                        Err(format!("VM {name} stopped: {}", s(&v["message"])))
-                    }
-                    _ => Ok(false),
-                })
-                .await?;
-            }
-            print_vms(o, &v);
-            Ok(())
-        }
+        } => start(ctx, &name, wait, timeout).await,
         VmCmd::Stop {
             name,
             wait,
@@ -375,32 +356,7 @@ pub async fn run(ctx: &Ctx, cmd: VmCmd) -> Result<(), String> {
             tls_dir,
             tls_server_name,
             no_wait,
-        } => {
-            let abs =
-                std::path::absolute(&tls_dir).map_err(|e| format!("{}: {e}", tls_dir.display()))?;
-            let mut body = json!({ "to": to, "tlsDir": abs });
-            if let Some(n) = tls_server_name {
-                body["tlsServerName"] = json!(n);
-            }
-            let mut v = c
-                .call("PUT", &format!("/v1/vms/{name}/migrate"), Some(&body))
-                .await?;
-            if !no_wait {
-                v = wait_for(ctx, &name, Duration::from_secs(24 * 3600), |v| {
-                    Ok(v["phase"] != "MigratingOut")
-                })
-                .await?;
-                if v["phase"] != "MovedAway" {
-                    return Err(format!(
-                        "VM {name} did not move (phase {}): {}",
-                        s(&v["phase"]),
-                        s(&v["message"])
-                    ));
-                }
-            }
-            print_vms(o, &v);
-            Ok(())
-        }
+        } => migrate(ctx, &name, &to, &tls_dir, tls_server_name, no_wait).await,
     }
 }
 
@@ -452,42 +408,16 @@ async fn describe(ctx: &Ctx, name: &str) -> Result<(), String> {
         println!("  {l}");
     }
     println!("Conditions:");
-    let conds: Vec<Vec<String>> = v["conditions"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|c| {
-                    vec![
-                        s(&c["type"]),
-                        s(&c["status"]),
-                        s(&c["lastTransitionTime"]),
-                        s(&c["reason"]),
-                        c["message"].as_str().unwrap_or("").to_string(),
-                    ]
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let conds = rows(
+        &v["conditions"],
+        &["type", "status", "lastTransitionTime", "reason", "message"],
+    );
     indent(&table_text(
         &["TYPE", "STATUS", "LAST-TRANSITION", "REASON", "MESSAGE"],
         &conds,
     ));
     println!("Events:");
-    let evs: Vec<Vec<String>> = events
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|e| {
-                    vec![
-                        s(&e["time"]),
-                        s(&e["type"]),
-                        s(&e["reason"]),
-                        e["message"].as_str().unwrap_or("").to_string(),
-                    ]
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let evs = rows(&events, &["time", "type", "reason", "message"]);
     if evs.is_empty() {
         println!("  <none>");
     } else {
@@ -500,4 +430,63 @@ fn indent(text: &str) {
     for l in text.lines() {
         println!("  {l}");
     }
+}
+
+/// `vm start [--wait]`: waits for Running, or fails with the VM's message.
+async fn start(ctx: &Ctx, name: &str, wait: bool, timeout: Duration) -> Result<(), String> {
+    let mut v = ctx
+        .client
+        .call("PUT", &format!("/v1/vms/{name}/start"), None)
+        .await?;
+    if wait {
+        v = wait_for(ctx, name, timeout, |v| match v["phase"].as_str() {
+            Some("Running") => Ok(true),
+            Some("CrashLoopBackOff") => {
+                Err(format!("VM {name} does not start: {}", s(&v["message"])))
+            }
+            Some("Stopped") if v["message"].is_string() => {
+                Err(format!("VM {name} stopped: {}", s(&v["message"])))
+            }
+            _ => Ok(false),
+        })
+        .await?;
+    }
+    print_vms(ctx.output, &v);
+    Ok(())
+}
+
+/// `vm migrate`: asks the node to send the VM to another node's listener and, unless
+/// `--no-wait`, waits until it moved away.
+async fn migrate(
+    ctx: &Ctx,
+    name: &str,
+    to: &str,
+    tls_dir: &std::path::Path,
+    tls_server_name: Option<String>,
+    no_wait: bool,
+) -> Result<(), String> {
+    let abs = std::path::absolute(tls_dir).map_err(|e| format!("{}: {e}", tls_dir.display()))?;
+    let mut body = json!({ "to": to, "tlsDir": abs });
+    if let Some(n) = tls_server_name {
+        body["tlsServerName"] = json!(n);
+    }
+    let mut v = ctx
+        .client
+        .call("PUT", &format!("/v1/vms/{name}/migrate"), Some(&body))
+        .await?;
+    if !no_wait {
+        v = wait_for(ctx, name, Duration::from_secs(24 * 3600), |v| {
+            Ok(v["phase"] != "MigratingOut")
+        })
+        .await?;
+        if v["phase"] != "MovedAway" {
+            return Err(format!(
+                "VM {name} did not move (phase {}): {}",
+                s(&v["phase"]),
+                s(&v["message"])
+            ));
+        }
+    }
+    print_vms(ctx.output, &v);
+    Ok(())
 }
