@@ -199,6 +199,11 @@ pub struct LaunchOptions {
     /// `watchdog_file` (the launcher refuses it alone).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watchdog_timeout_ms: Option<u64>,
+    /// `--migration-stall-timeout-ms`: how long a migration's connection may carry
+    /// nothing before the launcher gives it up (the launcher's default when absent).
+    /// Cluster nodes shorten it: a peer that died behind a dead link sends no RST.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_stall_timeout_ms: Option<u64>,
 }
 
 /// The `--memory` value: the shortest exact binary quantity (`64Mi`, `12Ki`), which
@@ -255,6 +260,9 @@ impl LaunchOptions {
         }
         if let Some(ms) = self.watchdog_timeout_ms {
             opt("--watchdog-timeout-ms", ms.to_string());
+        }
+        if let Some(ms) = self.migration_stall_timeout_ms {
+            opt("--migration-stall-timeout-ms", ms.to_string());
         }
         if matches!(self.source, VmSource::Incoming { insecure: true, .. }) {
             a.push("--insecure".into());
@@ -336,6 +344,7 @@ mod tests {
             api_socket: Some("/s/api.sock".into()),
             watchdog_file: Some("/s/watchdog".into()),
             watchdog_timeout_ms: Some(3000),
+            migration_stall_timeout_ms: Some(15000),
         };
         let a = o.to_argv();
         assert_eq!(a[0], "run");
@@ -347,6 +356,7 @@ mod tests {
             ["--api-socket", "/s/api.sock"],
             ["--watchdog-file", "/s/watchdog"],
             ["--watchdog-timeout-ms", "3000"],
+            ["--migration-stall-timeout-ms", "15000"],
         ] {
             assert!(a.windows(2).any(|w| w == pair), "{pair:?} in {a:?}");
         }
@@ -355,9 +365,13 @@ mod tests {
         let plain = LaunchOptions {
             watchdog_file: None,
             watchdog_timeout_ms: None,
+            migration_stall_timeout_ms: None,
             ..o
         };
-        assert!(!plain.to_argv().iter().any(|a| a.starts_with("--watchdog")));
+        assert!(!plain
+            .to_argv()
+            .iter()
+            .any(|a| a.starts_with("--watchdog") || a.starts_with("--migration-stall")));
     }
 
     #[test]
@@ -369,6 +383,7 @@ mod tests {
             api_socket: None,
             watchdog_file: None,
             watchdog_timeout_ms: None,
+            migration_stall_timeout_ms: None,
         };
         let json = serde_json::to_string(&o).unwrap();
         assert!(!json.contains("watchdog"), "{json}");

@@ -240,6 +240,7 @@ mod tests {
             api_socket: Some("/s/api.sock".into()),
             watchdog_file: Some("/run/wd/vm1".into()),
             watchdog_timeout_ms: Some(2500),
+            migration_stall_timeout_ms: Some(15000),
         };
         let r = parses(&o);
         assert_eq!(r.kernel, Some(PathBuf::from("/k.elf")));
@@ -255,6 +256,7 @@ mod tests {
         let wd = r.watchdog().unwrap().unwrap();
         assert_eq!(wd.file, PathBuf::from("/run/wd/vm1"));
         assert_eq!(wd.timeout, std::time::Duration::from_millis(2500));
+        assert_eq!(r.migration_stall_timeout_ms, Some(15000));
         for source in [
             VmSource::Restore("/snap".into()),
             VmSource::Incoming {
@@ -280,6 +282,7 @@ mod tests {
                 api_socket: None,
                 watchdog_file: Some("/w".into()),
                 watchdog_timeout_ms: None,
+                migration_stall_timeout_ms: None,
             };
             let r = parses(&o);
             assert_eq!(r.net_args().unwrap(), nets);

@@ -432,9 +432,9 @@ impl Daemon {
         vm.status.api_socket = Some(api_socket.display().to_string());
         vm.status.launcher_version = Some(version.to_string());
         vm.status.pid = None;
-        let args = supervisor::run_args(&vm.spec, &vm.serial_log, &api_socket);
+        let options = supervisor::run_options(&vm.spec, &vm.serial_log, &api_socket);
         let spec = vm.spec.clone();
-        let args = self.watchdog_args(args);
+        let args = self.launch_argv(options);
         // Spec first, then status: a crash in between restarts with the new spec and a
         // still-pending copy of it, which applies the same change again.
         if applied.is_some() {
@@ -534,9 +534,9 @@ impl Daemon {
         };
         vm.source_exit = None;
         vm.target_exit = None;
-        let args = supervisor::incoming_args(&incoming, &vm.serial_log, &target_socket);
+        let options = supervisor::incoming_options(&incoming, &vm.serial_log, &target_socket);
         let memory_bytes = vm.spec.memory_bytes;
-        let args = self.watchdog_args(args);
+        let args = self.launch_argv(options);
         if !self.persist(name) {
             return;
         }

@@ -15,6 +15,8 @@
 
 use std::path::PathBuf;
 
+use contracts::launch::LaunchOptions;
+
 use super::coordinator::{StopCause, VmState};
 use super::daemon::Daemon;
 use super::supervisor;
@@ -57,19 +59,17 @@ impl Daemon {
         !self.held && self.fenced.is_none()
     }
 
-    /// The launcher arguments of a cluster node: the watchdog, and a migration stall
-    /// timeout short enough that a migration to a node that died behind a dead link
-    /// (no RST ever comes) ends, and the source resumes, in [`STALL_TIMEOUT_MS`].
-    pub(crate) fn watchdog_args(&self, mut args: Vec<String>) -> Vec<String> {
+    /// The launcher's arguments. On a cluster node they add the watchdog, and a
+    /// migration stall timeout short enough that a migration to a node that died behind
+    /// a dead link (no RST ever comes) ends, and the source resumes, in
+    /// [`STALL_TIMEOUT_MS`].
+    pub(crate) fn launch_argv(&self, mut options: LaunchOptions) -> Vec<String> {
         if let Some(f) = &self.watchdog {
-            args.push("--watchdog-file".into());
-            args.push(f.display().to_string());
-            args.push("--watchdog-timeout-ms".into());
-            args.push(WATCHDOG_TIMEOUT_MS.to_string());
-            args.push("--migration-stall-timeout-ms".into());
-            args.push(STALL_TIMEOUT_MS.to_string());
+            options.watchdog_file = Some(f.display().to_string());
+            options.watchdog_timeout_ms = Some(WATCHDOG_TIMEOUT_MS);
+            options.migration_stall_timeout_ms = Some(STALL_TIMEOUT_MS);
         }
-        args
+        options.to_argv()
     }
 
     /// Kills every launcher (SIGKILL: the guests stop executing now) and marks every

@@ -129,8 +129,8 @@ impl MigrationResult {
     }
 }
 
-/// Arguments of `launcher run` for a fresh boot.
-pub fn run_args(spec: &VmSpec, serial: &Path, api_socket: &Path) -> Vec<String> {
+/// `launcher run` options for a fresh boot.
+pub fn run_options(spec: &VmSpec, serial: &Path, api_socket: &Path) -> LaunchOptions {
     LaunchOptions {
         source: VmSource::Boot(BootOptions {
             kernel: spec.kernel.clone(),
@@ -150,18 +150,18 @@ pub fn run_args(spec: &VmSpec, serial: &Path, api_socket: &Path) -> Vec<String> 
         api_socket: Some(api_socket.display().to_string()),
         watchdog_file: None,
         watchdog_timeout_ms: None,
+        migration_stall_timeout_ms: None,
     }
-    .to_argv()
 }
 
-/// Arguments of `launcher run --incoming` for a migration target.
+/// `launcher run --incoming` options for a migration target.
 ///
 /// No `--net`: noded's migrations are local handovers (`"local": true`), in which the
 /// source launcher passes its TAP file descriptors along with the guest memory and the
 /// target uses those (its `--net` would be ignored). Giving `--net tap=NAME` here would
 /// even be harmful: the target opens named TAPs at start, before the VM arrives, and a
 /// single-queue TAP that the source still holds cannot be attached twice.
-pub fn incoming_args(incoming: &Path, serial: &Path, api_socket: &Path) -> Vec<String> {
+pub fn incoming_options(incoming: &Path, serial: &Path, api_socket: &Path) -> LaunchOptions {
     LaunchOptions {
         source: VmSource::Incoming {
             uri: format!("unix:{}", incoming.display()),
@@ -173,8 +173,8 @@ pub fn incoming_args(incoming: &Path, serial: &Path, api_socket: &Path) -> Vec<S
         api_socket: Some(api_socket.display().to_string()),
         watchdog_file: None,
         watchdog_timeout_ms: None,
+        migration_stall_timeout_ms: None,
     }
-    .to_argv()
 }
 
 /// Starts a launcher in its own session, stdout/stderr appended to `log`.
@@ -704,19 +704,21 @@ mod tests {
         let spec =
             crate::spec::parse_spec_text("name: a\nkernel: /k\nmemory: 64Mi\ncmdline: every=5")
                 .unwrap();
-        let a = run_args(
+        let a = run_options(
             &spec,
             Path::new("/s/console.log"),
             Path::new("/s/api-1.sock"),
-        );
+        )
+        .to_argv();
         assert_eq!(a[0], "run");
         assert!(a.windows(2).any(|w| w == ["--cmdline", "every=5"]));
         assert!(a.windows(2).any(|w| w == ["--api-socket", "/s/api-1.sock"]));
-        let i = incoming_args(
+        let i = incoming_options(
             Path::new("/s/m.sock"),
             Path::new("/s/c.log"),
             Path::new("/s/a.sock"),
-        );
+        )
+        .to_argv();
         assert!(i.windows(2).any(|w| w == ["--incoming", "unix:/s/m.sock"]));
         assert!(!i.contains(&"--net".to_string()));
         assert!(!a.contains(&"--net".to_string()));
@@ -724,7 +726,7 @@ mod tests {
             "name: a\nkernel: /k\nmemory: 64Mi\ninterfaces: [{tap: tap0, mac: \"52:54:00:00:00:07\"}, {tap: tap1, mac: \"52:54:00:00:00:08\"}]",
         )
         .unwrap();
-        let a = run_args(&spec, Path::new("/s/c.log"), Path::new("/s/a.sock"));
+        let a = run_options(&spec, Path::new("/s/c.log"), Path::new("/s/a.sock")).to_argv();
         let nets: Vec<&[String]> = a.windows(2).filter(|w| w[0] == "--net").collect();
         assert_eq!(
             nets,
