@@ -642,11 +642,33 @@ impl Daemon {
             return;
         }
         // During a migration to another node, only exit 64 is conclusive; any other end
-        // waits for the migration job's verdict (see remote.rs).
-        if matches!(vm.status.state, VmState::MigratingOut { .. }) && kind != ExitKind::MigratedAway
+        // waits for the migration job's verdict (see remote.rs). After a verdict of
+        // "outcome unknown", the paused launcher's end leaves the VM stopped here, never
+        // restarted: it may run on the target.
+        if let VmState::MigratingOut {
+            to,
+            outcome_unknown,
+            ..
+        } = &vm.status.state
         {
-            vm.source_exit = Some(kind);
-            return;
+            if kind != ExitKind::MigratedAway {
+                if outcome_unknown.is_none() {
+                    vm.source_exit = Some(kind);
+                    return;
+                }
+                let why = format!(
+                    "the paused launcher ended ({kind:?}) while the handover to {to} had an unknown outcome; check the destination before starting it here"
+                );
+                vm.status.pid = None;
+                vm.status.api_socket = None;
+                vm.status.launcher_version = None;
+                vm.status.last_error = Some(why.clone());
+                vm.status.state = VmState::Stopped {
+                    cause: StopCause::Failed(why),
+                };
+                self.persist(name);
+                return;
+            }
         }
         let generation = vm.status.generation;
         let kind = self.exit_recorded(name, pid, generation, kind);
@@ -745,7 +767,7 @@ impl Daemon {
                     return;
                 }
             }
-            MigrationResult::Failed { error, .. } => {
+            MigrationResult::Failed { error, .. } | MigrationResult::Unknown { error, .. } => {
                 tracing::warn!(vm = name, error = %error, "migration failed");
                 vm.status.migration_failures += 1;
                 vm.status.last_error = Some(format!("migration failed: {error}"));

@@ -185,6 +185,12 @@ impl Daemon {
                 "MigrationFailed",
                 format!("{outcome}: {error}; the VM keeps running on its launcher"),
             ),
+            (MigrationResult::Unknown { error, .. }, _) => self.event(
+                name,
+                true,
+                "MigrationOutcomeUnknown",
+                format!("{error}; the VM is paused here until the target says whether it runs it"),
+            ),
         }
     }
 }

@@ -20,6 +20,7 @@ pub mod daemon;
 pub mod dry_run;
 pub mod events;
 pub mod fencing;
+pub mod handover;
 pub mod launchers;
 pub mod metrics;
 pub mod remote;

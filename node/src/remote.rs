@@ -274,6 +274,7 @@ impl Daemon {
             since: now,
             to: to.clone(),
             record,
+            outcome_unknown: None,
         };
         vm.source_exit = None;
         if !self.persist(name) {
@@ -310,8 +311,11 @@ impl Daemon {
         let (outcome, report) = result.record();
         let error = match &result {
             MigrationResult::Completed { .. } => None,
-            MigrationResult::Failed { error, .. } => Some(error.clone()),
+            MigrationResult::Failed { error, .. } | MigrationResult::Unknown { error, .. } => {
+                Some(error.clone())
+            }
         };
+        let unknown = matches!(result, MigrationResult::Unknown { .. });
         if let Err(e) = self
             .store
             .migration_finished(record, now, &outcome, &report)
@@ -343,6 +347,18 @@ impl Daemon {
                     vm.source_exit = None;
                     vm.status.state = VmState::Stopped {
                         cause: StopCause::MovedAway(to),
+                    };
+                }
+                Some(error) if unknown && vm.source_exit.is_none() => {
+                    tracing::warn!(vm = name, to = %to, error = %error, "handover outcome unknown: the VM stays paused here");
+                    vm.status.last_error = Some(format!(
+                        "handover to {to}: outcome unknown ({error}); the VM is paused here. In a cluster the target node decides; otherwise check the destination: if it runs the VM, delete it here (nodectl vm delete {name})"
+                    ));
+                    vm.status.state = VmState::MigratingOut {
+                        since: vm.launched_at,
+                        to,
+                        record,
+                        outcome_unknown: Some(error),
                     };
                 }
                 Some(error) => {
@@ -508,13 +524,9 @@ async fn migrate_out(
                     report,
                 }
             }
-            // Where the VM runs is decided by the launcher's exit (see on_remote_done).
+            // The launcher stays paused: where the VM runs is for the target to say.
             Answer::Unknown { error, report } => {
-                return MigrationResult::Failed {
-                    outcome: "Failed".into(),
-                    error,
-                    report,
-                }
+                return MigrationResult::Unknown { error, report };
             }
             Answer::Refused(e) => {
                 return failed(format!("the launcher refused the migration: {e}"))
@@ -534,6 +546,14 @@ async fn migrate_out(
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A source left paused after the migration lost the handover's answer (or was
+    // paused before it): it must not resume until someone knows where the VM runs.
+    if supervisor::pid_alive(pid) && supervisor::phase(socket).await == Some(Phase::Paused) {
+        return MigrationResult::Unknown {
+            error: why,
+            report: Value::Null,
+        };
     }
     failed(why)
 }
@@ -566,6 +586,7 @@ mod tests {
             since: 0,
             to: "tcp:10.0.0.2:4000".into(),
             record: 2,
+            outcome_unknown: None,
         };
         assert_eq!(st.state.phase(0), "MigratingOut");
         let n = after_exit(&st, &spec, &ExitKind::MigratedAway, 5, 5);

@@ -459,7 +459,11 @@ impl Daemon {
             return not_found(name);
         };
         match &vm.status.state {
-            VmState::Migrating { .. } | VmState::MigratingOut { .. } => {
+            VmState::Migrating { .. }
+            | VmState::MigratingOut {
+                outcome_unknown: None,
+                ..
+            } => {
                 return err(
                     409,
                     format!("VM {name} is migrating; retry when the migration has ended"),
@@ -477,10 +481,13 @@ impl Daemon {
             VmState::Stopping { .. } => {
                 vm.status.state = VmState::Stopping { since: now, delete };
             }
+            // A source paused by an unknown handover outcome may be stopped: the
+            // operator found the VM running on the destination (or chose to stop it).
             VmState::Running { .. }
             | VmState::Backoff { .. }
             | VmState::Evicting { .. }
-            | VmState::Receiving { .. } => {
+            | VmState::Receiving { .. }
+            | VmState::MigratingOut { .. } => {
                 let was_evicting = matches!(vm.status.state, VmState::Evicting { .. });
                 vm.status.state = VmState::Stopping { since: now, delete };
                 let grace =

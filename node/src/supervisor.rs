@@ -103,6 +103,26 @@ pub enum MigrationResult {
         /// The launcher's report, if there was one.
         report: Value,
     },
+    /// The source lost the handover's answer after `Go` and stays paused: the VM runs
+    /// in the target launcher or in neither. Only cross-node migrations end so (a local
+    /// one asks both launchers, see [`migrate`]).
+    Unknown {
+        /// What went wrong.
+        error: String,
+        /// The launcher's report, if there was one.
+        report: Value,
+    },
+}
+
+/// A report with the failure's error folded in.
+fn with_error(report: &Value, error: &str) -> Value {
+    let mut r = if report.is_object() {
+        report.clone()
+    } else {
+        Value::Object(Default::default())
+    };
+    r["error"] = Value::from(error);
+    r
 }
 
 impl MigrationResult {
@@ -116,14 +136,10 @@ impl MigrationResult {
                 outcome,
                 error,
                 report,
-            } => {
-                let mut r = if report.is_object() {
-                    report.clone()
-                } else {
-                    Value::Object(Default::default())
-                };
-                r["error"] = Value::from(error.clone());
-                (outcome.clone(), r)
+            } => (outcome.clone(), with_error(report, error)),
+            // This node's attempt did not conclude; a cluster's record tells the end.
+            MigrationResult::Unknown { error, report } => {
+                ("Failed".to_string(), with_error(report, error))
             }
         }
     }

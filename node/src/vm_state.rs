@@ -130,6 +130,11 @@ pub enum VmState {
         to: String,
         /// Migration record id.
         record: i64,
+        /// Set when the launcher lost the handover's answer after `Go`: it stays paused,
+        /// and where the VM runs is decided elsewhere (the target node in a cluster, an
+        /// operator otherwise). Never restarted here meanwhile.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        outcome_unknown: Option<String>,
     },
 }
 

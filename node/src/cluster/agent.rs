@@ -15,10 +15,11 @@ use serde_json::json;
 use super::etcd::{EtcdError, Versioned, Write};
 use super::local::{LocalCall, LocalSnapshot, LocalVm};
 use super::model::{
-    self, spec_input, ClusterConfig, ClusterVm, MigrationPhase, MigrationReason, MigrationRecord,
-    NodeObject, UpdateGrant, VmStatusReport,
+    self, spec_input, ClusterConfig, ClusterVm, Handover, MigrationPhase, MigrationReason,
+    MigrationRecord, NodeObject, UpdateGrant, VmStatusReport,
 };
 use super::{fence, Cluster};
+use crate::handover::Resolution;
 use crate::requests::Req;
 
 /// How often a round runs without a wake-up.
@@ -335,6 +336,7 @@ async fn round(c: &Cluster, mem: &mut Memory) -> Result<(), EtcdError> {
     if c.state().reconciled_lease == Some(lease) {
         converge_vms(c, &local, &cl).await?;
         migrations(c, &local, &cl).await?;
+        settle_unknown_handovers(c, &local, &cl).await;
     }
     publish_updates(c, mem, &local).await?;
     c.update(|s| s.reconciled_lease = Some(lease));
@@ -660,8 +662,11 @@ async fn remove_strays(c: &Cluster, local: &LocalSnapshot, cl: &Cluster2) {
     for l in &local.vms {
         let name = &l.spec.name;
         let assigned = cl.vms.get(name).and_then(|v| v.value.node_name.clone());
-        if assigned.as_deref() == Some(me.as_str()) || migration_active_for(cl, name) {
-            continue;
+        if assigned.as_deref() == Some(me.as_str())
+            || migration_active_for(cl, name)
+            || l.handover_unknown
+        {
+            continue; // (a paused source after an unknown handover: see settle_unknown_handovers)
         }
         if !cl.vms.contains_key(name) && l.active {
             continue; // adopt_local records it
@@ -729,6 +734,13 @@ async fn migrations(c: &Cluster, local: &LocalSnapshot, cl: &Cluster2) -> Result
             && !cl.nodes.contains_key(&m.source)
         {
             source_lost(c, cl, rec, l).await?;
+            continue;
+        }
+        if m.target == *me
+            && m.phase == MigrationPhase::Running
+            && m.handover == Some(Handover::Unknown)
+        {
+            answer_unknown_handover(c, cl, rec, l).await?;
             continue;
         }
         if m.target == *me && m.phase == MigrationPhase::Scheduled {
@@ -802,6 +814,23 @@ async fn source_finish(
     l: &LocalVm,
 ) -> Result<(), EtcdError> {
     let m = &rec.value;
+    if l.handover_unknown {
+        // Paused here, not knowing whether the target runs the VM: ask the target (once).
+        if m.handover.is_none() {
+            let why = l.message.clone();
+            set_phase(
+                c,
+                rec,
+                |r| {
+                    r.handover = Some(Handover::Unknown);
+                    r.error = why;
+                },
+                vec![],
+            )
+            .await?;
+        }
+        return Ok(());
+    }
     let report = l.last_migration.as_ref().map(|x| x.report.clone());
     // The launcher's exit (64) can mark the VM moved a moment before the
     // migration job files its report: wait for the report (a little).
@@ -942,40 +971,12 @@ async fn source_lost(
     l: Option<&LocalVm>,
 ) -> Result<(), EtcdError> {
     let m = &rec.value;
-    let me = &c.opts.node_name;
-    let runs_here = match l {
-        Some(l) if l.active && l.phase == "Running" => true,
-        Some(l) if l.active => match &l.api_socket {
-            Some(s) => crate::supervisor::status(std::path::Path::new(s))
-                .await
-                .is_some_and(|v| v.state == contracts::launcher::Phase::Running),
-            None => false,
-        },
-        _ => false,
-    };
-    if runs_here {
-        let Some(vm) = cl.vms.get(&m.vm) else {
-            return Ok(());
-        };
-        let mut moved = vm.value.clone();
-        moved.node_name = Some(me.clone());
-        let w = Write::put(model::key("vms", &m.vm), &moved, vm.revision)?;
-        let now = model::now();
-        let source = m.source.clone();
-        if set_phase(
-            c,
-            rec,
-            |r| {
-                r.phase = MigrationPhase::Succeeded;
-                r.finished_at = Some(now);
-                r.error = Some(format!(
-                    "source node {source} failed after the handover; the VM runs on the target"
-                ));
-            },
-            vec![w],
-        )
-        .await?
-        {
+    if runs_here(l).await {
+        let why = format!(
+            "source node {} failed after the handover; the VM runs on the target",
+            m.source
+        );
+        if claim(c, cl, rec, why, None).await? {
             tracing::warn!(vm = %m.vm, from = %m.source, "source node failed after the handover: the VM stays here");
         }
         return Ok(());
@@ -1003,6 +1004,147 @@ async fn source_lost(
     );
     set_phase(c, rec, |r| fail(r, &why), vec![]).await?;
     Ok(())
+}
+
+/// Whether this node's incoming launcher runs the VM (noded may not have noticed yet:
+/// then its launcher is asked).
+async fn runs_here(l: Option<&LocalVm>) -> bool {
+    match l {
+        Some(l) if l.active && l.phase == "Running" => true,
+        Some(l) if l.active => match &l.api_socket {
+            Some(s) => crate::supervisor::status(std::path::Path::new(s))
+                .await
+                .is_some_and(|v| v.state == contracts::launcher::Phase::Running),
+            None => false,
+        },
+        _ => false,
+    }
+}
+
+/// The target takes the VM: assigned to this node and the record `Succeeded`, in one
+/// transaction against the revisions read. Whether it was written.
+async fn claim(
+    c: &Cluster,
+    cl: &Cluster2,
+    rec: &Versioned<MigrationRecord>,
+    why: String,
+    handover: Option<Handover>,
+) -> Result<bool, EtcdError> {
+    let m = &rec.value;
+    let Some(vm) = cl.vms.get(&m.vm) else {
+        return Ok(false);
+    };
+    let mut moved = vm.value.clone();
+    moved.node_name = Some(c.opts.node_name.clone());
+    let w = Write::put(model::key("vms", &m.vm), &moved, vm.revision)?;
+    let now = model::now();
+    set_phase(
+        c,
+        rec,
+        |r| {
+            r.phase = MigrationPhase::Succeeded;
+            r.finished_at = Some(now);
+            r.error = Some(why);
+            if handover.is_some() {
+                r.handover = handover;
+            }
+        },
+        vec![w],
+    )
+    .await
+}
+
+/// The target's answer when the source lost the handover's: the VM runs here (claim
+/// it), or this node's launcher ended without running it (the source resumes it).
+/// While the incoming launcher lives and does not run the guest, the answer waits: it
+/// either runs it (it got `Go`) or ends (its stall timeout).
+async fn answer_unknown_handover(
+    c: &Cluster,
+    cl: &Cluster2,
+    rec: &Versioned<MigrationRecord>,
+    l: Option<&LocalVm>,
+) -> Result<(), EtcdError> {
+    let m = &rec.value;
+    if runs_here(l).await {
+        let why = format!(
+            "the source ({}) lost the handover's answer; the VM runs on the target",
+            m.source
+        );
+        if claim(c, cl, rec, why, Some(Handover::TargetRuns)).await? {
+            tracing::warn!(vm = %m.vm, from = %m.source, "handover outcome unknown at the source: the VM runs here, claimed");
+        }
+        return Ok(());
+    }
+    if l.is_some_and(|l| l.active) {
+        return Ok(());
+    }
+    let why = "the source lost the handover's answer; the target never ran the VM";
+    if set_phase(
+        c,
+        rec,
+        |r| {
+            fail(r, why);
+            r.handover = Some(Handover::TargetDoesNotRun);
+        },
+        vec![],
+    )
+    .await?
+    {
+        tracing::warn!(vm = %m.vm, from = %m.source, "handover outcome unknown at the source: the VM never ran here; the source resumes it");
+    }
+    Ok(())
+}
+
+/// The source's side of a VM it holds paused after an unknown handover outcome, once
+/// no migration of it is active: the cluster's answer decides (see
+/// [`crate::handover::Resolution`]).
+async fn settle_unknown_handovers(c: &Cluster, local: &LocalSnapshot, cl: &Cluster2) {
+    let me = &c.opts.node_name;
+    for l in local.vms.iter().filter(|l| l.handover_unknown) {
+        let name = &l.spec.name;
+        if migration_active_for(cl, name) {
+            continue; // the target has not answered yet
+        }
+        let assigned = cl.vms.get(name).and_then(|v| v.value.node_name.clone());
+        let newest = cl
+            .migrations
+            .iter()
+            .filter(|m| m.value.vm == *name && m.value.source == *me)
+            .max_by_key(|m| m.value.created_at);
+        let resolution = unknown_handover_resolution(
+            assigned.as_deref() == Some(me.as_str()),
+            newest.map(|m| &m.value),
+        );
+        c.ask(|tx| LocalCall::ResolveHandover(name.clone(), resolution, tx))
+            .await;
+    }
+}
+
+/// Pure: what a source paused by an unknown handover outcome does, given whether the
+/// VM is still assigned to it and its newest migration record (not active any more).
+pub(crate) fn unknown_handover_resolution(
+    assigned_here: bool,
+    newest: Option<&MigrationRecord>,
+) -> Resolution {
+    if !assigned_here {
+        return Resolution::MovedAway;
+    }
+    match newest {
+        Some(m)
+            if m.phase == MigrationPhase::Failed
+                && m.handover == Some(Handover::TargetDoesNotRun) =>
+        {
+            Resolution::Resume
+        }
+        Some(m) => Resolution::Crashed(format!(
+            "the handover to {} had an unknown outcome and the target could not answer ({}); restarted as its runStrategy says",
+            m.target,
+            m.error.as_deref().unwrap_or("no answer")
+        )),
+        None => Resolution::Crashed(
+            "the handover had an unknown outcome and no migration record is left to tell; restarted as its runStrategy says".into(),
+        ),
+    }
 }
 
 /// How long an incoming launcher may take to listen.
@@ -1051,6 +1193,7 @@ async fn publish_updates(
                 .and_then(|e| e.as_str())
                 .map(str::to_string),
             report: Some(u.report.clone()),
+            handover: None,
         };
         let key = model::migration_key(&u.vm, &id);
         // Written once: an existing record (an earlier round, or before a restart) stays.
@@ -1058,4 +1201,72 @@ async fn publish_updates(
         mem.published_updates.insert(id);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(phase: MigrationPhase, handover: Option<Handover>) -> MigrationRecord {
+        MigrationRecord {
+            id: "1-0".into(),
+            vm: "x".into(),
+            reason: MigrationReason::Drain,
+            source: "a".into(),
+            target: "b".into(),
+            phase,
+            listen: None,
+            from_version: None,
+            to_version: None,
+            created_at: 1,
+            finished_at: Some(2),
+            error: Some("why".into()),
+            report: None,
+            handover,
+        }
+    }
+
+    #[test]
+    fn a_paused_source_resumes_only_when_the_target_says_it_never_ran_the_vm() {
+        // The target claimed the VM: the paused copy goes.
+        let claimed = record(MigrationPhase::Succeeded, Some(Handover::TargetRuns));
+        assert_eq!(
+            unknown_handover_resolution(false, Some(&claimed)),
+            Resolution::MovedAway
+        );
+        // Assigned elsewhere by any means: never resumed here.
+        let said_no = record(MigrationPhase::Failed, Some(Handover::TargetDoesNotRun));
+        assert_eq!(
+            unknown_handover_resolution(false, Some(&said_no)),
+            Resolution::MovedAway
+        );
+        // The target's launcher ended without running it: resume, no reboot.
+        assert_eq!(
+            unknown_handover_resolution(true, Some(&said_no)),
+            Resolution::Resume
+        );
+        // Abandoned (the target is fenced) or no record: it may have run there, so it
+        // is not resumed from the old state; it restarts as runStrategy says.
+        let abandoned = record(MigrationPhase::Failed, Some(Handover::Unknown));
+        assert!(matches!(
+            unknown_handover_resolution(true, Some(&abandoned)),
+            Resolution::Crashed(why) if why.contains("could not answer")
+        ));
+        assert!(matches!(
+            unknown_handover_resolution(true, None),
+            Resolution::Crashed(_)
+        ));
+    }
+
+    #[test]
+    fn records_without_a_handover_field_read_and_write_as_before() {
+        let r = record(MigrationPhase::Running, None);
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(!json.contains("handover"), "{json}");
+        assert_eq!(serde_json::from_str::<MigrationRecord>(&json).unwrap(), r);
+        let r = record(MigrationPhase::Running, Some(Handover::Unknown));
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(json.contains("\"handover\":\"Unknown\""), "{json}");
+        assert_eq!(serde_json::from_str::<MigrationRecord>(&json).unwrap(), r);
+    }
 }

@@ -32,7 +32,7 @@ use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
 use super::model::{
-    Blocked, ClusterConfig, ClusterVm, ControllerStatus, MigrationPhase, MigrationReason,
+    Blocked, ClusterConfig, ClusterVm, ControllerStatus, Handover, MigrationPhase, MigrationReason,
     MigrationRecord, NodeConfig, NodeFailureRecord, NodeObject, UpdateGrant, VmStatusReport,
 };
 use crate::launchers::compare_versions;
@@ -131,8 +131,9 @@ pub enum Decision {
         reason: String,
     },
     /// Fail a migration that never started moving data because its source or target
-    /// node is gone (`Scheduled`), or whose both nodes failed (any phase: both are
-    /// fenced). Otherwise, from `TargetReady` on, the live node decides.
+    /// node is gone (`Scheduled`), whose both nodes failed (any phase: both are
+    /// fenced), or whose handover outcome is unknown with the target fenced. Otherwise,
+    /// from `TargetReady` on, the live node decides.
     Abandon {
         /// VM.
         vm: String,
@@ -322,6 +323,16 @@ impl<'a> Planner<'a> {
                 Some(format!(
                     "nodes {} and {} both failed and are fenced",
                     m.source, m.target
+                ))
+            } else if m.phase.active()
+                && m.handover == Some(Handover::Unknown)
+                && self.fenced(&m.target)
+            {
+                // Only the target could say whether it ran the VM, and it is gone: the
+                // source drops its paused copy and restarts the VM as runStrategy says.
+                Some(format!(
+                    "the handover's outcome is unknown and node {} failed (fenced)",
+                    m.target
                 ))
             } else {
                 None

@@ -36,6 +36,7 @@ fn record(vm: &str, source: &str, target: &str, phase: MigrationPhase) -> Migrat
         finished_at: None,
         error: None,
         report: None,
+        handover: None,
     }
 }
 
@@ -187,4 +188,36 @@ fn a_gone_draining_node_is_not_drained() {
         .decisions
         .iter()
         .any(|d| matches!(d, Decision::Evict { .. } | Decision::Migrate { .. })));
+}
+
+#[test]
+fn an_unknown_handover_is_abandoned_only_once_its_target_is_fenced() {
+    let mut v = view(&[node("a", 8, &["1.0.0"])]);
+    v.vms.insert("x".into(), vm("x", "", Some("a")));
+    v.statuses.insert("x".into(), running("a", "1.0.0"));
+    let mut r = record("x", "a", "b", MigrationPhase::Running);
+    r.handover = Some(Handover::Unknown);
+    v.migrations = vec![r];
+    let abandoned = |p: &Plan| {
+        p.decisions.iter().any(|d| {
+            matches!(
+                d,
+                Decision::Abandon { reason, .. } if reason.contains("outcome is unknown")
+            )
+        })
+    };
+    // Target b gone but not yet fenced: it may still run the VM and answer.
+    let now = v.now;
+    failed_at(&mut v, "b", now);
+    assert!(!abandoned(&plan(&v)));
+    // Past the grace period b has fenced itself: nobody runs the VM but the paused
+    // source, which restarts it.
+    failed_at(&mut v, "b", now - GRACE_MS);
+    let p = plan(&v);
+    assert!(abandoned(&p));
+    // The VM stays assigned to the live source (it is not rescheduled elsewhere).
+    assert!(rescheduled(&p).is_empty());
+    // Without the unknown handover, a live source decides alone.
+    v.migrations[0].handover = None;
+    assert!(!abandoned(&plan(&v)));
 }

@@ -295,6 +295,7 @@ fn drains_respect_the_parallel_limits() {
             finished_at: None,
             error: None,
             report: None,
+            handover: None,
         })
         .collect();
     let moved = migrations(&plan(&v));
@@ -325,6 +326,7 @@ fn a_failed_drain_migration_backs_off() {
         finished_at: Some(v.now - 1000),
         error: Some("boom".into()),
         report: None,
+        handover: None,
     });
     let p = plan(&v);
     assert!(migrations(&p).is_empty());
@@ -409,6 +411,7 @@ fn updates_go_canary_first_then_in_waves_and_pause_after_max_failures() {
             finished_at: Some(v.now),
             error: Some("target launcher failed".into()),
             report: None,
+            handover: None,
         });
     }
     let p = plan(&v);
@@ -468,6 +471,7 @@ fn a_scheduled_migration_to_a_node_that_is_gone_is_abandoned_and_the_vm_moves_el
         finished_at: None,
         error: None,
         report: None,
+        handover: None,
     };
     v.migrations.push(rec(MigrationPhase::Scheduled));
     let p = plan(&v);

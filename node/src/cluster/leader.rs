@@ -301,6 +301,7 @@ fn new_drain_record(vm: &str, source: &str, target: &str, r: &Read) -> Result<Wr
         finished_at: None,
         error: None,
         report: None,
+        handover: None,
     };
     Write::put(model::migration_key(vm, &id), &rec, 0)
 }

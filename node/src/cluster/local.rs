@@ -11,6 +11,7 @@ use tokio::sync::oneshot;
 use super::model::NodeLauncher;
 use crate::coordinator::{StopCause, VmState};
 use crate::daemon::Daemon;
+use crate::handover::Resolution;
 use crate::requests::{Reply, Req};
 use crate::spec::{parse_spec, SpecError, VmSpec};
 use crate::store::MigrationRecord;
@@ -37,6 +38,9 @@ pub struct LocalVm {
     pub last_migration: Option<MigrationRecord>,
     /// Its launcher's API socket.
     pub api_socket: Option<String>,
+    /// Its launcher is paused after a handover with an unknown outcome (see
+    /// [`crate::handover`]).
+    pub handover_unknown: bool,
 }
 
 /// What the node has, for the node object and the agent's reconciliation.
@@ -73,6 +77,8 @@ pub enum LocalCall {
     Fence(String, oneshot::Sender<()>),
     /// The fenced VMs were handed back to the cluster: lift the fence.
     Unfence(oneshot::Sender<()>),
+    /// The target's answer for a VM left paused by an unknown handover outcome.
+    ResolveHandover(String, Resolution, oneshot::Sender<()>),
 }
 
 impl Daemon {
@@ -110,6 +116,10 @@ impl Daemon {
             }
             LocalCall::Unfence(tx) => {
                 self.unfence();
+                let _ = tx.send(());
+            }
+            LocalCall::ResolveHandover(vm, resolution, tx) => {
+                self.resolve_handover(&vm, resolution);
                 let _ = tx.send(());
             }
         }
@@ -158,6 +168,13 @@ impl Daemon {
                     moved_to,
                     last_migration,
                     api_socket: vm.status.api_socket.clone(),
+                    handover_unknown: matches!(
+                        vm.status.state,
+                        VmState::MigratingOut {
+                            outcome_unknown: Some(_),
+                            ..
+                        }
+                    ),
                 }
             })
             .collect();

@@ -250,6 +250,23 @@ pub struct MigrationRecord {
     /// The `launcher migrate` report, as the source's noded recorded it.
     #[serde(default)]
     pub report: Option<serde_json::Value>,
+    /// Set when the source lost the handover's answer after `Go`: which launcher runs
+    /// the VM is then for the target to say (docs/cluster.md, "Handover outcome
+    /// unknown"). Absent in every other record, so older readers see no new field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handover: Option<Handover>,
+}
+
+/// The resolution of a handover whose outcome the source does not know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Handover {
+    /// The source's launcher is paused and does not know whether the target runs the
+    /// VM; the target decides.
+    Unknown,
+    /// The target runs the VM (the record is `Succeeded` and the VM assigned to it).
+    TargetRuns,
+    /// The target's launcher ended without running the VM: the source resumes it.
+    TargetDoesNotRun,
 }
 
 /// The leader's permission for one same-node workload update.
