@@ -22,7 +22,9 @@
 //! * [`block::Block`]: virtio-blk on a raw file ([`disk::DiskFile`]), slots from
 //!   [`FIRST_DISK_SLOT`].
 //! * [`net::Net`]: virtio-net on a TAP ([`tap::Tap`]), slots from [`FIRST_NET_SLOT`]; the
-//!   worker also watches the TAP and fills RX buffers when frames arrive.
+//!   worker also watches the TAP and fills RX buffers when frames arrive. Checksum and
+//!   TSO offloads through the TAP's vnet header, turned on by
+//!   [`VirtioDevice::activate`] at `DRIVER_OK` (and on restore).
 //!
 //! Every write the devices make into guest memory goes through vm-memory, which marks the
 //! VMM-side dirty bitmap that migration merges with KVM's dirty log.
