@@ -526,11 +526,16 @@ impl VirtioDevices {
             // All or none, as MSI-X: none while no driver negotiated an offload, so that
             // a launcher without offloads can still load the state (and refuses it
             // otherwise, see `net::NetOffloadState`).
+            // From the transport's negotiated features, not the device's activation: a
+            // driver saved between FEATURES_OK and DRIVER_OK has accepted offloads too.
             net_offload: {
                 let all: Vec<_> = self
                     .net
                     .iter()
-                    .map(|n| lock(&n.dev).offload_state())
+                    .map(|n| {
+                        let negotiated = lock(&n.pci).state().driver_features;
+                        lock(&n.dev).offload_state(negotiated)
+                    })
                     .collect();
                 if all.iter().any(|o| o.features != 0) {
                     all

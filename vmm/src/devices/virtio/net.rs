@@ -126,7 +126,8 @@ pub fn tun_offload(features: u64) -> u32 {
 pub struct NetOffloadState {
     /// The [`OFFLOADS`] bits the driver accepted.
     pub features: u64,
-    /// The `TUN_F_*` flags the TAP had (what [`tun_offload`] makes of `features`).
+    /// The `TUN_F_*` flags the TAP had: what [`tun_offload`] makes of `features` once the
+    /// driver set `DRIVER_OK`, 0 before. Informational: a restore derives them again.
     pub tun_offload: u32,
 }
 
@@ -238,10 +239,11 @@ impl Net {
         self.acked
     }
 
-    /// The offloads in use, for the `virtio-net-offload` section.
-    pub fn offload_state(&self) -> NetOffloadState {
+    /// The offloads of a driver that negotiated `features` (the transport's: it may not
+    /// have set `DRIVER_OK` yet), for the `virtio-net-offload` section.
+    pub fn offload_state(&self, features: u64) -> NetOffloadState {
         NetOffloadState {
-            features: self.acked & OFFLOADS,
+            features: features & OFFLOADS,
             tun_offload: self.tap.offload(),
         }
     }

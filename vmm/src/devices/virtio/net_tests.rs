@@ -473,7 +473,7 @@ fn negotiated_offloads_are_applied_again_on_restore() {
     use super::tap::{TUN_F_CSUM, TUN_F_TSO4};
     let rig = Rig::with(BASIC | CSUM | GUEST_CSUM | GUEST_TSO4, Tap::from_socket);
     let saved = rig.dev.state();
-    let offload = lock(&rig.net).offload_state();
+    let offload = lock(&rig.net).offload_state(saved.driver_features);
     assert_eq!(offload.tun_offload, TUN_F_CSUM | TUN_F_TSO4);
     let restore = |tap: Tap| {
         let ram = GuestRam::new(4 << 20).unwrap();
@@ -490,7 +490,7 @@ fn negotiated_offloads_are_applied_again_on_restore() {
     // restored device turns on what the guest had.
     let (_h, g) = UnixDatagram::pair().unwrap();
     let net = restore(Tap::from_socket(g)).expect("restore");
-    assert_eq!(lock(&net).offload_state(), offload);
+    assert_eq!(lock(&net).offload_state(saved.driver_features), offload);
     // A TAP without the vnet header cannot carry them: the restore is refused.
     let (_h, g) = UnixDatagram::pair().unwrap();
     let err = restore(Tap::from_socket_without_vnet_hdr(g)).unwrap_err();
