@@ -2,7 +2,10 @@
 //! UDP in a network namespace made by the test, while its launcher is replaced by local
 //! handover (no datagram may be lost) or the VM is copy-migrated to a TAP in another
 //! namespace joined by a veth pair (losses bounded by the downtime). Bad `--net` input must
-//! give clear errors. Everything happens inside namespaces the test creates (private
+//! give clear errors. The guest runs with `csum=1`: its UDP answers carry a checksum that
+//! only the host kernel completes (virtio-net `VIRTIO_NET_F_CSUM`, the guest's
+//! `VIRTIO_NET_HDR_F_NEEDS_CSUM` header passed to the TAP unchanged), so an answer arrives
+//! only if the offload negotiated at boot is still applied by every later launcher. Everything happens inside namespaces the test creates (private
 //! 10.99.0.0/16 addresses); only the `ip` tool is needed (.ci/run installs iproute2).
 
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -40,7 +43,8 @@ fn launcher_in(ns: &Netns, args: &[&str], serial: &Path, api: &Path) -> Launcher
 }
 
 fn boot_netecho(ns: &Netns, dir: &TempDir, tap: &str, ip: &str, api: &str) -> Launcher {
-    let cmdline = format!("ip={ip} port=7 every_ms=500");
+    // csum=1: UDP answers with a checksum the device has the host complete.
+    let cmdline = format!("ip={ip} port=7 every_ms=500 csum=1");
     let net = format!("tap={tap},mac={MAC}");
     let mut l = launcher_in(
         ns,
@@ -59,6 +63,11 @@ fn boot_netecho(ns: &Netns, dir: &TempDir, tap: &str, ip: &str, api: &str) -> La
     );
     l.wait_console(&format!("netecho: up mac={MAC} ip={ip} port=7"));
     l.wait_api();
+    assert!(
+        l.console().contains(" csum=1\n"),
+        "the guest did not negotiate VIRTIO_NET_F_CSUM: {}",
+        l.console()
+    );
     l
 }
 
@@ -323,4 +332,68 @@ fn bad_net_options_are_refused_clearly() {
         out.report,
         out.stderr
     );
+}
+
+/// `/dev/net/tun` attached to TAP `name` of the calling thread's namespace, without
+/// `IFF_VNET_HDR` (as a tool that knows nothing of vnet headers would hand it over).
+fn open_tap_without_vnet_hdr(name: &str) -> std::fs::File {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .expect("open /dev/net/tun");
+    // struct ifreq: name[16], flags (short), padding to 40 bytes.
+    let mut req = [0u8; 40];
+    req[..name.len()].copy_from_slice(name.as_bytes());
+    let flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+    req[16..18].copy_from_slice(&flags.to_ne_bytes());
+    // SAFETY: TUNSETIFF reads and writes a struct ifreq, which `req` is large enough for.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, req.as_mut_ptr()) };
+    assert_eq!(rc, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
+    file
+}
+
+#[test]
+#[cfg_attr(
+    not(has_ip),
+    ignore = "the `ip` tool (iproute2) is not installed (CI installs it)"
+)]
+fn a_handed_in_tap_without_the_vnet_header_works_without_offloads() {
+    require_ip();
+    let ns = Netns::new("netnohdr");
+    ns.ip("tuntap add dev tap0 mode tap");
+    ns.ip("addr add 10.99.3.1/24 dev tap0");
+    ns.ip("link set tap0 up");
+    let tap = ns.enter(|| open_tap_without_vnet_hdr("tap0"));
+    let dir = TempDir::new("net-nohdr");
+    let (serial, api) = (dir.join("console.log"), dir.join("a.sock"));
+    let net = format!("fd=0,mac={MAC}");
+    let mut cmd = ns.command(bin("launcher"));
+    cmd.args(["run", "--kernel", path_str(guests::netecho_path())])
+        .args(["--cmdline", "ip=10.99.3.2 port=7 every_ms=500 csum=1"])
+        .args(["--memory", "64Mi", "--net", &net, "--serial"])
+        .arg(&serial)
+        .arg("--api-socket")
+        .arg(&api)
+        .stdin(Stdio::from(tap))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("stderr.log")).expect("stderr file"));
+    let mut l = Launcher {
+        child: cmd.spawn().expect("spawn launcher"),
+        serial,
+        api: Some(api),
+    };
+    l.wait_console(&format!("netecho: up mac={MAC} ip=10.99.3.2 port=7"));
+    // The device offered no offload, so the guest checksums its datagrams itself...
+    assert!(l.console().contains(" csum=0\n"), "{}", l.console());
+    // ...and they arrive: the device added the header the TAP does not take.
+    let flow = UdpFlow::start(
+        &ns,
+        SocketAddrV4::new(Ipv4Addr::new(10, 99, 3, 2), 7),
+        INTERVAL,
+    );
+    wait_answers(&flow, 50);
+    let report = flow.stop();
+    assert!(report.guest_continuous(), "{report}");
 }

@@ -64,12 +64,16 @@ impl Drop for Vmm {
 }
 
 impl Vmm {
-    fn wait_up(&mut self) {
+    /// Wait for the guest's "up" line; returns whether its driver negotiated the checksum
+    /// offload (its "virtio ... csum=1" line).
+    fn wait_up(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let text = std::fs::read_to_string(&self.console).unwrap_or_default();
             if text.contains("netecho: up") {
-                return;
+                return text
+                    .lines()
+                    .any(|l| l.starts_with("netecho: virtio ") && l.ends_with(" csum=1"));
             }
             if let Ok(Some(s)) = self.child.try_wait() {
                 fail(&format!("VM exited ({s}) before coming up: {text}"));
@@ -82,8 +86,10 @@ impl Vmm {
     }
 }
 
+/// `csum=1`: the guest's UDP datagrams carry checksums that the host completes
+/// (VIRTIO_NET_F_CSUM, which both VMMs offer on a TAP with a vnet header).
 fn cmdline() -> String {
-    format!("ip={GUEST_IP} port=7 every_ms=0")
+    format!("ip={GUEST_IP} port=7 every_ms=0 csum=1")
 }
 
 fn start_ours(ns: &Netns, launcher: &Path, dir: &Path) -> Vmm {
@@ -220,6 +226,7 @@ fn main() {
     ns.ip("addr add 10.99.9.1/24 dev br0");
     ns.ip("link set br0 up");
     let mut rows = Vec::new();
+    let mut csum_all: Vec<String> = Vec::new();
     let kinds: &[&str] = if have_qemu {
         &["ours", "qemu"]
     } else {
@@ -232,7 +239,8 @@ fn main() {
                 "ours" => start_ours(&ns, &launcher, &dir),
                 _ => start_qemu(&ns, &o.qemu, &dir),
             };
-            vm.wait_up();
+            let csum = vm.wait_up();
+            csum_all.push(format!("{kind}: {}", if csum { "yes" } else { "no" }));
             // Both TAPs carry the same guest IP in turn: forget the previous MAC.
             let _ = ns.try_ip("neigh flush dev br0");
             ns.wait_bridge_port_forwarding(if *kind == "ours" { "tapo" } else { "tapq" });
@@ -263,6 +271,13 @@ fn main() {
     if !have_qemu {
         table.push_str("\nQEMU was not found: only our launcher was measured.\n");
     }
+    csum_all.dedup();
+    let csum_note = format!(
+        "The guest runs with `csum=1` (UDP checksums that the host completes when the device \
+         offers `VIRTIO_NET_F_CSUM`); negotiated — {}.\n",
+        csum_all.join(", ")
+    );
+    table.push_str(&format!("\n{csum_note}"));
     println!("{table}");
     {
         let path = workspace_root().join("docs/net-benchmarks.md");

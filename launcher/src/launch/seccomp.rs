@@ -1,7 +1,8 @@
 //! Seccomp filters, per thread kind.
 //!
 //! - **vCPU threads** get the strictest filter: the syscalls a vCPU loop makes
-//!   (KVM ioctls only, writes to the console and eventfds, disk I/O for device
+//!   (KVM ioctls, and `TUNSETOFFLOAD`, which virtio-net issues when the guest's driver
+//!   sets DRIVER_OK or resets the device through a register the vCPU writes; writes to the console and eventfds, disk I/O for device
 //!   emulation, memory management of the allocator, sleeping for throttling) and
 //!   nothing else. Anything outside it **kills the launcher** (SIGSYS): a vCPU
 //!   thread runs on behalf of the guest and is the likeliest to be subverted.
@@ -240,7 +241,18 @@ pub fn vcpu_filter() -> Result<BpfProgram, SeccompError> {
     .map_err(|e| SeccompError::Build("vCPU", e.to_string()))?;
     let rule =
         SeccompRule::new(vec![kvm_only]).map_err(|e| SeccompError::Build("vCPU", e.to_string()))?;
-    rules.insert(libc::SYS_ioctl, vec![rule]);
+    // ...and TUNSETOFFLOAD exactly (virtio-net's `Net::activate` and reset run on the vCPU
+    // thread that writes the device status). Its argument is a flag word, no pointer.
+    let tun_offload = SeccompCondition::new(
+        1,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        libc::TUNSETOFFLOAD,
+    )
+    .map_err(|e| SeccompError::Build("vCPU", e.to_string()))?;
+    let tun_rule = SeccompRule::new(vec![tun_offload])
+        .map_err(|e| SeccompError::Build("vCPU", e.to_string()))?;
+    rules.insert(libc::SYS_ioctl, vec![rule, tun_rule]);
     compile("vCPU", rules, SeccompAction::KillProcess)
 }
 

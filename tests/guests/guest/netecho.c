@@ -4,6 +4,12 @@
  * guest's own running counter, so that a test can tell a lost datagram from a restarted
  * guest. A "FLOOD" request makes it send a burst of datagrams back (throughput benchmark).
  *
+ * `csum=1` on the command line: the UDP datagrams it sends carry a checksum, and the driver
+ * negotiates VIRTIO_NET_F_CSUM when the device offers it; the device (and behind it the
+ * host kernel) then completes the checksum: the guest writes only the pseudo-header sum and
+ * sets VIRTIO_NET_HDR_F_NEEDS_CSUM, as Linux does. Without the feature the guest computes
+ * the checksum itself. Without `csum=1`, UDP checksums are 0 (none), as before.
+ *
  * CPL0 part (emulated on the nested KVM, kept short): parse the command line, set up a TSS
  * whose I/O bitmap allows COM1, the debug-exit port, PM1a_CNT and the PIT, and SYSEXIT to
  * 64-bit CPL3. Everything else runs at CPL3 (native speed). See README.md.
@@ -14,6 +20,7 @@ const char guest_name[] = "netecho";
 
 #define EXIT_NO_DEVICE 2
 
+#define VIRTIO_NET_F_CSUM 0u
 #define VIRTIO_NET_F_MAC 5u
 #define VIRTIO_NET_F_STATUS 16u
 
@@ -152,6 +159,23 @@ static u16 csum(const u8 *p, u32 n)
     return (u16)~s;
 }
 
+/* One's complement sum of n bytes added to s (not folded, not inverted). */
+static u32 sum_add(u32 s, const u8 *p, u32 n)
+{
+    for (u32 i = 0; i + 1 < n; i += 2)
+        s += be16(p + i);
+    if (n & 1)
+        s += (u32)p[n - 1] << 8;
+    return s;
+}
+
+static u16 fold(u32 s)
+{
+    while (s >> 16)
+        s = (s & 0xffff) + (s >> 16);
+    return (u16)s;
+}
+
 /* Waits for a free TX buffer and returns its frame area (after the virtio header). */
 static u8 *tx_slot(void)
 {
@@ -164,6 +188,8 @@ static u8 *tx_slot(void)
 
 static u16 tx_pending; /* posted but not yet notified */
 static u32 event_idx, msix;
+static u32 want_csum; /* `csum=1`: UDP checksums */
+static u32 csum_offload; /* ... completed by the device (VIRTIO_NET_F_CSUM negotiated) */
 
 /* Tell the device that queue `r`'s avail index moved by `added`, if it asked to hear. */
 static void notify_if_needed(struct rings *r, uptr addr, u16 q, u16 added)
@@ -220,7 +246,25 @@ static void build_udp(u8 *f, const u8 *dst_mac, u32 dst_ip, u16 sport, u16 dport
     put16(udp, sport);
     put16(udp + 2, dport);
     put16(udp + 4, (u16)(8 + plen));
-    put16(udp + 6, 0); /* no checksum (IPv4) */
+    put16(udp + 6, 0); /* no checksum (IPv4) unless `csum=1` */
+    if (!want_csum)
+        return;
+    /* Pseudo-header: addresses, protocol, UDP length. */
+    u32 s = sum_add(0, ip + 12, 8) + 17 + 8 + plen;
+    if (csum_offload) {
+        /* The device completes it: the sum over the UDP header and payload (this
+         * pseudo-header sum in the checksum field included), inverted, at csum_offset. */
+        u8 *h = f - HDR;
+        h[0] = 1; /* VIRTIO_NET_HDR_F_NEEDS_CSUM */
+        h[6] = 34; /* csum_start (LE): Ethernet + IPv4 headers */
+        h[7] = 0;
+        h[8] = 6; /* csum_offset: the UDP checksum field */
+        h[9] = 0;
+        put16(udp + 6, fold(s));
+        return;
+    }
+    u16 c = (u16)~fold(sum_add(s, udp, 8 + plen));
+    put16(udp + 6, c ? c : 0xffff);
 }
 
 static void handle_arp(const u8 *f, u32 len)
@@ -438,8 +482,12 @@ static void virtio_init(void)
     u32 want = 1u << VIRTIO_NET_F_MAC | 1u << VIRTIO_NET_F_STATUS;
     if (!cmdline_has("event_idx=0"))
         want |= 1u << VIRTIO_RING_F_EVENT_IDX;
+    want_csum = cmdline_has("csum=1");
+    if (want_csum)
+        want |= 1u << VIRTIO_NET_F_CSUM;
     mmio_write32(common + C_GF, f & want);
     event_idx = (f & want & (1u << VIRTIO_RING_F_EVENT_IDX)) != 0;
+    csum_offload = (f & want & (1u << VIRTIO_NET_F_CSUM)) != 0;
     mmio_write32(common + C_GFSEL, 1);
     mmio_write32(common + C_GF, 1); /* VERSION_1 */
     mmio_write8(common + C_STATUS, 1 | 2 | 8);
@@ -456,6 +504,8 @@ static void virtio_init(void)
     put_dec(msix);
     puts(" event_idx=");
     put_dec(event_idx);
+    puts(" csum=");
+    put_dec(csum_offload);
     putc('\n');
     for (u32 i = 0; i < 6; i++)
         mac[i] = mmio_read8(devcfg + i);

@@ -22,6 +22,7 @@
 //! | `virtio-blk` | index in `disks`    | `VirtioPciState`      | 1       |
 //! | `virtio-net` | index in `nets`     | `VirtioPciState`      | 1       |
 //! | `virtio-msix`| disks, then nets    | `TransportMsixState` (optional) | 1 |
+//! | `virtio-net-offload` | index in `nets` | `NetOffloadState` (only when a driver negotiated an offload) | 1 |
 //!
 //! Loading dispatches on the version each section names ([`Versioned`]): the current one
 //! decodes directly, an older one in the accepted window goes through that struct's

@@ -12,6 +12,7 @@ use crate::devices::acpi_pm::AcpiPmState;
 use crate::devices::pci::PciState;
 use crate::devices::platform::PlatformState;
 use crate::devices::serial::SerialState;
+use crate::devices::virtio::net::NetOffloadState;
 use crate::devices::virtio::pci::TransportMsixState;
 use crate::devices::virtio::{VirtioDevicesState, VirtioPciState};
 use crate::vstate::vcpu::VcpuState;
@@ -46,6 +47,10 @@ pub mod names {
     /// instance `i` is disk `i`, then the interfaces follow the disks. Absent in states
     /// of launchers without MSI-X: the devices then continue on INTx.
     pub const VIRTIO_MSIX: &str = "virtio-msix";
+    /// The offloads negotiated by each virtio-net driver (instance = index in `nets`),
+    /// only when one negotiated any: a launcher without offloads must refuse such a
+    /// state. Absent: no offload.
+    pub const VIRTIO_NET_OFFLOAD: &str = "virtio-net-offload";
 }
 
 /// Every section name this build reads; anything else is refused as unknown.
@@ -59,6 +64,7 @@ const KNOWN: &[&str] = &[
     names::VIRTIO_BLK,
     names::VIRTIO_NET,
     names::VIRTIO_MSIX,
+    names::VIRTIO_NET_OFFLOAD,
 ];
 
 /// A state struct that travels as a section: its version, and how older versions become
@@ -102,6 +108,9 @@ impl Versioned for VirtioPciState {
     const VERSION: u32 = 1;
 }
 impl Versioned for TransportMsixState {
+    const VERSION: u32 = 1;
+}
+impl Versioned for NetOffloadState {
     const VERSION: u32 = 1;
 }
 
@@ -193,6 +202,9 @@ fn to_sections(st: &VmState) -> Result<Vec<Section>, StateError> {
     for (i, m) in st.devices.msix.iter().enumerate() {
         out.push(section(names::VIRTIO_MSIX, i, m)?);
     }
+    for (i, o) in st.devices.net_offload.iter().enumerate() {
+        out.push(section(names::VIRTIO_NET_OFFLOAD, i, o)?);
+    }
     Ok(out)
 }
 
@@ -266,6 +278,7 @@ fn from_sections(sections: Vec<Section>) -> Result<VmState, StateError> {
             block: t.all(names::VIRTIO_BLK)?,
             net: t.all(names::VIRTIO_NET)?,
             msix: t.all(names::VIRTIO_MSIX)?,
+            net_offload: t.all(names::VIRTIO_NET_OFFLOAD)?,
         },
     })
 }

@@ -291,3 +291,29 @@ fn msix_travels_as_optional_sections_one_per_device() {
     let back = VmState::from_bytes(&bytes).unwrap();
     assert_eq!(back.devices.msix, st.devices.msix);
 }
+
+#[test]
+fn net_offloads_travel_as_optional_sections_that_older_launchers_refuse() {
+    use crate::devices::virtio::net::NetOffloadState;
+    // The state of a launcher without offloads (the v1 fixture has an interface) has no
+    // virtio-net-offload section: the interface continues without offloads.
+    let mut st = VmState::from_bytes(&join(&sectioned())).unwrap();
+    assert_eq!(st.devices.net.len(), 1);
+    assert!(st.devices.net_offload.is_empty());
+    st.devices.net_offload = vec![NetOffloadState {
+        features: 0b11,
+        tun_offload: 1,
+    }];
+    let bytes = st.to_bytes().unwrap();
+    let back = VmState::from_bytes(&bytes).unwrap();
+    assert_eq!(back.devices.net_offload, st.devices.net_offload);
+    // A launcher that does not know the section (it would zero the guest's headers) refuses
+    // the state naming it: here, this build with the section renamed to an unknown one.
+    let mut sections = split(&bytes);
+    let s = sections
+        .iter_mut()
+        .find(|s| s.name == names::VIRTIO_NET_OFFLOAD)
+        .expect("the section is written");
+    s.name = "virtio-net-offload-x".into();
+    assert!(refusal(&sections).contains("virtio-net-offload-x"));
+}

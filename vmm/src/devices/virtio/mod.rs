@@ -22,7 +22,9 @@
 //! * [`block::Block`]: virtio-blk on a raw file ([`disk::DiskFile`]), slots from
 //!   [`FIRST_DISK_SLOT`].
 //! * [`net::Net`]: virtio-net on a TAP ([`tap::Tap`]), slots from [`FIRST_NET_SLOT`]; the
-//!   worker also watches the TAP and fills RX buffers when frames arrive.
+//!   worker also watches the TAP and fills RX buffers when frames arrive. Checksum and
+//!   TSO offloads through the TAP's vnet header, turned on by
+//!   [`VirtioDevice::activate`] at `DRIVER_OK` (and on restore).
 //!
 //! Every write the devices make into guest memory goes through vm-memory, which marks the
 //! VMM-side dirty bitmap that migration merges with KVM's dirty log.
@@ -145,6 +147,15 @@ pub trait VirtioDevice: Send {
     fn drains_queue(&self, _index: usize) -> bool {
         true
     }
+    /// The driver accepted `features` and set `DRIVER_OK` (or, on restore, had): set the
+    /// backend up for them (virtio-net: the TAP offloads). An error makes the transport
+    /// set `NEEDS_RESET` (at `DRIVER_OK`) or refuse the restore. Runs on the vCPU thread
+    /// that wrote the status (its seccomp filter must allow what this does).
+    fn activate(&mut self, _features: u64) -> Result<(), String> {
+        Ok(())
+    }
+    /// The driver reset the device: undo [`VirtioDevice::activate`].
+    fn reset(&mut self) {}
     /// Stop (or restart) using the backend; the transport calls this under its lock.
     fn set_paused(&mut self, _paused: bool) {}
     /// Do a due timed action; returns how long until the next one, if any.
@@ -220,6 +231,11 @@ pub struct VirtioDevicesState {
     /// struct's bincode, which the unsectioned legacy format still decodes.
     #[serde(skip)]
     pub msix: Vec<TransportMsixState>,
+    /// The offloads of every interface, in `VmConfig::nets` order; empty when no driver
+    /// negotiated one (and from launchers without offloads). Its own
+    /// `virtio-net-offload` sections, as `msix`.
+    #[serde(skip)]
+    pub net_offload: Vec<net::NetOffloadState>,
 }
 
 /// A device plugged in: its worker (stopped first on drop), transport and device.
@@ -394,6 +410,13 @@ impl VirtioDevices {
         paused: bool,
     ) -> Result<(), VirtioError> {
         if let Some(s) = saved {
+            if !s.net_offload.is_empty() && s.net_offload.len() != s.net.len() {
+                return Err(VirtioError::BadState(format!(
+                    "the state has offloads for {} network devices but {} devices",
+                    s.net_offload.len(),
+                    s.net.len()
+                )));
+            }
             if s.net.len() != nets.len() {
                 return Err(VirtioError::BadState(format!(
                     "the state has {} network devices but the configuration lists {}",
@@ -427,6 +450,9 @@ impl VirtioDevices {
                 why: e.to_string(),
             })?;
             let s = saved_of(saved, |s| &s.net, index, self.block.len() + index);
+            if let Some((regs, _)) = s {
+                check_offload(regs, saved.and_then(|s| s.net_offload.get(index)), index)?;
+            }
             let attached = attach(dev, slot, s, &mut ctx, format!("net{index}"))?;
             tracing::info!(
                 tap = %name,
@@ -497,6 +523,26 @@ impl VirtioDevices {
             } else {
                 Vec::new()
             },
+            // All or none, as MSI-X: none while no driver negotiated an offload, so that
+            // a launcher without offloads can still load the state (and refuses it
+            // otherwise, see `net::NetOffloadState`).
+            // From the transport's negotiated features, not the device's activation: a
+            // driver saved between FEATURES_OK and DRIVER_OK has accepted offloads too.
+            net_offload: {
+                let all: Vec<_> = self
+                    .net
+                    .iter()
+                    .map(|n| {
+                        let negotiated = lock(&n.pci).state().driver_features;
+                        lock(&n.dev).offload_state(negotiated)
+                    })
+                    .collect();
+                if all.iter().any(|o| o.features != 0) {
+                    all
+                } else {
+                    Vec::new()
+                }
+            },
         }
     }
 
@@ -521,6 +567,25 @@ impl VirtioDevices {
     pub fn disks_locked(&self) -> bool {
         self.block.iter().all(|a| lock(&a.dev).disk().is_locked())
     }
+}
+
+/// The `virtio-net-offload` section of interface `index`, if any, says what its
+/// transport's negotiated features say (a mismatch is a corrupt or foreign state).
+fn check_offload(
+    regs: &VirtioPciState,
+    saved: Option<&net::NetOffloadState>,
+    index: usize,
+) -> Result<(), VirtioError> {
+    let negotiated = regs.driver_features & net::OFFLOADS;
+    if let Some(o) = saved {
+        if o.features != negotiated {
+            return Err(VirtioError::BadState(format!(
+                "network interface {index}: offloads {:#x} saved but features {negotiated:#x} negotiated",
+                o.features
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A state with MSI-X parts has one per device.

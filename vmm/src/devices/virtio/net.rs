@@ -2,21 +2,41 @@
 //!
 //! Two queues of [`QUEUE_SIZE`] entries: receive (0) and transmit (1). Features offered:
 //! `VIRTIO_NET_F_MAC` (the MAC in the configuration space), `VIRTIO_NET_F_STATUS` (link
-//! up) and nothing else: no checksum or segmentation offload (the TAP has them off too), no
-//! mergeable buffers, no control queue. Every frame is at most [`MAX_FRAME`] bytes.
+//! up) and, when the TAP carries the vnet header, the offloads ([`OFFLOADS`]):
+//! `CSUM`, `HOST_TSO4/6`, `HOST_ECN` (the guest may send frames with a partial checksum
+//! and TCP super-frames up to 64 KiB, which the host kernel completes or segments) and
+//! `GUEST_CSUM`, `GUEST_TSO4/6`, `GUEST_ECN` (the guest takes them). No mergeable buffers,
+//! no control queue.
 //!
+//! * **Header**: the TAP is opened with `IFF_VNET_HDR` and a 12-byte header
+//!   (`virtio_net_hdr_v1`), so the guest's header goes to the kernel and the kernel's to
+//!   the guest unchanged, except that the device never lets through what the driver did not
+//!   negotiate: a TX header's checksum request without `CSUM` is cleared, a GSO type
+//!   without the matching `HOST_TSO*` drops the frame, an RX header's flags are cleared
+//!   without `GUEST_CSUM` (the kernel marks checksummed frames `DATA_VALID` even with no
+//!   offload on) and `num_buffers` is always 1.
+//! * **Offloads on the TAP** ([`Net::activate`], at `DRIVER_OK` and when a restored VM's
+//!   driver had reached it): `TUNSETOFFLOAD` with exactly what the guest accepted to
+//!   receive, as Firecracker and Cloud Hypervisor do; 0 again at a device reset. A
+//!   restored device re-applies them from the negotiated features in its state (a TAP
+//!   handed over by the previous launcher, or a new one after a copy migration), and a
+//!   restore onto a TAP without the vnet header whose guest negotiated offloads is
+//!   refused: the guest would send partial checksums that nothing completes.
 //! * **TX** runs on the device's worker thread ([`super::worker`]) when the guest notifies
-//!   the TX queue (an ioeventfd): each chain is header + frame; the
-//!   guest's header is replaced by a zero one (no offload was negotiated, so nothing in it
-//!   may reach the host), and the frame is written to the TAP. A chain that is malformed,
-//!   shorter than a header plus an Ethernet header, longer than [`MAX_FRAME`] or that the
+//!   the TX queue (an ioeventfd): each chain is header + frame, written to the TAP in one
+//!   `write`. A chain that is malformed, shorter than a header plus an Ethernet header,
+//!   longer than [`MAX_FRAME`], with a GSO type the driver did not negotiate, or that the
 //!   TAP refuses is dropped (counted) and returned to the guest. TX never blocks.
 //! * **RX**: the same worker watches the TAP (edge-triggered) and, when a frame is waiting
 //!   and the driver posted buffers, fills them through the transport (under its lock),
 //!   through vm-memory, so the VMM dirty bitmap sees every byte, then raises the interrupt.
 //!   A guest notify on the RX queue (new buffers) drains the TAP again. A frame is read
 //!   from the TAP only once a buffer chain is at hand; a frame that does not fit the chain
-//!   is dropped and the chain kept for the next one.
+//!   is dropped (counted) and the chain kept for the next one, so a guest whose buffers are
+//!   too small for the GSO super-frames it asked for (`GUEST_TSO*` without mergeable
+//!   buffers needs 64 KiB chains, which Linux posts in its "big packets" mode) loses those
+//!   frames but never its queue. Firecracker does the same (it drops the frame; it
+//!   returns the chain with length 0).
 //! * **Pause**: the transport's pause takes its lock, so it waits for an RX or TX pass in
 //!   progress to complete; afterwards nothing is read from the TAP until resume. So at a
 //!   pause no frame is in flight inside the VMM: frames are either in guest memory (used
@@ -29,10 +49,16 @@
 use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
-use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_ECN,
+    VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6,
+    VIRTIO_NET_S_LINK_UP,
+};
 use virtio_queue::{Queue, QueueT};
 
-use super::tap::{Tap, VNET_HDR_LEN};
+use super::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, VNET_HDR_LEN};
 use super::VirtioDevice;
 use crate::vstate::memory::GuestMemoryMmap;
 
@@ -42,9 +68,11 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const RX_QUEUE: usize = 0;
 /// Index of the transmit queue.
 pub const TX_QUEUE: usize = 1;
-/// Largest frame (Ethernet header included, no FCS) either way: 64 KiB, the most a TAP
-/// without offloads can deliver.
-pub const MAX_FRAME: usize = 65535;
+/// Largest frame (Ethernet header included, no FCS) either way: a GSO super-frame of the
+/// most Linux builds (64 KiB, `GSO_LEGACY_MAX_SIZE`, counted from the network header) plus
+/// an Ethernet header with a VLAN tag, rounded up. Without offloads frames stay below
+/// 64 KiB anyway.
+pub const MAX_FRAME: usize = 65536 + 64;
 const ETH_HLEN: usize = 14;
 /// Bytes of device configuration: mac[6], status u16 (then zeros).
 const CONFIG_SIZE: usize = 8;
@@ -53,6 +81,78 @@ const CONFIG_SIZE: usize = 8;
 const ANNOUNCE_ROUNDS: u8 = 5;
 const ANNOUNCE_FIRST_GAP: Duration = Duration::from_millis(50);
 const ANNOUNCE_STEP: Duration = Duration::from_millis(100);
+
+const fn bit(b: u32) -> u64 {
+    1u64 << b
+}
+
+/// The offload features offered when the TAP carries the vnet header.
+pub const OFFLOADS: u64 = bit(VIRTIO_NET_F_CSUM)
+    | bit(VIRTIO_NET_F_GUEST_CSUM)
+    | bit(VIRTIO_NET_F_GUEST_TSO4)
+    | bit(VIRTIO_NET_F_GUEST_TSO6)
+    | bit(VIRTIO_NET_F_GUEST_ECN)
+    | bit(VIRTIO_NET_F_HOST_TSO4)
+    | bit(VIRTIO_NET_F_HOST_TSO6)
+    | bit(VIRTIO_NET_F_HOST_ECN);
+
+/// The `TUN_F_*` flags for what a driver that accepted `features` can receive. The kernel
+/// takes TSO only with the checksum offload, as virtio requires `GUEST_CSUM` for
+/// `GUEST_TSO*`: without it, nothing.
+pub fn tun_offload(features: u64) -> u32 {
+    if features & bit(VIRTIO_NET_F_GUEST_CSUM) == 0 {
+        return 0;
+    }
+    let mut f = TUN_F_CSUM;
+    if features & bit(VIRTIO_NET_F_GUEST_TSO4) != 0 {
+        f |= TUN_F_TSO4;
+    }
+    if features & bit(VIRTIO_NET_F_GUEST_TSO6) != 0 {
+        f |= TUN_F_TSO6;
+    }
+    if f & (TUN_F_TSO4 | TUN_F_TSO6) != 0 && features & bit(VIRTIO_NET_F_GUEST_ECN) != 0 {
+        f |= TUN_F_TSO_ECN;
+    }
+    f
+}
+
+/// The offloads a virtio-net driver negotiated, saved as the `virtio-net-offload` section
+/// (one per interface) only when some driver accepted one. The negotiated features are in
+/// the transport's state already; this section exists so that a launcher without
+/// offloads, which would send the guest's partial checksums and super-frames to the host
+/// with a zeroed header, refuses such a state (unknown section) instead of corrupting
+/// frames. Its absence (an older launcher's state, or no offload negotiated) means none.
+#[derive(serde::Serialize, serde::Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NetOffloadState {
+    /// The [`OFFLOADS`] bits the driver accepted.
+    pub features: u64,
+    /// The `TUN_F_*` flags the TAP had: what [`tun_offload`] makes of `features` once the
+    /// driver set `DRIVER_OK`, 0 before. Informational: a restore derives them again.
+    pub tun_offload: u32,
+}
+
+/// Errors activating the device's offloads.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The driver negotiated offloads (a restored VM) but this TAP has no vnet header.
+    #[error("the guest negotiated offloads ({features:#x}) but TAP {tap} has no vnet header (IFF_VNET_HDR): attach the VM to a TAP opened with it")]
+    NoVnetHdr {
+        /// The TAP.
+        tap: String,
+        /// The offload features the driver accepted.
+        features: u64,
+    },
+    /// `TUNSETOFFLOAD` failed.
+    #[error("TAP {tap}: TUNSETOFFLOAD {flags:#x}: {source}")]
+    SetOffload {
+        /// The TAP.
+        tap: String,
+        /// The flags.
+        flags: u32,
+        /// The error.
+        source: std::io::Error,
+    },
+}
 
 /// Frame counters of one device (for logs and tests).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +167,9 @@ pub struct NetCounters {
     pub tx_dropped: u64,
     /// RARP announcements sent.
     pub announces: u64,
+    /// Frames read from the TAP that did not fit the guest's buffer chain (a subset of
+    /// `rx_dropped`: GSO super-frames for a guest whose buffers are too small, say).
+    pub rx_too_big: u64,
 }
 
 /// A virtio-net device.
@@ -78,6 +181,9 @@ pub struct Net {
     counters: NetCounters,
     announce_left: u8,
     next_announce: Instant,
+    /// The features the driver accepted, from `DRIVER_OK` ([`Net::activate`]) until a
+    /// reset; 0 before.
+    acked: u64,
 }
 
 impl std::fmt::Debug for Net {
@@ -101,7 +207,49 @@ impl Net {
             counters: NetCounters::default(),
             announce_left: 0,
             next_announce: Instant::now(),
+            acked: 0,
         })
+    }
+
+    /// The driver accepted `features` and set `DRIVER_OK`, or a restored VM's driver had:
+    /// turn on the TAP offloads it can receive. Fails when it negotiated offloads this
+    /// TAP cannot carry (a restore onto a TAP without the vnet header) or when the kernel
+    /// refuses them.
+    pub fn activate(&mut self, features: u64) -> Result<(), NetError> {
+        if features & OFFLOADS != 0 && !self.tap.has_vnet_hdr() {
+            return Err(NetError::NoVnetHdr {
+                tap: self.tap.name().to_string(),
+                features: features & OFFLOADS,
+            });
+        }
+        let flags = tun_offload(features);
+        self.tap
+            .set_offload(flags)
+            .map_err(|source| NetError::SetOffload {
+                tap: self.tap.name().to_string(),
+                flags,
+                source,
+            })?;
+        self.acked = features;
+        Ok(())
+    }
+
+    /// The features the driver accepted (0 before `DRIVER_OK` and after a reset).
+    pub fn acked_features(&self) -> u64 {
+        self.acked
+    }
+
+    /// The offloads of a driver that negotiated `features` (the transport's: it may not
+    /// have set `DRIVER_OK` yet), for the `virtio-net-offload` section.
+    pub fn offload_state(&self, features: u64) -> NetOffloadState {
+        NetOffloadState {
+            features: features & OFFLOADS,
+            tun_offload: self.tap.offload(),
+        }
+    }
+
+    fn acked(&self, b: u32) -> bool {
+        self.acked & bit(b) != 0
     }
 
     /// The TAP.
@@ -200,7 +348,7 @@ impl Net {
                 self.buf[..VNET_HDR_LEN].fill(0);
             }
             let total = start + n;
-            if total < VNET_HDR_LEN + ETH_HLEN {
+            if total < VNET_HDR_LEN + ETH_HLEN || !self.rx_header_allowed() {
                 unpop(queue);
                 self.counters.rx_dropped += 1;
                 continue;
@@ -211,6 +359,7 @@ impl Net {
                 // Does not fit this chain: drop the frame, keep the chain for the next.
                 unpop(queue);
                 self.counters.rx_dropped += 1;
+                self.counters.rx_too_big += 1;
                 continue;
             }
             if std::io::Write::write_all(&mut w, &self.buf[..total]).is_err() {
@@ -267,8 +416,9 @@ impl Net {
         if std::io::Read::read_exact(&mut r, &mut self.buf[..len]).is_err() {
             return false;
         }
-        // No offload was negotiated: the host gets a zero header whatever the guest wrote.
-        self.buf[..VNET_HDR_LEN].fill(0);
+        if !self.tx_header_allowed() {
+            return false;
+        }
         let out = if self.tap.has_vnet_hdr() {
             &self.buf[..len]
         } else {
@@ -287,6 +437,63 @@ impl Net {
     }
 }
 
+impl Net {
+    /// Make the kernel's header in `buf` one the driver may see; false to drop the frame.
+    /// Flags (`DATA_VALID`, `NEEDS_CSUM`) only with `GUEST_CSUM`; a GSO frame only of a
+    /// type the driver accepted (the TAP delivers none unless told to, see
+    /// [`tun_offload`]). `num_buffers` is set by the caller.
+    fn rx_header_allowed(&mut self) -> bool {
+        let csum = self.acked(VIRTIO_NET_F_GUEST_CSUM);
+        let (tso4, tso6, ecn) = (
+            self.acked(VIRTIO_NET_F_GUEST_TSO4),
+            self.acked(VIRTIO_NET_F_GUEST_TSO6),
+            self.acked(VIRTIO_NET_F_GUEST_ECN),
+        );
+        let h = &mut self.buf[..VNET_HDR_LEN];
+        if !csum {
+            h[0] = 0;
+            h[6..10].fill(0); // csum_start, csum_offset
+        }
+        gso_allowed(h[1], tso4, tso6, ecn)
+    }
+
+    /// Check the guest's header in `buf` against what the driver negotiated, clearing
+    /// what it may not ask for; false to drop the frame. A checksum request counts only
+    /// with `CSUM`; a GSO type must be one of `HOST_TSO4/6` (with `HOST_ECN` for the ECN
+    /// bit), and the kernel is never asked to segment what the driver did not announce.
+    fn tx_header_allowed(&mut self) -> bool {
+        let csum = self.acked(VIRTIO_NET_F_CSUM);
+        let (tso4, tso6, ecn) = (
+            self.acked(VIRTIO_NET_F_HOST_TSO4),
+            self.acked(VIRTIO_NET_F_HOST_TSO6),
+            self.acked(VIRTIO_NET_F_HOST_ECN),
+        );
+        let h = &mut self.buf[..VNET_HDR_LEN];
+        h[10..12].fill(0); // num_buffers: RX only
+        if !csum {
+            // No offload was negotiated: the host gets a zero header whatever the guest
+            // wrote.
+            h.fill(0);
+            return true;
+        }
+        h[0] &= VIRTIO_NET_HDR_F_NEEDS_CSUM as u8;
+        gso_allowed(h[1], tso4, tso6, ecn)
+    }
+}
+
+/// A header's `gso_type` is one the driver negotiated (`tso4`, `tso6`, `ecn`: the TSO and
+/// ECN features of that direction).
+fn gso_allowed(gso_type: u8, tso4: bool, tso6: bool, ecn: bool) -> bool {
+    let gso = u32::from(gso_type);
+    let kind = match gso & !VIRTIO_NET_HDR_GSO_ECN {
+        VIRTIO_NET_HDR_GSO_NONE => true,
+        VIRTIO_NET_HDR_GSO_TCPV4 => tso4,
+        VIRTIO_NET_HDR_GSO_TCPV6 => tso6,
+        _ => false,
+    };
+    kind && (gso & VIRTIO_NET_HDR_GSO_ECN == 0 || ecn)
+}
+
 /// A chain that ends: virtio-queue stops following `next` after a queue's worth of
 /// descriptors (a loop) or at an out-of-range index, silently; such a chain is malformed.
 fn well_formed(chain: &virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> bool {
@@ -303,7 +510,23 @@ impl VirtioDevice for Net {
     }
 
     fn features(&self) -> u64 {
-        (1u64 << VIRTIO_NET_F_MAC) | (1u64 << VIRTIO_NET_F_STATUS)
+        let base = bit(VIRTIO_NET_F_MAC) | bit(VIRTIO_NET_F_STATUS);
+        if self.tap.has_vnet_hdr() {
+            base | OFFLOADS
+        } else {
+            base
+        }
+    }
+
+    fn activate(&mut self, features: u64) -> Result<(), String> {
+        Net::activate(self, features).map_err(|e| e.to_string())
+    }
+
+    fn reset(&mut self) {
+        self.acked = 0;
+        if let Err(e) = self.tap.set_offload(0) {
+            tracing::warn!(tap = self.tap.name(), "TUNSETOFFLOAD 0 at reset: {e}");
+        }
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::net::{Net, MAX_FRAME, RX_QUEUE, TX_QUEUE};
+use super::net::{Net, MAX_FRAME, OFFLOADS, RX_QUEUE, TX_QUEUE};
 use super::pci::VirtioPciDevice;
 use super::tap::{Tap, VNET_HDR_LEN};
 use crate::devices::bus::lock;
@@ -31,15 +31,23 @@ struct Rig {
     net: Arc<Mutex<Net>>,
     host: UnixDatagram,
     avail: [u16; 2],
+    /// The low 32 feature bits the driver accepts.
+    features: u32,
 }
+
+/// The features of the old rigs: MAC and STATUS.
+const BASIC: u32 = (1 << 5) | (1 << 16);
 
 impl Rig {
     fn new() -> Rig {
+        Rig::with(BASIC, Tap::from_socket)
+    }
+
+    /// A rig whose driver accepts `features` (low word) on a TAP made by `tap`.
+    fn with(features: u32, tap: fn(UnixDatagram) -> Tap) -> Rig {
         let (host, guest) = UnixDatagram::pair().unwrap();
         let ram = GuestRam::new(4 << 20).unwrap();
-        let net = Arc::new(Mutex::new(
-            Net::new(Tap::from_socket(guest), MAC, false).unwrap(),
-        ));
+        let net = Arc::new(Mutex::new(Net::new(tap(guest), MAC, false).unwrap()));
         let dev = VirtioPciDevice::new(
             16,
             net.clone(),
@@ -52,6 +60,7 @@ impl Rig {
             net,
             host,
             avail: [0; 2],
+            features,
         };
         rig.init();
         rig
@@ -71,7 +80,7 @@ impl Rig {
         self.w(0x14, 0, 1);
         self.w(0x14, 1 | 2, 1);
         self.w(0x08, 0, 4);
-        self.w(0x0c, (1 << 5) | (1 << 16), 4);
+        self.w(0x0c, u64::from(self.features), 4);
         self.w(0x08, 1, 4);
         self.w(0x0c, 1, 4);
         self.w(0x14, 1 | 2 | 8, 1);
@@ -291,4 +300,199 @@ fn announce_sends_rarp_from_the_mac() {
     assert_eq!(&f[12..14], &[0x80, 0x35]);
     assert_eq!(f.len(), 60);
     drop(rx);
+}
+
+/// Feature bits (virtio 1.x, 5.1.3).
+const CSUM: u32 = 1 << 0;
+const GUEST_CSUM: u32 = 1 << 1;
+const GUEST_TSO4: u32 = 1 << 7;
+const GUEST_TSO6: u32 = 1 << 8;
+const HOST_TSO4: u32 = 1 << 11;
+const NEEDS_CSUM: u8 = 1;
+const DATA_VALID: u8 = 2;
+const GSO_TCPV4: u8 = 1;
+
+/// A virtio_net_hdr_v1: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset.
+fn hdr(flags: u8, gso: u8, gso_size: u16, csum_start: u16, csum_offset: u16) -> Vec<u8> {
+    let mut h = vec![flags, gso];
+    h.extend_from_slice(&54u16.to_le_bytes());
+    h.extend_from_slice(&gso_size.to_le_bytes());
+    h.extend_from_slice(&csum_start.to_le_bytes());
+    h.extend_from_slice(&csum_offset.to_le_bytes());
+    h.extend_from_slice(&7u16.to_le_bytes()); // num_buffers: meaningless on TX
+    h
+}
+
+impl Rig {
+    /// Send header + frame on the TX queue in one descriptor.
+    fn send(&mut self, header: &[u8], f: &[u8]) {
+        let mut b = header.to_vec();
+        b.extend_from_slice(f);
+        self.mem().write_slice(&b, GuestAddress(BUF)).unwrap();
+        let first = self.avail[TX_QUEUE] % QSIZE;
+        self.post(TX_QUEUE, first, &[(BUF, b.len() as u32, 0)], true);
+    }
+
+    fn device_features(&mut self) -> u64 {
+        self.w(0x00, 0, 4);
+        let lo = self.r(0x04, 4);
+        self.w(0x00, 1, 4);
+        lo | self.r(0x04, 4) << 32
+    }
+}
+
+#[test]
+fn offloads_are_offered_only_on_a_tap_with_the_vnet_header() {
+    let mut with = Rig::new();
+    let f = with.device_features();
+    for b in [CSUM, GUEST_CSUM, GUEST_TSO4, GUEST_TSO6, HOST_TSO4] {
+        assert_ne!(f & u64::from(b), 0, "feature {b:#x} offered");
+    }
+    let mut without = Rig::with(BASIC, Tap::from_socket_without_vnet_hdr);
+    assert_eq!(without.device_features() & OFFLOADS, 0);
+    // A driver that asks for them anyway is refused at FEATURES_OK.
+    without.w(0x14, 0, 1);
+    without.w(0x14, 1 | 2, 1);
+    without.w(0x08, 0, 4);
+    without.w(0x0c, u64::from(BASIC | CSUM), 4);
+    without.w(0x08, 1, 4);
+    without.w(0x0c, 1, 4);
+    without.w(0x14, 1 | 2 | 8, 1);
+    assert_eq!(without.r(0x14, 1) & 8, 0, "features accepted");
+}
+
+#[test]
+fn with_csum_the_guest_header_reaches_the_tap_unchanged() {
+    let mut rig = Rig::with(BASIC | CSUM | HOST_TSO4, Tap::from_socket);
+    let f = frame(100);
+    // A partial checksum to complete from byte 34, stored at 34 + 6 (UDP).
+    let h = hdr(NEEDS_CSUM, 0, 0, 34, 6);
+    rig.send(&h, &f);
+    let got = rig.host_recv().expect("frame on the TAP");
+    assert_eq!(&got[..10], &h[..10], "the header is the guest's");
+    assert_eq!(&got[10..12], &[0, 0], "num_buffers is not sent");
+    assert_eq!(&got[VNET_HDR_LEN..], &f[..]);
+    // A negotiated GSO type goes through as well.
+    let h = hdr(NEEDS_CSUM, GSO_TCPV4, 1448, 34, 16);
+    rig.send(&h, &f);
+    assert_eq!(&rig.host_recv().expect("GSO frame")[..10], &h[..10]);
+    assert_eq!(lock(&rig.net).counters().tx_frames, 2);
+}
+
+#[test]
+fn tx_headers_asking_for_what_was_not_negotiated_are_cleared_or_dropped() {
+    // CSUM without HOST_TSO: a TSO frame is dropped, unknown flag bits cleared.
+    let mut rig = Rig::with(BASIC | CSUM, Tap::from_socket);
+    let f = frame(100);
+    rig.send(&hdr(NEEDS_CSUM, GSO_TCPV4, 1448, 34, 16), &f);
+    assert!(rig.host_recv().is_none(), "TSO frame without HOST_TSO4");
+    rig.send(&hdr(0x80 | NEEDS_CSUM, 0, 0, 34, 6), &f);
+    assert_eq!(rig.host_recv().expect("frame")[0], NEEDS_CSUM);
+    // UDP fragmentation offload (gso_type 3) is never offered.
+    rig.send(&hdr(NEEDS_CSUM, 3, 1000, 34, 6), &f);
+    assert!(rig.host_recv().is_none(), "UFO frame");
+    let c = lock(&rig.net).counters();
+    assert_eq!((c.tx_frames, c.tx_dropped), (1, 2));
+    // Without CSUM the header is zero whatever the guest wrote (the old behaviour).
+    let mut rig = Rig::new();
+    rig.send(&hdr(NEEDS_CSUM, GSO_TCPV4, 1448, 34, 16), &f);
+    assert_eq!(
+        &rig.host_recv().expect("frame")[..VNET_HDR_LEN],
+        &[0; VNET_HDR_LEN]
+    );
+}
+
+#[test]
+fn the_tap_gets_exactly_the_offloads_the_guest_accepted_until_a_reset() {
+    use super::tap::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
+    let mut rig = Rig::with(
+        BASIC | GUEST_CSUM | GUEST_TSO4 | GUEST_TSO6,
+        Tap::from_socket,
+    );
+    assert_eq!(
+        lock(&rig.net).tap().offload(),
+        TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
+    );
+    rig.w(0x14, 0, 1); // reset
+    assert_eq!(lock(&rig.net).tap().offload(), 0);
+    assert_eq!(lock(&rig.net).acked_features(), 0);
+    // Host-side offloads only (CSUM, HOST_TSO4): nothing to turn on for RX.
+    let rig = Rig::with(BASIC | CSUM | HOST_TSO4, Tap::from_socket);
+    assert_eq!(lock(&rig.net).tap().offload(), 0);
+    // TSO without the checksum offload it depends on: nothing either.
+    assert_eq!(super::net::tun_offload(u64::from(GUEST_TSO4)), 0);
+}
+
+#[test]
+fn rx_header_flags_reach_the_guest_only_with_guest_csum() {
+    let mut f = hdr(DATA_VALID, 0, 0, 0, 0);
+    f.extend_from_slice(&frame(60));
+    for (features, flags) in [(BASIC, 0), (BASIC | GUEST_CSUM, DATA_VALID)] {
+        let mut rig = Rig::with(features, Tap::from_socket);
+        rig.host.send(&f).unwrap();
+        assert_eq!(rig.post(RX_QUEUE, 0, &[(BUF, 2048, WRITE)], true), 1);
+        let mut got = [0u8; VNET_HDR_LEN];
+        rig.mem().read_slice(&mut got, GuestAddress(BUF)).unwrap();
+        assert_eq!(got[0], flags, "features {features:#x}");
+        assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1, "num_buffers");
+    }
+    // A GSO frame the driver did not ask for is dropped; the buffer stays for the next.
+    let mut rig = Rig::with(BASIC | GUEST_CSUM, Tap::from_socket);
+    let mut gso = hdr(NEEDS_CSUM, GSO_TCPV4, 1448, 34, 16);
+    gso.extend_from_slice(&frame(3000));
+    rig.host.send(&gso).unwrap();
+    assert_eq!(rig.post(RX_QUEUE, 0, &[(BUF, 4096, WRITE)], true), 0);
+    assert_eq!(lock(&rig.net).counters().rx_dropped, 1);
+}
+
+#[test]
+fn a_gso_frame_too_big_for_the_guest_buffers_is_dropped_and_the_queue_kept() {
+    let mut rig = Rig::with(BASIC | GUEST_CSUM | GUEST_TSO4, Tap::from_socket);
+    let mut gso = hdr(NEEDS_CSUM, GSO_TCPV4, 1448, 34, 16);
+    gso.extend_from_slice(&frame(60000));
+    rig.host.send(&gso).unwrap();
+    let mut small = vec![0u8; VNET_HDR_LEN];
+    small.extend_from_slice(&frame(60));
+    rig.host.send(&small).unwrap();
+    // A 2 KiB buffer cannot take the super-frame: dropped, the next frame gets the buffer.
+    assert_eq!(rig.post(RX_QUEUE, 0, &[(BUF, 2048, WRITE)], true), 1);
+    assert_eq!(rig.used_len(RX_QUEUE, 0) as usize, small.len());
+    let c = lock(&rig.net).counters();
+    assert_eq!((c.rx_frames, c.rx_dropped, c.rx_too_big), (1, 1, 1));
+    // A chain as big as Linux's "big packets" buffers takes it whole.
+    rig.host.send(&gso).unwrap();
+    let descs: Vec<(u64, u32, u16)> = (0..u64::from(QSIZE))
+        .map(|i| (BUF + 0x2000 * i, 0x2000, WRITE))
+        .collect();
+    assert_eq!(rig.post(RX_QUEUE, 0, &descs, true), 2);
+    assert_eq!(rig.used_len(RX_QUEUE, 1) as usize, gso.len());
+}
+
+#[test]
+fn negotiated_offloads_are_applied_again_on_restore() {
+    use super::tap::{TUN_F_CSUM, TUN_F_TSO4};
+    let rig = Rig::with(BASIC | CSUM | GUEST_CSUM | GUEST_TSO4, Tap::from_socket);
+    let saved = rig.dev.state();
+    let offload = lock(&rig.net).offload_state(saved.driver_features);
+    assert_eq!(offload.tun_offload, TUN_F_CSUM | TUN_F_TSO4);
+    let restore = |tap: Tap| {
+        let ram = GuestRam::new(4 << 20).unwrap();
+        let net = Arc::new(Mutex::new(Net::new(tap, MAC, true).unwrap()));
+        let mut dev = VirtioPciDevice::new(
+            16,
+            net.clone(),
+            ram.memory().clone(),
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+        );
+        dev.restore(&saved).map(|_| net)
+    };
+    // A new TAP (copy migration) or the handed-over one: its offloads are off until the
+    // restored device turns on what the guest had.
+    let (_h, g) = UnixDatagram::pair().unwrap();
+    let net = restore(Tap::from_socket(g)).expect("restore");
+    assert_eq!(lock(&net).offload_state(saved.driver_features), offload);
+    // A TAP without the vnet header cannot carry them: the restore is refused.
+    let (_h, g) = UnixDatagram::pair().unwrap();
+    let err = restore(Tap::from_socket_without_vnet_hdr(g)).unwrap_err();
+    assert!(err.to_string().contains("IFF_VNET_HDR"), "{err}");
 }

@@ -335,6 +335,13 @@ impl VirtioPciDevice {
         self.config_generation = s.config_generation;
         self.isr = s.isr;
         self.queue_select = s.queue_select;
+        if self.driver_ok() {
+            // The backend of this process starts unconfigured (a virtio-net TAP: no
+            // offloads): set it up for what the guest's driver negotiated.
+            lock(&self.device)
+                .activate(self.driver_features)
+                .map_err(|e| bad(format!("slot {}: {e}", self.slot)))?;
+        }
         Ok(())
     }
 
@@ -434,6 +441,7 @@ impl VirtioPciDevice {
         for q in &mut self.queues {
             q.reset();
         }
+        lock(&self.device).reset();
         self.device_feature_select = 0;
         self.driver_feature_select = 0;
         self.driver_features = 0;
@@ -484,6 +492,9 @@ impl VirtioPciDevice {
                     slot = self.slot,
                     "virtio driver set DRIVER_OK with unusable queues"
                 );
+                v |= VIRTIO_CONFIG_S_NEEDS_RESET;
+            } else if let Err(e) = lock(&self.device).activate(self.driver_features) {
+                tracing::warn!(slot = self.slot, "virtio device activation: {e}");
                 v |= VIRTIO_CONFIG_S_NEEDS_RESET;
             }
         }

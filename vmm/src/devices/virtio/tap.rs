@@ -6,8 +6,15 @@
 //! normally `IFF_VNET_HDR` with a 12-byte header (`virtio_net_hdr_v1`, the layout a
 //! virtio 1.x driver uses), so frames pass between the TAP and the guest unchanged. A
 //! descriptor opened without `IFF_VNET_HDR` works too: the device then adds and strips the
-//! header itself. No offload is enabled (`TUNSETOFFLOAD` 0): every frame the TAP delivers
-//! is complete and checksummed.
+//! header itself, and the device offers no offload (a TAP without the header cannot say
+//! that a frame needs its checksum completed or is a GSO super-frame).
+//!
+//! Offloads start off (`TUNSETOFFLOAD` 0: every frame the TAP delivers is complete and
+//! checksummed). Once the driver accepted its features, the device turns on the ones the
+//! guest can receive ([`Tap::set_offload`]: `TUN_F_CSUM` for `VIRTIO_NET_F_GUEST_CSUM`,
+//! `TUN_F_TSO4/6` and `TUN_F_TSO_ECN` for `GUEST_TSO4/6` and `GUEST_ECN`), as Firecracker
+//! and Cloud Hypervisor do: never an offload the guest did not accept, since the kernel
+//! would then hand it frames it cannot take.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -17,6 +24,16 @@ use std::os::unix::fs::OpenOptionsExt;
 /// Size of `virtio_net_hdr_v1` (flags, gso_type, hdr_len, gso_size, csum_start,
 /// csum_offset, num_buffers).
 pub const VNET_HDR_LEN: usize = 12;
+
+/// `TUNSETOFFLOAD` flags (`linux/if_tun.h`): the kernel may deliver frames whose checksum
+/// is partial (`VIRTIO_NET_HDR_F_NEEDS_CSUM`)...
+pub const TUN_F_CSUM: u32 = 0x01;
+/// ... TCP/IPv4 GSO super-frames...
+pub const TUN_F_TSO4: u32 = 0x02;
+/// ... TCP/IPv6 GSO super-frames...
+pub const TUN_F_TSO6: u32 = 0x04;
+/// ... and GSO super-frames with the ECN CWR bit.
+pub const TUN_F_TSO_ECN: u32 = 0x08;
 
 /// Errors attaching to a TAP.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +99,10 @@ pub struct Tap {
     file: File,
     name: String,
     vnet_hdr: bool,
+    /// The `TUN_F_*` flags last set (0 after attaching).
+    offload: u32,
+    /// A socket standing in for a TAP in unit tests: `TUNSETOFFLOAD` is only recorded.
+    fake: bool,
 }
 
 fn ioctl_ptr<T>(fd: RawFd, req: libc::Ioctl, arg: *mut T) -> std::io::Result<()> {
@@ -140,6 +161,8 @@ impl Tap {
             file,
             name: name.to_string(),
             vnet_hdr: true,
+            offload: 0,
+            fake: false,
         };
         tap.configure()?;
         Ok(tap)
@@ -181,8 +204,18 @@ impl Tap {
         let tap = Tap {
             file,
             name,
+            // A descriptor opened without IFF_VNET_HDR (by whoever started the launcher)
+            // keeps working, without offloads: see the module documentation.
             vnet_hdr: flags & libc::IFF_VNET_HDR != 0,
+            offload: 0,
+            fake: false,
         };
+        if !tap.vnet_hdr {
+            tracing::info!(
+                tap = %tap.name,
+                "the TAP descriptor has no IFF_VNET_HDR: virtio-net offers no offloads"
+            );
+        }
         tap.configure()?;
         Ok(tap)
     }
@@ -195,6 +228,17 @@ impl Tap {
             file: File::from(std::os::fd::OwnedFd::from(s)),
             name: "test".into(),
             vnet_hdr: true,
+            offload: 0,
+            fake: true,
+        }
+    }
+
+    /// As [`Tap::from_socket`], for a file opened without `IFF_VNET_HDR` (unit tests).
+    #[cfg(test)]
+    pub(crate) fn from_socket_without_vnet_hdr(s: std::os::unix::net::UnixDatagram) -> Self {
+        Tap {
+            vnet_hdr: false,
+            ..Self::from_socket(s)
         }
     }
 
@@ -218,6 +262,28 @@ impl Tap {
         }
         ioctl_val(fd, libc::TUNSETOFFLOAD, 0).map_err(|e| setup("TUNSETOFFLOAD", e))?;
         Ok(())
+    }
+
+    /// Let the kernel deliver frames with the `TUN_F_*` offloads in `flags` (0: none).
+    /// Only on a TAP with the vnet header: without it no offload can be described, so any
+    /// flag is refused (`InvalidInput`) before the kernel sees it.
+    pub fn set_offload(&mut self, flags: u32) -> std::io::Result<()> {
+        if flags != 0 && !self.vnet_hdr {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "offloads need a TAP with IFF_VNET_HDR",
+            ));
+        }
+        if !self.fake {
+            ioctl_val(self.file.as_raw_fd(), libc::TUNSETOFFLOAD, flags.into())?;
+        }
+        self.offload = flags;
+        Ok(())
+    }
+
+    /// The `TUN_F_*` flags last set with [`Tap::set_offload`].
+    pub fn offload(&self) -> u32 {
+        self.offload
     }
 
     /// Give up the descriptor (it stays attached to the interface).
