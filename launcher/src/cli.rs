@@ -111,10 +111,12 @@ pub struct RunArgs {
     /// [default: 5000]; needs --watchdog-file.
     #[arg(long, value_name = "MS")]
     pub watchdog_timeout_ms: Option<u64>,
-    /// Test only: each vCPU thread makes a forbidden system call once its seccomp filter
-    /// is installed, which must kill the process (tests/tests/security.rs).
-    #[arg(long, hide = true)]
-    pub seccomp_selftest: bool,
+    /// Test only: each thread of the kind named (vcpu, the default, or worker: the virtio
+    /// device workers) makes a forbidden system call once its seccomp filter is installed,
+    /// which must kill the process (tests/tests/security.rs).
+    #[arg(long, hide = true, value_name = "vcpu|worker", num_args = 0..=1,
+          default_missing_value = "vcpu", value_parser = selftest_kind)]
+    pub seccomp_selftest: Option<crate::launch::seccomp::Selftest>,
     /// Give up a migration stream after this many milliseconds without a byte moving
     /// [default: 60000]. noded sets 15000 in a cluster, so that a migration to a node
     /// that died behind a dead link ends (the source resumes) well before the operator
@@ -192,6 +194,16 @@ pub fn attach_early(
 }
 
 /// clap value parser for an `on|off` switch.
+/// clap value parser of `--seccomp-selftest`.
+fn selftest_kind(s: &str) -> Result<crate::launch::seccomp::Selftest, String> {
+    use crate::launch::seccomp::Selftest;
+    match s {
+        "vcpu" => Ok(Selftest::Vcpu),
+        "worker" => Ok(Selftest::Worker),
+        _ => Err(format!("{s:?} is neither vcpu nor worker")),
+    }
+}
+
 fn on_off(s: &str) -> Result<bool, String> {
     match s {
         "on" => Ok(true),

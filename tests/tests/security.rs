@@ -38,6 +38,68 @@ fn a_forbidden_syscall_on_a_vcpu_thread_kills_the_launcher() {
         .contains("timer: lapic="));
 }
 
+/// The virtio worker threads (one per device, `blkN`, `netN`) have their own filter,
+/// narrower than the process filter: `--seccomp-selftest worker` makes each worker call
+/// `socket(2)`, which the process filter allows and the worker filter does not, right after
+/// installing it. The launcher must die by SIGSYS, so the worker filter is installed and
+/// kills. The vCPU self-test is off here: the only forbidden call is the worker's.
+#[test]
+fn a_forbidden_syscall_on_a_virtio_worker_thread_kills_the_launcher() {
+    let dir = TempDir::new("seccomp-selftest-worker");
+    let serial = dir.join("console.log");
+    let disk = dir.join("disk.img");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(1 << 20))
+        .expect("create disk image");
+    let run = |extra: &[&str]| {
+        Command::new(bin("launcher"))
+            .arg("run")
+            .args(extra)
+            .args([
+                "--kernel",
+                path_str(guests::blkjournal_path()),
+                "--memory",
+                "32Mi",
+                "--cmdline",
+                "count=1 interval_ms=0",
+                "--disk",
+                &format!("path={}", path_str(&disk)),
+                "--seccomp-selftest",
+                "worker",
+            ])
+            .arg("--serial")
+            .arg(&serial)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+            .expect("run launcher")
+    };
+    let out = run(&[]);
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGSYS),
+        "expected death by SIGSYS, got {:?}; stderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The worker starts with its device, before any vCPU runs: the guest never ran.
+    assert!(!std::fs::read_to_string(&serial)
+        .unwrap_or_default()
+        .contains("blkjournal: done"));
+    // The same launcher without the filters: the self-test is not armed and the guest
+    // writes its record and ends normally.
+    let out = run(&["--no-seccomp"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(std::fs::read_to_string(&serial)
+        .unwrap_or_default()
+        .contains("blkjournal: done seq=1"));
+}
+
 #[test]
 fn without_the_filter_the_same_self_test_is_not_killed() {
     // --no-seccomp: the self-test hook is not installed, the guest runs to its end.

@@ -20,9 +20,10 @@
 //!   that are rare, and an error message is better than a dead VM there.
 //!
 //! `launcher run --no-seccomp` turns both off (for debugging with strace, say).
-//! The hidden test-only flag `launcher run --seccomp-selftest` makes each vCPU thread call a forbidden
-//! syscall right after its filter is installed: the test suite uses it to prove
-//! that the filter kills the process rather than letting the call succeed.
+//! The hidden test-only flag `launcher run --seccomp-selftest[=vcpu|worker]` makes each vCPU
+//! thread (or each virtio worker thread) call a forbidden syscall right after its filter is
+//! installed: the test suite uses it to prove that the filter kills the process rather than
+//! letting the call succeed. It is a command-line flag, never read from the environment.
 
 use std::collections::BTreeMap;
 use std::convert::TryInto;
@@ -273,7 +274,11 @@ pub fn worker_thread_start(name: &str) -> Result<(), String> {
             "{name}: {}",
             SeccompError::Install("virtio worker", e.to_string())
         )
-    })
+    })?;
+    if selftest_is(Selftest::Worker) {
+        forbidden_syscall(&format!("virtio worker thread {name}"))?;
+    }
+    Ok(())
 }
 
 /// The process-wide filter for every other thread. Besides [`PROCESS_SYSCALLS`], it
@@ -300,14 +305,54 @@ pub fn install_process_filter() -> Result<(), SeccompError> {
     seccompiler::apply_filter(&prog).map_err(|e| SeccompError::Install("process", e.to_string()))
 }
 
-/// Set by `launcher run --seccomp-selftest` (a hidden, test-only flag).
-static SELFTEST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Which threads make a forbidden system call right after installing their filter
+/// (`launcher run --seccomp-selftest[=vcpu|worker]`, a hidden, test-only flag).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Selftest {
+    /// Every vCPU thread.
+    Vcpu,
+    /// Every virtio worker thread.
+    Worker,
+}
 
-/// With `on`, every vCPU thread makes a forbidden system call right after installing its
-/// filter, which must kill the process: how tests/tests/security.rs proves the filter is
-/// active. Set before the VM's threads start.
-pub fn set_selftest(on: bool) {
-    SELFTEST.store(on, std::sync::atomic::Ordering::Relaxed);
+/// The self-test in force: 0 none, 1 vCPU, 2 worker.
+static SELFTEST: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// With `Some(kind)`, every thread of that kind makes a forbidden system call right after
+/// installing its filter, which must kill the process: how tests/tests/security.rs proves
+/// the filter is active. Set before the VM's threads start.
+pub fn set_selftest(kind: Option<Selftest>) {
+    let v = match kind {
+        None => 0,
+        Some(Selftest::Vcpu) => 1,
+        Some(Selftest::Worker) => 2,
+    };
+    SELFTEST.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn selftest_is(kind: Selftest) -> bool {
+    let want = match kind {
+        Selftest::Vcpu => 1,
+        Selftest::Worker => 2,
+    };
+    SELFTEST.load(std::sync::atomic::Ordering::Relaxed) == want
+}
+
+/// The self-test's forbidden call: `socket(2)`, which the process filter allows and the
+/// vCPU and worker filters do not, so only the thread's own filter can stop it.
+fn forbidden_syscall(thread: &str) -> Result<(), String> {
+    tracing::warn!("seccomp self-test: making a forbidden syscall (socket) from {thread}");
+    // SAFETY: socket(2) with constant arguments; the filter kills the process before
+    // it returns, and if it ever returned we would close the fd.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    if fd >= 0 {
+        // SAFETY: we own the fd we just got.
+        unsafe { libc::close(fd) };
+        return Err(format!(
+            "seccomp self-test: a forbidden syscall succeeded on {thread}"
+        ));
+    }
+    Ok(())
 }
 
 /// The vCPU thread start hook: install the vCPU filter on the calling thread.
@@ -315,19 +360,8 @@ pub fn vcpu_thread_start(vcpu: u8) -> Result<(), String> {
     let prog = vcpu_filter().map_err(|e| e.to_string())?;
     seccompiler::apply_filter(&prog)
         .map_err(|e| SeccompError::Install("vCPU", e.to_string()).to_string())?;
-    if SELFTEST.load(std::sync::atomic::Ordering::Relaxed) {
-        tracing::warn!(
-            vcpu,
-            "seccomp self-test: making a forbidden syscall (socket) from a vCPU thread"
-        );
-        // SAFETY: socket(2) with constant arguments; the filter kills the process before
-        // it returns, and if it ever returned we would close the fd.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
-        if fd >= 0 {
-            // SAFETY: we own the fd we just got.
-            unsafe { libc::close(fd) };
-            return Err("seccomp self-test: a forbidden syscall succeeded".into());
-        }
+    if selftest_is(Selftest::Vcpu) {
+        forbidden_syscall(&format!("vCPU thread {vcpu}"))?;
     }
     Ok(())
 }

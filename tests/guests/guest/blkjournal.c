@@ -25,7 +25,8 @@ const char guest_name[] = "blkjournal";
 #define VIRTIO_BLK_F_RO 5u
 #define VIRTIO_BLK_F_FLUSH 9u
 
-#define QSIZE 8u
+/* Room for BENCH_MAX_DEPTH requests of three descriptors each. */
+#define QSIZE 32u
 #include "virtio.h"
 
 struct blk_req_hdr {
@@ -42,7 +43,7 @@ static u8 buf[READ_SECTORS * SECTOR] __attribute__((aligned(4096)));
 static uptr common, notify_addr, devcfg;
 static u16 last_used;
 static u32 event_idx, msix;
-static u32 count, interval_ms, disk_index, bench_on;
+static u32 count, interval_ms, disk_index, bench_on, bench_kib, bench_depth, bench_verify;
 
 /* 64-bit TSS followed by the I/O permission bitmap (ports 0 to 0x60f). */
 
@@ -260,14 +261,28 @@ static u32 virtio_init(u64 *capacity)
     return f;
 }
 
-/* Benchmark mode (`bench=seqw|seqr|randw|randr|all`): `count` 4 KiB requests (default
- * 8192) per mode, one request in flight, over the whole disk (sequential: block i modulo
- * the number of 4 KiB blocks; random: xorshift32 from a fixed seed). Write modes end with
- * one FLUSH, inside the timed part. Each mode prints `blkbench: <mode> start`, then
- * `blkbench: <mode> <n> requests <bytes> bytes tsc=<cycles>`; the host times the two
- * lines (and may cross-check with the TSC delta). The journal is overwritten. */
-#define BENCH_BLOCK 4096u
+/* Benchmark mode (`bench=seqw|seqr|randw|randr|all`): `count` requests (default 8192) of
+ * `bs_kib` KiB (default 4) per mode, `depth` of them in flight (default 1), over the whole
+ * disk (sequential: block i modulo the number of blocks; random: xorshift32 from a fixed
+ * seed). Write modes end with one FLUSH, inside the timed part. Each mode prints
+ * `blkbench: <mode> start`, then `blkbench: <mode> <n> requests <bytes> bytes tsc=<cycles>`;
+ * the host times the two lines (and may cross-check with the TSC delta). With `verify=1`,
+ * every write carries a pattern derived from its block number and every read is checked
+ * against it (outside the benchmark's timing purpose: it costs guest CPU per request).
+ * The journal is overwritten.
+ *
+ * The request buffers (one per request in flight) live at BENCH_BUF_BASE, outside the
+ * image: a 1 MiB request size times 8 would make the ELF (whose .bss is in the file) 8 MiB
+ * larger. The region ends at 16 MiB, so the guest needs at least that much RAM. */
+#define BENCH_DEFAULT_KIB 4u
+#define BENCH_MAX_BYTES (8u << 20)
+#define BENCH_MAX_DEPTH 8u
 #define BENCH_DEFAULT_COUNT 8192u
+#define BENCH_BUF_BASE 0x800000u
+
+static struct blk_req_hdr bench_hdr[BENCH_MAX_DEPTH] __attribute__((aligned(16)));
+static volatile u8 bench_status[BENCH_MAX_DEPTH];
+static u32 bench_block[BENCH_MAX_DEPTH];
 
 static void put_dec64(u64 v)
 {
@@ -288,31 +303,134 @@ static inline u64 rdtsc(void)
     return (u64)hi << 32 | lo;
 }
 
+static u8 *bench_buf(u32 slot) { return (u8 *)(uptr)(BENCH_BUF_BASE + slot * bench_kib * 1024u); }
+
+/* The verify pattern of 8-byte word `w` of block `b`: never zero, so a block never written
+ * (a sparse hole) does not pass. */
+static u64 bench_word(u32 b, u32 w) { return ((u64)(b + 1) << 32 | w) ^ 0x5a5a5a5a00000000ull; }
+
+static void bench_fill(u32 slot, u32 b)
+{
+    u64 *p = (u64 *)bench_buf(slot);
+    for (u32 w = 0; w < bench_kib * 128u; w++)
+        p[w] = bench_word(b, w);
+}
+
+static void bench_check(u32 slot)
+{
+    const u64 *p = (const u64 *)bench_buf(slot);
+    u32 b = bench_block[slot];
+    for (u32 w = 0; w < bench_kib * 128u; w++) {
+        if (p[w] != bench_word(b, w)) {
+            puts("blkbench: verify failed at block ");
+            put_dec(b);
+            puts(" word ");
+            put_dec(w);
+            putc('\n');
+            debug_exit(EXIT_CORRUPT);
+        }
+    }
+}
+
+/* Post the request of `slot` (descriptors 3 * slot ..+2) for block `b`; notify the device
+ * when it asks to hear of it. */
+static void bench_submit(u32 slot, u32 write, u32 b)
+{
+    u32 bytes = bench_kib * 1024u;
+    u16 h = (u16)(slot * 3);
+    struct vring_desc *d = rings.desc;
+    bench_block[slot] = b;
+    if (bench_verify && write)
+        bench_fill(slot, b);
+    bench_hdr[slot].type = write ? VIRTIO_BLK_T_OUT : VIRTIO_BLK_T_IN;
+    bench_hdr[slot].ioprio = 0;
+    bench_hdr[slot].sector = (u64)b * (bytes / SECTOR);
+    bench_status[slot] = 0xff;
+    d[h].addr = (u64)(uptr)&bench_hdr[slot];
+    d[h].len = sizeof(bench_hdr[slot]);
+    d[h].flags = VRING_DESC_F_NEXT;
+    d[h].next = (u16)(h + 1);
+    d[h + 1].addr = (u64)(uptr)bench_buf(slot);
+    d[h + 1].len = bytes;
+    d[h + 1].flags = VRING_DESC_F_NEXT | (write ? 0 : VRING_DESC_F_WRITE);
+    d[h + 1].next = (u16)(h + 2);
+    d[h + 2].addr = (u64)(uptr)&bench_status[slot];
+    d[h + 2].len = 1;
+    d[h + 2].flags = VRING_DESC_F_WRITE;
+    d[h + 2].next = 0;
+    u16 idx = rings.avail_idx;
+    rings.avail_ring[idx % QSIZE] = h;
+    barrier();
+    *(volatile u16 *)&rings.avail_idx = (u16)(idx + 1);
+    virtio_mb();
+    if (!event_idx || vring_need_event(*(volatile u16 *)&rings.avail_event, (u16)(idx + 1), idx))
+        mmio_write16(notify_addr, 0);
+}
+
+/* Wait for the next completion; returns its slot after checking its status (and, with
+ * `verify=1`, a read's data). */
+static u32 bench_reap(u32 write)
+{
+    while (*(volatile u16 *)&rings.used_idx == last_used)
+        cpu_relax();
+    barrier();
+    u32 id = rings.used_ring[last_used % QSIZE].id;
+    last_used++;
+    u32 slot = id / 3;
+    if (id % 3 || slot >= bench_depth)
+        fail("bench: the device completed an unknown descriptor", EXIT_IO);
+    if (bench_status[slot] != 0) {
+        prefix();
+        puts("io error status=");
+        put_dec(bench_status[slot]);
+        puts(" op=");
+        puts(op_name(write ? VIRTIO_BLK_T_OUT : VIRTIO_BLK_T_IN));
+        puts(" block=");
+        put_dec(bench_block[slot]);
+        putc('\n');
+        debug_exit(EXIT_IO);
+    }
+    if (bench_verify && !write)
+        bench_check(slot);
+    return slot;
+}
+
+/* The block of request number `i`: sequential, or the next xorshift32 value. */
+static u32 bench_next(u32 random, u32 *x, u32 i, u32 blocks)
+{
+    if (!random)
+        return i % blocks;
+    *x ^= *x << 13;
+    *x ^= *x >> 17;
+    *x ^= *x << 5;
+    return *x % blocks;
+}
+
 static void bench_mode(const char *name, u32 write, u32 random, u64 capacity, u32 flush)
 {
-    u32 blocks = (u32)(capacity / (BENCH_BLOCK / SECTOR));
+    u32 bytes = bench_kib * 1024u;
+    u32 blocks = (u32)(capacity / (bytes / SECTOR));
     u32 n = count ? count : BENCH_DEFAULT_COUNT;
     u32 x = 0x2545f491u;
     if (!blocks)
-        fail("bench: disk smaller than 4 KiB", EXIT_NO_DEVICE);
-    for (u32 i = 0; i < BENCH_BLOCK; i++)
-        buf[i] = (u8)(i * 7u + write);
+        fail("bench: disk smaller than one request", EXIT_NO_DEVICE);
+    for (u32 s = 0; s < bench_depth; s++)
+        for (u32 i = 0; i < bytes; i++)
+            bench_buf(s)[i] = (u8)(i * 7u + write);
     puts("blkbench: ");
     puts(name);
     puts(" start\n");
     u64 t0 = rdtsc();
-    for (u32 i = 0; i < n; i++) {
-        u32 b;
-        if (random) {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            b = x % blocks;
-        } else {
-            b = i % blocks;
+    /* Fill every slot once, then refill each slot as its request completes. */
+    u32 posted = 0;
+    for (u32 s = 0; s < bench_depth && posted < n; s++, posted++)
+        bench_submit(s, write, bench_next(random, &x, posted, blocks));
+    for (u32 done = 0; done < n; done++) {
+        u32 slot = bench_reap(write);
+        if (posted < n) {
+            bench_submit(slot, write, bench_next(random, &x, posted, blocks));
+            posted++;
         }
-        blk_request(write ? VIRTIO_BLK_T_OUT : VIRTIO_BLK_T_IN, (u64)b * (BENCH_BLOCK / SECTOR), buf,
-                    BENCH_BLOCK);
     }
     if (write && flush)
         blk_request(VIRTIO_BLK_T_FLUSH, 0, 0, 0);
@@ -322,16 +440,38 @@ static void bench_mode(const char *name, u32 write, u32 random, u64 capacity, u3
     putc(' ');
     put_dec(n);
     puts(" requests ");
-    put_dec64((u64)n * BENCH_BLOCK);
+    put_dec64((u64)n * bytes);
     puts(" bytes tsc=");
     put_dec64(t1 - t0);
     putc('\n');
+    if (bench_verify && !write) {
+        puts("blkbench: ");
+        puts(name);
+        puts(" verified ");
+        put_dec(n);
+        puts(" requests\n");
+    }
 }
 
 NORETURN static void bench(u64 capacity, u32 features)
 {
     u32 all = cmdline_has("bench=all");
     u32 flush = (features & (1u << VIRTIO_BLK_F_FLUSH)) != 0;
+    /* bs_kib: a whole number of 4 KiB pages (so that the verify words and the sectors
+     * line up), depth: 1 to BENCH_MAX_DEPTH, all buffers inside their region. */
+    if (!bench_kib || bench_kib % 4 || !bench_depth || bench_depth > BENCH_MAX_DEPTH ||
+        (u64)bench_kib * 1024u * bench_depth > BENCH_MAX_BYTES)
+        fail("bench: bs_kib must be a multiple of 4 and depth 1 to 8, bs_kib * depth <= 8192",
+             EXIT_NO_DEVICE);
+    if ((uptr)_end > BENCH_BUF_BASE)
+        fail("bench: the image overlaps the request buffers", EXIT_NO_DEVICE);
+    puts("blkbench: bs_kib=");
+    put_dec(bench_kib);
+    puts(" depth=");
+    put_dec(bench_depth);
+    puts(" verify=");
+    put_dec(bench_verify);
+    putc('\n');
     if (all || cmdline_has("bench=seqw"))
         bench_mode("seqw", 1, 0, capacity, flush);
     if (all || cmdline_has("bench=seqr"))
@@ -440,6 +580,12 @@ void guest_main(void)
     cmdline_u32("count", &count);
     cmdline_u32("interval_ms", &interval_ms);
     cmdline_u32("disk", &disk_index);
+    bench_kib = BENCH_DEFAULT_KIB;
+    bench_depth = 1;
+    bench_verify = 0;
+    cmdline_u32("bs_kib", &bench_kib);
+    cmdline_u32("depth", &bench_depth);
+    cmdline_u32("verify", &bench_verify);
     bench_on = cmdline_has("bench=seqw") || cmdline_has("bench=seqr") || cmdline_has("bench=randw") ||
                cmdline_has("bench=randr") || cmdline_has("bench=all");
     puts("blkjournal: booted count=");

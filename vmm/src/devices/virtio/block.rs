@@ -8,8 +8,6 @@
 //! without any writable byte (no room for the status) is returned with length 0. No path
 //! writes outside `[0, size)` of the file, whatever the guest puts in the ring.
 
-use std::io::{Read, Write};
-
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
     VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
@@ -17,8 +15,9 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
-use virtio_queue::{Queue, QueueT, Reader, Writer};
-use vm_memory::bitmap::BitmapSlice;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::bitmap::MS;
+use vm_memory::{Bytes, GuestMemoryBackend, VolatileSlice};
 
 use super::disk::{DiskError, DiskFile, SECTOR_SIZE};
 use super::VirtioDevice;
@@ -27,8 +26,6 @@ use crate::vstate::memory::GuestMemoryMmap;
 
 /// Entries of the request queue.
 pub const QUEUE_SIZE: u16 = 256;
-/// Bytes copied per step between the file and guest memory.
-const BOUNCE_SIZE: usize = 128 << 10;
 /// Size of `struct virtio_blk_outhdr`: type, reserved (ioprio), sector.
 const HEADER_SIZE: usize = 16;
 /// Bytes of device configuration we expose (`struct virtio_blk_config` is 60 bytes).
@@ -38,7 +35,6 @@ const CONFIG_SIZE: usize = 64;
 pub struct Block {
     disk: DiskFile,
     id: [u8; VIRTIO_BLK_ID_BYTES as usize],
-    bounce: Vec<u8>,
 }
 
 impl std::fmt::Debug for Block {
@@ -58,11 +54,7 @@ impl Block {
             .unwrap_or_default();
         let n = name.len().min(id.len());
         id[..n].copy_from_slice(&name.as_bytes()[..n]);
-        Ok(Block {
-            disk,
-            id,
-            bounce: vec![0; BOUNCE_SIZE],
-        })
+        Ok(Block { disk, id })
     }
 
     /// The backing file.
@@ -86,15 +78,15 @@ impl Block {
         (end <= self.disk.size()).then_some(start)
     }
 
-    /// Serve one request: returns the status and the number of data bytes written into
-    /// guest memory (status byte excluded).
-    fn execute<B: BitmapSlice>(
-        &mut self,
-        r: &mut Reader<'_, B>,
-        w: &mut Writer<'_, B>,
-    ) -> (u32, usize) {
+    /// Serve one request whose readable part is `r` (header, then a write's data) and
+    /// whose writable part is `w` (a read's data, then the status byte, already split
+    /// off): returns the status and the number of data bytes written into guest memory.
+    ///
+    /// The data moves between the file and guest memory in one `preadv`/`pwritev` over
+    /// the descriptors' volatile slices, without a bounce buffer.
+    fn execute(&mut self, r: &mut Vec<Slice<'_>>, w: &[Slice<'_>]) -> (u32, usize) {
         let mut hdr = [0u8; HEADER_SIZE];
-        if r.read_exact(&mut hdr).is_err() {
+        if !take_prefix(r, &mut hdr) {
             return (VIRTIO_BLK_S_IOERR, 0);
         }
         let ty = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
@@ -103,41 +95,29 @@ impl Block {
         let sector = u64::from_le_bytes(s);
         match ty {
             VIRTIO_BLK_T_IN => {
-                let len = w.available_bytes();
-                let Some(mut off) = self.range(sector, len) else {
+                let len = total_len(w);
+                let Some(off) = self.range(sector, len) else {
                     return (VIRTIO_BLK_S_IOERR, 0);
                 };
-                let mut done = 0;
-                while done < len {
-                    let n = (len - done).min(self.bounce.len());
-                    let buf = &mut self.bounce[..n];
-                    if self.disk.read_at(buf, off).is_err() || w.write_all(buf).is_err() {
-                        return (VIRTIO_BLK_S_IOERR, w.bytes_written());
-                    }
-                    done += n;
-                    off += n as u64;
+                match self.disk.read_vectored_at(w, off) {
+                    Ok(()) => (VIRTIO_BLK_S_OK, len),
+                    // How much landed is unknown: report all of it, as the data is
+                    // meaningless after an error anyway.
+                    Err(_) => (VIRTIO_BLK_S_IOERR, len),
                 }
-                (VIRTIO_BLK_S_OK, w.bytes_written())
             }
             VIRTIO_BLK_T_OUT => {
                 if self.disk.readonly() {
                     return (VIRTIO_BLK_S_IOERR, 0);
                 }
-                let len = r.available_bytes();
-                let Some(mut off) = self.range(sector, len) else {
+                let len = total_len(r);
+                let Some(off) = self.range(sector, len) else {
                     return (VIRTIO_BLK_S_IOERR, 0);
                 };
-                let mut done = 0;
-                while done < len {
-                    let n = (len - done).min(self.bounce.len());
-                    let buf = &mut self.bounce[..n];
-                    if r.read_exact(buf).is_err() || self.disk.write_at(buf, off).is_err() {
-                        return (VIRTIO_BLK_S_IOERR, 0);
-                    }
-                    done += n;
-                    off += n as u64;
+                match self.disk.write_vectored_at(r, off) {
+                    Ok(()) => (VIRTIO_BLK_S_OK, 0),
+                    Err(_) => (VIRTIO_BLK_S_IOERR, 0),
                 }
-                (VIRTIO_BLK_S_OK, 0)
             }
             VIRTIO_BLK_T_FLUSH => match self.disk.flush() {
                 Ok(()) => (VIRTIO_BLK_S_OK, 0),
@@ -147,8 +127,8 @@ impl Block {
                 }
             },
             VIRTIO_BLK_T_GET_ID => {
-                let n = w.available_bytes().min(self.id.len());
-                if w.write_all(&self.id[..n]).is_err() {
+                let n = total_len(w).min(self.id.len());
+                if !fill_prefix(w, &self.id[..n]) {
                     return (VIRTIO_BLK_S_IOERR, 0);
                 }
                 (VIRTIO_BLK_S_OK, n)
@@ -163,26 +143,102 @@ impl Block {
         chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
         mem: &GuestMemoryMmap,
     ) -> u32 {
-        let Ok(mut data_w) = chain.clone().writer(mem) else {
-            return 0;
-        };
-        let total = data_w.available_bytes();
-        if total == 0 {
-            return 0;
+        // Readable and writable descriptors as slices of guest memory, in chain order (a
+        // device reads the readable ones and writes the writable ones whatever their
+        // interleaving, as virtio-queue's Reader and Writer do).
+        let (mut readable, mut writable) = (Vec::new(), Vec::new());
+        let mut bad = false;
+        for d in chain {
+            let to = if d.is_write_only() {
+                &mut writable
+            } else {
+                &mut readable
+            };
+            for slice in mem.get_slices(d.addr(), d.len() as usize) {
+                match slice {
+                    Ok(s) => to.push(s),
+                    Err(_) => bad = true,
+                }
+            }
         }
         // The status byte is the last writable byte of the chain.
-        let Ok(mut status_w) = data_w.split_at(total - 1) else {
+        let Some(status) = split_last_byte(&mut writable) else {
             return 0;
         };
-        let (status, written) = match chain.reader(mem) {
-            Ok(mut r) => self.execute(&mut r, &mut data_w),
-            Err(_) => (VIRTIO_BLK_S_IOERR, 0),
+        let (status_code, written) = if bad {
+            (VIRTIO_BLK_S_IOERR, 0)
+        } else {
+            self.execute(&mut readable, &writable)
         };
-        if status_w.write_all(&[status as u8]).is_err() {
+        if status.write_obj(status_code as u8, 0).is_err() {
             return 0;
         }
         u32::try_from(written + 1).unwrap_or(u32::MAX)
     }
+}
+
+/// A piece of one descriptor's buffer in guest memory.
+type Slice<'a> = VolatileSlice<'a, MS<'a, GuestMemoryMmap>>;
+
+fn total_len(slices: &[Slice<'_>]) -> usize {
+    slices.iter().map(|s| s.len()).sum()
+}
+
+/// Copy the first `out.len()` bytes of `slices` into `out` and drop them from `slices`;
+/// false if there are fewer.
+fn take_prefix(slices: &mut Vec<Slice<'_>>, out: &mut [u8]) -> bool {
+    let mut done = 0;
+    let mut consumed = 0;
+    for s in slices.iter() {
+        if done == out.len() {
+            break;
+        }
+        let n = s.len().min(out.len() - done);
+        // copy_to copies min(slice, buffer) bytes: n here.
+        if s.copy_to(&mut out[done..done + n]) != n {
+            return false;
+        }
+        done += n;
+        if n == s.len() {
+            consumed += 1;
+        } else {
+            // The rest of this slice is data.
+            let Ok(rest) = s.offset(n) else {
+                return false;
+            };
+            slices.drain(..consumed);
+            slices[0] = rest;
+            return done == out.len();
+        }
+    }
+    slices.drain(..consumed);
+    done == out.len()
+}
+
+/// Write `data` at the start of `slices`; false if they are shorter.
+fn fill_prefix(slices: &[Slice<'_>], data: &[u8]) -> bool {
+    let mut done = 0;
+    for s in slices {
+        if done == data.len() {
+            break;
+        }
+        let n = s.len().min(data.len() - done);
+        s.copy_from(&data[done..done + n]);
+        done += n;
+    }
+    done == data.len()
+}
+
+/// Split the last byte off the writable slices (the status byte), or None if there is no
+/// writable byte.
+fn split_last_byte<'a>(slices: &mut Vec<Slice<'a>>) -> Option<Slice<'a>> {
+    let last = slices.pop()?;
+    let keep = last.len().checked_sub(1)?;
+    let (head, tail) = last.split_at(keep).ok()?;
+    if keep > 0 {
+        slices.push(head);
+    }
+    Some(tail)
 }
 
 impl VirtioDevice for Block {
