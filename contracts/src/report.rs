@@ -81,6 +81,37 @@ pub struct Report {
     /// or why there was none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub switch_over_boost: Option<String>,
+    /// The protocol version the destination chose; absent when it never answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol_version: Option<u32>,
+    /// Where the pause went, as the source saw it; absent when it never paused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switch_over_times: Option<SwitchOverTimes>,
+}
+
+/// Milestones of the switch-over, in ms from the moment the source began to pause (so
+/// each one includes the ones before it; a milestone not reached stays 0). They say
+/// which step of a long pause took the time: stopping the vCPUs, the last pages, the
+/// state, the destination's load (`readyMs - stateSentMs`) or its start
+/// (`startedMs - goSentMs`). Every field defaults, and unknown ones are ignored, so
+/// that reports of launchers with more or fewer milestones are read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct SwitchOverTimes {
+    /// Every vCPU stopped (and answered the pause).
+    pub vcpus_stopped_ms: f64,
+    /// The last dirty pages were written to the stream (copy mode; local: as above).
+    pub final_pages_ms: f64,
+    /// The state frame and `Complete` were written.
+    pub state_sent_ms: f64,
+    /// The destination's `Ready` arrived (it loaded memory and state).
+    pub ready_ms: f64,
+    /// `Go` was written (after the disk locks were released).
+    pub go_sent_ms: f64,
+    /// The destination's `Started` arrived.
+    pub started_ms: f64,
+    /// The destination's own measure from `Go` to its vCPUs running.
+    pub destination_go_to_resume_ms: f64,
 }
 
 impl Report {
@@ -105,6 +136,8 @@ impl Report {
             mode: mode.to_string(),
             dirty_tracking: None,
             switch_over_boost: None,
+            protocol_version: None,
+            switch_over_times: None,
         }
     }
 
@@ -176,8 +209,11 @@ mod tests {
     fn a_newer_launchers_report_with_fields_unknown_here_is_read() {
         let mut v = serde_json::to_value(Report::refused("copy", 1 << 20, "x")).unwrap();
         v["someFieldOfAFutureLauncher"] = serde_json::json!({"a": 1});
+        v["switchOverTimes"] = serde_json::json!({"readyMs": 2.5, "someFutureMilestoneMs": 1});
         let r: Report = serde_json::from_value(v.clone()).expect("read");
         assert_eq!(r.status, Outcome::Failed);
+        let t = r.switch_over_times.expect("the milestones");
+        assert_eq!((t.ready_ms, t.vcpus_stopped_ms), (2.5, 0.0));
         v["status"] = serde_json::json!("teleported");
         assert!(
             serde_json::from_value::<Report>(v).is_err(),

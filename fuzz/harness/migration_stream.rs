@@ -88,7 +88,7 @@ pub fn run(data: &[u8]) -> Result<usize, String> {
     let mut r = FrameReader::new(&buf[..]);
     let err = |e: FrameError| e.to_string();
     r.read_preamble().map_err(err)?;
-    let mut phase = ReceiverPhase::accepted(mode);
+    let mut phase = ReceiverPhase::accepted(mode, protocol::PROTOCOL_VERSION);
     let mut sender_phase = SenderPhase::AwaitAccept;
     for n in 0..MAX_FRAMES {
         let h = match r.read_header() {

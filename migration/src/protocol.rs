@@ -37,6 +37,7 @@
 //!                                          ◀──────── MemoryMapped   create the VM shell
 //!              NetFds{count} + SCM_RIGHTS ────────▶ keep the TAP fds (only if the VM
 //!                                                    has network interfaces)
+//!  SwitchOver (version 2 on) ─────────────────────▶ raise this thread's priority
 //!  pause vCPUs                       (downtime starts)
 //!  copy mode: last Memory frames ──────────────────▶
 //!  State{bytes} (a State frame), Complete ─────────▶ load memory and state
@@ -49,6 +50,23 @@
 //!
 //! `Cancel{reason}` may be sent by S at any time before `Go`; `Error{reason}`
 //! may be sent by either side at any time and ends the migration.
+//!
+//! # Versions
+//!
+//! - **1**: the exchange above without `SwitchOver`. (`NetFds` was appended to it later
+//!   without a bump: only a local migration of a VM with network interfaces sends it, and
+//!   a receiver that predates it refuses it before `Go`. The state frame is opaque to the
+//!   protocol and versioned by the VMM section by section, so the sectioned state of
+//!   `vmm::state`, which replaced the unsectioned one, did not change the protocol: a
+//!   version-1 stream carries either, and this receiver loads both.)
+//! - **2**: `SwitchOver`, sent by S just before it pauses the VM, so that D raises its
+//!   thread's priority for the final memory frames (which it cannot otherwise tell from
+//!   pre-copy frames) rather than only from the state frame on. In version 2 it is
+//!   required: exactly once, after the last `IterationDone`, before the state frame.
+//!
+//! A receiver accepts its own version and the previous one; a version-1 stream (an
+//! older sender, or this sender when the receiver chose 1) never carries `SwitchOver`,
+//! and a `SwitchOver` in it is refused as out of order.
 //!
 //! ## Sender states ([`SenderPhase`])
 //!
@@ -67,7 +85,9 @@
 //! AwaitHello --Hello (accepted)--> Precopy
 //! Precopy: Memory (copy mode) | MemoryFds (local mode, exactly once)
 //!          | NetFds (local mode, at most once, after MemoryFds, before State)
-//!          | IterationDone{n} (n = 0, 1, 2, ... in order) | State (once)
+//!          | IterationDone{n} (n = 0, 1, 2, ... in order, before SwitchOver)
+//!          | SwitchOver (version 2: once, required before State; version 1: refused)
+//!          | State (once)
 //! Precopy --Complete (state and, in local mode, fds received)--> AwaitGo
 //! AwaitGo --Go--> Started (D resumes the guest, sends Started)
 //! Cancel | Error | EOF | any invalid frame before Go => discard everything,
@@ -85,11 +105,14 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The protocol version this build speaks (the history is in the module comment).
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// The first version with [`SenderMessage::SwitchOver`].
+pub const SWITCH_OVER_VERSION: u32 = 2;
 
 /// The oldest version a receiver of this build accepts: its own and the
-/// previous one (version 1 has no predecessor).
+/// previous one, so that a launcher always takes the VM of the launcher before it.
 pub const MIN_ACCEPTED_VERSION: u32 = if PROTOCOL_VERSION > 1 {
     PROTOCOL_VERSION - 1
 } else {
@@ -315,6 +338,12 @@ pub enum SenderMessage {
     NetFds {
         count: u32,
     },
+    /// Version 2 on: the sender pauses the VM now; what follows is the switch-over (the
+    /// last memory frames in copy mode, then the state frame and `Complete`). The
+    /// receiver raises its thread's priority here: the final pages are read while the
+    /// guest is down, and without this message they look like pre-copy frames. Appended
+    /// last so that the encodings of the other messages stay as they were.
+    SwitchOver,
 }
 
 impl SenderMessage {
@@ -328,6 +357,7 @@ impl SenderMessage {
             SenderMessage::Cancel { .. } => "Cancel",
             SenderMessage::Error { .. } => "Error",
             SenderMessage::NetFds { .. } => "NetFds",
+            SenderMessage::SwitchOver => "SwitchOver",
         }
     }
 }
@@ -553,6 +583,7 @@ pub enum Incoming {
     Cancel,
     Error,
     NetFds,
+    SwitchOver,
 }
 
 impl Incoming {
@@ -566,6 +597,7 @@ impl Incoming {
             SenderMessage::Cancel { .. } => Incoming::Cancel,
             SenderMessage::Error { .. } => Incoming::Error,
             SenderMessage::NetFds { .. } => Incoming::NetFds,
+            SenderMessage::SwitchOver => Incoming::SwitchOver,
         }
     }
 
@@ -581,6 +613,7 @@ impl Incoming {
             Incoming::Cancel => "Cancel",
             Incoming::Error => "Error",
             Incoming::NetFds => "NetFds",
+            Incoming::SwitchOver => "SwitchOver",
         }
     }
 }
@@ -591,11 +624,15 @@ pub enum ReceiverPhase {
     AwaitHello,
     Precopy {
         mode: MigrationMode,
+        /// The negotiated protocol version (which messages may arrive).
+        version: u32,
         next_iteration: u64,
         fds_received: bool,
         state_received: bool,
         /// Local mode: the TAP fds arrived (`NetFds`).
         net_fds_received: bool,
+        /// Version 2 on: `SwitchOver` arrived (the source is pausing).
+        switched_over: bool,
     },
     AwaitGo,
     Started,
@@ -604,14 +641,16 @@ pub enum ReceiverPhase {
 }
 
 impl ReceiverPhase {
-    /// After the receiver accepted a `Hello` with `mode`.
-    pub fn accepted(mode: MigrationMode) -> Self {
+    /// After the receiver accepted a `Hello` with `mode` and chose `version`.
+    pub fn accepted(mode: MigrationMode, version: u32) -> Self {
         ReceiverPhase::Precopy {
             mode,
+            version,
             next_iteration: 0,
             fds_received: false,
             state_received: false,
             net_fds_received: false,
+            switched_over: false,
         }
     }
 
@@ -669,6 +708,7 @@ impl ReceiverPhase {
                 ReceiverPhase::Precopy {
                     next_iteration,
                     state_received: false,
+                    switched_over: false,
                     ..
                 },
                 Incoming::IterationDone(n),
@@ -678,13 +718,29 @@ impl ReceiverPhase {
             }
             (
                 ReceiverPhase::Precopy {
+                    version,
+                    state_received: false,
+                    switched_over: sw @ false,
+                    ..
+                },
+                Incoming::SwitchOver,
+            ) if *version >= SWITCH_OVER_VERSION => {
+                *sw = true;
+                Ok(())
+            }
+            (
+                ReceiverPhase::Precopy {
                     state_received: st @ false,
                     mode,
+                    version,
                     fds_received,
+                    switched_over,
                     ..
                 },
                 Incoming::State,
-            ) if *mode == MigrationMode::Copy || *fds_received => {
+            ) if (*mode == MigrationMode::Copy || *fds_received)
+                && (*switched_over || *version < SWITCH_OVER_VERSION) =>
+            {
                 *st = true;
                 Ok(())
             }
@@ -715,14 +771,16 @@ impl ReceiverPhase {
             ReceiverPhase::AwaitHello => "awaiting Hello".into(),
             ReceiverPhase::Precopy {
                 mode,
+                version,
                 next_iteration,
                 fds_received,
                 state_received,
                 net_fds_received,
+                switched_over,
             } => format!(
-                "in pre-copy ({mode} mode, next iteration {next_iteration}, fds received: \
-                 {fds_received}, state received: {state_received}, TAP fds received: \
-                 {net_fds_received})"
+                "in pre-copy (version {version}, {mode} mode, next iteration {next_iteration}, \
+                 fds received: {fds_received}, state received: {state_received}, TAP fds \
+                 received: {net_fds_received}, switch-over announced: {switched_over})"
             ),
             ReceiverPhase::AwaitGo => "awaiting Go".into(),
             ReceiverPhase::Started => "running".into(),

@@ -142,8 +142,9 @@ fn memory_fds_must_match_layout() {
 }
 
 #[test]
-fn receiver_phase_copy() {
-    let mut p = ReceiverPhase::accepted(MigrationMode::Copy);
+fn receiver_phase_copy_version_1() {
+    // The stream of a version-1 sender: no SwitchOver.
+    let mut p = ReceiverPhase::accepted(MigrationMode::Copy, 1);
     p.advance(Incoming::Memory).unwrap();
     p.advance(Incoming::IterationDone(0)).unwrap();
     p.advance(Incoming::Memory).unwrap();
@@ -170,12 +171,30 @@ fn receiver_phase_copy() {
 }
 
 #[test]
+fn receiver_phase_local_version_1() {
+    let mut p = ReceiverPhase::accepted(MigrationMode::Local, 1);
+    p.advance(Incoming::MemoryFds).unwrap();
+    assert!(
+        p.clone().advance(Incoming::SwitchOver).is_err(),
+        "SwitchOver is not in version 1"
+    );
+    p.advance(Incoming::State).unwrap();
+    p.advance(Incoming::Complete).unwrap();
+    p.advance(Incoming::Go).unwrap();
+}
+
+#[test]
 fn receiver_phase_local() {
-    let mut p = ReceiverPhase::accepted(MigrationMode::Local);
+    let mut p = ReceiverPhase::accepted(MigrationMode::Local, PROTOCOL_VERSION);
     assert!(p.clone().advance(Incoming::Memory).is_err());
     assert!(p.clone().advance(Incoming::State).is_err());
     p.advance(Incoming::MemoryFds).unwrap();
     assert!(p.clone().advance(Incoming::MemoryFds).is_err());
+    assert!(
+        p.clone().advance(Incoming::State).is_err(),
+        "version 2: the state without SwitchOver"
+    );
+    p.advance(Incoming::SwitchOver).unwrap();
     p.advance(Incoming::State).unwrap();
     p.advance(Incoming::Complete).unwrap();
     p.advance(Incoming::Go).unwrap();
@@ -184,7 +203,7 @@ fn receiver_phase_local() {
 
 #[test]
 fn receiver_phase_local_with_tap_fds() {
-    let mut p = ReceiverPhase::accepted(MigrationMode::Local);
+    let mut p = ReceiverPhase::accepted(MigrationMode::Local, PROTOCOL_VERSION);
     assert!(
         p.clone().advance(Incoming::NetFds).is_err(),
         "before MemoryFds"
@@ -192,14 +211,84 @@ fn receiver_phase_local_with_tap_fds() {
     p.advance(Incoming::MemoryFds).unwrap();
     p.advance(Incoming::NetFds).unwrap();
     assert!(p.clone().advance(Incoming::NetFds).is_err(), "twice");
+    p.advance(Incoming::SwitchOver).unwrap();
     p.advance(Incoming::State).unwrap();
     assert!(
         p.clone().advance(Incoming::NetFds).is_err(),
         "after the state"
     );
     p.advance(Incoming::Complete).unwrap();
-    let mut c = ReceiverPhase::accepted(MigrationMode::Copy);
+    let mut c = ReceiverPhase::accepted(MigrationMode::Copy, PROTOCOL_VERSION);
     assert!(c.advance(Incoming::NetFds).is_err(), "copy mode");
+}
+
+#[test]
+fn receiver_phase_copy_version_2_switch_over() {
+    let mut p = ReceiverPhase::accepted(MigrationMode::Copy, 2);
+    p.advance(Incoming::Memory).unwrap();
+    p.advance(Incoming::IterationDone(0)).unwrap();
+    assert!(
+        p.clone().advance(Incoming::State).is_err(),
+        "the state before SwitchOver"
+    );
+    p.advance(Incoming::SwitchOver).unwrap();
+    // The final pages follow it.
+    p.advance(Incoming::Memory).unwrap();
+    p.advance(Incoming::Memory).unwrap();
+    let mut twice = p.clone();
+    assert!(matches!(
+        twice.advance(Incoming::SwitchOver),
+        Err(ProtocolError::UnexpectedMessage {
+            got: "SwitchOver",
+            ..
+        })
+    ));
+    assert_eq!(twice, ReceiverPhase::Failed);
+    assert!(
+        p.clone().advance(Incoming::IterationDone(1)).is_err(),
+        "no iteration after the switch-over"
+    );
+    assert!(p.clone().advance(Incoming::Complete).is_err());
+    p.advance(Incoming::State).unwrap();
+    assert!(
+        p.clone().advance(Incoming::SwitchOver).is_err(),
+        "SwitchOver after the state"
+    );
+    p.advance(Incoming::Complete).unwrap();
+    assert!(p.clone().advance(Incoming::SwitchOver).is_err());
+    p.advance(Incoming::Go).unwrap();
+    assert_eq!(p, ReceiverPhase::Started);
+    // A version-1 stream may not carry it.
+    let mut v1 = ReceiverPhase::accepted(MigrationMode::Copy, 1);
+    v1.advance(Incoming::Memory).unwrap();
+    assert!(v1.advance(Incoming::SwitchOver).is_err());
+    assert_eq!(v1, ReceiverPhase::Failed);
+}
+
+#[test]
+fn version_2_is_accepted_with_its_predecessor() {
+    assert_eq!((MIN_ACCEPTED_VERSION, PROTOCOL_VERSION), (1, 2));
+    // A version-1 sender (offers 1..=1) gets version 1; so does a version-1 receiver.
+    assert_eq!(
+        check_hello(
+            &Hello {
+                versions: VersionRange { min: 1, max: 1 },
+                ..hello()
+            },
+            &caps()
+        ),
+        Ok(1)
+    );
+    assert_eq!(
+        negotiate_version(VersionRange::ours(), VersionRange { min: 1, max: 1 }),
+        Ok(1)
+    );
+}
+
+#[test]
+fn switch_over_is_appended_after_the_old_messages() {
+    let b = bincode::serialize(&SenderMessage::SwitchOver).unwrap();
+    assert_eq!(b, 8u32.to_le_bytes());
 }
 
 #[test]

@@ -178,9 +178,40 @@ fn refuse<W: std::io::Write>(w: &mut FrameWriter<W>, reason: RefuseReason) -> Re
 /// What the handshake settled.
 struct Accepted {
     hello: Hello,
+    /// The protocol version chosen in `Accept`.
+    version: u32,
     vcpus: u8,
     /// Copy mode: the VM shell, built before pre-copy starts.
     prepared: Option<PreparedVm>,
+}
+
+/// Milestones of the switch-over on this side, in µs from its start (`SwitchOver`, or
+/// the state frame from a version-1 sender), logged with the Ready: the source's report
+/// sees the destination only as one wait, this says which step of it took the time.
+#[derive(Default)]
+struct Timeline {
+    start: Option<Instant>,
+    marks: Vec<(&'static str, u64)>,
+}
+
+impl Timeline {
+    fn start(&mut self) {
+        self.start.get_or_insert_with(Instant::now);
+    }
+
+    fn mark(&mut self, what: &'static str) {
+        if let Some(t) = self.start {
+            self.marks.push((what, t.elapsed().as_micros() as u64));
+        }
+    }
+
+    fn describe(&self) -> String {
+        self.marks
+            .iter()
+            .map(|(w, us)| format!("{w}={us}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
 }
 
 /// What pre-copy delivered.
@@ -188,8 +219,10 @@ struct Received {
     prepared: Option<PreparedVm>,
     state_bytes: Option<Vec<u8>>,
     tap_fds: Vec<OwnedFd>,
-    /// Raised at the state frame (the source is paused from just before it).
+    /// Raised at `SwitchOver` (version 2 on: the source pauses now), or at the state
+    /// frame from a version-1 sender (which pauses just before it).
     boost: Option<Boost>,
+    timeline: Timeline,
 }
 
 fn receive_on<R: Read, W: std::io::Write>(
@@ -202,18 +235,10 @@ fn receive_on<R: Read, W: std::io::Write>(
 ) -> Result<(Vm, ReceiveStats), ReceiveError> {
     let accepted = handshake(r, w, unix, opts)?;
     let hello = accepted.hello.clone();
-    let received = receive_precopy(r, w, accepted, take_fds)?;
+    let mut received = receive_precopy(r, w, accepted, take_fds)?;
     let boost = received.boost.as_ref().map(|b| b.applied().to_string());
     tracing::info!(boost = boost.as_deref().unwrap_or("none"), "switch-over");
-    let vm = load(
-        w,
-        &hello,
-        received.prepared,
-        received.state_bytes,
-        received.tap_fds,
-        serial,
-        opts,
-    )?;
+    let vm = load(w, &hello, &mut received, serial, opts)?;
     let go_to_resume_us = handover(r, w, &vm)?;
     drop(received.boost);
     Ok((
@@ -291,6 +316,7 @@ fn handshake<R: Read, W: std::io::Write>(
     );
     Ok(Accepted {
         hello,
+        version,
         vcpus,
         prepared,
     })
@@ -305,16 +331,18 @@ fn receive_precopy<R: Read, W: std::io::Write>(
 ) -> Result<Received, ReceiveError> {
     let Accepted {
         hello,
+        version,
         vcpus,
         prepared,
     } = accepted;
     let layout: MemoryLayout = hello.memory.clone();
-    let mut phase = ReceiverPhase::accepted(hello.mode);
+    let mut phase = ReceiverPhase::accepted(hello.mode, version);
     let mut got = Received {
         prepared,
         state_bytes: None,
         tap_fds: Vec::new(),
         boost: None,
+        timeline: Timeline::default(),
     };
     let proto = |e: protocol::ProtocolError| ReceiveError::Protocol(e.to_string());
     loop {
@@ -329,9 +357,13 @@ fn receive_precopy<R: Read, W: std::io::Write>(
             }
             FrameType::State => {
                 phase.advance(Incoming::State).map_err(proto)?;
-                // The source is paused: loading and starting must not wait for a core.
-                got.boost = Some(Boost::current_thread());
+                // The source is paused: loading and starting must not wait for a core. (From
+                // a version-2 sender the boost holds since SwitchOver.)
+                got.timeline.start();
+                got.timeline.mark("state_header");
+                got.boost.get_or_insert_with(Boost::current_thread);
                 got.state_bytes = Some(r.read_state(&h)?);
+                got.timeline.mark("state_read");
             }
             FrameType::Control => {
                 let msg: SenderMessage = r.read_control(&h)?;
@@ -354,7 +386,17 @@ fn receive_precopy<R: Read, W: std::io::Write>(
                         }
                     }
                     SenderMessage::IterationDone { .. } => {}
-                    SenderMessage::Complete => return Ok(got),
+                    // The source pauses now: the last pages and the state must not wait
+                    // for a core behind other VMs' vCPUs.
+                    SenderMessage::SwitchOver => {
+                        got.timeline.start();
+                        got.boost = Some(Boost::current_thread());
+                        got.timeline.mark("boosted");
+                    }
+                    SenderMessage::Complete => {
+                        got.timeline.mark("complete");
+                        return Ok(got);
+                    }
                     SenderMessage::Cancel { reason } | SenderMessage::Error { reason } => {
                         return Err(ReceiveError::SenderEnded(reason))
                     }
@@ -404,18 +446,23 @@ fn adopt_memory<W: std::io::Write>(
 fn load<W: std::io::Write>(
     w: &mut FrameWriter<W>,
     hello: &Hello,
-    prepared: Option<PreparedVm>,
-    state_bytes: Option<Vec<u8>>,
-    tap_fds: Vec<OwnedFd>,
+    received: &mut Received,
     serial: SerialOut,
     opts: &ReceiveOptions,
 ) -> Result<Vm, ReceiveError> {
     let t_complete = Instant::now();
+    let (prepared, state_bytes, tap_fds) = (
+        received.prepared.take(),
+        received.state_bytes.take(),
+        std::mem::take(&mut received.tap_fds),
+    );
+    let timeline = &mut received.timeline;
     let state_bytes = state_bytes.ok_or_else(|| ReceiveError::Protocol("no state frame".into()))?;
     let prepared =
         prepared.ok_or_else(|| ReceiveError::Protocol("no guest memory arrived".into()))?;
     let mut state = VmState::from_bytes(&state_bytes)
         .map_err(|e| refuse(w, RefuseReason::LoadFailed(e.to_string())))?;
+    timeline.mark("decoded");
     if hello.mode == MigrationMode::Local && tap_fds.len() != state.config.nets.len() {
         return Err(refuse(
             w,
@@ -440,9 +487,12 @@ fn load<W: std::io::Write>(
     let vm = prepared
         .restore(state, serial)
         .map_err(|e| refuse(w, RefuseReason::LoadFailed(e.to_string())))?;
+    timeline.mark("restored");
     w.write_control(&ReceiverMessage::Ready)?;
+    timeline.mark("ready_sent");
     tracing::info!(
         restore_us = t_complete.elapsed().as_micros() as u64,
+        switch_over_us = %timeline.describe(),
         "state loaded; waiting for Go"
     );
     Ok(vm)

@@ -20,9 +20,9 @@ use crate::frame::{FrameError, FrameReader, FrameWriter, MemoryRange, MAX_MEMORY
 use crate::policy::{self, Decision, MigrationLimits, MigrationStats, Throttle};
 use crate::protocol::{
     FdRegion, Hello, MemoryLayout, MemoryRegion, MigrationMode, ReceiverMessage, SenderMessage,
-    SenderPhase, VersionRange, PAGE_SIZE,
+    SenderPhase, VersionRange, PAGE_SIZE, SWITCH_OVER_VERSION,
 };
-use crate::report::{Outcome, Progress, Report};
+use crate::report::{Outcome, Progress, Report, SwitchOverTimes};
 use crate::transport::{self, RateLimit, RateLimitedWriter, Stream};
 use guards::{DirtyLogging, Throttler};
 
@@ -139,6 +139,8 @@ struct Sender<'a> {
     w: FrameWriter<RateLimitedWriter<Stream>>,
     back: Receiver<Result<ReceiverMessage, FrameError>>,
     phase: SenderPhase,
+    /// The protocol version the destination chose (in its `Accept`).
+    version: u32,
     opts: &'a SendOptions,
     report: Report,
     buf_ranges: Vec<MemoryRange>,
@@ -293,6 +295,7 @@ pub fn send(vm: &Arc<Vm>, stream: Stream, opts: &SendOptions) -> Report {
         w: FrameWriter::new(RateLimitedWriter::new(stream, opts.rate.clone())),
         back,
         phase: SenderPhase::AwaitAccept,
+        version: 0,
         opts,
         report,
         buf_ranges: Vec::new(),
@@ -420,9 +423,11 @@ fn handshake(s: &mut Sender<'_>, layout: &MemoryLayout) -> Result<(), SendError>
     s.phase
         .advance(&answer)
         .map_err(|e| SendError::Protocol(e.to_string()))?;
-    if !matches!(answer, ReceiverMessage::Accept { .. }) {
+    let ReceiverMessage::Accept { version } = answer else {
         return Err(s.unexpected(Ok(answer)));
-    }
+    };
+    s.version = version;
+    s.report.protocol_version = Some(version);
     Ok(())
 }
 
@@ -608,9 +613,19 @@ fn switch_over<'a>(
     s.check_cancel()?;
     let at = Instant::now();
     let realtime_ns = realtime_ns();
+    // Announce it before pausing: the destination's thread wakes, and raises its priority,
+    // while the vCPUs stop, so the final pages are read at the raised priority. A version-1
+    // destination does not know the message.
+    if s.version >= SWITCH_OVER_VERSION {
+        s.w.write_control(&SenderMessage::SwitchOver)?;
+    }
     let (guard, vcpus_boosted) = vm
         .pause_boosted()
         .map_err(|e| SendError::Vm(e.to_string()))?;
+    let mut times = SwitchOverTimes {
+        vcpus_stopped_ms: ms(at.elapsed()),
+        ..Default::default()
+    };
     if let Some(b) = s.report.switch_over_boost.as_mut() {
         b.push_str(if vcpus_boosted {
             "; vCPUs SCHED_FIFO while pausing"
@@ -628,6 +643,7 @@ fn switch_over<'a>(
         s.send_dirty(dirty)?;
     }
     let t_dirty = at.elapsed();
+    times.final_pages_ms = ms(t_dirty);
     let state = vm
         .save_state(&guard)
         .map_err(|e| SendError::Vm(e.to_string()))?;
@@ -638,7 +654,12 @@ fn switch_over<'a>(
         .sent_complete()
         .map_err(|e| SendError::Protocol(e.to_string()))?;
     let t_sent = at.elapsed();
+    times.state_sent_ms = ms(t_sent);
+    s.report.switch_over_times = Some(times);
     let ready = s.wait_back(transport::stall_timeout().min(READY_TIMEOUT), "Ready")?;
+    if let Some(t) = s.report.switch_over_times.as_mut() {
+        t.ready_ms = ms(at.elapsed());
+    }
     tracing::info!(
         final_pages_us = t_dirty.as_micros() as u64,
         state_sent_us = t_sent.as_micros() as u64,
@@ -682,6 +703,9 @@ fn handover(
     s.phase
         .sent_go()
         .map_err(|e| SendError::Protocol(e.to_string()))?;
+    if let Some(t) = s.report.switch_over_times.as_mut() {
+        t.go_sent_ms = ms(pause_at.elapsed());
+    }
     drop(logging);
     let started = match s.wait_back(transport::stall_timeout().min(STARTED_TIMEOUT), "Started") {
         Ok(m) => m,
@@ -694,10 +718,14 @@ fn handover(
     match started {
         ReceiverMessage::Started {
             resumed_realtime_ns,
-            ..
+            go_to_resume_us,
         } if advanced.is_ok() => {
             guard.keep_paused();
             let wall = pause_at.elapsed();
+            if let Some(t) = s.report.switch_over_times.as_mut() {
+                t.started_ms = ms(wall);
+                t.destination_go_to_resume_ms = go_to_resume_us as f64 / 1000.0;
+            }
             let by_clock = resumed_realtime_ns.saturating_sub(pause_realtime);
             s.report.downtime_ms = if by_clock > 0 && (by_clock as u128) < wall.as_nanos() {
                 by_clock as f64 / 1e6

@@ -162,6 +162,12 @@ enum Fault {
     /// sender has passed the point of no return and cannot know whether the receiver
     /// started the guest.
     KillOnGo,
+    /// Forward the sender's `SwitchOver` twice (a version-2 message out of order).
+    DuplicateSwitchOver,
+    /// Make the sender look like a version-1 sender (preamble and `Hello` offer version
+    /// 1 only, re-encoded with a valid CRC); with `inject_switch_over`, also insert a
+    /// `SwitchOver` before the state frame, which a version-1 stream may not carry.
+    AsVersion1 { inject_switch_over: bool },
 }
 
 impl Fault {
@@ -189,6 +195,17 @@ impl Fault {
                 return Verdict::Stop;
             }
             match self {
+                Fault::DuplicateSwitchOver
+                    if matches!(f.sender_msg(), Some(SenderMessage::SwitchOver)) =>
+                {
+                    link.write(&f.bytes);
+                    link.note("sent SwitchOver twice");
+                    Verdict::Forward
+                }
+                Fault::AsVersion1 { inject_switch_over } => {
+                    as_version_1(f, link, inject_switch_over);
+                    Verdict::Forward
+                }
                 Fault::FlipBit { at, bit } if (start..start + len).contains(&at) => {
                     f.bytes[(at - start) as usize] ^= 1 << bit;
                     link.note(format!("flipped bit {bit} of byte {at}"));
@@ -218,6 +235,37 @@ impl Fault {
             Verdict::Forward
         });
         (forward, back)
+    }
+}
+
+/// Rewrite the sender's preamble and `Hello` to offer protocol version 1 only (what a
+/// launcher before `SwitchOver` sends); note any `SwitchOver` that passes; with
+/// `inject`, insert one before the state frame.
+fn as_version_1(
+    f: &mut integration_tests::proxy::Frame,
+    link: &integration_tests::proxy::Link<'_>,
+    inject: bool,
+) {
+    let v1 = VersionRange { min: 1, max: 1 };
+    if f.ty.is_none() {
+        f.bytes = protocol::encode_preamble(1).to_vec();
+        return;
+    }
+    match f.sender_msg() {
+        Some(SenderMessage::Hello(mut h)) => {
+            h.versions = v1;
+            f.bytes = migration::frame::encode_control_frame(&SenderMessage::Hello(h))
+                .expect("encode Hello");
+        }
+        Some(SenderMessage::SwitchOver) => link.note("SwitchOver in a version-1 stream"),
+        _ => {}
+    }
+    if inject && f.is(FrameType::State) {
+        link.write(
+            &migration::frame::encode_control_frame(&SenderMessage::SwitchOver)
+                .expect("encode SwitchOver"),
+        );
+        link.note("injected SwitchOver");
     }
 }
 
@@ -400,6 +448,78 @@ fn truncated_stream_is_refused() {
 }
 
 // ---------------------------------------------------------------------------------
+// Protocol versions: the previous one is received; SwitchOver out of order is refused
+// ---------------------------------------------------------------------------------
+
+/// The stream of a version-1 sender (no `SwitchOver`; what the launcher before version 2
+/// sends) is received: the receiver accepts version 1, the migration completes and the
+/// guest continues on the destination with its memory intact. The sender, told version
+/// 1, sends no `SwitchOver`.
+#[test]
+fn a_version_1_stream_is_received() {
+    let dir = TempDir::new("mig-v1");
+    let mut src = boot_source(&dir);
+    let uri = format!("unix:{}", path_str(&dir.join("mig-1.sock")));
+    let mut dst = incoming(&uri, &src.serial, &dir.join("dst-1.sock"));
+    let to = PathBuf::from(uri.strip_prefix("unix:").expect("unix uri"));
+    let proxy = proxy(
+        dir.join("proxy-1.sock"),
+        to,
+        dst.child.id(),
+        Fault::AsVersion1 {
+            inject_switch_over: false,
+        },
+    );
+    let out = migrate(api_of(&src), &proxy.uri(), &[], dir.path());
+    let log = proxy.log();
+    assert!(
+        out.status.success(),
+        "report: {}
+{}",
+        out.report,
+        out.stderr
+    );
+    assert_eq!(out.u64("protocolVersion"), 1, "{}", out.report);
+    assert!(
+        log.iter().all(|l| !l.contains("SwitchOver")),
+        "a version-1 stream carried SwitchOver: {log:?}"
+    );
+    assert!(
+        log.iter().any(|l| l.contains("Accept { version: 1 }")),
+        "the receiver must choose version 1: {log:?}"
+    );
+    assert_eq!(src.wait().code(), Some(64), "stderr: {}", src.stderr());
+    wait_new_pass(&mut dst);
+    wait_new_pass(&mut dst);
+    assert_pattern_consistent(&dst.console(), EVERY);
+    integration_tests::shutdown(&mut dst);
+}
+
+/// `SwitchOver` out of order is refused before anything runs, and the source keeps
+/// running intact: twice in a version-2 stream, or at all in a version-1 stream.
+#[test]
+fn switch_over_out_of_order_is_refused() {
+    let dir = TempDir::new("mig-switch-order");
+    let mut src = boot_source(&dir);
+    let cases = [
+        Fault::DuplicateSwitchOver,
+        Fault::AsVersion1 {
+            inject_switch_over: true,
+        },
+    ];
+    for (n, fault) in cases.into_iter().enumerate() {
+        let (out, dst_stderr) = migrate_through_proxy(&dir, &mut src, n + 1, fault, &[]);
+        assert!(
+            dst_stderr.contains("unexpected SwitchOver"),
+            "{fault:?}: the receiver should refuse the SwitchOver: {dst_stderr}
+report: {}",
+            out.report
+        );
+    }
+    assert_migrates_afterwards(&dir, &mut src, 100);
+}
+
+// ---------------------------------------------------------------------------------
 // Unknown versions and machine types
 // ---------------------------------------------------------------------------------
 
@@ -458,8 +578,7 @@ fn receiver_of_unknown_version_refuses_and_source_keeps_running() {
     assert_eq!(out.str("status"), "failed", "{}", out.report);
     let err = out.str("error");
     assert!(
-        err.contains("version 99")
-            && err.contains(&format!("version {}", protocol::PROTOCOL_VERSION)),
+        err.contains("version 99") && err.contains(&format!("version {}", VersionRange::ours())),
         "the error must name both versions: {err}"
     );
     assert!(src.alive());

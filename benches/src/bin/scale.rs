@@ -10,14 +10,21 @@
 //! a 2 MiB region it rewrites and verifies on every pass). After the update it checks
 //! that every VM runs the new version, that no guest printed `STALE`, and that migrated
 //! guests booted once; it reports the total update time and the pause distribution
-//! (median, p99, max) from noded's migration records, and with `--write-docs` writes
-//! docs/scale.md.
+//! (median, p99, max) from noded's migration records, and where the slowest pauses spent
+//! their time (the report's `switchOverTimes`). With `--write-docs` it writes
+//! docs/scale.md, keeping the hand-written notes below [`NOTES_MARKER`].
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+/// Everything from this line on in docs/scale.md is hand-written and kept on regeneration.
+const NOTES_MARKER: &str = "<!-- hand-written notes below: kept when the table is regenerated -->";
+
+/// How many of the slowest pauses of each scenario are broken down by phase.
+const SLOWEST: usize = 5;
 
 struct Node {
     bin_dir: PathBuf,
@@ -42,6 +49,8 @@ impl Node {
             .arg(dir.join("state"))
             .arg("--config")
             .arg(dir.join("config.yaml"))
+            // The launchers inherit it: their switch-over milestones reach their logs.
+            .env("LAUNCHER_LOG", "warn,migration=info")
             .stdout(log.try_clone().unwrap_or_else(|e| die(e)))
             .stderr(log)
             .spawn()
@@ -113,8 +122,31 @@ struct Outcome {
     evicted: usize,
     update_s: f64,
     pauses_ms: Vec<f64>,
+    /// `(pause ms, VM, the report's switchOverTimes)` of every migration, slowest first.
+    phases: Vec<(f64, String, Value)>,
     stale: usize,
     rebooted_migrated: usize,
+}
+
+/// The phases of one pause, in ms, from the report's cumulative milestones (a missing
+/// milestone, from a launcher that does not report it, shows as `-`).
+fn phase_row(scenario: &str, pause: f64, vm: &str, t: &Value) -> String {
+    let m = |k: &str| t.get(k).and_then(Value::as_f64);
+    let d = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) => format!("{:.2}", b - a),
+        _ => "-".into(),
+    };
+    let stopped = m("vcpusStoppedMs");
+    format!(
+        "| {scenario} | {vm} | {pause:.2} | {} | {} | {} | {} | {} | {} | {} |\n",
+        stopped.map_or("-".into(), |v| format!("{v:.2}")),
+        d(stopped, m("finalPagesMs")),
+        d(m("finalPagesMs"), m("stateSentMs")),
+        d(m("stateSentMs"), m("readyMs")),
+        d(m("readyMs"), m("goSentMs")),
+        d(m("goSentMs"), m("startedMs")),
+        m("destinationGoToResumeMs").map_or("-".into(), |v| format!("{v:.2}")),
+    )
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -186,6 +218,7 @@ fn scenario(
     );
     let update_s = t0.elapsed().as_secs_f64();
     let mut pauses = Vec::new();
+    let mut phases = Vec::new();
     let mut migrated = 0;
     let mut stale = 0;
     let mut rebooted_migrated = 0;
@@ -201,13 +234,37 @@ fn scenario(
             .and_then(|a| a.iter().find(|r| r["outcome"] == "Succeeded"))
         {
             migrated += 1;
-            pauses.push(r["report"]["downtimeMs"].as_f64().unwrap_or(0.0));
+            let pause = r["report"]["downtimeMs"].as_f64().unwrap_or(0.0);
+            pauses.push(pause);
+            phases.push((pause, vm.clone(), r["report"]["switchOverTimes"].clone()));
             if console.matches("pattern: booted").count() != 1 {
                 rebooted_migrated += 1;
             }
         }
     }
     pauses.sort_by(|a, b| a.total_cmp(b));
+    phases.sort_by(|a, b| b.0.total_cmp(&a.0));
+    // The launchers' own lines about the slowest switch-overs (the destination logs its
+    // milestones with "state loaded"), to stderr: the log files go with the node.
+    for (pause, vm, _) in phases.iter().take(SLOWEST) {
+        let dir = node.dir.join("state/vms").join(vm);
+        let mut lines = Vec::new();
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with("launcher-") {
+                let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                lines.extend(
+                    text.lines()
+                        .filter(|l| l.contains("switch-over") || l.contains("state loaded"))
+                        .map(|l| format!("  {name}: {l}")),
+                );
+            }
+        }
+        eprintln!(
+            "scale: {name} {vm} paused {pause:.2} ms:\n{}",
+            lines.join("\n")
+        );
+    }
     Outcome {
         name,
         vms,
@@ -215,6 +272,7 @@ fn scenario(
         evicted: vms - migrated,
         update_s,
         pauses_ms: pauses,
+        phases,
         stale,
         rebooted_migrated,
     }
@@ -280,10 +338,23 @@ fn main() {
         ));
         ok &= o.stale == 0 && o.rebooted_migrated == 0;
     }
+    let mut slow = String::from(
+        "| scenario | VM | pause ms | stop vCPUs | final pages | state sent | until Ready (destination loads) | release disks, Go | until Started | destination Go to resume |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for o in &outcomes {
+        for (pause, vm, t) in o.phases.iter().take(SLOWEST) {
+            slow.push_str(&phase_row(o.name, *pause, vm, t));
+        }
+    }
     println!("{table}");
+    println!("The {SLOWEST} slowest pauses of each scenario, by phase (ms):\n\n{slow}");
     {
+        let notes = std::fs::read_to_string(benches::workspace_root().join("docs/scale.md"))
+            .ok()
+            .and_then(|old| old.find(NOTES_MARKER).map(|i| old[i..].to_string()))
+            .unwrap_or_else(|| format!("{NOTES_MARKER}\n"));
         let doc = format!(
-            "# Scale: {vms} VMs on one node, one launcher version bump\n\nWritten by `benches/src/bin/scale.rs`; regenerate with\n\n```\nscripts/bench-scale {vms} --write-docs\n```\n\nEach VM: `pattern` guest, 64 MiB RAM, a 2 MiB region rewritten and verified on every pass, 1 vCPU; {vms} such vCPUs share this machine's 2 cores, so every guest runs at a small fraction of a core. Scenario *default*: noded's default settings (`[LiveMigrate]`, 2 parallel migrations), every VM migratable. Scenario *migrate-and-evict*: `[LiveMigrate, Evict]`, batches of 10 evictions per 5 s, every fifth VM has a host device (not migratable: evicted and restarted on the new launcher, a new boot by design). Pauses come from noded's migration records (`report.downtime_ms`, the source's pause until the destination runs the guest).\n\n{table}\n"
+            "# Scale: {vms} VMs on one node, one launcher version bump\n\nWritten by `benches/src/bin/scale.rs`; regenerate with\n\n```\nscripts/bench-scale {vms} --write-docs\n```\n\nEach VM: `pattern` guest, 64 MiB RAM, a 2 MiB region rewritten and verified on every pass, 1 vCPU; {vms} such vCPUs share this machine's 2 cores, so every guest runs at a small fraction of a core. Scenario *default*: noded's default settings (`[LiveMigrate]`, 2 parallel migrations), every VM migratable. Scenario *migrate-and-evict*: `[LiveMigrate, Evict]`, batches of 10 evictions per 5 s, every fifth VM has a host device (not migratable: evicted and restarted on the new launcher, a new boot by design). Pauses come from noded's migration records (`report.downtimeMs`, the source's pause until the destination runs the guest).\n\n{table}\nThe {SLOWEST} slowest pauses of each scenario, by phase (ms, from the report's `switchOverTimes`, measured by the source: stopping the vCPUs, writing the last dirty pages, the state and `Complete`, waiting for the destination's `Ready`, releasing the disks and sending `Go`, waiting for `Started`; the last column is the destination's own `Go` to resume):\n\n{slow}\n{notes}"
         );
         opts.docs.write("scale", "docs/scale.md", &doc);
     }
