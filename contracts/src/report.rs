@@ -112,6 +112,10 @@ pub struct SwitchOverTimes {
     pub started_ms: f64,
     /// The destination's own measure from `Go` to its vCPUs running.
     pub destination_go_to_resume_ms: f64,
+    /// Before the pause, not part of it nor of the milestones above: from `SwitchOver` to
+    /// the destination's `SwitchOverReady` (protocol version 2 on), the time its thread
+    /// took to wake up and raise its priority while the guest still ran.
+    pub destination_raised_ms: f64,
 }
 
 impl Report {

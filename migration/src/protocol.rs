@@ -38,6 +38,7 @@
 //!              NetFds{count} + SCM_RIGHTS ────────▶ keep the TAP fds (only if the VM
 //!                                                    has network interfaces)
 //!  SwitchOver (version 2 on) ─────────────────────▶ raise this thread's priority
+//!                                          ◀──────── SwitchOverReady (version 2 on)
 //!  pause vCPUs                       (downtime starts)
 //!  copy mode: last Memory frames ──────────────────▶
 //!  State{bytes} (a State frame), Complete ─────────▶ load memory and state
@@ -59,10 +60,14 @@
 //!   protocol and versioned by the VMM section by section, so the sectioned state of
 //!   `vmm::state`, which replaced the unsectioned one, did not change the protocol: a
 //!   version-1 stream carries either, and this receiver loads both.)
-//! - **2**: `SwitchOver`, sent by S just before it pauses the VM, so that D raises its
-//!   thread's priority for the final memory frames (which it cannot otherwise tell from
-//!   pre-copy frames) rather than only from the state frame on. In version 2 it is
-//!   required: exactly once, after the last `IterationDone`, before the state frame.
+//! - **2**: `SwitchOver`, sent by S when it has decided to switch over, so that D raises
+//!   its thread's priority for the final memory frames (which it cannot otherwise tell
+//!   from pre-copy frames) rather than only from the state frame on. D answers
+//!   `SwitchOverReady` once raised, and S pauses the VM only then: on a host whose cores
+//!   are busy with other VMs' vCPUs, D's thread waits for a core to wake up, and that
+//!   wait now falls while the guest still runs instead of inside the downtime. In
+//!   version 2 both are required: `SwitchOver` exactly once, after the last
+//!   `IterationDone`, before the state frame; `SwitchOverReady` before S pauses.
 //!
 //! A receiver accepts its own version and the previous one; a version-1 stream (an
 //! older sender, or this sender when the receiver chose 1) never carries `SwitchOver`,
@@ -71,7 +76,10 @@
 //! ## Sender states ([`SenderPhase`])
 //!
 //! ```text
-//! AwaitAccept --Accept--> Precopy --(S sends Complete)--> AwaitReady
+//! AwaitAccept --Accept--> Precopy --(S sends Complete; version 1)--> AwaitReady
+//! Precopy --(S sends SwitchOver; version 2)--> AwaitSwitchOverReady
+//! AwaitSwitchOverReady --SwitchOverReady--> SwitchingOver (S pauses the VM)
+//! SwitchingOver --(S sends Complete)--> AwaitReady
 //! AwaitReady --Ready--> ReadyToGo --(S sends Go)--> AwaitStarted
 //! AwaitStarted --Started--> Done
 //! Refuse | Error | Abort | EOF | any error before Go  => resume the source VM
@@ -437,6 +445,9 @@ pub enum ReceiverMessage {
     /// prepared the VM shell; the sender may pause now (appended last so that the
     /// encodings of the frozen messages stay as they were).
     MemoryMapped,
+    /// Version 2 on: the answer to `SwitchOver`, written once the receiver's thread runs
+    /// at its raised priority; the sender pauses the VM only after it (appended last).
+    SwitchOverReady,
 }
 
 impl ReceiverMessage {
@@ -449,6 +460,7 @@ impl ReceiverMessage {
             ReceiverMessage::Abort { .. } => "Abort",
             ReceiverMessage::Error { .. } => "Error",
             ReceiverMessage::MemoryMapped => "MemoryMapped",
+            ReceiverMessage::SwitchOverReady => "SwitchOverReady",
         }
     }
 }
@@ -794,6 +806,10 @@ impl ReceiverPhase {
 pub enum SenderPhase {
     AwaitAccept,
     Precopy,
+    /// Version 2: `SwitchOver` was sent; the VM still runs until `SwitchOverReady`.
+    AwaitSwitchOverReady,
+    /// Version 2: the receiver is raised; the sender pauses and sends the rest.
+    SwitchingOver,
     AwaitReady,
     ReadyToGo,
     /// `Go` was sent: the source must never resume on its own.
@@ -808,9 +824,24 @@ impl SenderPhase {
         !matches!(self, SenderPhase::AwaitStarted | SenderPhase::Done)
     }
 
-    /// The sender sent `Complete` (after pausing).
+    /// The sender sent `SwitchOver` (version 2; the VM still runs).
+    pub fn sent_switch_over(&mut self) -> Result<(), ProtocolError> {
+        self.sent(
+            SenderPhase::Precopy,
+            SenderPhase::AwaitSwitchOverReady,
+            "SwitchOver",
+        )
+    }
+
+    /// The sender sent `Complete` (after pausing): from `Precopy` in version 1, from
+    /// `SwitchingOver` in version 2.
     pub fn sent_complete(&mut self) -> Result<(), ProtocolError> {
-        self.sent(SenderPhase::Precopy, SenderPhase::AwaitReady, "Complete")
+        let from = if *self == SenderPhase::SwitchingOver {
+            SenderPhase::SwitchingOver
+        } else {
+            SenderPhase::Precopy
+        };
+        self.sent(from, SenderPhase::AwaitReady, "Complete")
     }
 
     /// The sender sent `Go`.
@@ -855,6 +886,10 @@ impl SenderPhase {
                 })
             }
             (SenderPhase::Precopy, ReceiverMessage::MemoryMapped) => return Ok(()),
+            (SenderPhase::AwaitSwitchOverReady, ReceiverMessage::SwitchOverReady) => {
+                *self = SenderPhase::SwitchingOver;
+                return Ok(());
+            }
             (SenderPhase::AwaitReady, ReceiverMessage::Ready) => {
                 *self = SenderPhase::ReadyToGo;
                 return Ok(());

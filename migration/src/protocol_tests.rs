@@ -349,3 +349,58 @@ fn sender_phase() {
     let mut early = SenderPhase::Precopy;
     assert!(early.advance(&ReceiverMessage::Ready).is_err());
 }
+
+#[test]
+fn switch_over_ready_is_appended_after_the_old_messages() {
+    // Variant index 7: the encodings of receiver messages 0..=6 are unchanged.
+    let b = bincode::serialize(&ReceiverMessage::SwitchOverReady).unwrap();
+    assert_eq!(b, 7u32.to_le_bytes());
+}
+
+#[test]
+fn sender_phase_version_2_pauses_only_after_switch_over_ready() {
+    let mut s = SenderPhase::Precopy;
+    assert!(
+        s.clone_advance(&ReceiverMessage::SwitchOverReady).is_err(),
+        "SwitchOverReady before SwitchOver"
+    );
+    s.sent_switch_over().unwrap();
+    assert_eq!(s, SenderPhase::AwaitSwitchOverReady);
+    assert!(s.source_may_resume());
+    assert!(
+        s.sent_complete().is_err(),
+        "Complete while waiting for SwitchOverReady (the VM has not paused)"
+    );
+    let mut s = SenderPhase::Precopy;
+    s.sent_switch_over().unwrap();
+    assert!(s.sent_switch_over().is_err(), "SwitchOver twice");
+    let mut s = SenderPhase::AwaitSwitchOverReady;
+    s.advance(&ReceiverMessage::SwitchOverReady).unwrap();
+    assert_eq!(s, SenderPhase::SwitchingOver);
+    assert!(s.source_may_resume());
+    assert!(
+        s.clone_advance(&ReceiverMessage::SwitchOverReady).is_err(),
+        "SwitchOverReady twice"
+    );
+    s.sent_complete().unwrap();
+    s.advance(&ReceiverMessage::Ready).unwrap();
+    assert_eq!(s, SenderPhase::ReadyToGo);
+
+    // An error instead of the answer: the source resumes.
+    let mut failed = SenderPhase::AwaitSwitchOverReady;
+    assert!(failed
+        .advance(&ReceiverMessage::Error { reason: "x".into() })
+        .is_err());
+    assert!(failed.source_may_resume());
+    let mut refused = SenderPhase::AwaitSwitchOverReady;
+    assert!(refused.advance(&ReceiverMessage::Ready).is_err());
+    assert_eq!(refused, SenderPhase::Failed);
+}
+
+impl SenderPhase {
+    /// `advance` on a copy, leaving `self` as it was.
+    fn clone_advance(&self, m: &ReceiverMessage) -> Result<(), ProtocolError> {
+        let mut c = *self;
+        c.advance(m)
+    }
+}

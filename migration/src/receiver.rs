@@ -392,6 +392,9 @@ fn receive_precopy<R: Read, W: std::io::Write>(
                         got.timeline.start();
                         got.boost = Some(Boost::current_thread());
                         got.timeline.mark("boosted");
+                        // The source pauses only on this answer, so the wait for a core
+                        // to wake this thread up falls before the downtime, not in it.
+                        w.write_control(&ReceiverMessage::SwitchOverReady)?;
                     }
                     SenderMessage::Complete => {
                         got.timeline.mark("complete");

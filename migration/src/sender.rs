@@ -611,19 +611,34 @@ fn switch_over<'a>(
 ) -> Result<Paused<'a>, SendError> {
     let vm = s.vm;
     s.check_cancel()?;
-    let at = Instant::now();
-    let realtime_ns = realtime_ns();
-    // Announce it before pausing: the destination's thread wakes, and raises its priority,
-    // while the vCPUs stop, so the final pages are read at the raised priority. A version-1
-    // destination does not know the message.
+    let announced = Instant::now();
+    // Announce it, and pause only once the destination answers that its thread runs at
+    // the raised priority: on a host whose cores are busy with other VMs' vCPUs, that
+    // thread waits for a core to wake up, and the wait then falls while the guest still
+    // runs rather than inside the downtime. A version-1 destination knows neither message.
     if s.version >= SWITCH_OVER_VERSION {
         s.w.write_control(&SenderMessage::SwitchOver)?;
+        s.phase
+            .sent_switch_over()
+            .map_err(|e| SendError::Protocol(e.to_string()))?;
+        let answer = s.wait_back(
+            transport::stall_timeout().min(READY_TIMEOUT),
+            "SwitchOverReady",
+        )?;
+        s.phase
+            .advance(&answer)
+            .map_err(|e| SendError::Protocol(e.to_string()))?;
+        s.check_cancel()?;
     }
+    let destination_raised_ms = ms(announced.elapsed());
+    let at = Instant::now();
+    let realtime_ns = realtime_ns();
     let (guard, vcpus_boosted) = vm
         .pause_boosted()
         .map_err(|e| SendError::Vm(e.to_string()))?;
     let mut times = SwitchOverTimes {
         vcpus_stopped_ms: ms(at.elapsed()),
+        destination_raised_ms,
         ..Default::default()
     };
     if let Some(b) = s.report.switch_over_boost.as_mut() {

@@ -202,11 +202,14 @@ fn a_guest_reset_during_a_migration_fails_it_cleanly_and_the_source_reboots() {
 #[test]
 fn a_launcher_refuses_the_migration_protocols_it_does_not_advertise() {
     // Defect 3: `launcher capabilities` said 2..2, its receiver still took version 1.
+    // A launcher that accepts only a protocol newer than any this build speaks.
+    let beyond = migration::protocol::PROTOCOL_VERSION + 1;
+    let b = beyond.to_string();
     let narrow = integration_tests::launcher_of_version_with(
         "9.4.0",
         &[
-            ("LAUNCHER_MIGRATION_PROTOCOL_MIN", "2"),
-            ("LAUNCHER_MIGRATION_PROTOCOL_MAX", "2"),
+            ("LAUNCHER_MIGRATION_PROTOCOL_MIN", &b),
+            ("LAUNCHER_MIGRATION_PROTOCOL_MAX", &b),
         ],
     );
     let caps = std::process::Command::new(&narrow)
@@ -217,7 +220,7 @@ fn a_launcher_refuses_the_migration_protocols_it_does_not_advertise() {
         serde_json::from_slice(&caps.stdout).expect("typed capabilities");
     assert_eq!(
         (caps.migration_protocol.min, caps.migration_protocol.max),
-        (2, 2)
+        (u64::from(beyond), u64::from(beyond))
     );
     let dir = TempDir::new("caps-enforced");
     let mut src = boot_pattern_source(&dir.join("src.log"), &dir.join("src.sock"), 20);

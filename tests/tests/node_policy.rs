@@ -302,11 +302,17 @@ fn a_vm_outside_the_targets_protocol_window_is_evicted_not_migrated() {
     );
     node.wait_vm("web", "Running", Some(&va));
     node.wait_vm("keep", "Running", Some(&va));
+    // A target that accepts only a protocol newer than any this build speaks.
+    let (min, max) = (
+        migration::protocol::MIN_ACCEPTED_VERSION,
+        migration::protocol::PROTOCOL_VERSION,
+    );
+    let beyond = (max + 1).to_string();
     let d = launcher_of_version_with(
         "9.4.0",
         &[
-            ("LAUNCHER_MIGRATION_PROTOCOL_MIN", "2"),
-            ("LAUNCHER_MIGRATION_PROTOCOL_MAX", "2"),
+            ("LAUNCHER_MIGRATION_PROTOCOL_MIN", &beyond),
+            ("LAUNCHER_MIGRATION_PROTOCOL_MAX", &beyond),
         ],
     );
     node.install(&d);
@@ -317,7 +323,7 @@ fn a_vm_outside_the_targets_protocol_window_is_evicted_not_migrated() {
     let reason = v["reason"].as_str().unwrap_or("").to_string();
     assert!(
         reason.contains(&format!(
-            "launcher {va} speaks migration protocol 1..1, outside the 2..2 window target launcher 9.4.0 accepts"
+            "launcher {va} speaks migration protocol {min}..{max}, outside the {beyond}..{beyond} window target launcher 9.4.0 accepts"
         )) && reason.ends_with("and Evict is not enabled"),
         "{reason}"
     );

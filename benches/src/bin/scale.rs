@@ -138,7 +138,8 @@ fn phase_row(scenario: &str, pause: f64, vm: &str, t: &Value) -> String {
     };
     let stopped = m("vcpusStoppedMs");
     format!(
-        "| {scenario} | {vm} | {pause:.2} | {} | {} | {} | {} | {} | {} | {} |\n",
+        "| {scenario} | {vm} | {pause:.2} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+        m("destinationRaisedMs").map_or("-".into(), |v| format!("{v:.2}")),
         stopped.map_or("-".into(), |v| format!("{v:.2}")),
         d(stopped, m("finalPagesMs")),
         d(m("finalPagesMs"), m("stateSentMs")),
@@ -339,7 +340,7 @@ fn main() {
         ok &= o.stale == 0 && o.rebooted_migrated == 0;
     }
     let mut slow = String::from(
-        "| scenario | VM | pause ms | stop vCPUs | final pages | state sent | until Ready (destination loads) | release disks, Go | until Started | destination Go to resume |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| scenario | VM | pause ms | before the pause: SwitchOverReady | stop vCPUs | final pages | state sent | until Ready (destination loads) | release disks, Go | until Started | destination Go to resume |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for o in &outcomes {
         for (pause, vm, t) in o.phases.iter().take(SLOWEST) {
@@ -354,7 +355,7 @@ fn main() {
             .and_then(|old| old.find(NOTES_MARKER).map(|i| old[i..].to_string()))
             .unwrap_or_else(|| format!("{NOTES_MARKER}\n"));
         let doc = format!(
-            "# Scale: {vms} VMs on one node, one launcher version bump\n\nWritten by `benches/src/bin/scale.rs`; regenerate with\n\n```\nscripts/bench-scale {vms} --write-docs\n```\n\nEach VM: `pattern` guest, 64 MiB RAM, a 2 MiB region rewritten and verified on every pass, 1 vCPU; {vms} such vCPUs share this machine's 2 cores, so every guest runs at a small fraction of a core. Scenario *default*: noded's default settings (`[LiveMigrate]`, 2 parallel migrations), every VM migratable. Scenario *migrate-and-evict*: `[LiveMigrate, Evict]`, batches of 10 evictions per 5 s, every fifth VM has a host device (not migratable: evicted and restarted on the new launcher, a new boot by design). Pauses come from noded's migration records (`report.downtimeMs`, the source's pause until the destination runs the guest).\n\n{table}\nThe {SLOWEST} slowest pauses of each scenario, by phase (ms, from the report's `switchOverTimes`, measured by the source: stopping the vCPUs, writing the last dirty pages, the state and `Complete`, waiting for the destination's `Ready`, releasing the disks and sending `Go`, waiting for `Started`; the last column is the destination's own `Go` to resume):\n\n{slow}\n{notes}"
+            "# Scale: {vms} VMs on one node, one launcher version bump\n\nWritten by `benches/src/bin/scale.rs`; regenerate with\n\n```\nscripts/bench-scale {vms} --write-docs\n```\n\nEach VM: `pattern` guest, 64 MiB RAM, a 2 MiB region rewritten and verified on every pass, 1 vCPU; {vms} such vCPUs share this machine's 2 cores, so every guest runs at a small fraction of a core. Scenario *default*: noded's default settings (`[LiveMigrate]`, 2 parallel migrations), every VM migratable. Scenario *migrate-and-evict*: `[LiveMigrate, Evict]`, batches of 10 evictions per 5 s, every fifth VM has a host device (not migratable: evicted and restarted on the new launcher, a new boot by design). Pauses come from noded's migration records (`report.downtimeMs`, the source's pause until the destination runs the guest).\n\n{table}\nThe {SLOWEST} slowest pauses of each scenario, by phase (ms, from the report's `switchOverTimes`, measured by the source: before the pause and not part of it, the destination's answer to `SwitchOver`; then stopping the vCPUs, writing the last dirty pages, the state and `Complete`, waiting for the destination's `Ready`, releasing the disks and sending `Go`, waiting for `Started`; the last column is the destination's own `Go` to resume):\n\n{slow}\n{notes}"
         );
         opts.docs.write("scale", "docs/scale.md", &doc);
     }
