@@ -346,11 +346,12 @@ pub enum SenderMessage {
     NetFds {
         count: u32,
     },
-    /// Version 2 on: the sender pauses the VM now; what follows is the switch-over (the
-    /// last memory frames in copy mode, then the state frame and `Complete`). The
-    /// receiver raises its thread's priority here: the final pages are read while the
-    /// guest is down, and without this message they look like pre-copy frames. Appended
-    /// last so that the encodings of the other messages stay as they were.
+    /// Version 2 on: the sender switches over; it pauses the VM once the receiver answers
+    /// `SwitchOverReady`, and what follows is the switch-over (the last memory frames in
+    /// copy mode, then the state frame and `Complete`). The receiver raises its thread's
+    /// priority here: the final pages are read while the guest is down, and without this
+    /// message they look like pre-copy frames. Appended last so that the encodings of the
+    /// other messages stay as they were.
     SwitchOver,
 }
 

@@ -219,8 +219,8 @@ struct Received {
     prepared: Option<PreparedVm>,
     state_bytes: Option<Vec<u8>>,
     tap_fds: Vec<OwnedFd>,
-    /// Raised at `SwitchOver` (version 2 on: the source pauses now), or at the state
-    /// frame from a version-1 sender (which pauses just before it).
+    /// Raised at `SwitchOver` (version 2 on: the source pauses once we answer), or at the
+    /// state frame from a version-1 sender (which pauses just before it).
     boost: Option<Boost>,
     timeline: Timeline,
 }
@@ -386,8 +386,8 @@ fn receive_precopy<R: Read, W: std::io::Write>(
                         }
                     }
                     SenderMessage::IterationDone { .. } => {}
-                    // The source pauses now: the last pages and the state must not wait
-                    // for a core behind other VMs' vCPUs.
+                    // The source pauses once we answer: the last pages and the state must
+                    // not wait for a core behind other VMs' vCPUs.
                     SenderMessage::SwitchOver => {
                         got.timeline.start();
                         got.boost = Some(Boost::current_thread());

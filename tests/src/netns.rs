@@ -60,6 +60,13 @@ impl Netns {
         run_ip(&v);
     }
 
+    /// A TAP `dev` with the host-side address `cidr`, up: the host end of a guest NIC.
+    pub fn tap_up(&self, dev: &str, cidr: &str) {
+        self.ip(&format!("tuntap add dev {dev} mode tap"));
+        self.ip(&format!("addr add {cidr} dev {dev}"));
+        self.ip(&format!("link set {dev} up"));
+    }
+
     /// `ip -n NAME <args>`, returning whether it succeeded (and stderr).
     pub fn try_ip(&self, args: &str) -> Result<(), String> {
         let mut v = vec!["-n", self.name.as_str()];

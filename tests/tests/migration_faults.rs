@@ -519,6 +519,61 @@ report: {}",
     assert_migrates_afterwards(&dir, &mut src, 100);
 }
 
+/// Version 2: the source pauses only once the destination answers `SwitchOver`. A proxy
+/// holds the destination's `SwitchOverReady` until the source guest has printed a new
+/// pass, which a paused guest cannot do; the migration then completes, and the guest
+/// continues on the destination with its memory intact.
+#[test]
+fn the_source_runs_until_the_destination_answers_switch_over() {
+    let dir = TempDir::new("mig-switch-answer");
+    let mut src = boot_source(&dir);
+    let console = src.serial.clone();
+    let uri = format!("unix:{}", path_str(&dir.join("mig-1.sock")));
+    let mut dst = incoming(&uri, &src.serial, &dir.join("dst-1.sock"));
+    let to = PathBuf::from(uri.strip_prefix("unix:").expect("unix uri"));
+    let forward: Callback = Box::new(|_, _| Verdict::Forward);
+    let back: Callback = Box::new(move |f, link| {
+        if f.ty.is_none() || !matches!(f.receiver_msg(), Some(ReceiverMessage::SwitchOverReady)) {
+            return Verdict::Forward;
+        }
+        let read = || last_pass(&std::fs::read_to_string(&console).unwrap_or_default());
+        let held_at = read();
+        let deadline = std::time::Instant::now() + SAFETY;
+        while read() <= held_at {
+            if std::time::Instant::now() > deadline {
+                link.note(format!(
+                    "the source guest made no pass after pass={held_at} while SwitchOverReady was held"
+                ));
+                return Verdict::Stop;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        link.note(format!(
+            "the source guest passed pass={held_at} while SwitchOverReady was held"
+        ));
+        Verdict::Forward
+    });
+    let proxy = Proxy::start(dir.join("proxy-1.sock"), to, forward, back);
+    let out = migrate(api_of(&src), &proxy.uri(), &[], dir.path());
+    let log = proxy.log();
+    assert!(
+        out.status.success(),
+        "the source paused before the destination answered SwitchOver, or the migration failed: proxy {log:?}\nreport: {}\n{}",
+        out.report,
+        out.stderr
+    );
+    assert!(
+        log.iter().any(|l| l.contains("passed pass=")),
+        "the source guest made no pass while SwitchOverReady was held: {log:?}"
+    );
+    assert_eq!(out.u64("protocolVersion"), 2, "{}", out.report);
+    assert_eq!(src.wait().code(), Some(64), "stderr: {}", src.stderr());
+    wait_new_pass(&mut dst);
+    assert_pattern_consistent(&dst.console(), EVERY);
+    integration_tests::shutdown(&mut dst);
+    drop(proxy);
+}
+
 // ---------------------------------------------------------------------------------
 // Unknown versions and machine types
 // ---------------------------------------------------------------------------------

@@ -92,9 +92,7 @@ fn wait_answers(flow: &UdpFlow, n: usize) {
 fn local_handover_loses_no_datagram() {
     require_ip();
     let ns = Netns::new("netlocal");
-    ns.ip("tuntap add dev tap0 mode tap");
-    ns.ip("addr add 10.99.0.1/24 dev tap0");
-    ns.ip("link set tap0 up");
+    ns.tap_up("tap0", "10.99.0.1/24");
     let dir = TempDir::new("net-local");
     let mut a = boot_netecho(&ns, &dir, "tap0", "10.99.0.2", "a.sock");
     let rtt = ping(&ns, Ipv4Addr::new(10, 99, 0, 2), Duration::from_secs(5));
@@ -362,9 +360,7 @@ fn open_tap_without_vnet_hdr(name: &str) -> std::fs::File {
 fn a_handed_in_tap_without_the_vnet_header_works_without_offloads() {
     require_ip();
     let ns = Netns::new("netnohdr");
-    ns.ip("tuntap add dev tap0 mode tap");
-    ns.ip("addr add 10.99.3.1/24 dev tap0");
-    ns.ip("link set tap0 up");
+    ns.tap_up("tap0", "10.99.3.1/24");
     let tap = ns.enter(|| open_tap_without_vnet_hdr("tap0"));
     let dir = TempDir::new("net-nohdr");
     let (serial, api) = (dir.join("console.log"), dir.join("a.sock"));

@@ -56,11 +56,8 @@ fn wait_answers(flow: &UdpFlow, n: usize, node: &Node) {
 fn noded_updates_a_networked_vm_without_losing_a_datagram() {
     require_ip();
     let ns = Netns::new("nodenet");
-    for tap in ["tap0", "tap1"] {
-        ns.ip(&format!("tuntap add dev {tap} mode tap"));
-    }
-    ns.ip("addr add 10.99.5.1/24 dev tap0");
-    ns.ip("link set tap0 up");
+    ns.tap_up("tap0", "10.99.5.1/24");
+    ns.ip("tuntap add dev tap1 mode tap");
 
     let node = Node::start("net", "{}\n");
     // Build version B first, so that the flow does not wait for a compiler.

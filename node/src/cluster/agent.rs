@@ -1209,20 +1209,9 @@ mod tests {
 
     fn record(phase: MigrationPhase, handover: Option<Handover>) -> MigrationRecord {
         MigrationRecord {
-            id: "1-0".into(),
-            vm: "x".into(),
-            reason: MigrationReason::Drain,
-            source: "a".into(),
-            target: "b".into(),
-            phase,
-            listen: None,
-            from_version: None,
-            to_version: None,
-            created_at: 1,
-            finished_at: Some(2),
             error: Some("why".into()),
-            report: None,
             handover,
+            ..MigrationRecord::for_test("x", "a", "b", phase)
         }
     }
 

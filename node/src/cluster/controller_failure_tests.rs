@@ -21,25 +21,6 @@ fn failed_at(v: &mut View, node: &str, since: u64) {
     v.failures.insert(node.into(), NodeFailureRecord { since });
 }
 
-fn record(vm: &str, source: &str, target: &str, phase: MigrationPhase) -> MigrationRecord {
-    MigrationRecord {
-        id: "1-0".into(),
-        vm: vm.into(),
-        reason: MigrationReason::Drain,
-        source: source.into(),
-        target: target.into(),
-        phase,
-        listen: None,
-        from_version: None,
-        to_version: None,
-        created_at: 1,
-        finished_at: None,
-        error: None,
-        report: None,
-        handover: None,
-    }
-}
-
 #[test]
 fn a_gone_node_with_vms_is_recorded_once_and_forgotten_when_back() {
     let mut v = view(&[node("b", 8, &["1.0.0"])]);
@@ -151,7 +132,12 @@ fn a_migration_cut_by_a_failure_is_left_to_the_live_node() {
     v.statuses.insert("x".into(), running("a", "1.0.0"));
     failed_at(&mut v, "a", 0);
     // Source a failed after the data started moving: target b says where it runs.
-    v.migrations = vec![record("x", "a", "b", MigrationPhase::Running)];
+    v.migrations = vec![MigrationRecord::for_test(
+        "x",
+        "a",
+        "b",
+        MigrationPhase::Running,
+    )];
     let p = plan(&v);
     assert!(rescheduled(&p).is_empty());
     assert!(!p
@@ -163,7 +149,12 @@ fn a_migration_cut_by_a_failure_is_left_to_the_live_node() {
     v.vms.insert("x".into(), vm("x", "", Some("a")));
     failed_at(&mut v, "a", 0);
     failed_at(&mut v, "b", 0);
-    v.migrations = vec![record("x", "a", "b", MigrationPhase::TargetReady)];
+    v.migrations = vec![MigrationRecord::for_test(
+        "x",
+        "a",
+        "b",
+        MigrationPhase::TargetReady,
+    )];
     let p = plan(&v);
     assert!(p.decisions.iter().any(|d| matches!(
         d,
@@ -195,7 +186,7 @@ fn an_unknown_handover_is_abandoned_only_once_its_target_is_fenced() {
     let mut v = view(&[node("a", 8, &["1.0.0"])]);
     v.vms.insert("x".into(), vm("x", "", Some("a")));
     v.statuses.insert("x".into(), running("a", "1.0.0"));
-    let mut r = record("x", "a", "b", MigrationPhase::Running);
+    let mut r = MigrationRecord::for_test("x", "a", "b", MigrationPhase::Running);
     r.handover = Some(Handover::Unknown);
     v.migrations = vec![r];
     let abandoned = |p: &Plan| {

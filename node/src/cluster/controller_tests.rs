@@ -457,22 +457,7 @@ fn a_scheduled_migration_to_a_node_that_is_gone_is_abandoned_and_the_vm_moves_el
     );
     v.statuses.insert("x".into(), running("a", "1.0.0"));
     drain(&mut v, "a");
-    let rec = |phase| MigrationRecord {
-        id: "1-0".into(),
-        vm: "x".into(),
-        reason: MigrationReason::Drain,
-        source: "a".into(),
-        target: "b".into(),
-        phase,
-        listen: None,
-        from_version: None,
-        to_version: None,
-        created_at: 1,
-        finished_at: None,
-        error: None,
-        report: None,
-        handover: None,
-    };
+    let rec = |phase| MigrationRecord::for_test("x", "a", "b", phase);
     v.migrations.push(rec(MigrationPhase::Scheduled));
     let p = plan(&v);
     assert!(p.decisions.contains(&Decision::Abandon {

@@ -257,6 +257,30 @@ pub struct MigrationRecord {
     pub handover: Option<Handover>,
 }
 
+#[cfg(test)]
+impl MigrationRecord {
+    /// A drain migration of `vm` from `source` to `target` in `phase`, id `1-0`, created
+    /// at 1 ms, with every optional field empty: the unit tests' starting point.
+    pub(crate) fn for_test(vm: &str, source: &str, target: &str, phase: MigrationPhase) -> Self {
+        MigrationRecord {
+            id: "1-0".into(),
+            vm: vm.into(),
+            reason: MigrationReason::Drain,
+            source: source.into(),
+            target: target.into(),
+            phase,
+            listen: None,
+            from_version: None,
+            to_version: None,
+            created_at: 1,
+            finished_at: None,
+            error: None,
+            report: None,
+            handover: None,
+        }
+    }
+}
+
 /// The resolution of a handover whose outcome the source does not know.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Handover {
