@@ -51,6 +51,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("put", "/v1/vms/{name}/start"),
     ("put", "/v1/vms/{name}/stop"),
     ("put", "/v1/vms/{name}/migrate"),
+    ("put", "/v1/vms/{name}/resolve-handover"),
     ("get", "/v1/vms/{name}/migrations"),
     ("get", "/v1/vms/{name}/events"),
     ("get", "/v1/launchers"),
@@ -127,6 +128,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/vms/{name}/start", put(start_vm))
         .route("/v1/vms/{name}/stop", put(stop_vm))
         .route("/v1/vms/{name}/migrate", put(migrate_vm))
+        .route("/v1/vms/{name}/resolve-handover", put(resolve_handover))
         .route("/v1/vms/{name}/migrations", get(migrations))
         .route("/v1/vms/{name}/events", get(events))
         .route("/v1/launchers", get(list_launchers).post(install))
@@ -454,6 +456,14 @@ async fn migrate_vm(
     JsonBody(b): JsonBody,
 ) -> Response {
     reply(ask(&s.cmds, Req::MigrateOut(name, b)).await)
+}
+
+async fn resolve_handover(
+    State(s): State<ApiState>,
+    UrlPath(name): UrlPath<String>,
+    JsonBody(b): JsonBody,
+) -> Response {
+    reply(ask(&s.cmds, Req::ResolveHandover(name, b)).await)
 }
 
 async fn migrations(

@@ -352,7 +352,7 @@ impl Daemon {
                 Some(error) if unknown && vm.source_exit.is_none() => {
                     tracing::warn!(vm = name, to = %to, error = %error, "handover outcome unknown: the VM stays paused here");
                     vm.status.last_error = Some(format!(
-                        "handover to {to}: outcome unknown ({error}); the VM is paused here. In a cluster the target node decides; otherwise check the destination: if it runs the VM, delete it here (nodectl vm delete {name})"
+                        "handover to {to}: outcome unknown ({error}); the VM is paused here. In a cluster the target node decides; otherwise check the destination (nodectl vm get {name} there): if it runs the VM, nodectl vm resolve {name} --moved-away here; if not, nodectl vm resolve {name} --resume"
                     ));
                     vm.status.state = VmState::MigratingOut {
                         since: vm.launched_at,

@@ -57,6 +57,8 @@ pub enum Req {
     SetConfig(Value, bool),
     /// `GET /v1/vms/{name}/events`.
     Events(String),
+    /// `PUT /v1/vms/{name}/resolve-handover` with `{"outcome": ...}`.
+    ResolveHandover(String, Value),
     /// `GET /metrics`.
     Metrics,
     /// `POST /v1/vms/receive`: `{"spec", "listen", "tlsDir"}` (see remote.rs).
@@ -235,6 +237,7 @@ impl Daemon {
             },
             Req::Receive(body) => self.receive_request(&body),
             Req::MigrateOut(name, body) => self.migrate_out_request(&name, &body),
+            Req::ResolveHandover(name, body) => self.resolve_handover_request(&name, &body),
         }
     }
 

@@ -111,6 +111,21 @@ pub enum VmCmd {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Answer for a VM left paused by a migration to another node whose outcome is
+    /// unknown (the connection broke after the switch-over began). Look at the
+    /// destination first (`nodectl vm get NAME` on that node): a VM must never run twice.
+    /// Outside a cluster only; in a cluster the target node's answer decides.
+    #[command(group(clap::ArgGroup::new("outcome").required(true).args(["resume", "moved_away"])))]
+    Resolve {
+        /// VM name.
+        name: String,
+        /// The destination does not run the VM: resume the paused copy here (no reboot).
+        #[arg(long)]
+        resume: bool,
+        /// The destination runs the VM: drop the paused copy here (it becomes MovedAway).
+        #[arg(long)]
+        moved_away: bool,
+    },
 }
 
 const HEADERS: &[&str] = &[
@@ -357,6 +372,19 @@ pub async fn run(ctx: &Ctx, cmd: VmCmd) -> Result<(), String> {
             tls_server_name,
             no_wait,
         } => migrate(ctx, &name, &to, &tls_dir, tls_server_name, no_wait).await,
+        VmCmd::Resolve { name, resume, .. } => {
+            let outcome = if resume { "resume" } else { "movedAway" };
+            let body = json!({ "outcome": outcome });
+            let v = c
+                .call(
+                    "PUT",
+                    &format!("/v1/vms/{name}/resolve-handover"),
+                    Some(&body),
+                )
+                .await?;
+            print_vms(o, &v);
+            Ok(())
+        }
     }
 }
 
