@@ -166,6 +166,11 @@ pub trait VirtioDevice: Send {
     fn backend_fd(&self) -> Option<(std::os::fd::RawFd, usize)> {
         None
     }
+    /// A queue the worker polls, with the driver's notifications of it off, for this long
+    /// after the device last did something (see [`worker`]); None: never.
+    fn poll_queue(&self) -> Option<(usize, std::time::Duration)> {
+        None
+    }
 }
 
 /// One virtqueue as saved: `virtio_queue::QueueState` with serde.
@@ -281,6 +286,7 @@ fn attach<D: VirtioDevice + 'static>(
 ) -> Result<Attached<D>, VirtioError> {
     let irq_err = |e: &dyn std::fmt::Display| VirtioError::Irq(e.to_string());
     let backend = dev.backend_fd();
+    let poll = dev.poll_queue();
     let nq = dev.queue_max_sizes().len();
     let dev = Arc::new(Mutex::new(dev));
     let vm = ctx.kvm.fd();
@@ -320,6 +326,7 @@ fn attach<D: VirtioDevice + 'static>(
         queues,
         control,
         backend,
+        poll,
     };
     let worker = Worker::spawn(name, pci.clone(), fds).map_err(|e| irq_err(&e))?;
     Ok(Attached { worker, pci, dev })
@@ -474,7 +481,8 @@ impl VirtioDevices {
     /// worker finished the request it was on: completed requests are in the used rings,
     /// the others wait in the avail rings (and frames in the TAP queues).
     pub fn pause(&self) {
-        for (pci, _) in self.transports() {
+        for (pci, worker) in self.transports() {
+            worker.hold(true);
             lock(pci).set_paused(true);
         }
     }
@@ -484,6 +492,7 @@ impl VirtioDevices {
     pub fn resume(&self) {
         for (pci, worker) in self.transports() {
             lock(pci).set_paused(false);
+            worker.hold(false);
             worker.kick();
         }
     }

@@ -23,8 +23,11 @@
 //!   restore onto a TAP without the vnet header whose guest negotiated offloads is
 //!   refused: the guest would send partial checksums that nothing completes.
 //! * **TX** runs on the device's worker thread ([`super::worker`]) when the guest notifies
-//!   the TX queue (an ioeventfd): each chain is header + frame, written to the TAP in one
-//!   `write`. A chain that is malformed, shorter than a header plus an Ethernet header,
+//!   the TX queue (an ioeventfd), or while the worker polls that queue after traffic
+//!   ([`POLL_MAX`]): each chain is header + frame, written to the TAP in one `writev`
+//!   straight from guest memory (only the header is copied, to be checked; chains of more
+//!   than 8 descriptors, or whose first descriptor is shorter than the header, go through
+//!   a bounce buffer). A chain that is malformed, shorter than a header plus an Ethernet header,
 //!   longer than [`MAX_FRAME`], with a GSO type the driver did not negotiate, or that the
 //!   TAP refuses is dropped (counted) and returned to the guest. TX never blocks.
 //! * **RX**: the same worker watches the TAP (edge-triggered) and, when a frame is waiting
@@ -61,6 +64,7 @@ use virtio_queue::{Queue, QueueT};
 use super::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, VNET_HDR_LEN};
 use super::VirtioDevice;
 use crate::vstate::memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestMemoryBackend};
 
 /// Entries of each queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -74,6 +78,12 @@ pub const TX_QUEUE: usize = 1;
 /// 64 KiB anyway.
 pub const MAX_FRAME: usize = 65536 + 64;
 const ETH_HLEN: usize = 14;
+/// Longest poll window of the device's worker (see [`super::worker`]): after a frame either
+/// way it keeps looking at the TX ring and the TAP this long before it sleeps, when
+/// traffic has come that soon before.
+pub const POLL_MAX: Duration = Duration::from_micros(50);
+/// Most descriptors of a TX chain sent without the bounce buffer (see `Net::transmit`).
+const TX_MAX_SEGS: usize = 8;
 /// Bytes of device configuration: mac[6], status u16 (then zeros).
 const CONFIG_SIZE: usize = 8;
 /// RARP frames sent after a restore, and the gaps between them (QEMU's announce-self
@@ -398,25 +408,79 @@ impl Net {
     }
 
     /// Send one chain to the TAP; false if it was dropped.
+    ///
+    /// The frame goes from guest memory to the TAP in one `writev` ([`Tap::write_gather`]):
+    /// only the 12-byte header is copied (it is checked and may be cleared), the frame is
+    /// not. Chains with more than [`TX_MAX_SEGS`] segments, or whose header does not sit
+    /// in the first one, take the bounce buffer instead.
     fn transmit(
         &mut self,
         chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
         mem: &GuestMemoryMmap,
     ) -> bool {
-        if !well_formed(&chain) {
+        let mut segs = [None; TX_MAX_SEGS];
+        let (mut n, mut len, mut ends, mut gather) = (0usize, 0usize, false, true);
+        for d in chain.clone() {
+            if d.is_write_only() {
+                return false;
+            }
+            ends = !d.has_next();
+            len = len.saturating_add(d.len() as usize);
+            match segs.get_mut(n) {
+                Some(s) if gather => *s = Some((d.addr(), d.len() as usize)),
+                _ => gather = false,
+            }
+            n += 1;
+        }
+        // A chain that does not end is a loop or points out of the table: malformed.
+        if !ends || !(VNET_HDR_LEN + ETH_HLEN..=VNET_HDR_LEN + MAX_FRAME).contains(&len) {
             return false;
         }
+        let first = segs[0].filter(|(_, l)| gather && *l >= VNET_HDR_LEN);
+        let Some((addr0, _)) = first else {
+            return self.transmit_copy(chain, mem, len);
+        };
+        let slices: Option<Vec<_>> = segs[..n]
+            .iter()
+            .flatten()
+            .map(|(a, l)| mem.get_slice(*a, *l).ok())
+            .collect();
+        let Some(mut slices) = slices else {
+            // Outside guest memory, or across two regions: let the reader sort it out.
+            return self.transmit_copy(chain, mem, len);
+        };
+        let mut hdr = [0u8; VNET_HDR_LEN];
+        if mem.read_slice(&mut hdr, addr0).is_err() {
+            return false;
+        }
+        if !tx_header_allowed(self.acked, &mut hdr) {
+            return false;
+        }
+        let Ok(rest) = slices[0].offset(VNET_HDR_LEN) else {
+            return false;
+        };
+        slices[0] = rest;
+        let hdr: &[u8] = if self.tap.has_vnet_hdr() { &hdr } else { &[] };
+        let r = self.tap.write_gather(hdr, &slices);
+        self.sent(r)
+    }
+
+    /// [`Self::transmit`] through the bounce buffer, for a chain of `len` bytes that ends.
+    fn transmit_copy(
+        &mut self,
+        chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+        mem: &GuestMemoryMmap,
+        len: usize,
+    ) -> bool {
         let Ok(mut r) = chain.reader(mem) else {
             return false;
         };
-        let len = r.available_bytes();
-        if !(VNET_HDR_LEN + ETH_HLEN..=VNET_HDR_LEN + MAX_FRAME).contains(&len) {
+        if r.available_bytes() != len
+            || std::io::Read::read_exact(&mut r, &mut self.buf[..len]).is_err()
+        {
             return false;
         }
-        if std::io::Read::read_exact(&mut r, &mut self.buf[..len]).is_err() {
-            return false;
-        }
-        if !self.tx_header_allowed() {
+        if !tx_header_allowed(self.acked, &mut self.buf[..VNET_HDR_LEN]) {
             return false;
         }
         let out = if self.tap.has_vnet_hdr() {
@@ -424,7 +488,12 @@ impl Net {
         } else {
             &self.buf[VNET_HDR_LEN..len]
         };
-        match self.tap.write_frame(out) {
+        let r = self.tap.write_frame(out);
+        self.sent(r)
+    }
+
+    fn sent(&mut self, r: std::io::Result<usize>) -> bool {
+        match r {
             Ok(_) => {
                 self.counters.tx_frames += 1;
                 true
@@ -456,29 +525,30 @@ impl Net {
         }
         gso_allowed(h[1], tso4, tso6, ecn)
     }
+}
 
-    /// Check the guest's header in `buf` against what the driver negotiated, clearing
-    /// what it may not ask for; false to drop the frame. A checksum request counts only
-    /// with `CSUM`; a GSO type must be one of `HOST_TSO4/6` (with `HOST_ECN` for the ECN
-    /// bit), and the kernel is never asked to segment what the driver did not announce.
-    fn tx_header_allowed(&mut self) -> bool {
-        let csum = self.acked(VIRTIO_NET_F_CSUM);
-        let (tso4, tso6, ecn) = (
-            self.acked(VIRTIO_NET_F_HOST_TSO4),
-            self.acked(VIRTIO_NET_F_HOST_TSO6),
-            self.acked(VIRTIO_NET_F_HOST_ECN),
-        );
-        let h = &mut self.buf[..VNET_HDR_LEN];
-        h[10..12].fill(0); // num_buffers: RX only
-        if !csum {
-            // No offload was negotiated: the host gets a zero header whatever the guest
-            // wrote.
-            h.fill(0);
-            return true;
-        }
-        h[0] &= VIRTIO_NET_HDR_F_NEEDS_CSUM as u8;
-        gso_allowed(h[1], tso4, tso6, ecn)
+/// Check the guest's header `h` (12 bytes) against the features the driver accepted
+/// (`acked`), clearing what it may not ask for; false to drop the frame. A checksum request
+/// counts only with `CSUM`; a GSO type must be one of `HOST_TSO4/6` (with `HOST_ECN` for
+/// the ECN bit), and the kernel is never asked to segment what the driver did not
+/// announce.
+fn tx_header_allowed(acked: u64, h: &mut [u8]) -> bool {
+    let on = |b: u32| acked & bit(b) != 0;
+    let csum = on(VIRTIO_NET_F_CSUM);
+    let (tso4, tso6, ecn) = (
+        on(VIRTIO_NET_F_HOST_TSO4),
+        on(VIRTIO_NET_F_HOST_TSO6),
+        on(VIRTIO_NET_F_HOST_ECN),
+    );
+    h[10..12].fill(0); // num_buffers: RX only
+    if !csum {
+        // No offload was negotiated: the host gets a zero header whatever the guest
+        // wrote.
+        h.fill(0);
+        return true;
     }
+    h[0] &= VIRTIO_NET_HDR_F_NEEDS_CSUM as u8;
+    gso_allowed(h[1], tso4, tso6, ecn)
 }
 
 /// A header's `gso_type` is one the driver negotiated (`tso4`, `tso6`, `ecn`: the TSO and
@@ -571,5 +641,9 @@ impl VirtioDevice for Net {
 
     fn backend_fd(&self) -> Option<(std::os::fd::RawFd, usize)> {
         Some((self.tap.raw_fd(), RX_QUEUE))
+    }
+
+    fn poll_queue(&self) -> Option<(usize, Duration)> {
+        Some((TX_QUEUE, POLL_MAX))
     }
 }

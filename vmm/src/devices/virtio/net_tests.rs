@@ -283,6 +283,7 @@ fn announce_sends_rarp_from_the_mac() {
         queues: vec![evt(), evt()],
         control: control.try_clone().unwrap(),
         backend: None,
+        poll: None,
     };
     lock(&n).announce();
     // The worker sends the announcements (it looks at the timer before each wait).
@@ -495,4 +496,67 @@ fn negotiated_offloads_are_applied_again_on_restore() {
     let (_h, g) = UnixDatagram::pair().unwrap();
     let err = restore(Tap::from_socket_without_vnet_hdr(g)).unwrap_err();
     assert!(err.to_string().contains("IFF_VNET_HDR"), "{err}");
+}
+
+#[test]
+fn tx_frames_are_the_same_through_writev_and_the_bounce_buffer() {
+    let mut rig = Rig::new();
+    let f = frame(200);
+    let mut whole = vec![0u8; VNET_HDR_LEN];
+    whole.extend_from_slice(&f);
+    rig.mem().write_slice(&whole, GuestAddress(BUF)).unwrap();
+    let h = VNET_HDR_LEN as u64;
+    // Header and frame in one descriptor (writev from guest memory).
+    rig.post(TX_QUEUE, 0, &[(BUF, whole.len() as u32, 0)], true);
+    // The header split over two descriptors (bounce buffer).
+    rig.post(
+        TX_QUEUE,
+        1,
+        &[(BUF, 6, 0), (BUF + 6, 6, 0), (BUF + h, 200, 0)],
+        true,
+    );
+    assert_eq!(rig.used_idx(TX_QUEUE), 2);
+    for _ in 0..2 {
+        let got = rig.host_recv().expect("frame on the TAP");
+        assert_eq!(&got[VNET_HDR_LEN..], &f[..], "the frame, unchanged");
+        assert_eq!(&got[..VNET_HDR_LEN], &[0; VNET_HDR_LEN]);
+    }
+}
+
+/// `avail_event` of the TX queue (EVENT_IDX), after the used ring's entries.
+fn tx_avail_event(rig: &Rig) -> u16 {
+    let at = USED + TX_QUEUE as u64 * 0x10000 + 4 + 8 * u64::from(QSIZE);
+    rig.mem().read_obj(GuestAddress(at)).unwrap()
+}
+
+#[test]
+fn polling_keeps_tx_notifications_off_until_processed_again() {
+    let event_idx = 1u32 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+    let mut rig = Rig::with(BASIC | event_idx, Tap::from_socket);
+    let f = frame(60);
+    let mut whole = vec![0u8; VNET_HDR_LEN];
+    whole.extend_from_slice(&f);
+    rig.mem().write_slice(&whole, GuestAddress(BUF)).unwrap();
+    rig.dev.process(TX_QUEUE);
+    assert_eq!(tx_avail_event(&rig), 0, "armed: notify at the next index");
+    rig.dev.suppress_notifications(TX_QUEUE);
+    assert_eq!(tx_avail_event(&rig), u16::MAX, "one behind: never crossed");
+    // Posted without a notification: the polling worker finds it.
+    rig.post(TX_QUEUE, 0, &[(BUF, whole.len() as u32, 0)], false);
+    assert!(rig.dev.poll(TX_QUEUE));
+    assert_eq!(rig.used_idx(TX_QUEUE), 1);
+    assert_eq!(&rig.host_recv().expect("frame")[VNET_HDR_LEN..], &f[..]);
+    assert_eq!(tx_avail_event(&rig), 0, "still off");
+    assert!(!rig.dev.poll(TX_QUEUE), "nothing new");
+    // The end of the window: armed again.
+    assert!(!rig.dev.process(TX_QUEUE));
+    assert_eq!(tx_avail_event(&rig), 1);
+    // Paused: polling takes nothing.
+    rig.dev.set_paused(true);
+    rig.post(TX_QUEUE, 1, &[(BUF, whole.len() as u32, 0)], false);
+    assert!(!rig.dev.poll(TX_QUEUE));
+    assert_eq!(rig.used_idx(TX_QUEUE), 1);
+    rig.dev.set_paused(false);
+    assert!(rig.dev.process(TX_QUEUE));
+    assert_eq!(rig.used_idx(TX_QUEUE), 2);
 }

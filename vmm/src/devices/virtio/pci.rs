@@ -29,6 +29,7 @@
 //! and the saved queue indices say exactly which requests are done. The notifications
 //! that arrive while paused are not lost: the resume processes every queue once.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_config::{
@@ -37,6 +38,7 @@ use virtio_bindings::virtio_config::{
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::msix::{Msix, MsixState};
@@ -628,16 +630,49 @@ impl VirtioPciDevice {
     /// Complete the available requests of `queue` (a notification arrived), then
     /// interrupt the driver if it asked for it. Does nothing while paused or before the
     /// driver is ready. Notifications are suppressed while the queue is being drained,
-    /// and the queue is looked at again if the driver added buffers meanwhile.
-    pub fn process(&mut self, queue: usize) {
+    /// and the queue is looked at again if the driver added buffers meanwhile; they are on
+    /// when this returns (which also ends a [`Self::poll`] phase). Returns whether
+    /// requests were taken.
+    pub fn process(&mut self, queue: usize) -> bool {
+        self.serve(queue, true)
+    }
+
+    /// For a worker that polls `queue` ([`super::worker`]): turn the driver's
+    /// notifications of it off while the worker looks at the ring itself. With
+    /// `VIRTIO_RING_F_EVENT_IDX` this sets `avail_event` one behind what the device has
+    /// taken, an index the driver's next publication never crosses; without,
+    /// `VRING_USED_F_NO_NOTIFY`. [`Self::process`] turns them on again.
+    pub fn suppress_notifications(&mut self, queue: usize) {
         if self.paused || !self.driver_ok() {
             return;
         }
+        if let Some(q) = self.queues.get_mut(queue).filter(|q| q.ready()) {
+            suppress(q, &self.mem);
+        }
+    }
+
+    /// Serve `queue` during a polling phase (after [`Self::suppress_notifications`]): like
+    /// [`Self::process`], but notifications stay off. Returns whether requests were taken.
+    pub fn poll(&mut self, queue: usize) -> bool {
+        self.serve(queue, false)
+    }
+
+    fn serve(&mut self, queue: usize, rearm: bool) -> bool {
+        if self.paused || !self.driver_ok() {
+            return false;
+        }
         let Some(q) = self.queues.get_mut(queue) else {
-            return;
+            return false;
         };
         if !q.ready() {
-            return;
+            return false;
+        }
+        let start = q.next_avail();
+        if !rearm
+            && q.avail_idx(&self.mem, Ordering::Acquire)
+                .is_ok_and(|i| i.0 == start)
+        {
+            return false; // nothing new: the common case of a polling pass
         }
         let mut dev = lock(&self.device);
         let drains = dev.drains_queue(queue);
@@ -649,6 +684,10 @@ impl VirtioPciDevice {
             let before = q.next_avail();
             used |= dev.process_queue(queue, q, &self.mem);
             let progressed = q.next_avail() != before;
+            if !rearm {
+                suppress(q, &self.mem);
+                break;
+            }
             // Re-enable (for EVENT_IDX: publish avail_event = next_avail); more buffers
             // may have arrived before the driver could see it. A queue that did not move
             // (a bogus avail index) is left for the next notification.
@@ -658,9 +697,11 @@ impl VirtioPciDevice {
             }
         }
         drop(dev);
+        let progressed = q.next_avail() != start;
         if used && q.needs_notification(&self.mem).unwrap_or(true) {
             self.signal(queue);
         }
+        progressed
     }
 
     /// Process every queue (a resume, or the driver became ready).
@@ -693,7 +734,9 @@ impl VirtioPciDevice {
                     let _ = e.write(1);
                 }
             }
-            None => self.process(queue),
+            None => {
+                self.process(queue);
+            }
         }
     }
 
@@ -783,4 +826,25 @@ pub struct TransportMsixState {
     pub config_vector: u16,
     /// `queue_msix_vector` of each queue.
     pub queue_vectors: Vec<u16>,
+}
+
+/// Turn the driver's notifications of `q` off (see
+/// [`VirtioPciDevice::suppress_notifications`]).
+fn suppress(q: &mut Queue, mem: &GuestMemoryMmap) {
+    if !q.event_idx_enabled() {
+        let _ = q.disable_notification(mem);
+        return;
+    }
+    // avail_event sits after the used ring's entries: flags, idx, size * (id, len).
+    let at = q
+        .used_ring()
+        .checked_add(4 + 8 * u64::from(q.size()))
+        .map(GuestAddress);
+    if let Some(at) = at {
+        let _ = mem.store(
+            u16::to_le(q.next_avail().wrapping_sub(1)),
+            at,
+            Ordering::Release,
+        );
+    }
 }

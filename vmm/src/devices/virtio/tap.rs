@@ -21,6 +21,9 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::VolatileSlice;
+
 /// Size of `virtio_net_hdr_v1` (flags, gso_type, hdr_len, gso_size, csum_start,
 /// csum_offset, num_buffers).
 pub const VNET_HDR_LEN: usize = 12;
@@ -316,4 +319,52 @@ impl Tap {
     pub fn write_frame(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.file.write(buf)
     }
+
+    /// Write one frame made of `hdr` (its vnet header, or nothing) and `data` (guest
+    /// memory) in one `writev`, so the frame is not copied on its way: the kernel takes the
+    /// whole vector as one frame. At most [`GATHER_MAX`] slices of data.
+    pub fn write_gather<B: BitmapSlice>(
+        &mut self,
+        hdr: &[u8],
+        data: &[VolatileSlice<'_, B>],
+    ) -> std::io::Result<usize> {
+        if data.len() >= GATHER_MAX {
+            return Err(std::io::Error::from_raw_os_error(libc::EMSGSIZE));
+        }
+        // The guards keep each pointer valid for the duration of the system call.
+        let guards: Vec<_> = data.iter().map(|d| d.ptr_guard()).collect();
+        let mut iovs = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; GATHER_MAX];
+        let mut n = 0;
+        if !hdr.is_empty() {
+            iovs[0] = libc::iovec {
+                iov_base: hdr.as_ptr().cast_mut().cast(),
+                iov_len: hdr.len(),
+            };
+            n = 1;
+        }
+        for (g, d) in guards.iter().zip(data) {
+            iovs[n] = libc::iovec {
+                iov_base: g.as_ptr().cast_mut().cast(),
+                iov_len: d.len(),
+            };
+            n += 1;
+        }
+        // SAFETY: the first `n` iovecs point into `hdr` or into live VolatileSlices of
+        // guest memory (their guards held in `guards`) and cover at most their lengths;
+        // the kernel only reads them. Guest memory is shared with the vCPUs, which is why
+        // it is only reached through these raw pointers.
+        let r = unsafe { libc::writev(self.file.as_raw_fd(), iovs.as_ptr(), n as i32) };
+        drop(guards);
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(r as usize)
+        }
+    }
 }
+
+/// Most iovecs of one [`Tap::write_gather`], header included.
+pub const GATHER_MAX: usize = 16;
