@@ -26,6 +26,10 @@
 //!   request's send), i.e. the rate at which the VMM wrote them into the TAP. The frames
 //!   counted on the TAP and the datagrams the socket received are both reported.
 //!
+//! - **kernel floor** (`net/floor.rs`): after each pair of runs, this process writes the
+//!   same frames into a third TAP on the same bridge, with no VM: what the host kernel
+//!   alone costs per frame, the bound for any VMM that writes its TAP frame by frame.
+//!
 //! `NETBENCH_DEBUG=1` also prints, per run, the CPU time each VMM thread spent during the
 //! flood (QEMU runs with `-name ...,debug-threads=on` so its threads have names).
 //!
@@ -40,6 +44,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use integration_tests::netns::{ip_available, Netns};
+
+#[path = "net/floor.rs"]
+mod floor;
 
 const NOTES_MARKER: &str = "<!-- hand-written notes below: kept when the table is regenerated -->";
 const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 9, 2);
@@ -489,8 +496,16 @@ fn main() {
         ns.ip(&format!("link set {t} master br0"));
         ns.ip(&format!("link set {t} up"));
     }
+    // And one for the kernel floor (floor.rs), written by this process.
+    ns.ip(&format!("tuntap add dev {} mode tap", floor::FLOOR_TAP));
+    ns.ip(&format!("link set {} master br0", floor::FLOOR_TAP));
+    ns.ip(&format!("link set {} up", floor::FLOOR_TAP));
+    ns.ip(&format!("link set br0 address {}", floor::BRIDGE_MAC));
     ns.ip("addr add 10.99.9.1/24 dev br0");
     ns.ip("link set br0 up");
+    let mut floor_tap = Some(ns.enter(floor::open_tap));
+    ns.wait_bridge_port_forwarding(floor::FLOOR_TAP);
+    let mut floors = Vec::new();
     let mut rows = Vec::new();
     let mut csum_all: Vec<String> = Vec::new();
     let kinds: &[&str] = if have_qemu {
@@ -521,6 +536,15 @@ fn main() {
             );
             samples[k].push(s);
         }
+        if let Some(t) = floor_tap.take() {
+            let (f, t) = ns.enter(move || (floor::measure_in_ns(&t), t));
+            eprintln!(
+                "net: kernel floor run {run}: {:.0} Mbit/s ({:.1} kpps; {} of {FLOOD_COUNT} datagrams received)",
+                f.mbit_s, f.kpps, f.received
+            );
+            floors.push(f);
+            floor_tap = Some(t);
+        }
     }
     for (k, kind) in kinds.iter().enumerate() {
         rows.push((*kind, summarize(&samples[k])));
@@ -546,11 +570,23 @@ fn main() {
             s.received
         ));
     }
+    let floor_mbit = median(floors.iter().map(|f| f.mbit_s).collect());
+    table.push_str(&format!(
+        "| kernel floor: this benchmark writing the same frames into a TAP, one `writev` each, no VM | — | — | — | {:.0} Mbit/s | {:.1} k | — / {} |\n",
+        floor_mbit,
+        median(floors.iter().map(|f| f.kpps).collect()),
+        floors.iter().map(|f| f.received).min().unwrap_or(0)
+    ));
     if let [(_, a), (_, b)] = rows.as_slice() {
         table.push_str(&format!(
-            "\nRatios (ours / QEMU): round trip {:.2} ×, throughput {:.2} ×.\n",
+            "\nRatios (ours / QEMU): round trip {:.2} ×, throughput {:.2} ×. Throughput against \
+             the kernel floor: ours {:.2} ×, QEMU {:.2} ×; the floor is {:.2} × QEMU's, the most \
+             a VMM writing its TAP frame by frame could lead it by here.\n",
             a.rtt_median_us / b.rtt_median_us,
-            a.mbit_s / b.mbit_s
+            a.mbit_s / b.mbit_s,
+            a.mbit_s / floor_mbit,
+            b.mbit_s / floor_mbit,
+            floor_mbit / b.mbit_s
         ));
     }
     if !have_qemu {

@@ -437,18 +437,21 @@ impl Net {
             return false;
         }
         let first = segs[0].filter(|(_, l)| gather && *l >= VNET_HDR_LEN);
-        let Some((addr0, _)) = first else {
+        let Some((addr0, len0)) = first else {
             return self.transmit_copy(chain, mem, len);
         };
-        let slices: Option<Vec<_>> = segs[..n]
-            .iter()
-            .flatten()
-            .map(|(a, l)| mem.get_slice(*a, *l).ok())
-            .collect();
-        let Some(mut slices) = slices else {
-            // Outside guest memory, or across two regions: let the reader sort it out.
+        // On the stack (once per frame). Outside guest memory, or across two regions: let
+        // the reader sort it out.
+        let Ok(s0) = mem.get_slice(addr0, len0) else {
             return self.transmit_copy(chain, mem, len);
         };
+        let mut slices = [s0; TX_MAX_SEGS];
+        for (slot, (a, l)) in slices.iter_mut().zip(segs[..n].iter().flatten()).skip(1) {
+            match mem.get_slice(*a, *l) {
+                Ok(s) => *slot = s,
+                Err(_) => return self.transmit_copy(chain, mem, len),
+            }
+        }
         let mut hdr = [0u8; VNET_HDR_LEN];
         if mem.read_slice(&mut hdr, addr0).is_err() {
             return false;
@@ -461,7 +464,7 @@ impl Net {
         };
         slices[0] = rest;
         let hdr: &[u8] = if self.tap.has_vnet_hdr() { &hdr } else { &[] };
-        let r = self.tap.write_gather(hdr, &slices);
+        let r = self.tap.write_gather(hdr, &slices[..n]);
         self.sent(r)
     }
 

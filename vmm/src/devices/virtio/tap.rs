@@ -22,6 +22,7 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
 use vm_memory::bitmap::BitmapSlice;
+use vm_memory::volatile_memory::PtrGuard;
 use vm_memory::VolatileSlice;
 
 /// Size of `virtio_net_hdr_v1` (flags, gso_type, hdr_len, gso_size, csum_start,
@@ -331,8 +332,9 @@ impl Tap {
         if data.len() >= GATHER_MAX {
             return Err(std::io::Error::from_raw_os_error(libc::EMSGSIZE));
         }
-        // The guards keep each pointer valid for the duration of the system call.
-        let guards: Vec<_> = data.iter().map(|d| d.ptr_guard()).collect();
+        // The guards keep each pointer valid for the duration of the system call (on the
+        // stack: this runs once per frame, and a heap allocation per frame showed).
+        let mut guards: [Option<PtrGuard>; GATHER_MAX] = std::array::from_fn(|_| None);
         let mut iovs = [libc::iovec {
             iov_base: std::ptr::null_mut(),
             iov_len: 0,
@@ -345,11 +347,13 @@ impl Tap {
             };
             n = 1;
         }
-        for (g, d) in guards.iter().zip(data) {
+        for (slot, d) in guards.iter_mut().zip(data) {
+            let g = d.ptr_guard();
             iovs[n] = libc::iovec {
                 iov_base: g.as_ptr().cast_mut().cast(),
                 iov_len: d.len(),
             };
+            *slot = Some(g);
             n += 1;
         }
         // SAFETY: the first `n` iovecs point into `hdr` or into live VolatileSlices of
@@ -357,7 +361,7 @@ impl Tap {
         // the kernel only reads them. Guest memory is shared with the vCPUs, which is why
         // it is only reached through these raw pointers.
         let r = unsafe { libc::writev(self.file.as_raw_fd(), iovs.as_ptr(), n as i32) };
-        drop(guards);
+        // `guards` lives to the end of this function, past the system call.
         if r < 0 {
             Err(std::io::Error::last_os_error())
         } else {
