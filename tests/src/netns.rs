@@ -393,7 +393,8 @@ pub fn ping(ns: &Netns, ip: Ipv4Addr, timeout: Duration) -> Option<Duration> {
     })
 }
 
-fn inet_checksum(b: &[u8]) -> u16 {
+/// The Internet checksum (RFC 1071) of `b`: IPv4 headers, ICMP.
+pub fn inet_checksum(b: &[u8]) -> u16 {
     let mut s: u32 = b
         .chunks(2)
         .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))

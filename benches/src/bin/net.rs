@@ -357,18 +357,25 @@ fn thread_times(pid: u32) -> Vec<(String, u64)> {
     v
 }
 
-/// Runs on a thread inside the namespace (sockets, `/proc/thread-self/net`).
-fn measure_in_ns(tap: &str, pid: u32) -> Sample {
+/// The host side's UDP socket, on a thread inside the namespace: connected to the guest's
+/// echo port, with a receive buffer that holds a whole flood and kernel receive
+/// timestamps, taken when the frame enters the host's stack: inside the VMM's write into
+/// the TAP (a TAP write runs the bridge and the UDP layer in the writer's context). On
+/// from the start, so the kernel's timestamping is on by the flood.
+fn host_socket() -> UdpSocket {
     let sock = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)).expect("bind");
     sock.connect(SocketAddrV4::new(GUEST_IP, 7))
         .expect("connect");
     let fd = sock.as_raw_fd();
     setsockopt_int(fd, libc::SO_RCVBUFFORCE, RCVBUF).expect("SO_RCVBUFFORCE (needs root)");
-    // Kernel receive timestamps, taken when the frame enters the host's stack: inside the
-    // VMM's write into the TAP (a TAP write runs the bridge and the UDP layer in the
-    // writer's context). On from the start, so the kernel's timestamping is on by the
-    // flood.
     setsockopt_int(fd, libc::SO_TIMESTAMPNS, 1).expect("SO_TIMESTAMPNS");
+    sock
+}
+
+/// Runs on a thread inside the namespace (sockets, `/proc/thread-self/net`).
+fn measure_in_ns(tap: &str, pid: u32) -> Sample {
+    let sock = host_socket();
+    let fd = sock.as_raw_fd();
     sock.set_read_timeout(Some(Duration::from_millis(300)))
         .expect("timeout");
     // Round trips (the first ones also resolve ARP).

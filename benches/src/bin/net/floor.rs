@@ -7,10 +7,12 @@
 //! throughput over this one is the share of the per-frame cost that is the kernel's, and
 //! the floor over QEMU's is the most any such VMM could lead QEMU by on this host.
 
-use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, OwnedFd};
 
-use super::{drain, epoch_ns, setsockopt_int, FLOOD_COUNT, FLOOD_SIZE, GUEST_IP, RCVBUF};
+use integration_tests::netns::inet_checksum;
+
+use super::{drain, epoch_ns, host_socket, FLOOD_COUNT, FLOOD_SIZE, GUEST_IP};
 
 /// The bridge's MAC, set when the namespace is made, so that frames can be addressed to
 /// the host side without asking.
@@ -50,17 +52,6 @@ fn bridge_mac() -> [u8; 6] {
     m
 }
 
-fn ip_checksum(h: &[u8]) -> u16 {
-    let mut s: u32 = h
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while s >> 16 != 0 {
-        s = (s & 0xffff) + (s >> 16);
-    }
-    !(s as u16)
-}
-
 /// An Ethernet/IPv4/UDP frame from the guest's address and echo port to `dst_port` on
 /// the host side, with a [`FLOOD_SIZE`]-byte payload whose UDP checksum the kernel
 /// completes (the pseudo-header sum in the field; [`vnet_header`] asks for the rest), as
@@ -78,7 +69,7 @@ fn frame(dst_port: u16) -> Vec<u8> {
     ip[9] = 17;
     ip[12..16].copy_from_slice(&GUEST_IP.octets());
     ip[16..20].copy_from_slice(&HOST_IP.octets());
-    let c = ip_checksum(&ip);
+    let c = inet_checksum(&ip);
     ip[10..12].copy_from_slice(&c.to_be_bytes());
     f.extend_from_slice(&ip);
     f.extend_from_slice(&7u16.to_be_bytes());
@@ -115,12 +106,8 @@ fn vnet_header() -> [u8; VNET_HDR_LEN] {
 /// throughput measured as for the VMMs (payload received over the last datagram's kernel
 /// timestamp minus the start).
 pub fn measure_in_ns(tap: &OwnedFd) -> FloorSample {
-    let sock = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)).expect("bind");
-    sock.connect(SocketAddrV4::new(GUEST_IP, 7))
-        .expect("connect");
+    let sock = host_socket();
     let fd = sock.as_raw_fd();
-    setsockopt_int(fd, libc::SO_RCVBUFFORCE, RCVBUF).expect("SO_RCVBUFFORCE (needs root)");
-    setsockopt_int(fd, libc::SO_TIMESTAMPNS, 1).expect("SO_TIMESTAMPNS");
     let port = sock.local_addr().map_or(0, |a| a.port());
     let f = frame(port);
     let hdr = vnet_header();
