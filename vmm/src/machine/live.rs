@@ -65,16 +65,26 @@ impl Vm {
 
     /// Turn dirty logging on for every RAM slot and start from a clean slate (what was
     /// written before now is the caller's first full pass). Says which mechanism KVM uses.
+    ///
+    /// The VMM's own writes are recorded from here on too: the switch goes on, then every
+    /// device thread passes its transport's lock, so a device write either finished
+    /// before (the caller's full pass reads it) or marks its page (`vstate/vmm_dirty.rs`).
     pub fn start_dirty_log(&self) -> Result<DirtyTracking, MachineError> {
-        self.kvm.set_dirty_logging(true)?;
+        self.ram.track_vmm_writes(true);
+        self.virtio.sync_with_workers();
+        if let Err(e) = self.kvm.set_dirty_logging(true) {
+            self.ram.track_vmm_writes(false);
+            return Err(e.into());
+        }
         for i in 0..self.ram.regions().len() {
             self.ram.take_vmm_dirty(i);
         }
         Ok(self.kvm.dirty_tracking())
     }
 
-    /// Turn dirty logging off again.
+    /// Turn dirty logging off again (the VMM's own writes are no longer recorded).
     pub fn stop_dirty_log(&self) -> Result<(), MachineError> {
+        self.ram.track_vmm_writes(false);
         Ok(self.kvm.set_dirty_logging(false)?)
     }
 

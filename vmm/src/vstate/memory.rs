@@ -2,22 +2,24 @@
 //!
 //! Backing guest RAM with memfds (instead of anonymous memory) is what lets a
 //! same-host live update hand the memory to the next launcher as file
-//! descriptors, without copying a byte. The mapping carries vm-memory's
-//! `AtomicBitmap`, so that every write the VMM itself makes into guest memory
-//! (device emulation, boot loaders) is recorded for migration, next to KVM's
+//! descriptors, without copying a byte. The mapping carries a dirty bitmap
+//! ([`SwitchedBitmap`]), so that every write the VMM itself makes into guest memory
+//! (device emulation) is recorded for migration while one tracks them, next to KVM's
 //! own dirty log of the guest's writes.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
-use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::mmap::{MmapRegion, MmapRegionBuilder};
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryRegion, GuestRegionMmap};
 
+use super::vmm_dirty::SwitchedBitmap;
 use crate::layout;
 
 /// Guest memory as the whole crate sees it.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<SwitchedBitmap>;
 
 /// The page size KVM's dirty log and our bitmaps count in.
 pub const PAGE_SIZE: u64 = 4096;
@@ -123,6 +125,8 @@ pub struct GuestRam {
     regions: Vec<RamRegion>,
     /// Created by this process and never handed out: nobody else can write it.
     exclusive: bool,
+    /// Whether the VMM's own writes are recorded ([`GuestRam::track_vmm_writes`]).
+    tracking: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for GuestRam {
@@ -202,6 +206,7 @@ impl GuestRam {
                 });
             }
         }
+        let tracking = Arc::new(AtomicBool::new(false));
         let mut mapped = Vec::with_capacity(regions.len());
         for r in &regions {
             let dup = r
@@ -212,13 +217,15 @@ impl GuestRam {
                 size: r.size,
                 why: "larger than the address space",
             })?;
-            let mmap: MmapRegion<AtomicBitmap> =
-                MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
-                    .with_file_offset(FileOffset::new(dup, 0))
-                    .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                    .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
-                    .build()
-                    .map_err(|e| MemoryError::Map(e.to_string()))?;
+            let mmap: MmapRegion<SwitchedBitmap> = MmapRegionBuilder::new_with_bitmap(
+                size,
+                SwitchedBitmap::new(size, tracking.clone()),
+            )
+            .with_file_offset(FileOffset::new(dup, 0))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| MemoryError::Map(e.to_string()))?;
             let region = GuestRegionMmap::new(mmap, GuestAddress(r.gpa))
                 .ok_or_else(|| MemoryError::Map("region overflows the address space".into()))?;
             mapped.push(region);
@@ -229,6 +236,7 @@ impl GuestRam {
             memory,
             regions,
             exclusive: false,
+            tracking,
         })
     }
 
@@ -264,6 +272,14 @@ impl GuestRam {
         self.regions.iter().map(|r| r.file.as_raw_fd()).collect()
     }
 
+    /// Record the VMM's own writes into guest memory from now on (`true`), or stop
+    /// (`false`). Off outside a migration. Turning it on is complete only once every
+    /// device thread has passed its transport's lock ([`crate::Vm::start_dirty_log`]
+    /// does both; see `vmm_dirty.rs`).
+    pub fn track_vmm_writes(&self, on: bool) {
+        self.tracking.store(on, Ordering::SeqCst);
+    }
+
     /// Take the VMM-side dirty bitmap of region `index` (pages the VMM wrote), one bit
     /// per 4 KiB page in 64-bit words like KVM's dirty log, and clear it.
     pub fn take_vmm_dirty(&self, index: usize) -> Vec<u64> {
@@ -273,8 +289,8 @@ impl GuestRam {
         };
         match self.memory.find_region(GuestAddress(r.gpa)) {
             Some(region) => {
-                let mmap: &MmapRegion<AtomicBitmap> = region;
-                mmap.bitmap().get_and_reset()
+                let mmap: &MmapRegion<SwitchedBitmap> = region;
+                mmap.bitmap().take()
             }
             None => Vec::new(),
         }

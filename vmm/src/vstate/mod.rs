@@ -4,3 +4,4 @@ pub mod dirty_ring;
 pub mod memory;
 pub mod vcpu;
 pub mod vm;
+pub mod vmm_dirty;

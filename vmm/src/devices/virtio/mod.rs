@@ -477,6 +477,16 @@ impl VirtioDevices {
         b.chain(self.net.iter().map(|a| (&a.pci, &a.worker)))
     }
 
+    /// Returns once every worker has passed its transport's lock: a device write into
+    /// guest memory that started before this call has finished, and one that starts after
+    /// it sees what this thread stored before the call (the switch-on of the VMM-side
+    /// dirty bitmap, `vstate/vmm_dirty.rs`).
+    pub fn sync_with_workers(&self) {
+        for (pci, _) in self.transports() {
+            drop(lock(pci));
+        }
+    }
+
     /// Stop taking requests (the vCPUs are paused or about to be). Returns once every
     /// worker finished the request it was on: completed requests are in the used rings,
     /// the others wait in the avail rings (and frames in the TAP queues).

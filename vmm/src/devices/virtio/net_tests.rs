@@ -47,6 +47,8 @@ impl Rig {
     fn with(features: u32, tap: fn(UnixDatagram) -> Tap) -> Rig {
         let (host, guest) = UnixDatagram::pair().unwrap();
         let ram = GuestRam::new(4 << 20).unwrap();
+        // As during a migration: the device's writes are recorded.
+        ram.track_vmm_writes(true);
         let net = Arc::new(Mutex::new(Net::new(tap(guest), MAC, false).unwrap()));
         let dev = VirtioPciDevice::new(
             16,
@@ -478,6 +480,8 @@ fn negotiated_offloads_are_applied_again_on_restore() {
     assert_eq!(offload.tun_offload, TUN_F_CSUM | TUN_F_TSO4);
     let restore = |tap: Tap| {
         let ram = GuestRam::new(4 << 20).unwrap();
+        // As during a migration: the device's writes are recorded.
+        ram.track_vmm_writes(true);
         let net = Arc::new(Mutex::new(Net::new(tap, MAC, true).unwrap()));
         let mut dev = VirtioPciDevice::new(
             16,

@@ -44,6 +44,8 @@ impl Rig {
     fn new(name: &str, readonly: bool) -> Rig {
         let path = disk_file(name, DISK_BYTES);
         let ram = GuestRam::new(2 << 20).unwrap();
+        // As during a migration: the device's writes are recorded.
+        ram.track_vmm_writes(true);
         let block = Block::open(&DiskConfig {
             path: path.clone(),
             readonly,
