@@ -409,6 +409,10 @@ impl fmt::Display for RefuseReason {
             RefuseReason::Unsupported(s) => write!(f, "unsupported: {s}"),
             RefuseReason::InvalidConfig(s) => write!(f, "invalid configuration: {s}"),
             RefuseReason::LoadFailed(s) => write!(f, "loading failed: {s}"),
+            // A peer's empty reason still reads as a refusal (found by the fuzzer).
+            RefuseReason::Other(s) if s.trim().is_empty() => {
+                f.write_str("refused by the receiver, which gave no reason")
+            }
             RefuseReason::Other(s) => f.write_str(s),
         }
     }

@@ -166,4 +166,10 @@ fn regressions() {
     v.extend_from_slice(&[0; 4]);
     let e = harness::run(&v).unwrap_err();
     assert!(e.contains("invalid memory frame"), "{e}");
+    // A control frame that decodes as the receiver's `Refuse` with an empty `Other`
+    // reason, which used to display as an empty message (cargo-fuzz, 2026-12-06).
+    let v = b"\x01LVMIGR\x00\x00\x01\x00\x00\x00LVMF\x01\x00\x00\x00\x10\x00\x00\x00\x0c\x00\x00\x00\x01\x00\x00\x00\x05\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00!";
+    let _ = harness::run(v);
+    let empty = migration::protocol::RefuseReason::Other(String::new());
+    assert!(empty.to_string().contains("no reason"), "{empty}");
 }
