@@ -70,6 +70,12 @@ fn trial(subnet: u8, victim: Victim, when: When) {
     });
     n1.node.wait_vm("mv", "Running", None);
     n1.node.wait_pass_above("mv", 20);
+    // The leader decides on the cluster's view, which the agent updates a moment after
+    // noded's: a drain before it says Running would evict the VM instead of moving it.
+    n1.wait_cluster("mv running on n1 in the cluster's view", |vms| {
+        vms.iter()
+            .any(|v| v["name"] == "mv" && v["phase"] == "Running" && v["node"] == "n1")
+    });
     let nodes: Vec<(String, PathBuf)> = all
         .iter()
         .map(|n| (n.name.clone(), n.node.state()))
