@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use super::coordinator::{ExitKind, StopCause, VmState};
 use super::daemon::Daemon;
-use super::requests::{err, Reply};
+use super::requests::{err, not_found, only_fields, Reply};
 use super::supervisor;
 use super::views::now_ms;
 
@@ -36,20 +36,16 @@ pub enum Resolution {
 impl Resolution {
     /// The operator's answer in `PUT /v1/vms/{name}/resolve-handover`
     /// (`{"outcome": "resume" | "movedAway"}`).
-    fn from_request(body: &Value) -> Result<Resolution, String> {
-        let Some(obj) = body.as_object() else {
-            return Err("body must be a JSON object: {\"outcome\": \"resume\"} or {\"outcome\": \"movedAway\"}".into());
-        };
-        if let Some(k) = obj.keys().find(|k| k.as_str() != "outcome") {
-            return Err(format!("unknown field {k:?} (allowed: outcome)"));
-        }
-        match obj.get("outcome").and_then(Value::as_str) {
+    fn from_request(body: &Value) -> Result<Resolution, Reply> {
+        only_fields(body, &["outcome"])?;
+        match body.get("outcome").and_then(Value::as_str) {
             Some("resume") => Ok(Resolution::Resume),
             Some("movedAway") => Ok(Resolution::MovedAway),
-            Some(o) => Err(format!(
-                "outcome {o:?}: use \"resume\" (the destination does not run the VM) or \"movedAway\" (it does)"
+            Some(o) => Err(err(
+                400,
+                format!("outcome {o:?}: use \"resume\" (the destination does not run the VM) or \"movedAway\" (it does)"),
             )),
-            None => Err("outcome: required, \"resume\" or \"movedAway\"".into()),
+            None => Err(err(400, "outcome: required, \"resume\" or \"movedAway\"")),
         }
     }
 }
@@ -61,7 +57,7 @@ impl Daemon {
     /// never touches a VM that runs, so a late or repeated call changes nothing.
     pub(crate) fn resolve_handover_request(&mut self, name: &str, body: &Value) -> Reply {
         let Some(vm) = self.vms.get(name) else {
-            return err(404, format!("VM {name} not found"));
+            return not_found(name);
         };
         if self.grants.is_some() {
             return err(
@@ -86,20 +82,11 @@ impl Daemon {
         }
         let resolution = match Resolution::from_request(body) {
             Ok(r) => r,
-            Err(e) => return err(400, e),
+            Err(reply) => return reply,
         };
         tracing::info!(vm = name, resolution = ?resolution, "handover outcome resolved by the operator");
         self.resolve_handover(name, resolution);
-        match self.vms.get(name) {
-            Some(vm) => Reply {
-                status: 200,
-                body: super::requests::Body::Json(
-                    serde_json::to_value(self.view(vm, &self.plan(now_ms()), true))
-                        .unwrap_or(Value::Null),
-                ),
-            },
-            None => err(500, "VM vanished"),
-        }
+        self.vm_reply(name, 200)
     }
 
     /// Applies the answer to a VM left paused by an unknown handover outcome; any

@@ -24,19 +24,12 @@ use tokio::sync::mpsc;
 
 use super::coordinator::{ExitKind, Millis, StopCause, VmState, VmStatus};
 use super::daemon::{Daemon, Vm};
-use super::requests::{err, Body, Reply};
+use super::requests::{err, only_fields, Reply};
 use super::store::VmRow;
 use super::supervisor::{self, Answer, Event, MigrationResult};
 use super::views::now_ms;
 use contracts::launch::{LaunchOptions, VmSource};
 use contracts::launcher::{to_json, MigrateRequest, Phase};
-
-fn reply(status: u16, v: Value) -> Reply {
-    Reply {
-        status,
-        body: Body::Json(v),
-    }
-}
 
 /// A `tcp:HOST:PORT` address.
 fn tcp_address(field: &str, v: Option<&Value>) -> Result<String, Reply> {
@@ -56,19 +49,6 @@ fn tls_dir(v: Option<&Value>) -> Result<String, Reply> {
             400,
             "tlsDir: required (ca.pem, cert.pem, key.pem; migrations between nodes use mutual TLS)",
         )),
-    }
-}
-
-fn only_fields(body: &Value, allowed: &[&str]) -> Result<(), Reply> {
-    let Some(obj) = body.as_object() else {
-        return Err(err(400, "body must be a JSON object"));
-    };
-    match obj.keys().find(|k| !allowed.contains(&k.as_str())) {
-        Some(k) => Err(err(
-            400,
-            format!("unknown field {k:?} (allowed: {})", allowed.join(", ")),
-        )),
-        None => Ok(()),
     }
 }
 
@@ -292,17 +272,6 @@ impl Daemon {
             let _ = tx.send(Event::RemoteDone { vm, record, result });
         });
         self.vm_reply(name, 202)
-    }
-
-    fn vm_reply(&self, name: &str, status: u16) -> Reply {
-        match self.vms.get(name) {
-            Some(vm) => reply(
-                status,
-                serde_json::to_value(self.view(vm, &self.plan(now_ms()), true))
-                    .unwrap_or(Value::Null),
-            ),
-            None => err(500, "VM vanished"),
-        }
     }
 
     /// The end of a cross-node migration job.

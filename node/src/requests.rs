@@ -124,8 +124,22 @@ fn to_value<T: serde::Serialize>(v: &T) -> Value {
     serde_json::to_value(v).unwrap_or(Value::Null)
 }
 
-fn not_found(name: &str) -> Reply {
+pub(crate) fn not_found(name: &str) -> Reply {
     err(404, format!("VM {name} not found"))
+}
+
+/// Refuses a body that is not an object or has a field outside `allowed`.
+pub(crate) fn only_fields(body: &Value, allowed: &[&str]) -> Result<(), Reply> {
+    let Some(obj) = body.as_object() else {
+        return Err(err(400, "body must be a JSON object"));
+    };
+    match obj.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(err(
+            400,
+            format!("unknown field {k:?} (allowed: {})", allowed.join(", ")),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// A human sentence for why a VM is stopped.
@@ -238,6 +252,17 @@ impl Daemon {
             Req::Receive(body) => self.receive_request(&body),
             Req::MigrateOut(name, body) => self.migrate_out_request(&name, &body),
             Req::ResolveHandover(name, body) => self.resolve_handover_request(&name, &body),
+        }
+    }
+
+    /// The VM `name` in full (its view with the spec), with `status`.
+    pub(crate) fn vm_reply(&self, name: &str, status: u16) -> Reply {
+        match self.vms.get(name) {
+            Some(vm) => Reply {
+                status,
+                body: Body::Json(to_value(&self.view(vm, &self.plan(now_ms()), true))),
+            },
+            None => err(500, "VM vanished"),
         }
     }
 

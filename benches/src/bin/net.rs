@@ -431,20 +431,12 @@ fn measure_in_ns(tap: &str, pid: u32) -> Sample {
     let tap_frames = dev_rx_packets(tap) - tap0;
     let cpu1 = thread_times(pid);
     let rcvbuf_errors = udp_rcvbuf_errors() - drops0;
-    let flood: Vec<u64> = got
-        .iter()
-        .filter(|(len, _)| *len == FLOOD_SIZE as usize)
-        .map(|(_, ts)| *ts)
-        .collect();
-    let n = flood.len() as u32;
-    let last = flood.iter().copied().max().unwrap_or(t0);
-    let secs = (last.saturating_sub(t0) as f64 / 1e9).max(1e-6);
+    let rate = FloodRate::of(&got, t0);
     if std::env::var_os("NETBENCH_DEBUG").is_some() {
-        let first = flood.iter().copied().min().unwrap_or(t0);
         eprintln!(
             "debug: first ts +{} us, last ts +{} us, read done +{} us, tap tx delta {}",
-            first.saturating_sub(t0) / 1000,
-            last.saturating_sub(t0) / 1000,
+            rate.first_ns.saturating_sub(t0) / 1000,
+            rate.last_ns.saturating_sub(t0) / 1000,
             epoch_ns().saturating_sub(t0) / 1000,
             dev_field(tap, 9) - tx0
         );
@@ -458,11 +450,43 @@ fn measure_in_ns(tap: &str, pid: u32) -> Sample {
         reply_in_stack_us,
         rtt_median_us: pct(0.5).unwrap_or(f64::NAN),
         rtt_p99_us: pct(0.99).unwrap_or(f64::NAN),
-        mbit_s: f64::from(n) * f64::from(FLOOD_SIZE) * 8.0 / secs / 1e6,
-        kpps: f64::from(n) / secs / 1e3,
+        mbit_s: rate.mbit_s,
+        kpps: rate.kpps,
         tap_frames,
-        received: n,
+        received: rate.received,
         rcvbuf_errors,
+    }
+}
+
+/// A flood as the host socket received it: the datagrams of the flood's size among `got`
+/// (payload length, kernel receive time), and their payload rate from `t0` (the request's
+/// send, or the first write) to the last one's kernel timestamp.
+struct FloodRate {
+    received: u32,
+    mbit_s: f64,
+    kpps: f64,
+    first_ns: u64,
+    last_ns: u64,
+}
+
+impl FloodRate {
+    fn of(got: &[(usize, u64)], t0: u64) -> FloodRate {
+        let flood: Vec<u64> = got
+            .iter()
+            .filter(|(len, _)| *len == FLOOD_SIZE as usize)
+            .map(|(_, ts)| *ts)
+            .collect();
+        let n = flood.len() as u32;
+        let first_ns = flood.iter().copied().min().unwrap_or(t0);
+        let last_ns = flood.iter().copied().max().unwrap_or(t0);
+        let secs = (last_ns.saturating_sub(t0) as f64 / 1e9).max(1e-6);
+        FloodRate {
+            received: n,
+            mbit_s: f64::from(n) * f64::from(FLOOD_SIZE) * 8.0 / secs / 1e6,
+            kpps: f64::from(n) / secs / 1e3,
+            first_ns,
+            last_ns,
+        }
     }
 }
 
@@ -544,7 +568,10 @@ fn main() {
             samples[k].push(s);
         }
         if let Some(t) = floor_tap.take() {
-            let (f, t) = ns.enter(move || (floor::measure_in_ns(&t), t));
+            let (f, t) = ns.enter(move || {
+                let mut t = t;
+                (floor::measure_in_ns(&mut t), t)
+            });
             eprintln!(
                 "net: kernel floor run {run}: {:.0} Mbit/s ({:.1} kpps; {} of {FLOOD_COUNT} datagrams received)",
                 f.mbit_s, f.kpps, f.received
@@ -579,7 +606,7 @@ fn main() {
     }
     let floor_mbit = median(floors.iter().map(|f| f.mbit_s).collect());
     table.push_str(&format!(
-        "| kernel floor: this benchmark writing the same frames into a TAP, one `writev` each, no VM | — | — | — | {:.0} Mbit/s | {:.1} k | — / {} |\n",
+        "| kernel floor: this benchmark writing the same frames into a TAP, one `write` each, no VM | — | — | — | {:.0} Mbit/s | {:.1} k | — / {} |\n",
         floor_mbit,
         median(floors.iter().map(|f| f.kpps).collect()),
         floors.iter().map(|f| f.received).min().unwrap_or(0)

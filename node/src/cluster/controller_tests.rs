@@ -283,19 +283,7 @@ fn drains_respect_the_parallel_limits() {
     v.migrations = (0..2)
         .map(|i| MigrationRecord {
             id: format!("1-{i}"),
-            vm: format!("a{i}"),
-            reason: MigrationReason::Drain,
-            source: "a".into(),
-            target: "c".into(),
-            phase: MigrationPhase::Running,
-            listen: None,
-            from_version: None,
-            to_version: None,
-            created_at: 1,
-            finished_at: None,
-            error: None,
-            report: None,
-            handover: None,
+            ..MigrationRecord::for_test(&format!("a{i}"), "a", "c", MigrationPhase::Running)
         })
         .collect();
     let moved = migrations(&plan(&v));

@@ -1,5 +1,5 @@
 //! The kernel's floor for the guest → host flood: this process writes the same frames
-//! into a TAP on the same bridge, one `writev` per frame (a 12-byte `virtio_net_hdr_v1`
+//! into a TAP on the same bridge, one write per frame (a 12-byte `virtio_net_hdr_v1`
 //! asking for the checksum, and an Ethernet/IPv4/UDP frame with a 1400-byte payload, as
 //! the guest's), as fast as one thread can,
 //! with no VM, no virtqueue and no notification. A VMM whose sending thread writes a TAP
@@ -8,11 +8,12 @@
 //! the floor over QEMU's is the most any such VMM could lead QEMU by on this host.
 
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 
 use integration_tests::netns::inet_checksum;
+use vmm::devices::virtio::tap::{Tap, VNET_HDR_LEN};
 
-use super::{drain, epoch_ns, host_socket, FLOOD_COUNT, FLOOD_SIZE, GUEST_IP};
+use super::{drain, epoch_ns, host_socket, FloodRate, FLOOD_COUNT, FLOOD_SIZE, GUEST_IP};
 
 /// The bridge's MAC, set when the namespace is made, so that frames can be addressed to
 /// the host side without asking.
@@ -21,27 +22,19 @@ pub const BRIDGE_MAC: &str = "02:00:00:99:09:01";
 pub const FLOOR_TAP: &str = "tapk";
 const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 9, 1);
 const SRC_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x00, 0x00, 0x09];
-const VNET_HDR_LEN: usize = 12;
-
-/// One floor run's throughput.
-pub struct FloorSample {
-    pub mbit_s: f64,
-    pub kpps: f64,
-    pub received: u32,
-}
 
 /// Opens [`FLOOR_TAP`] with a vnet header, as the VMMs open theirs; call on a thread in
 /// the namespace. The descriptor stays open across runs (an open TAP is what makes its
 /// bridge port forward).
-pub fn open_tap() -> OwnedFd {
-    let mut tap = vmm::devices::virtio::tap::Tap::open_named(FLOOR_TAP)
+pub fn open_tap() -> Tap {
+    let mut tap = Tap::open_named(FLOOR_TAP)
         .unwrap_or_else(|e| super::fail(&format!("cannot open {FLOOR_TAP}: {e}")));
     if !tap.has_vnet_hdr() {
         super::fail(&format!("{FLOOR_TAP} has no vnet header"));
     }
     // As a VMM whose driver took the checksum offload: the kernel completes checksums.
     let _ = tap.set_offload(libc::TUN_F_CSUM);
-    tap.into_fd()
+    tap
 }
 
 fn bridge_mac() -> [u8; 6] {
@@ -105,47 +98,19 @@ fn vnet_header() -> [u8; VNET_HDR_LEN] {
 /// One floor run, on a thread in the namespace: [`FLOOD_COUNT`] frames into `tap`, the
 /// throughput measured as for the VMMs (payload received over the last datagram's kernel
 /// timestamp minus the start).
-pub fn measure_in_ns(tap: &OwnedFd) -> FloorSample {
+pub fn measure_in_ns(tap: &mut Tap) -> FloodRate {
     let sock = host_socket();
     let fd = sock.as_raw_fd();
     let port = sock.local_addr().map_or(0, |a| a.port());
-    let f = frame(port);
-    let hdr = vnet_header();
-    let iov = [
-        libc::iovec {
-            iov_base: hdr.as_ptr() as *mut libc::c_void,
-            iov_len: hdr.len(),
-        },
-        libc::iovec {
-            iov_base: f.as_ptr() as *mut libc::c_void,
-            iov_len: f.len(),
-        },
-    ];
+    let mut buf = vnet_header().to_vec();
+    buf.extend_from_slice(&frame(port));
     let t0 = epoch_ns();
     for _ in 0..FLOOD_COUNT {
-        // SAFETY: both iovecs describe live buffers of this function; the TAP only reads
-        // them.
-        let n = unsafe { libc::writev(tap.as_raw_fd(), iov.as_ptr(), 2) };
-        if n < 0 {
-            super::fail(&format!(
-                "writing into {FLOOR_TAP}: {}",
-                std::io::Error::last_os_error()
-            ));
+        if let Err(e) = tap.write_frame(&buf) {
+            super::fail(&format!("writing into {FLOOR_TAP}: {e}"));
         }
     }
     let mut got = Vec::with_capacity(FLOOD_COUNT as usize);
     while drain(fd, &mut got) > 0 {}
-    let flood: Vec<u64> = got
-        .iter()
-        .filter(|(len, _)| *len == FLOOD_SIZE as usize)
-        .map(|(_, ts)| *ts)
-        .collect();
-    let n = flood.len() as u32;
-    let last = flood.iter().copied().max().unwrap_or(t0);
-    let secs = (last.saturating_sub(t0) as f64 / 1e9).max(1e-6);
-    FloorSample {
-        mbit_s: f64::from(n) * f64::from(FLOOD_SIZE) * 8.0 / secs / 1e6,
-        kpps: f64::from(n) / secs / 1e3,
-        received: n,
-    }
+    FloodRate::of(&got, t0)
 }

@@ -323,3 +323,42 @@ fn run(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_poll_window_grows_with_close_traffic_and_vanishes_when_quiet() {
+        let us = Duration::from_micros;
+        let mut w = PollWindow {
+            max: us(50),
+            now: Duration::ZERO,
+        };
+        // Requests that come right after the worker went to sleep: 4, 8, ... up to 50 µs.
+        let grown: Vec<_> = (0..5)
+            .map(|_| {
+                w.adapt(us(1));
+                w.now
+            })
+            .collect();
+        assert_eq!(grown, [us(4), us(8), us(16), us(32), us(50)]);
+        // Past the longest window, even a close request would not have been caught by
+        // polling longer: the window halves.
+        w.adapt(us(1));
+        assert_eq!(w.now, us(25));
+        // Requests long after the window: it halves, and below the minimum it is gone, so
+        // an idle device does not spin.
+        let shrunk: Vec<_> = (0..4)
+            .map(|_| {
+                w.adapt(Duration::from_millis(10));
+                w.now
+            })
+            .collect();
+        let ns = Duration::from_nanos;
+        assert_eq!(
+            shrunk,
+            [ns(12_500), ns(6_250), Duration::ZERO, Duration::ZERO]
+        );
+    }
+}
